@@ -1,0 +1,1 @@
+"""Backfill's generated API packages (see protos/)."""

@@ -1,0 +1,151 @@
+"""The executor protocol: the seam between scheduling and compute.
+
+Shaped like TensorRT-LLM's ``bindings.executor.Executor`` so that the GPU adapter stays thin:
+``enqueue`` / ``cancel`` / ``poll`` / ``stats`` / ``capacity`` / ``shutdown``. Executors know
+nothing about tiers: the scheduler decides what runs, an executor runs what it is given,
+as fast as it can, and reports token deltas and finishes.
+
+Preemption by recompute is expressed with ``ExecRequest.resume_token_ids``: the scheduler
+cancels a running sequence and later enqueues it again with the tokens it already produced.
+The executor treats them as context (found in the prefix cache) but counts them as already
+generated, so max/min tokens, stop strings and detokenization continue the same stream
+without a gap or a repeat.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped (mirrors TensorRT-LLM's FinishReason plus ERROR)."""
+
+    STOP = "stop"  # end-of-sequence token, a stop id or a stop string
+    LENGTH = "length"  # max_tokens or the engine's max sequence length
+    CANCELLED = "cancelled"  # cancel() was called
+    ERROR = "error"  # the engine failed this request; ``TokenDelta.error`` says why
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request picks its tokens. Validated at construction (ValueError)."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    seed: int | None = None  # None: the executor draws one
+    max_tokens: int = 256  # generated tokens, resumed ones included
+    min_tokens: int = 0  # EOS and stops are ignored before this many tokens
+    stop: tuple[str, ...] = ()  # output ends before the first occurrence
+    stop_token_ids: tuple[int, ...] = ()  # output ends at such a token (not emitted as text)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """One sequence to run. ``request_id`` is chosen by the caller and unique among live ones."""
+
+    request_id: int
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Tokens this request already generated before a preemption; see the module docstring.
+    resume_token_ids: tuple[int, ...] = ()
+    # Passed through to engines that order their own queue (TensorRT-LLM: float in [0, 1],
+    # higher first). The scheduler sets it; the CPU executor runs everything it is given.
+    priority: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New output of one request since the last poll; ``finish`` set on its last delta."""
+
+    request_id: int
+    token_ids: tuple[int, ...]  # new tokens (a stop token id is included here, not in text)
+    text: str  # new text; never splits a UTF-8 character; stop strings cut out
+    finish: FinishReason | None = None
+    error: str | None = None  # set with FinishReason.ERROR
+    # Set on the first delta of a run (0 when nothing was cached) and on the last delta.
+    cached_prompt_tokens: int | None = None
+    draft_tokens_proposed: int = 0  # speculative decoding, counted per delta
+    draft_tokens_accepted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What the engine can hold; the scheduler admits against it."""
+
+    max_slots: int  # sequences in one batch
+    num_kv_blocks: int  # KV-cache blocks in the pool
+    tokens_per_block: int
+    max_tokens_per_step: int  # prefill + decode tokens in one iteration
+    max_seq_len: int  # prompt + generated tokens of one sequence
+    vocab_size: int
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """KV blocks a sequence of num_tokens needs."""
+        return -(-num_tokens // self.tokens_per_block)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorStats:
+    """A snapshot; counters are cumulative since start."""
+
+    active: int  # sequences holding a slot
+    queued: int  # enqueued, not yet holding a slot
+    kv_blocks_total: int
+    kv_blocks_used: int  # referenced by a live sequence
+    kv_blocks_free: int  # neither used nor cached
+    kv_blocks_cached: int  # unreferenced, kept for prefix reuse (evictable)
+    steps: int  # iterations run
+    last_step_latency_s: float
+    last_step_tokens: int  # tokens computed in the last iteration (prefill + decode)
+    prompt_tokens: int  # prompt tokens seen
+    cached_prompt_tokens: int  # of which served from the prefix cache
+    generated_tokens: int
+    busy_seconds: float = 0.0  # wall time spent inside steps
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What the scheduler drives. Thread-safe: enqueue/cancel/poll may come from any thread."""
+
+    @property
+    def capacity(self) -> Capacity: ...
+
+    def enqueue(self, request: ExecRequest) -> None:
+        """Queues a sequence. Raises ValueError for a request the engine cannot run
+        (prompt too long, token id out of vocabulary, duplicate id)."""
+
+    def cancel(self, request_id: int) -> None:
+        """Stops a queued or running sequence and frees its slot and KV blocks; it ends with
+        a final delta carrying FinishReason.CANCELLED. Unknown or finished ids are a no-op."""
+
+    def poll(self, timeout: float) -> list[TokenDelta]:
+        """Deltas ready now, waiting up to timeout seconds for at least one."""
+
+    def stats(self) -> ExecutorStats: ...
+
+    def shutdown(self) -> None:
+        """Stops the loop; live sequences end with CANCELLED. Idempotent."""

@@ -1,0 +1,110 @@
+"""Boundary types of the backfill scheduler: what the service submits and what it gets back.
+
+The scheduler never imports gRPC; the service converts these to and from protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.executor.base import SamplingParams
+
+
+class Tier(enum.Enum):
+    """Service class. ONLINE has a latency objective; OFFLINE fills what is left."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Outcome(enum.Enum):
+    """How a request ended; exactly one final event carries it."""
+
+    STOP = "stop"  # EOS, stop id or stop string
+    LENGTH = "length"  # max_tokens or max sequence length
+    CANCELLED = "cancelled"  # cancelled by the client (or its stream broke)
+    DEADLINE = "deadline"  # TTFT deadline passed before it was admitted
+    ERROR = "error"  # the executor failed it; ``SchedEvent.error`` says why
+    SHUTDOWN = "shutdown"  # the server stopped before it finished (drain)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedRequest:
+    """One request as the scheduler sees it."""
+
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    tier: Tier
+    # Absolute time (the scheduler's clock, time.monotonic by default) by which the first
+    # token must be produced; None for no deadline. Queued requests past it are dropped.
+    ttft_deadline: float | None = None
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    queue_seconds: float  # arrival to first admission
+    ttft_seconds: float | None  # arrival to first token; None if no token came
+    total_seconds: float  # arrival to the final event
+    preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
+class SchedEvent:
+    """Output of one request. Non-final events carry tokens; the final one carries outcome,
+    usage and timing (and may carry the last tokens too)."""
+
+    request_id: int
+    token_ids: tuple[int, ...]
+    text: str
+    outcome: Outcome | None = None  # set on the final event only
+    error: str | None = None
+    usage: Usage | None = None  # final event only
+    timing: Timing | None = None  # final event only
+
+    @property
+    def is_final(self) -> bool:
+        return self.outcome is not None
+
+
+# Called from the scheduler's thread; must not block (the service hands events to asyncio).
+EventSink = Callable[[SchedEvent], None]
+
+
+class QueueFullError(Exception):
+    """The tier's queue is at its bound; the service answers RESOURCE_EXHAUSTED."""
+
+
+class DrainingError(Exception):
+    """The scheduler is draining and accepts no new work; the service answers UNAVAILABLE."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierSnapshot:
+    running: int
+    queued: int
+    finished: int  # since start, any outcome
+    generated_tokens: int  # since start
+    preemptions: int  # since start
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    """Scheduler figures for GetStats and /metrics."""
+
+    online: TierSnapshot
+    offline: TierSnapshot
+    slots_total: int
+    passes: int
+    draining: bool
