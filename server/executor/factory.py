@@ -1,0 +1,25 @@
+"""Opens an engine directory as an Executor, by the backend its manifest names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine_builder.manifest import Manifest
+from server.executor.base import Executor
+
+
+def load_executor(engine_dir: str | Path) -> Executor:
+    """Reads DIR/manifest.json and starts the matching backend. Raises ManifestError
+    (a ValueError) for a missing or corrupt manifest, ValueError for an unknown backend."""
+    path = Path(engine_dir)
+    manifest = Manifest.load(path)
+    if manifest.backend == "cpu":
+        from server.executor.cpu import CpuExecutor
+
+        return CpuExecutor.from_manifest(path, manifest)
+    if manifest.backend == "trtllm":
+        # Imported here so that nothing else in the project needs tensorrt_llm.
+        from server.executor.trtllm import TrtllmExecutor
+
+        return TrtllmExecutor.from_manifest(path, manifest)
+    raise ValueError(f"{path}/manifest.json: unknown backend {manifest.backend!r}")
