@@ -1,0 +1,322 @@
+"""The engine manifest (docs/engine-format.md, schema version 1): the one reader and writer.
+
+Every section is a frozen, slotted dataclass validated at construction, so a ``Manifest`` that
+exists is a valid one. ``Manifest.load`` turns any problem with ``DIR/manifest.json`` into a
+``ManifestError`` whose message names the file and the offending field by its JSON path
+(``limits.max_batch_size``). Unknown keys are rejected too: a typo must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+BACKENDS = frozenset({"cpu", "trtllm"})
+CPU_WEIGHT_QUANTS = frozenset({"none", "int8", "int4"})
+TRTLLM_WEIGHT_QUANTS = CPU_WEIGHT_QUANTS | {"int4_awq"}
+CPU_KV_DTYPES = frozenset({"float32", "int8"})
+TRTLLM_KV_DTYPES = frozenset({"auto", "int8", "fp8"})
+
+
+class ManifestError(ValueError):
+    """A missing, unreadable or invalid manifest; the message says which file and field."""
+
+
+class FieldError(ValueError):
+    """An invalid value of one field; ``Manifest.load`` prefixes the section path."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise FieldError(name, message)
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= 1, name, f"must be >= 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Architecture:
+    """Shapes of a Llama-family decoder. Invariant: heads divide evenly into KV groups."""
+
+    family: str  # "llama" (Mistral / Qwen2-style checkpoints map onto it)
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        _require(self.family == "llama", "family", f"unsupported family {self.family!r}")
+        _positive(self, "num_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings")
+        _require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"{self.num_kv_heads} does not divide num_attention_heads "
+                 f"{self.num_attention_heads}")
+        _require(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    """Weight and KV-cache numerics. ``group_size`` is set exactly for the int4 schemes."""
+
+    weights: str = "none"
+    group_size: int | None = None
+    kv_cache_dtype: str = "float32"
+    quant_algo: str | None = None  # trtllm only: a TensorRT-LLM QuantAlgo name
+    kv_cache_quant_algo: str | None = None  # trtllm only
+
+    def __post_init__(self) -> None:
+        _require(self.weights in TRTLLM_WEIGHT_QUANTS, "weights",
+                 f"unknown weight quantization {self.weights!r}")
+        if self.weights.startswith("int4"):
+            _require(self.group_size is not None and self.group_size >= 2
+                     and self.group_size % 2 == 0, "group_size",
+                     f"int4 needs an even group_size >= 2, got {self.group_size}")
+        else:
+            _require(self.group_size is None, "group_size",
+                     f"only int4 uses a group size, got {self.group_size} for {self.weights!r}")
+        _require(self.kv_cache_dtype in CPU_KV_DTYPES | TRTLLM_KV_DTYPES, "kv_cache_dtype",
+                 f"unknown KV-cache dtype {self.kv_cache_dtype!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one engine instance holds; the executor's ``Capacity`` comes from here."""
+
+    max_batch_size: int  # sequences in one step
+    max_seq_len: int  # prompt + generated tokens of one sequence
+    max_num_tokens: int  # prefill + decode tokens in one step
+    tokens_per_block: int  # KV-cache page size
+    num_kv_blocks: int  # KV-cache pages in the pool
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_batch_size", "max_seq_len", "max_num_tokens", "tokens_per_block",
+                  "num_kv_blocks")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerInfo:
+    file: str = "tokenizer.json"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos: bool = False  # prepend BOS when encoding plain text
+    chat_template_file: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        _require(bool(self.file), "file", "must not be empty")
+        _require(len(self.eos_token_ids) >= 1, "eos_token_ids", "needs at least one id")
+        _require(all(i >= 0 for i in self.eos_token_ids), "eos_token_ids", "ids must be >= 0")
+        _require(self.bos_token_id is None or self.bos_token_id >= 0, "bos_token_id",
+                 f"must be >= 0, got {self.bos_token_id}")
+        _require(not self.add_bos or self.bos_token_id is not None, "add_bos",
+                 "is true but bos_token_id is null")
+
+
+@dataclass(frozen=True, slots=True)
+class DraftInfo:
+    path: str  # relative to the engine directory; a full engine directory of its own
+    max_draft_len: int
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "path", "must not be empty")
+        _positive(self, "max_draft_len")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Decode throughput by batch size, written by ``engine_builder profile``."""
+
+    batch_sizes: tuple[int, ...]
+    decode_tokens_per_s: tuple[float, ...]
+    step_latency_ms: tuple[float, ...]
+    memory_bandwidth_gb_s: float
+    weight_bytes: int
+    peak_tokens_per_s: float  # the highest aggregate decode rate measured
+    measured_at: str
+    host: str
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "decode_tokens_per_s", "step_latency_ms"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        n = len(self.batch_sizes)
+        _require(n >= 1, "batch_sizes", "needs at least one entry")
+        _require(len(self.decode_tokens_per_s) == n, "decode_tokens_per_s",
+                 f"has {len(self.decode_tokens_per_s)} entries for {n} batch sizes")
+        _require(len(self.step_latency_ms) == n, "step_latency_ms",
+                 f"has {len(self.step_latency_ms)} entries for {n} batch sizes")
+        _require(self.peak_tokens_per_s > 0, "peak_tokens_per_s",
+                 f"must be > 0, got {self.peak_tokens_per_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    source: str  # file or directory name the engine was built from
+    source_sha256: str | None
+    created_at: str  # ISO 8601, UTC
+    tools: Mapping[str, str] = field(default_factory=dict)  # package -> version
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tools", dict(self.tools))  # a plain dict keeps it picklable
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The whole of ``manifest.json``. Invariant: ``files`` names what ``backend`` loads."""
+
+    name: str
+    backend: str
+    architecture: Architecture
+    quantization: Quantization
+    limits: Limits
+    tokenizer: TokenizerInfo
+    files: Mapping[str, str]  # cpu: {"weights": ...}; trtllm: {"engine_dir": ...}
+    provenance: Provenance
+    draft: DraftInfo | None = None
+    profile: Profile | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", dict(self.files))  # a copy; read-only by convention
+        _require(self.schema_version == SCHEMA_VERSION, "schema_version",
+                 f"unsupported schema version {self.schema_version} (this build reads "
+                 f"{SCHEMA_VERSION})")
+        _require(bool(self.name), "name", "must not be empty")
+        _require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}")
+        if self.backend == "cpu":
+            _require("weights" in self.files, "files", "a cpu engine needs files.weights")
+            _require(self.quantization.weights in CPU_WEIGHT_QUANTS, "quantization.weights",
+                     f"{self.quantization.weights!r} is not available on the cpu backend")
+            _require(self.quantization.kv_cache_dtype in CPU_KV_DTYPES,
+                     "quantization.kv_cache_dtype",
+                     f"{self.quantization.kv_cache_dtype!r} is not available on the cpu backend")
+        else:
+            _require("engine_dir" in self.files, "files", "a trtllm engine needs files.engine_dir")
+
+    # -- derived paths --------------------------------------------------------------------
+
+    def weights_path(self, engine_dir: Path) -> Path:
+        """DIR/<files.weights>; only cpu engines have one."""
+        if "weights" not in self.files:
+            raise ManifestError(f"{engine_dir}: the {self.backend} engine has no files.weights")
+        return Path(engine_dir) / self.files["weights"]
+
+    def tokenizer_path(self, engine_dir: Path) -> Path:
+        return Path(engine_dir) / self.tokenizer.file
+
+    def chat_template_path(self, engine_dir: Path) -> Path | None:
+        name = self.tokenizer.chat_template_file
+        return None if name is None else Path(engine_dir) / name
+
+    def with_profile(self, profile: Profile | None) -> Manifest:
+        return replace(self, profile=profile)
+
+    # -- JSON -----------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-ready dict in the documented key order."""
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "backend": self.backend,
+            "architecture": _section_json(self.architecture),
+            "quantization": _section_json(self.quantization),
+            "limits": _section_json(self.limits),
+            "tokenizer": _section_json(self.tokenizer),
+            "files": dict(self.files),
+            "draft": None if self.draft is None else _section_json(self.draft),
+            "profile": None if self.profile is None else _section_json(self.profile),
+            "provenance": _section_json(self.provenance),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Manifest:
+        """Parses a decoded manifest; raises FieldError naming the JSON path of the problem."""
+        from engine_builder.manifest_json import parse_manifest
+
+        return parse_manifest(data)
+
+    @classmethod
+    def load(cls, engine_dir: str | Path) -> Manifest:
+        path = Path(engine_dir) / MANIFEST_FILE
+        if not Path(engine_dir).is_dir():
+            raise ManifestError(f"{engine_dir}: engine directory does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: missing (not an engine directory?)") from None
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: corrupt JSON: {exc}") from exc
+        try:
+            return cls.from_json(data)
+        except FieldError as exc:
+            raise ManifestError(f"{path}: {exc.name}: {exc.message}") from exc
+
+    def save(self, engine_dir: str | Path) -> Path:
+        """Writes DIR/manifest.json atomically (temp file + rename), so readers never see half."""
+        directory = Path(engine_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        return atomic_write_text(directory / MANIFEST_FILE, text)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _section_json(section: object) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[f.name] = value
+    return out

@@ -1,0 +1,144 @@
+"""Decoding ``manifest.json`` into the dataclasses of ``manifest.py``, with precise errors.
+
+Each section's JSON keys and types come from its dataclass fields (the annotation strings that
+``from __future__ import annotations`` leaves), so the schema is written down once. A field
+with no default is required. Errors are ``FieldError`` carrying the full JSON path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar
+
+from engine_builder.manifest import (
+    SCHEMA_VERSION,
+    Architecture,
+    DraftInfo,
+    FieldError,
+    Limits,
+    Manifest,
+    Profile,
+    Provenance,
+    Quantization,
+    TokenizerInfo,
+)
+
+T = TypeVar("T")
+
+# annotation string -> nested section dataclass
+_SECTIONS: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Architecture, Quantization, Limits, TokenizerInfo, DraftInfo, Profile, Provenance)
+}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(v: object) -> int | None:
+    return v if _is_int(v) else None  # type: ignore[return-value]
+
+
+def _check_float(v: object) -> float | None:
+    return float(v) if _is_float(v) else None  # type: ignore[arg-type]
+
+
+def _check_bool(v: object) -> bool | None:
+    return v if isinstance(v, bool) else None
+
+
+def _check_str(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _check_list(item: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...] | None]:
+    def check(v: object) -> tuple[Any, ...] | None:
+        if not isinstance(v, list):
+            return None
+        out = tuple(item(x) for x in v)
+        return None if any(x is None for x in out) else out
+
+    return check
+
+
+def _check_str_map(v: object) -> dict[str, str] | None:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        return None
+    return dict(v)
+
+
+# annotation string -> (JSON type name for messages, checker returning None when invalid)
+_CHECKERS: dict[str, tuple[str, Callable[[object], Any]]] = {
+    "int": ("an integer", _check_int),
+    "float": ("a number", _check_float),
+    "bool": ("true or false", _check_bool),
+    "str": ("a string", _check_str),
+    "tuple[int, ...]": ("a list of integers", _check_list(_check_int)),
+    "tuple[float, ...]": ("a list of numbers", _check_list(_check_float)),
+    "Mapping[str, str]": ("an object of strings", _check_str_map),
+}
+
+
+def _decode_value(annotation: str, value: object, path: str) -> Any:
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise FieldError(path, "must not be null")
+    if base in _SECTIONS:
+        return parse_section(_SECTIONS[base], value, path)
+    type_name, check = _CHECKERS[base]
+    decoded = check(value)
+    if decoded is None:
+        raise FieldError(path, f"must be {type_name}, got {value!r}")
+    return decoded
+
+
+def parse_section(cls: type[T], data: object, path: str) -> T:
+    """Builds dataclass ``cls`` from a JSON object found at ``path`` (e.g. "limits")."""
+    if not isinstance(data, dict):
+        raise FieldError(path, f"must be an object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FieldError(f"{path}.{unknown[0]}", "unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        sub = f"{path}.{f.name}"
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise FieldError(sub, "missing")
+            continue
+        kwargs[f.name] = _decode_value(str(f.type), data[f.name], sub)
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise FieldError(f"{path}.{exc.name}", exc.message) from exc
+
+
+def parse_manifest(data: object) -> Manifest:
+    if not isinstance(data, dict):
+        raise FieldError("manifest", f"must be a JSON object, got {type(data).__name__}")
+    # Checked first so that a future schema is reported as such, not as a pile of field errors.
+    version = data.get("schema_version")
+    if version is None:
+        raise FieldError("schema_version", "missing")
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise FieldError("schema_version", f"unsupported schema version {version!r} "
+                         f"(this build reads {SCHEMA_VERSION})")
+    try:
+        return _parse_top(data)
+    except FieldError as exc:
+        # Top-level fields come back as "<root>.name"; drop the placeholder root.
+        raise FieldError(exc.name.removeprefix("<root>."), exc.message) from exc
+
+
+def _parse_top(data: dict[str, Any]) -> Manifest:
+    return parse_section(Manifest, data, "<root>")
