@@ -46,11 +46,10 @@ def generate(out_dir: Path) -> list[Path]:
     return sorted(p for p in pkg.iterdir() if p.name.endswith(GENERATED_SUFFIXES))
 
 
-def stale_files() -> list[str]:
-    """Names of generated files that differ from what protoc would write now."""
+def stale_files(committed: Path = ROOT / "backfill" / "v1") -> list[str]:
+    """Names of generated files in committed that differ from what protoc would write now."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        committed = ROOT / "backfill" / "v1"
         names = {p.name for p in fresh} | {
             p.name for p in committed.iterdir() if p.name.endswith(GENERATED_SUFFIXES)
         }
