@@ -1,0 +1,87 @@
+"""The server's one configuration object; the CLI flags of ``python -m server`` are generated
+from its fields, so every default exists exactly once (here)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PREEMPTION_MODES = ("recompute", "off")
+POLICIES = ("backfill", "fcfs")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``python -m server`` can be told. Validated at construction (ValueError)."""
+
+    # Engine directory, or "default": fetch and build the default CPU engine on first use.
+    engine: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port
+    metrics_port: int = 9400  # 0 = any free port; -1 = no metrics endpoint
+    window_ms: float = 10.0  # the scheduler's collection window W
+    offline_reserve: float = 0.10  # fraction of slots kept for OFFLINE work
+    preemption: str = "recompute"  # recompute | off
+    policy: str = "backfill"  # backfill | fcfs (the benchmark baseline)
+    max_online_queue: int = 1024
+    max_offline_queue: int = 100_000
+    price_per_hour: float = 0.0  # accelerator price, for the cost per 1M tokens
+    drain_grace_s: float = 30.0  # how long a drain waits for running ONLINE requests
+
+    def __post_init__(self) -> None:
+        if not self.engine:
+            raise ValueError("engine must name an engine directory or 'default'")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if not (math.isfinite(self.window_ms) and self.window_ms > 0):
+            raise ValueError(f"window_ms must be > 0, got {self.window_ms}")
+        if not 0.0 <= self.offline_reserve <= 1.0:
+            raise ValueError(f"offline_reserve must be in [0, 1], got {self.offline_reserve}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_online_queue < 1:
+            raise ValueError(f"max_online_queue must be >= 1, got {self.max_online_queue}")
+        if self.max_offline_queue < 1:
+            raise ValueError(f"max_offline_queue must be >= 1, got {self.max_offline_queue}")
+        if not (math.isfinite(self.price_per_hour) and self.price_per_hour >= 0):
+            raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
+        if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port >= 0
+
+
+# Choices of the string fields that take one of a fixed set.
+_CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag-name`` per ServerConfig field, typed and defaulted from the field."""
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=f.default,
+            choices=_CHOICES.get(f.name),
+            help=f"(default: {f.default})",
+        )
+
+
+def from_namespace(ns: argparse.Namespace) -> ServerConfig:
+    """The config a parsed command line describes (ValueError when a value is out of range)."""
+    values: dict[str, Any] = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerConfig)}
+    return ServerConfig(**values)

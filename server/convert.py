@@ -1,0 +1,300 @@
+"""Protobuf ↔ internal dataclasses, and the one mapping from internal outcomes and errors to
+gRPC status codes. Nothing here holds state or policy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from backfill.v1 import inference_pb2 as pb
+from engine_builder.manifest import Manifest
+from engine_builder.tokenizer import EngineTokenizer
+from server.executor.base import Capacity, SamplingParams
+from server.scheduler.types import (
+    DrainingError,
+    Outcome,
+    QueueFullError,
+    SchedEvent,
+    SchedRequest,
+    Tier,
+    Timing,
+    Usage,
+)
+from server.validation import (
+    InvalidArgumentError,
+    validate_generate,
+    validate_prompt_length,
+)
+
+if TYPE_CHECKING:
+    from server.scheduler import BackfillScheduler
+
+DEFAULT_MAX_TOKENS = 256
+
+_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+_TIERS = {
+    pb.TIER_UNSPECIFIED: Tier.ONLINE,
+    pb.TIER_ONLINE: Tier.ONLINE,
+    pb.TIER_OFFLINE: Tier.OFFLINE,
+}
+_FINISH = {
+    Outcome.STOP: pb.FINISH_REASON_STOP,
+    Outcome.LENGTH: pb.FINISH_REASON_LENGTH,
+    Outcome.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    Outcome.DEADLINE: pb.FINISH_REASON_DEADLINE,
+    Outcome.ERROR: pb.FINISH_REASON_ERROR,
+    Outcome.SHUTDOWN: pb.FINISH_REASON_CANCELLED,
+}
+TIER_TO_PB = {Tier.ONLINE: pb.TIER_ONLINE, Tier.OFFLINE: pb.TIER_OFFLINE}
+
+
+class NotFoundError(LookupError):
+    """A named object (a batch job) does not exist; the service answers NOT_FOUND."""
+
+
+# ---- errors and outcomes → status -------------------------------------------------------------
+
+Status = tuple[grpc.StatusCode, str]
+
+
+def status_for_exception(exc: BaseException) -> Status:
+    """The one mapping from internal errors to gRPC status codes."""
+    if isinstance(exc, InvalidArgumentError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "queue full"
+    if isinstance(exc, DrainingError):
+        return grpc.StatusCode.UNAVAILABLE, "draining: the server is shutting down"
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ValueError):
+        # The scheduler's "the engine can never run this" (e.g. prompt too long).
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def status_for_outcome(event: SchedEvent) -> Status | None:
+    """The error status a final event ends its request with; None for a normal finish."""
+    outcome = event.outcome
+    if outcome in (None, Outcome.STOP, Outcome.LENGTH):
+        return None
+    if outcome is Outcome.CANCELLED:
+        return grpc.StatusCode.CANCELLED, "cancelled"
+    if outcome is Outcome.DEADLINE:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "ttft_deadline passed before the first token"
+    if outcome is Outcome.SHUTDOWN:
+        return grpc.StatusCode.UNAVAILABLE, "draining: the server stopped before it finished"
+    return grpc.StatusCode.INTERNAL, event.error or "the engine failed this request"
+
+
+def to_pb_status(status: Status) -> pb.Status:
+    code, message = status
+    return pb.Status(code=code.value[0], message=message)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What converting a request for one model needs: its name, tokenizer and limits."""
+
+    name: str
+    manifest: Manifest
+    tokenizer: EngineTokenizer
+    capacity: Capacity  # the running executor's, which may differ from the manifest's limits
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One engine this server runs: how to convert its requests and where to submit them."""
+
+    spec: ModelSpec
+    scheduler: BackfillScheduler
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class ModelRegistry:
+    """The models a request may name. One engine per server for now; routing among several
+    (``auto`` picking a right-sized model) grows here without touching the servicer."""
+
+    AUTO = ("", "auto")
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        if not models:
+            raise ValueError("a server needs at least one model")
+        self._models = {m.name: m for m in models}
+        self._default = models[0]
+
+    def resolve(self, name: str, prefix: str = "") -> ServedModel:
+        if name in self.AUTO:
+            return self._default
+        model = self._models.get(name)
+        if model is None:
+            available = ", ".join(sorted(self._models))
+            raise InvalidArgumentError(
+                f"{prefix}model: unknown model {name!r} (available: {available})"
+            )
+        return model
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+
+def model_info(spec: ModelSpec) -> pb.ModelInfo:
+    m = spec.manifest
+    return pb.ModelInfo(
+        name=spec.name,
+        backend=m.backend,
+        architecture=m.architecture.family,
+        weight_quant=m.quantization.quant_algo or m.quantization.weights,
+        kv_cache_dtype=m.quantization.kv_cache_dtype,
+        max_batch_size=spec.capacity.max_slots,
+        max_seq_len=spec.capacity.max_seq_len,
+        vocab_size=spec.capacity.vocab_size,
+        has_draft=m.draft is not None,
+        parameter_count=parameter_count(m),
+    )
+
+
+def parameter_count(m: Manifest) -> int:
+    """Parameters of a Llama-family model from its shapes (norms and biases included)."""
+    a = m.architecture
+    q, kv = a.num_attention_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    attn = a.hidden_size * (q + 2 * kv) + q * a.hidden_size
+    if a.attention_bias:
+        attn += q + 2 * kv
+    layer = attn + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    embed = a.vocab_size * a.hidden_size
+    head = 0 if a.tie_word_embeddings else embed
+    return embed + a.num_layers * layer + a.hidden_size + head
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+def to_sched_request(
+    req: pb.GenerateRequest,
+    model: ModelSpec,
+    *,
+    force_offline: bool = False,
+    prefix: str = "",
+    now: float | None = None,
+) -> SchedRequest:
+    """Validates, tokenizes and converts one request. ``force_offline`` (batch jobs) forces the
+    OFFLINE tier and ignores the TTFT deadline. Raises InvalidArgumentError naming the field."""
+    cap = model.capacity
+    validate_generate(req, vocab_size=cap.vocab_size, prefix=prefix)
+    prompt = prompt_token_ids(req, model.tokenizer, prefix)
+    validate_prompt_length(len(prompt), max_seq_len=cap.max_seq_len, prefix=prefix)
+    sampling = to_sampling(req.sampling, room=cap.max_seq_len - len(prompt), prefix=prefix)
+    tier = Tier.OFFLINE if force_offline else _TIERS[req.tier]
+    deadline = None
+    if req.HasField("ttft_deadline") and not force_offline:
+        start = time.monotonic() if now is None else now
+        deadline = start + req.ttft_deadline.ToTimedelta().total_seconds()
+    return SchedRequest(
+        prompt_token_ids=tuple(prompt),
+        sampling=sampling,
+        tier=tier,
+        ttft_deadline=deadline,
+        tenant=req.tenant,
+    )
+
+
+def prompt_token_ids(req: pb.GenerateRequest, tokenizer: EngineTokenizer, prefix: str) -> list[int]:
+    which = req.WhichOneof("prompt")
+    if which == "token_ids":
+        return list(req.token_ids.ids)
+    if which == "text":
+        return tokenizer.encode(req.text)
+    if not tokenizer.has_chat_template:
+        raise InvalidArgumentError(f"{prefix}chat: this model has no chat template; send text")
+    messages = [{"role": _ROLES[m.role], "content": m.content} for m in req.chat.messages]
+    add_generation_prompt = (
+        req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True
+    )
+    return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> SamplingParams:
+    """Unset fields take the defaults; max_tokens is capped by what the sequence has room for."""
+    max_tokens = min(s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS, room)
+    min_tokens = s.min_tokens if s.HasField("min_tokens") else 0
+    if min_tokens > max_tokens:
+        raise InvalidArgumentError(
+            f"{prefix}sampling.min_tokens ({min_tokens}) exceeds the {max_tokens} tokens "
+            "this request can generate"
+        )
+    return SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else False,
+    )
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def to_generate_response(
+    event: SchedEvent, *, client_request_id: str, model: str = ""
+) -> pb.GenerateResponse:
+    """One chunk; ``model`` is set by the caller on the first chunk only."""
+    out = pb.GenerateResponse(
+        token_ids=event.token_ids,
+        text=event.text,
+        model=model,
+        client_request_id=client_request_id,
+    )
+    if event.outcome is not None:
+        out.finish_reason = _FINISH[event.outcome]
+    if event.usage is not None:
+        out.usage.CopyFrom(to_pb_usage(event.usage))
+    if event.timing is not None:
+        out.timing.CopyFrom(to_pb_timing(event.timing))
+    return out
+
+
+def to_pb_usage(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_prompt_tokens=u.cached_prompt_tokens,
+        draft_tokens_proposed=u.draft_tokens_proposed,
+        draft_tokens_accepted=u.draft_tokens_accepted,
+    )
+
+
+def to_pb_timing(t: Timing) -> pb.Timing:
+    out = pb.Timing(
+        queue_time=seconds_to_duration(t.queue_seconds),
+        total_time=seconds_to_duration(t.total_seconds),
+        preemptions=t.preemptions,
+    )
+    if t.ttft_seconds is not None:
+        out.ttft.CopyFrom(seconds_to_duration(t.ttft_seconds))
+    return out
+
+
+def seconds_to_duration(seconds: float) -> Duration:
+    out = Duration()
+    out.FromNanoseconds(round(seconds * 1e9))
+    return out
+
+
+def finish_reason(outcome: Outcome) -> pb.FinishReason.ValueType:
+    return _FINISH[outcome]
