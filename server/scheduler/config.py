@@ -1,0 +1,58 @@
+"""The scheduler's configuration: every knob in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("backfill", "fcfs")
+PREEMPTION_MODES = ("recompute", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Parameters of the two-tier backfill scheduler (see DESIGN.md, "The backfill scheduler").
+
+    ``policy="backfill"`` is the two-tier scheduler: online first in earliest-deadline order,
+    a reserve of slots kept for offline, offline preempted (by recompute) for online, offline
+    filling whatever is left. ``policy="fcfs"`` is the benchmark baseline: one queue in arrival
+    order for both tiers, no reserve and no preemption (``offline_reserve`` and ``preemption``
+    are then ignored).
+    """
+
+    window_ms: float = 10.0  # collection window W: a pass runs at least this often
+    offline_reserve: float = 0.10  # fraction of slots kept for offline (at least 1 when > 0)
+    preemption: str = "recompute"  # "recompute" | "off"
+    max_online_queue: int = 1024  # queued (not running) online requests; beyond: QueueFullError
+    max_offline_queue: int = 100_000  # queued (not running) offline requests
+    policy: str = "backfill"  # "backfill" | "fcfs"
+
+    def __post_init__(self) -> None:
+        if not self.window_ms > 0.0:
+            raise ValueError(f"window_ms must be > 0, got {self.window_ms}")
+        if not 0.0 <= self.offline_reserve <= 1.0:
+            raise ValueError(f"offline_reserve must be in [0, 1], got {self.offline_reserve}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_online_queue < 0:
+            raise ValueError(f"max_online_queue must be >= 0, got {self.max_online_queue}")
+        if self.max_offline_queue < 0:
+            raise ValueError(f"max_offline_queue must be >= 0, got {self.max_offline_queue}")
+
+    @property
+    def window_s(self) -> float:
+        return self.window_ms / 1000.0
+
+    @property
+    def preempts(self) -> bool:
+        """Whether offline sequences may be preempted for online ones."""
+        return self.policy == "backfill" and self.preemption == "recompute"
+
+    def reserve_slots(self, max_slots: int) -> int:
+        """Slots kept for offline: max(1, round(r * slots)) when r > 0, never above slots."""
+        if self.policy != "backfill" or self.offline_reserve == 0.0:
+            return 0
+        return min(max_slots, max(1, round(self.offline_reserve * max_slots)))

@@ -1,0 +1,258 @@
+"""The single-threaded heart of the scheduler: queues, running set, executor id map.
+
+Every method here runs on the scheduler thread (or the test driving ``run_pass``); nothing is
+locked. ``BackfillScheduler`` feeds it submits and cancels taken from its thread-safe inbox and
+delivers the events it collects, outside any lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from server.executor.base import Executor, FinishReason, TokenDelta
+from server.scheduler.budget import PassBudget
+from server.scheduler.config import SchedulerConfig
+from server.scheduler.counters import TierCounters
+from server.scheduler.policy import TierQueues, WaitQueue, exec_priority
+from server.scheduler.sequence import OUTCOME_OF, Phase, Sequence
+from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
+
+
+class SchedulerCore:
+    """Runs the four steps of a pass (DESIGN.md) and turns executor deltas into events.
+
+    Invariants: a sequence is in exactly one of ``_queued`` (and its tier queue) or
+    ``_running`` (and ``_by_exec`` under its current executor id) until it finishes; the
+    running set never exceeds the executor's slots; every finished sequence emitted exactly
+    one final event. Deltas of executor ids no longer mapped (a preempted run) are ignored.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        config: SchedulerConfig,
+        clock: Callable[[], float],
+        counters: TierCounters,
+    ) -> None:
+        self._executor = executor
+        self._config = config
+        self._clock = clock
+        self._counters = counters
+        self._capacity = executor.capacity
+        self._reserve = config.reserve_slots(self._capacity.max_slots)
+        self._queues = TierQueues.for_config(config)
+        self._queued: dict[int, Sequence] = {}
+        self._running: dict[int, Sequence] = {}  # insertion order = run start order
+        self._by_exec: dict[int, Sequence] = {}
+        self._deadlines: list[tuple[float, int]] = []  # heap of (ttft deadline, id) of queued
+        self._next_exec_id = 1
+        self._outbox: list[tuple[EventSink, SchedEvent]] = []
+        self._stopping = False  # executor CANCELLED finishes now mean SHUTDOWN
+
+    # ---- intake -----------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """A new request (already counted as queued by submit)."""
+        self._queued[seq.id] = seq
+        self._queues.of(seq.tier).push(seq)
+        if seq.request.ttft_deadline is not None:
+            heapq.heappush(self._deadlines, (seq.request.ttft_deadline, seq.id))
+
+    def cancel(self, request_id: int) -> None:
+        """Queued: final CANCELLED now. Running: tell the executor, finish when it confirms."""
+        queued = self._queued.get(request_id)
+        if queued is not None:
+            self._finish(queued, Outcome.CANCELLED)
+            return
+        running = self._running.get(request_id)
+        if running is not None and not running.cancel_requested and running.exec_id is not None:
+            running.cancel_requested = True
+            self._executor.cancel(running.exec_id)
+
+    # ---- step 1: drop the dead ------------------------------------------------------------
+
+    def drop_expired(self) -> None:
+        """Queued requests never admitted whose TTFT deadline has come get DEADLINE."""
+        now = self._clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            seq = self._queued.get(request_id)
+            if seq is not None and seq.admitted_at is None:
+                self._finish(seq, Outcome.DEADLINE)
+
+    # ---- steps 2-4: admission -------------------------------------------------------------
+
+    def schedule(self) -> None:
+        budget = self._new_budget()
+        self._admit_in_order(self._queues.online, budget)
+        if self._config.preempts:
+            self._preempt_for_online(budget)
+        self._admit_in_order(self._queues.offline, budget)
+
+    def _new_budget(self) -> PassBudget:
+        stats = self._executor.stats()
+        offline_running = self.num_running(Tier.OFFLINE)
+        demand = offline_running + len(self._queues.offline)
+        return PassBudget(
+            self._capacity,
+            free_slots=self._capacity.max_slots - len(self._running),
+            free_blocks=stats.kv_blocks_free + stats.kv_blocks_cached,
+            keep_offline=min(self._reserve, demand),
+            offline_holding=offline_running,
+        )
+
+    def _admit_in_order(self, queue: WaitQueue, budget: PassBudget) -> None:
+        """Admits from the head while it fits; a head that does not fit blocks the rest, so
+        a large request is not starved by smaller ones behind it."""
+        for seq in queue:
+            if not self._try_start(seq, budget):
+                return
+
+    def _preempt_for_online(self, budget: PassBudget) -> None:
+        while (head := self._queues.online.peek()) is not None:
+            victims = self._victims_for(head, budget)
+            if not victims:
+                return
+            for victim in victims:
+                self._preempt(victim, budget)
+            self._admit_in_order(self._queues.online, budget)
+
+    def _victims_for(self, head: Sequence, budget: PassBudget) -> list[Sequence]:
+        """The fewest offline runs above the reserve, newest first, whose slots and blocks let
+        head start; none when even all of them would not (preempting would waste work)."""
+        spare = budget.offline_holding - budget.keep_offline
+        candidates = [
+            s
+            for s in reversed(self._running.values())
+            if s.tier is Tier.OFFLINE and not s.cancel_requested
+        ][: max(0, spare)]
+        slots = budget.free_slots - budget.reserved_slots
+        blocks = budget.free_blocks
+        need = budget.blocks_needed(head)
+        chosen: list[Sequence] = []
+        for seq in candidates:
+            if slots >= 1 and blocks >= need:
+                break
+            chosen.append(seq)
+            slots += 1
+            blocks += budget.blocks_held(seq)
+        return chosen if slots >= 1 and blocks >= need else []
+
+    def _try_start(self, seq: Sequence, budget: PassBudget) -> bool:
+        """Starts a run of seq if the budget allows. True when seq left the queue (started,
+        or refused by the executor and finished with ERROR), so admission may go on."""
+        if not budget.try_admit(seq):
+            return False
+        exec_id = self._next_exec_id
+        self._next_exec_id += 1
+        try:
+            self._executor.enqueue(seq.exec_request(exec_id, exec_priority(self._config, seq.tier)))
+        except ValueError as exc:
+            budget.refund(seq)
+            self._finish(seq, Outcome.ERROR, error=f"executor refused the request: {exc}")
+            return True
+        self._dequeue(seq)
+        seq.phase, seq.exec_id = Phase.RUNNING, exec_id
+        self._running[seq.id] = seq
+        self._by_exec[exec_id] = seq
+        if seq.admitted_at is None:
+            seq.admitted_at = self._clock()
+        self._counters.add(seq.tier, running=1)
+        return True
+
+    def _preempt(self, seq: Sequence, budget: PassBudget) -> None:
+        """Cancels the run and puts seq at the head of its queue; it resumes from its tokens
+        under a new executor id, and the old id's CANCELLED final is ignored (unmapped)."""
+        assert seq.exec_id is not None
+        self._executor.cancel(seq.exec_id)
+        del self._by_exec[seq.exec_id]
+        del self._running[seq.id]
+        budget.release(seq)
+        seq.phase, seq.exec_id = Phase.QUEUED, None
+        seq.preemptions += 1
+        self._queued[seq.id] = seq
+        self._queues.of(seq.tier).push_front(seq)
+        self._counters.add(seq.tier, running=-1, queued=1, preemptions=1)
+
+    # ---- executor output ------------------------------------------------------------------
+
+    def apply(self, deltas: list[TokenDelta]) -> None:
+        for delta in deltas:
+            seq = self._by_exec.get(delta.request_id)
+            if seq is not None:
+                self._apply_one(seq, delta)
+
+    def _apply_one(self, seq: Sequence, delta: TokenDelta) -> None:
+        if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
+            seq.cached_prompt_tokens = delta.cached_prompt_tokens
+        seq.draft_proposed += delta.draft_tokens_proposed
+        seq.draft_accepted += delta.draft_tokens_accepted
+        if delta.token_ids:
+            if seq.first_token_at is None:
+                seq.first_token_at = self._clock()
+            seq.tokens.extend(delta.token_ids)
+            self._counters.add(seq.tier, generated_tokens=len(delta.token_ids))
+        if delta.finish is None:
+            if delta.token_ids or delta.text:
+                self._outbox.append((seq.sink, seq.token_event(delta.token_ids, delta.text)))
+            return
+        outcome = OUTCOME_OF[delta.finish]
+        if self._stopping and delta.finish is FinishReason.CANCELLED:
+            outcome = Outcome.SHUTDOWN
+        error = (delta.error or "executor error") if outcome is Outcome.ERROR else None
+        self._finish(seq, outcome, delta.token_ids, delta.text, error)
+
+    # ---- endings --------------------------------------------------------------------------
+
+    def _dequeue(self, seq: Sequence) -> None:
+        self._queues.of(seq.tier).remove(seq)
+        del self._queued[seq.id]
+        self._counters.add(seq.tier, queued=-1)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        outcome: Outcome,
+        token_ids: tuple[int, ...] = (),
+        text: str = "",
+        error: str | None = None,
+    ) -> None:
+        if seq.phase is Phase.QUEUED:
+            self._dequeue(seq)
+        elif seq.phase is Phase.RUNNING:
+            assert seq.exec_id is not None
+            del self._by_exec[seq.exec_id]
+            del self._running[seq.id]
+            self._counters.add(seq.tier, running=-1)
+        seq.phase, seq.exec_id = Phase.FINISHED, None
+        self._counters.add(seq.tier, finished=1)
+        event = seq.final_event(outcome, self._clock(), token_ids, text, error)
+        self._outbox.append((seq.sink, event))
+
+    def end_all(self, outcome: Outcome) -> list[int]:
+        """Ends every live request with outcome (cancelling runs); returns the offline ids."""
+        self._stopping = True
+        live = [*self._running.values(), *self._queued.values()]
+        for seq in live:
+            if seq.exec_id is not None:
+                self._executor.cancel(seq.exec_id)
+            self._finish(seq, outcome)
+        return sorted(seq.id for seq in live if seq.tier is Tier.OFFLINE)
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def take_events(self) -> list[tuple[EventSink, SchedEvent]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def num_running(self, tier: Tier) -> int:
+        return sum(1 for s in self._running.values() if s.tier is tier)
+
+    def running(self) -> list[Sequence]:
+        """Running sequences in run start order (oldest first)."""
+        return list(self._running.values())
+
+    def queued(self, tier: Tier) -> list[Sequence]:
+        """Queued sequences of a tier in admission order (fcfs: both tiers, one order)."""
+        return list(self._queues.of(tier))

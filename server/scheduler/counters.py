@@ -1,0 +1,69 @@
+"""Per-tier counters shared between the scheduler thread and callers of submit/snapshot."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from server.scheduler.types import Tier, TierSnapshot
+
+
+@dataclass(slots=True)
+class _Tally:
+    running: int = 0
+    queued: int = 0  # submitted and not running: new, preempted, or not yet seen by a pass
+    finished: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class TierCounters:
+    """Thread-safe tallies per tier. The queue bound is checked and taken in one step
+    (``try_queue``) so two concurrent submits cannot both pass a bound with one place left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tally = {tier: _Tally() for tier in Tier}
+
+    def try_queue(self, tier: Tier, bound: int) -> bool:
+        with self._lock:
+            tally = self._tally[tier]
+            if tally.queued >= bound:
+                return False
+            tally.queued += 1
+            return True
+
+    def add(
+        self,
+        tier: Tier,
+        *,
+        running: int = 0,
+        queued: int = 0,
+        finished: int = 0,
+        generated_tokens: int = 0,
+        preemptions: int = 0,
+    ) -> None:
+        with self._lock:
+            tally = self._tally[tier]
+            tally.running += running
+            tally.queued += queued
+            tally.finished += finished
+            tally.generated_tokens += generated_tokens
+            tally.preemptions += preemptions
+
+    def in_flight(self, tier: Tier) -> int:
+        """Requests of the tier that have not finished (queued or running)."""
+        with self._lock:
+            tally = self._tally[tier]
+            return tally.running + tally.queued
+
+    def snapshot(self, tier: Tier) -> TierSnapshot:
+        with self._lock:
+            t = self._tally[tier]
+            return TierSnapshot(
+                running=t.running,
+                queued=t.queued,
+                finished=t.finished,
+                generated_tokens=t.generated_tokens,
+                preemptions=t.preemptions,
+            )
