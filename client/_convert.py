@@ -1,0 +1,220 @@
+"""Conversions between the SDK's dataclasses and the ``backfill.v1`` protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from backfill.v1 import inference_pb2 as pb
+from client.errors import error_from_status
+from client.types import (
+    BatchJob,
+    BatchRequest,
+    BatchResult,
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    JobState,
+    ModelInfo,
+    SamplingParams,
+    Stats,
+    Tier,
+    TierStats,
+    Timing,
+    Usage,
+)
+
+_TIER_TO_PB = {Tier.ONLINE: pb.TIER_ONLINE, Tier.OFFLINE: pb.TIER_OFFLINE}
+_TIER_FROM_PB = {pb.TIER_ONLINE: Tier.ONLINE, pb.TIER_OFFLINE: Tier.OFFLINE}
+_ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_FINISH_FROM_PB = {
+    pb.FINISH_REASON_STOP: FinishReason.STOP,
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    pb.FINISH_REASON_DEADLINE: FinishReason.DEADLINE,
+    pb.FINISH_REASON_ERROR: FinishReason.ERROR,
+}
+_JOB_STATE_FROM_PB = {
+    pb.BATCH_STATE_QUEUED: JobState.QUEUED,
+    pb.BATCH_STATE_RUNNING: JobState.RUNNING,
+    pb.BATCH_STATE_COMPLETED: JobState.COMPLETED,
+    pb.BATCH_STATE_CANCELLED: JobState.CANCELLED,
+}
+
+Messages = Sequence[ChatMessage | Mapping[str, str]]
+
+
+def sampling_to_pb(sampling: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids))
+    for name in ("temperature", "top_k", "top_p", "seed", "max_tokens", "min_tokens", "ignore_eos"):
+        value = getattr(sampling, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def request_to_pb(
+    *,
+    prompt: str | None,
+    messages: Messages | None,
+    token_ids: Sequence[int] | None,
+    sampling: SamplingParams,
+    tier: Tier | str = Tier.ONLINE,
+    deadline: float | None = None,
+    tenant: str = "",
+    model: str = "",
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """Builds a GenerateRequest; exactly one of prompt, messages, token_ids must be given."""
+    if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, messages=, token_ids=")
+    req = pb.GenerateRequest(
+        model=model,
+        sampling=sampling_to_pb(sampling),
+        tier=_TIER_TO_PB[Tier(tier)],
+        tenant=tenant,
+        client_request_id=request_id,
+    )
+    if prompt is not None:
+        req.text = prompt
+    elif token_ids is not None:
+        req.token_ids.ids.extend(token_ids)
+    else:
+        assert messages is not None
+        for message in map(ChatMessage.coerce, messages):
+            req.chat.messages.add(role=_ROLE_TO_PB[message.role], content=message.content)
+    if deadline is not None:
+        if deadline <= 0:
+            raise ValueError(f"deadline must be > 0 seconds, got {deadline}")
+        req.ttft_deadline.FromNanoseconds(int(deadline * 1e9))
+    return req
+
+
+def batch_request_to_pb(request: BatchRequest) -> pb.GenerateRequest:
+    return request_to_pb(
+        prompt=request.prompt,
+        messages=request.messages,
+        token_ids=request.token_ids,
+        sampling=request.sampling,
+        tier=Tier.OFFLINE,
+        model=request.model,
+        request_id=request.id,
+    )
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def usage_from_pb(u: pb.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_prompt_tokens=u.cached_prompt_tokens,
+        draft_tokens_proposed=u.draft_tokens_proposed,
+        draft_tokens_accepted=u.draft_tokens_accepted,
+    )
+
+
+def timing_from_pb(t: pb.Timing) -> Timing:
+    return Timing(
+        queue_s=_seconds(t.queue_time) if t.HasField("queue_time") else None,
+        ttft_s=_seconds(t.ttft) if t.HasField("ttft") else None,
+        total_s=_seconds(t.total_time) if t.HasField("total_time") else None,
+        preemptions=t.preemptions,
+    )
+
+
+def chunk_from_pb(resp: pb.GenerateResponse, request_id: str) -> Chunk:
+    finish = _FINISH_FROM_PB.get(resp.finish_reason)
+    return Chunk(
+        request_id=request_id,
+        token_ids=tuple(resp.token_ids),
+        text=resp.text,
+        finish_reason=finish,
+        usage=usage_from_pb(resp.usage) if finish is not None else None,
+        timing=timing_from_pb(resp.timing) if finish is not None else None,
+        model=resp.model,
+    )
+
+
+def _timestamp(ts: timestamp_pb2.Timestamp, present: bool) -> float | None:
+    return ts.seconds + ts.nanos / 1e9 if present else None
+
+
+def job_from_pb(job: pb.BatchJob) -> BatchJob:
+    return BatchJob(
+        id=job.id,
+        state=_JOB_STATE_FROM_PB.get(job.state, JobState.QUEUED),
+        total=job.total,
+        completed=job.completed,
+        failed=job.failed,
+        cancelled=job.cancelled,
+        completion_tokens=job.completion_tokens,
+        created_at=_timestamp(job.created_at, job.HasField("created_at")),
+        finished_at=_timestamp(job.finished_at, job.HasField("finished_at")),
+        tenant=job.tenant,
+        labels=dict(job.labels),
+    )
+
+
+def result_from_pb(result: pb.BatchResult) -> BatchResult:
+    has_error = result.HasField("error") and result.error.code != 0
+    return BatchResult(
+        index=result.index,
+        request_id=result.client_request_id,
+        text=result.text,
+        token_ids=tuple(result.token_ids),
+        finish_reason=_FINISH_FROM_PB.get(result.finish_reason),
+        usage=usage_from_pb(result.usage),
+        timing=timing_from_pb(result.timing),
+        error=error_from_status(result.error.code, result.error.message) if has_error else None,
+    )
+
+
+def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=m.name,
+        backend=m.backend,
+        architecture=m.architecture,
+        weight_quant=m.weight_quant,
+        kv_cache_dtype=m.kv_cache_dtype,
+        max_batch_size=m.max_batch_size,
+        max_seq_len=m.max_seq_len,
+        vocab_size=m.vocab_size,
+        has_draft=m.has_draft,
+        parameter_count=m.parameter_count,
+    )
+
+
+def stats_from_pb(s: pb.GetStatsResponse) -> Stats:
+    tiers = {
+        _TIER_FROM_PB[t.tier]: TierStats(
+            tier=_TIER_FROM_PB[t.tier],
+            running=t.running,
+            queued=t.queued,
+            requests_finished=t.requests_finished,
+            generated_tokens=t.generated_tokens,
+            preemptions=t.preemptions,
+            tokens_per_second=t.tokens_per_second,
+        )
+        for t in s.tiers
+        if t.tier in _TIER_FROM_PB
+    }
+    return Stats(
+        tiers=tiers,
+        slots_total=s.slots_total,
+        slots_free=s.slots_free,
+        kv_blocks_total=s.kv_blocks_total,
+        kv_blocks_used=s.kv_blocks_used,
+        kv_blocks_cached=s.kv_blocks_cached,
+        prefix_cache_hit_ratio=s.prefix_cache_hit_ratio,
+        slot_occupancy=s.slot_occupancy,
+        tokens_per_second=s.tokens_per_second,
+        utilization=s.utilization,
+        cost_per_million_tokens=s.cost_per_million_tokens,
+        uptime_s=_seconds(s.uptime),
+        steps=s.steps,
+        draining=s.draining,
+    )

@@ -1,0 +1,314 @@
+"""``AsyncClient``: the SDK's one core; ``client.sync.Client`` runs it on a private loop.
+
+>>> async def main():  # doctest: +SKIP
+...     async with AsyncClient("127.0.0.1:50051") as client:
+...         async for chunk in client.generate("Once upon a time",
+...                                            sampling=SamplingParams(max_tokens=32)):
+...             print(chunk.text, end="", flush=True)
+...         done = await client.complete(messages=[{"role": "user", "content": "Hi"}])
+...         job = await client.submit_batch("prompts.jsonl")
+...         async for state in client.watch(job.id):
+...             print(state.finished, "/", state.total)
+...         async for result in client.results(job.id):
+...             print(result.request_id, result.text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import grpc
+
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
+from client import _convert
+from client._session import Session, Source, UnarySource
+from client._stream import GenerationStream, backoff_delay
+from client.errors import BackfillError, error_from_rpc
+from client.jobs import RequestLike, coerce_requests, load_jsonl
+from client.types import (
+    BatchJob,
+    BatchResult,
+    ChatMessage,
+    Completion,
+    ModelInfo,
+    SamplingParams,
+    Stats,
+    Tier,
+)
+
+Transport = Literal["session", "unary"]
+R = TypeVar("R")
+_DEFAULT_SAMPLING = SamplingParams()
+# Many thousands of concurrent requests share one HTTP/2 connection; lift message caps.
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+class AsyncClient:
+    """Talks to one Backfill server. Use as ``async with AsyncClient(target) as client``.
+
+    ``transport="session"`` (default) multiplexes every request on one ``Session`` stream;
+    ``"unary"`` makes one ``Generate`` call per request. ``timeout`` bounds each unary RPC and
+    each generation as a whole (client side); ``max_retries`` bounds the retries of requests
+    that are safe to resend (UNAVAILABLE before any token).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.05,
+        transport: Transport = "session",
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        if transport not in ("session", "unary"):
+            raise ValueError(f"transport must be 'session' or 'unary', got {transport!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.target = target
+        self.transport: Transport = transport
+        self._credentials = credentials
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._backoff_s = retry_backoff_s
+        self._metadata = tuple(metadata)
+        self._options = (*_CHANNEL_OPTIONS, *channel_options)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.InferenceServiceStub | None = None
+        self._session: Session | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Cancels open requests and closes the connection."""
+        if self._session is not None:
+            await self._session.aclose()
+            self._session = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    @property
+    def num_open_requests(self) -> int:
+        """Requests open on the Session stream (0 with the unary transport)."""
+        return self._session.num_open if self._session is not None else 0
+
+    # --- generation -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | Mapping[str, str]] | None = None,
+        token_ids: Sequence[int] | None = None,
+        sampling: SamplingParams = _DEFAULT_SAMPLING,
+        tier: Tier | str = Tier.ONLINE,
+        deadline: float | None = None,
+        tenant: str = "",
+        model: str = "",
+        request_id: str | None = None,
+    ) -> GenerationStream:
+        """Starts a request; returns its stream of chunks (the request opens on first read).
+
+        ``deadline`` is the time to first token in seconds; past it, a request that has not
+        started fails with ``DeadlineExceeded``.
+        """
+        request = _convert.request_to_pb(
+            prompt=prompt,
+            messages=messages,
+            token_ids=token_ids,
+            sampling=sampling,
+            tier=tier,
+            deadline=deadline,
+            tenant=tenant,
+            model=model,
+            request_id=request_id or "",
+        )
+        return GenerationStream(
+            request,
+            self._open_source,
+            max_retries=self._max_retries,
+            backoff_s=self._backoff_s,
+            timeout=self._timeout,
+        )
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | Mapping[str, str]] | None = None,
+        token_ids: Sequence[int] | None = None,
+        sampling: SamplingParams = _DEFAULT_SAMPLING,
+        tier: Tier | str = Tier.ONLINE,
+        deadline: float | None = None,
+        tenant: str = "",
+        model: str = "",
+        request_id: str | None = None,
+    ) -> Completion:
+        """Runs a request to its end and returns text, token ids, usage and timing."""
+        stream = self.generate(
+            prompt,
+            messages=messages,
+            token_ids=token_ids,
+            sampling=sampling,
+            tier=tier,
+            deadline=deadline,
+            tenant=tenant,
+            model=model,
+            request_id=request_id,
+        )
+        return await stream.complete()
+
+    def _open_source(self, request: pb.GenerateRequest) -> Source:
+        stub = self._ensure_stub()
+        if self.transport == "unary":
+            return UnarySource(stub, request, self._metadata)
+        if self._session is None:
+            self._session = Session(stub, self._metadata)
+        if not request.client_request_id:
+            request.client_request_id = self._session.next_request_id()
+        return self._session.start(request)
+
+    # --- offline batch jobs ---------------------------------------------------------------
+
+    async def submit_batch(
+        self,
+        requests: Iterable[RequestLike] | str | os.PathLike[str],
+        *,
+        tenant: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> BatchJob:
+        """Submits requests (or a JSONL file, see ``client.jobs``) as one OFFLINE job."""
+        if isinstance(requests, (str, os.PathLike)):
+            batch = load_jsonl(requests)
+        else:
+            batch = coerce_requests(requests)
+        message = pb.SubmitBatchRequest(
+            requests=[_convert.batch_request_to_pb(r) for r in batch],
+            tenant=tenant,
+            labels=dict(labels or {}),
+        )
+        job = await self._unary(lambda stub: stub.SubmitBatch(message, **self._call_kw()), False)
+        return _convert.job_from_pb(job)
+
+    async def get_batch(self, job_id: str) -> BatchJob:
+        """The job's state and progress counts."""
+        request = pb.GetBatchRequest(id=job_id)
+        job = await self._unary(lambda stub: stub.GetBatch(request, **self._call_kw()))
+        return _convert.job_from_pb(job)
+
+    async def cancel_batch(self, job_id: str) -> BatchJob:
+        """Cancels the job's unfinished requests; finished results are kept."""
+        request = pb.CancelBatchRequest(id=job_id)
+        job = await self._unary(lambda stub: stub.CancelBatch(request, **self._call_kw()))
+        return _convert.job_from_pb(job)
+
+    async def list_batches(self) -> list[BatchJob]:
+        """Every job the server holds, newest first."""
+        request = pb.ListBatchesRequest()
+        reply = await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
+        return [_convert.job_from_pb(job) for job in reply.jobs]
+
+    async def watch(self, job_id: str, *, interval_s: float = 0.5) -> AsyncIterator[BatchJob]:
+        """Yields the job's state now, then whenever its progress changes, until it ends."""
+        last: BatchJob | None = None
+        while True:
+            job = await self.get_batch(job_id)
+            if job != last:
+                yield job
+                last = job
+            if job.done:
+                return
+            await asyncio.sleep(interval_s)
+
+    async def results(self, job_id: str, *, start_index: int = 0) -> AsyncIterator[BatchResult]:
+        """The job's results in submission order, following the job until it ends.
+
+        A dropped connection resumes after the last result received (UNAVAILABLE is retried).
+        """
+        next_index, attempt = start_index, 0
+        while True:
+            request = pb.StreamBatchResultsRequest(id=job_id, start_index=next_index)
+            call = self._ensure_stub().StreamBatchResults(request, metadata=self._metadata or None)
+            try:
+                async for message in call:
+                    result = _convert.result_from_pb(message)
+                    next_index, attempt = result.index + 1, 0
+                    yield result
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not error.retryable or attempt >= self._max_retries:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
+            attempt += 1
+
+    # --- models and statistics -----------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        """The models this server serves."""
+        request = pb.ListModelsRequest()
+        reply = await self._unary(lambda stub: stub.ListModels(request, **self._call_kw()))
+        return [_convert.model_from_pb(m) for m in reply.models]
+
+    async def stats(self) -> Stats:
+        """A snapshot of the server: slots, queues, tokens/s, occupancy, cost."""
+        request = pb.GetStatsRequest()
+        reply = await self._unary(lambda stub: stub.GetStats(request, **self._call_kw()))
+        return _convert.stats_from_pb(reply)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _ensure_stub(self) -> pb_grpc.InferenceServiceStub:
+        if self._stub is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._options
+                )
+            self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        return self._stub
+
+    def _call_kw(self) -> dict[str, object]:
+        return {"timeout": self._timeout, "metadata": self._metadata or None}
+
+    async def _unary(
+        self,
+        call: Callable[[pb_grpc.InferenceServiceStub], Awaitable[R]],
+        idempotent: bool = True,
+    ) -> R:
+        """Runs a unary RPC, retrying UNAVAILABLE with backoff when resending is harmless."""
+        attempt = 0
+        while True:
+            try:
+                return await call(self._ensure_stub())
+            except grpc.RpcError as exc:
+                error: BackfillError = error_from_rpc(exc)
+                if not (idempotent and error.retryable and attempt < self._max_retries):
+                    raise error from None
+            await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
+            attempt += 1
