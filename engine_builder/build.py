@@ -1,0 +1,224 @@
+"""Writing a cpu engine directory from a ``SourceModel``: quantize, save, describe.
+
+The directory is assembled in a temporary sibling and renamed into place, so a reader (or a
+second builder racing this one) sees either no engine or a complete one, never half of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from engine_builder.manifest import (
+    CPU_KV_DTYPES,
+    CPU_WEIGHT_QUANTS,
+    Architecture,
+    FieldError,
+    Limits,
+    Manifest,
+    Provenance,
+    Quantization,
+    TokenizerInfo,
+    atomic_write_text,
+)
+from engine_builder.quantize import check_int4_shape, quantize_int4, quantize_int8
+from engine_builder.source import SourceModel, expected_shapes, is_quantizable
+
+WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_INT4_GROUP_SIZE = 32
+# The default KV pool holds max_batch_size sequences of this many tokens.
+DEFAULT_KV_TOKENS_PER_SEQUENCE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """Everything ``build --backend cpu`` takes besides the model; the CLI flags come from here.
+
+    ``group_size`` and ``num_kv_blocks`` left as None get derived defaults (see ``resolve``).
+    """
+
+    quant: str = "none"  # "none" | "int8" | "int4"
+    group_size: int | None = None  # int4 only; None means DEFAULT_INT4_GROUP_SIZE
+    kv_cache_dtype: str = "float32"  # "float32" | "int8"
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    max_num_tokens: int = 512
+    tokens_per_block: int = 16
+    num_kv_blocks: int | None = None  # None: enough for max_batch_size ~1024-token sequences
+
+    def __post_init__(self) -> None:
+        if self.quant not in CPU_WEIGHT_QUANTS:
+            raise FieldError("quant", f"must be one of {sorted(CPU_WEIGHT_QUANTS)}, "
+                             f"got {self.quant!r}")
+        if self.kv_cache_dtype not in CPU_KV_DTYPES:
+            raise FieldError("kv_cache_dtype", f"must be one of {sorted(CPU_KV_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.group_size is not None:
+            if self.quant != "int4":
+                raise FieldError("group_size", f"only applies to --quant int4, not {self.quant}")
+            if self.group_size < 2 or self.group_size % 2:
+                raise FieldError("group_size", f"must be even and >= 2, got {self.group_size}")
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "tokens_per_block",
+                     "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FieldError(name, f"must be >= 1, got {value}")
+
+    @property
+    def int4_group_size(self) -> int:
+        return self.group_size if self.group_size is not None else DEFAULT_INT4_GROUP_SIZE
+
+    def quantization(self) -> Quantization:
+        group = self.int4_group_size if self.quant == "int4" else None
+        return Quantization(weights=self.quant, group_size=group,
+                            kv_cache_dtype=self.kv_cache_dtype)
+
+    def limits(self, arch: Architecture) -> Limits:
+        """The engine's limits; FieldError (named like the flag) when the model rules them out."""
+        if self.max_seq_len > arch.max_position_embeddings:
+            raise FieldError("max_seq_len", f"{self.max_seq_len} exceeds the model's "
+                             f"max_position_embeddings {arch.max_position_embeddings}")
+        blocks_per_seq = -(-self.max_seq_len // self.tokens_per_block)
+        if self.num_kv_blocks is None:
+            tokens = min(DEFAULT_KV_TOKENS_PER_SEQUENCE, self.max_seq_len)
+            num_blocks = max(self.max_batch_size * -(-tokens // self.tokens_per_block),
+                             blocks_per_seq)
+        elif self.num_kv_blocks < blocks_per_seq:
+            raise FieldError("num_kv_blocks", f"{self.num_kv_blocks} blocks cannot hold one "
+                             f"{self.max_seq_len}-token sequence (needs {blocks_per_seq})")
+        else:
+            num_blocks = self.num_kv_blocks
+        return Limits(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
+                      max_num_tokens=self.max_num_tokens, tokens_per_block=self.tokens_per_block,
+                      num_kv_blocks=num_blocks)
+
+    def check_model(self, arch: Architecture) -> None:
+        """FieldError when the options cannot apply to this architecture."""
+        self.limits(arch)
+        if self.quant == "int4":
+            for name, shape in expected_shapes(arch).items():
+                if is_quantizable(name):
+                    try:
+                        check_int4_shape(shape, self.int4_group_size)
+                    except ValueError as exc:
+                        raise FieldError("group_size", f"{exc} ({name})") from exc
+
+
+def option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(BuildOptions))
+
+
+def _quantized(name: str, w: np.ndarray, options: BuildOptions) -> Iterator[tuple[str,
+                                                                                np.ndarray]]:
+    if options.quant == "none" or not is_quantizable(name):
+        yield name, np.ascontiguousarray(w, dtype=np.float32)
+        return
+    stem = name.removesuffix(".weight")
+    if options.quant == "int8":
+        qweight, scales = quantize_int8(w)
+    else:
+        qweight, scales = quantize_int4(w, options.int4_group_size)
+    yield f"{stem}.qweight", qweight
+    yield f"{stem}.scales", scales
+
+
+def engine_tensors(source: SourceModel, options: BuildOptions) -> dict[str, np.ndarray]:
+    """All tensors of the engine, checked against the architecture's expected names/shapes."""
+    wanted = expected_shapes(source.architecture)
+    out: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    for name, w in source.tensors():
+        if name not in wanted:
+            raise ValueError(f"{source.source}: unexpected tensor {name}")
+        if tuple(w.shape) != wanted[name]:
+            raise ValueError(f"{source.source}: tensor {name} has shape {list(w.shape)}, "
+                             f"expected {list(wanted[name])}")
+        if name in seen:
+            raise ValueError(f"{source.source}: tensor {name} appears twice")
+        seen.add(name)
+        out.update(_quantized(name, w, options))
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise ValueError(f"{source.source}: missing tensor {missing[0]} "
+                         f"({len(missing)} missing in all)")
+    return out
+
+
+def _tool_versions(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    tools: dict[str, str] = {}
+    for dist, key in (("backfill", "backfill"), ("numpy", "numpy"), ("tokenizers", "tokenizers"),
+                      ("safetensors", "safetensors")):
+        try:
+            tools[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            tools[key] = "unknown"
+    tools.update(extra)
+    return tools
+
+
+def make_manifest(source: SourceModel, options: BuildOptions, name: str | None) -> Manifest:
+    tok = source.tokenizer
+    return Manifest(
+        name=name or source.name,
+        backend="cpu",
+        architecture=source.architecture,
+        quantization=options.quantization(),
+        limits=options.limits(source.architecture),
+        tokenizer=TokenizerInfo(
+            file=TOKENIZER_FILE, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids,
+            add_bos=tok.add_bos,
+            chat_template_file=CHAT_TEMPLATE_FILE if tok.chat_template is not None else None),
+        files={"weights": WEIGHTS_FILE},
+        provenance=Provenance(
+            source=source.source, source_sha256=source.source_sha256,
+            created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            tools=_tool_versions(source.tools)),
+    )
+
+
+def build_engine(source: SourceModel, options: BuildOptions, out_dir: Path, *,
+                 name: str | None = None, replace: bool = False) -> Path:
+    """Builds the engine into out_dir. An existing out_dir is an error unless replace=True."""
+    out_dir = Path(out_dir)
+    options.check_model(source.architecture)
+    manifest = make_manifest(source, options, name)
+    if out_dir.exists() and not replace:
+        raise FileExistsError(f"{out_dir}: already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the engine is not
+    try:
+        save_file(engine_tensors(source, options), str(tmp / WEIGHTS_FILE))
+        atomic_write_text(tmp / TOKENIZER_FILE, source.tokenizer.tokenizer_json)
+        if source.tokenizer.chat_template is not None:
+            atomic_write_text(tmp / CHAT_TEMPLATE_FILE, source.tokenizer.chat_template)
+        manifest.save(tmp)
+        install_dir(tmp, out_dir, replace=replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def install_dir(tmp: Path, out_dir: Path, *, replace: bool) -> None:
+    """Renames a finished tmp directory to out_dir, moving an old one aside first."""
+    try:
+        os.rename(tmp, out_dir)
+        return
+    except OSError:
+        if not replace or not out_dir.exists():
+            raise
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rename(out_dir, trash / out_dir.name)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(trash, ignore_errors=True)

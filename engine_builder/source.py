@@ -1,0 +1,71 @@
+"""A model read from a checkpoint, in the engine's vocabulary, before it is written out.
+
+Both readers (GGUF and Hugging Face) produce a ``SourceModel``: the architecture, the weights
+under Hugging Face Llama names in float32 with Q/K in the half-split rotary layout, and the
+tokenizer. The builder then only quantizes and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine_builder.manifest import Architecture
+
+# Yields (name, float32 array) once each; a callable so that big models stream through.
+TensorStream = Callable[[], Iterator[tuple[str, np.ndarray]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceTokenizer:
+    tokenizer_json: str  # Hugging Face tokenizers JSON
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    add_bos: bool
+    chat_template: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceModel:
+    name: str  # default engine name
+    architecture: Architecture
+    tensors: TensorStream
+    tokenizer: SourceTokenizer
+    source: str  # file or directory name, for provenance
+    source_sha256: str | None
+    tools: tuple[tuple[str, str], ...] = ()  # reader-specific versions for provenance
+
+
+def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """Every tensor a cpu engine holds, by Hugging Face name, with its float shape."""
+    h, q, kv = arch.hidden_size, arch.q_size, arch.kv_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "mlp.gate_proj.weight"] = (arch.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (arch.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, arch.intermediate_size)
+        if arch.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+    return shapes
+
+
+def is_quantizable(name: str) -> bool:
+    """Linear projection weights and the embedding; norms and biases stay float32."""
+    return name.endswith(".weight") and ("_proj." in name or name in (
+        "model.embed_tokens.weight", "lm_head.weight"))

@@ -1,0 +1,45 @@
+"""Shared fixtures: engines built once per test session.
+
+- ``tiny_engine``: the tiny random-weight Llama (float32 weights, float32 KV), no download.
+- ``tiny_engine_factory(**kwargs)``: other tiny variants (``quant="int4"``, ``kv_cache_dtype=
+  "int8"``, limits such as ``max_batch_size=4``), each built once per distinct kwargs.
+- ``default_engine``: the real SmolLM2-135M-Instruct cpu engine (fetched and built once into
+  ``$BACKFILL_HOME``); only for tests marked ``model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    from engine_builder.tiny import build_tiny_engine
+
+    built: dict[tuple[tuple[str, Any], ...], Path] = {}
+    root = tmp_path_factory.mktemp("tiny-engines")
+
+    def make(**kwargs: Any) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            name = "tiny-" + "-".join(f"{k}={v}" for k, v in key) if key else "tiny"
+            built[key] = build_tiny_engine(root / name, **kwargs)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_factory: Callable[..., Path]) -> Path:
+    return tiny_engine_factory()
+
+
+@pytest.fixture(scope="session")
+def default_engine() -> Path:
+    from engine_builder.default import ensure_default_engine
+
+    return ensure_default_engine()
