@@ -1,0 +1,132 @@
+"""Llama-family forward pass over one packed batch (prefill chunks and decode tokens together).
+
+Every layer runs one GEMM per (fused) weight over all tokens of the step; only attention is
+split: per sequence for prefill chunks, one vectorized pass for all single-token decodes. The
+LM head runs only on the rows that sample this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.executor.cpu.attention import (
+    DecodeGroup,
+    PagedKvCache,
+    PrefillSegment,
+    decode_attention,
+    prefill_attention,
+)
+from server.executor.cpu.weights import LayerWeights, ModelWeights
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    """One step's packed tokens. Rows of prefill segments and the decode group partition
+    [0, num_tokens); `sample_rows` are the rows whose next-token logits are wanted."""
+
+    token_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slots: np.ndarray  # [num_tokens] flat KV slots (block * tpb + offset)
+    prefills: tuple[PrefillSegment, ...]
+    decode: DecodeGroup | None
+    sample_rows: np.ndarray  # [num_samples]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x [n, hidden] -> [n, hidden]."""
+    var = np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1]  # [n, 1] without an x*x temporary
+    return x * (1.0 / np.sqrt(var + eps)).astype(np.float32) * weight
+
+
+def rope_tables(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin `[max_positions, head_dim // 2]` for the half-split rotary layout."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [n, heads, head_dim], cos/sin [n, head_dim // 2]: rotates (x[i], x[i + d/2]) pairs."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:] = x2 * c + x1 * s
+    return out
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """[n, 2 * inter] (gate then up) -> silu(gate) * up [n, inter]."""
+    inter = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    # silu(g) = g / (1 + exp(-g)), computed in place on one temporary.
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
+
+
+class LlamaModel:
+    """Weights plus the architecture constants the forward pass needs."""
+
+    def __init__(self, weights: ModelWeights, arch: Any, max_positions: int) -> None:
+        self.weights = weights
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.eps = arch.rms_norm_eps
+        self.vocab_size = arch.vocab_size
+        self.scale = 1.0 / float(np.sqrt(self.head_dim))
+        self.cos, self.sin = rope_tables(max_positions, self.head_dim, arch.rope_theta)
+
+    def forward(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
+        """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`."""
+        x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        for i, layer in enumerate(self.weights.layers):
+            x = self._layer(i, layer, x, cos, sin, batch, cache)
+        h = rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)  # [num_samples, hidden]
+        return self.weights.lm_head(h)
+
+    def _layer(
+        self,
+        index: int,
+        layer: LayerWeights,
+        x: np.ndarray,
+        cos: np.ndarray,
+        sin: np.ndarray,
+        batch: ForwardBatch,
+        cache: PagedKvCache,
+    ) -> np.ndarray:
+        n, d = x.shape[0], self.head_dim
+        qkv = layer.qkv(rms_norm(x, layer.input_norm, self.eps))  # [n, (H + 2 KVH) * D]
+        if layer.qkv_bias is not None:
+            qkv += layer.qkv_bias
+        q_end, k_end = self.num_heads * d, (self.num_heads + self.num_kv_heads) * d
+        q = apply_rope(qkv[:, :q_end].reshape(n, self.num_heads, d), cos, sin)
+        k = apply_rope(qkv[:, q_end:k_end].reshape(n, self.num_kv_heads, d), cos, sin)
+        v = qkv[:, k_end:].reshape(n, self.num_kv_heads, d)
+        cache.write(index, batch.slots, k, v)
+        attn = self._attention(index, q, batch, cache)  # [n, H * D]
+        x = x + layer.o_proj(attn)
+        gate_up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps))  # [n, 2 * inter]
+        x += layer.down(silu_mul(gate_up))
+        return x
+
+    def _attention(
+        self, index: int, q: np.ndarray, batch: ForwardBatch, cache: PagedKvCache
+    ) -> np.ndarray:
+        out = np.empty((q.shape[0], self.num_heads * self.head_dim), np.float32)
+        for seg in batch.prefills:
+            rows = slice(seg.row, seg.row + seg.num_tokens)
+            out[rows] = prefill_attention(q[rows], cache, index, seg, self.scale)
+        if batch.decode is not None:
+            dec = batch.decode.rows
+            out[dec] = decode_attention(q[dec], cache, index, batch.decode, self.scale)
+        return out

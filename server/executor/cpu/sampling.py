@@ -1,0 +1,56 @@
+"""Per-request token sampling: greedy, temperature, top-k, top-p.
+
+Reproducibility: the random draw for a request's n-th generated token (resumed tokens counted)
+comes from `np.random.default_rng([seed, n])`, so a token depends only on the request's own
+logits, seed and index: never on batch mates, step boundaries or a preemption and resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from server.executor.base import SamplingParams
+
+
+def sample_token(
+    logits: np.ndarray, params: SamplingParams, seed: int, index: int, banned: Iterable[int] = ()
+) -> int:
+    """logits [vocab] (not modified) -> a token id; `banned` ids get probability 0 (min_tokens)."""
+    logits = np.array(logits, dtype=np.float64)  # float64: softmax over 50k ids stays exact
+    banned_ids = [i for i in banned if 0 <= i < logits.shape[0]]
+    if banned_ids and len(banned_ids) < logits.shape[0]:
+        logits[banned_ids] = -np.inf
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    logits /= params.temperature
+    u = np.random.default_rng([seed, index]).random()
+    if params.top_k == 0 and params.top_p == 1.0:
+        # No truncation: no sort needed, draw over ids in their natural order.
+        candidates = np.arange(logits.shape[0])
+        probs = np.exp(logits - logits.max())
+    else:
+        candidates = _top_k(logits, params.top_k)  # ids, best first
+        probs = np.exp(logits[candidates] - logits[candidates[0]])
+        if params.top_p < 1.0:
+            keep = _top_p_count(probs / probs.sum(), params.top_p)
+            candidates, probs = candidates[:keep], probs[:keep]
+    cdf = np.cumsum(probs)
+    pick = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    return int(candidates[min(pick, len(candidates) - 1)])
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Candidate ids sorted by logit, best first (a stable sort: ties keep id order)."""
+    ids = np.argpartition(-logits, k - 1)[:k] if 0 < k < logits.shape[0] else None
+    if ids is None:
+        return np.argsort(-logits, kind="stable")
+    ids.sort()
+    return ids[np.argsort(-logits[ids], kind="stable")]
+
+
+def _top_p_count(probs: np.ndarray, top_p: float) -> int:
+    """Smallest number of leading (sorted) candidates whose mass reaches top_p."""
+    cumulative = np.cumsum(probs)
+    return int(min(np.searchsorted(cumulative, top_p, side="left") + 1, len(probs)))

@@ -1,0 +1,269 @@
+"""Engine weights in memory: dense and weight-only quantized linear layers, loaded per manifest.
+
+Quantized weights stay quantized at run time (see docs/engine-format.md for the layout). A matmul
+`x @ W.T` dequantizes W in row tiles into one reusable float32 buffer sized to stay in L2, so the
+full float32 matrix never exists and the GEMM reads the tile from cache right after writing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from safetensors import safe_open
+
+# Elements per dequantized tile: 256K float32 = 1 MiB, a quarter of this machine's L2.
+_TILE_ELEMENTS = 1 << 18
+
+
+class Linear(Protocol):
+    """`W [out_features, in_features]`; calling it computes `x @ W.T`."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # [n, in] -> [n, out]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray: ...  # [k] -> [k, in] float32 (embedding)
+
+
+class DenseLinear:
+    def __init__(self, weight: np.ndarray) -> None:
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [out, in]
+        self.out_features, self.in_features = self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.weight[ids]
+
+
+class _TiledLinear:
+    """Shared tiling for quantized layers: subclasses dequantize rows [r0, r1) into `buf`."""
+
+    out_features: int
+    in_features: int
+
+    def _init_tiles(self) -> None:
+        self._tile_rows = max(8, _TILE_ELEMENTS // self.in_features)
+        rows = min(self._tile_rows, self.out_features)
+        self._buf = np.empty((rows, self.in_features), np.float32)
+
+    def _dequant_into(self, r0: int, r1: int, buf: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _matmul_input(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _tile_epilogue(self, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+        pass
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        xm = self._matmul_input(x)
+        out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
+        for r0 in range(0, self.out_features, self._tile_rows):
+            r1 = min(r0 + self._tile_rows, self.out_features)
+            buf = self._buf[: r1 - r0]
+            self._dequant_into(r0, r1, buf)
+            np.matmul(xm, buf.T, out=out[:, r0:r1])
+            self._tile_epilogue(x, out, r0, r1)
+        return out
+
+
+class Int8Linear(_TiledLinear):
+    """Per-output-channel symmetric int8: `W ≈ qweight * scales[:, None]`.
+
+    The scale is applied to the output columns after the GEMM, so dequantizing a tile is a
+    single int8 -> float32 cast.
+    """
+
+    def __init__(self, qweight: np.ndarray, scales: np.ndarray) -> None:
+        self.qweight = np.ascontiguousarray(qweight, dtype=np.int8)  # [out, in]
+        self.scales = np.ascontiguousarray(scales, dtype=np.float32)  # [out]
+        self.out_features, self.in_features = self.qweight.shape
+        self._init_tiles()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.qweight.nbytes + self.scales.nbytes)
+
+    def _dequant_into(self, r0: int, r1: int, buf: np.ndarray) -> None:
+        np.copyto(buf, self.qweight[r0:r1], casting="unsafe")
+
+    def _tile_epilogue(self, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+        out[:, r0:r1] *= self.scales[r0:r1]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.qweight[ids].astype(np.float32) * self.scales[ids, None]
+
+
+class Int4Linear(_TiledLinear):
+    """Group-wise symmetric int4, two values per byte (low nibble = even column), stored `q + 8`.
+
+    `W = (u - 8) * s` with u the stored nibble, so `x @ W.T = x @ (u * s).T - 8 * xg @ s.T`
+    where xg sums x over each group: the offset costs one small GEMM instead of a pass over W.
+    Tiles are dequantized in a column order [group, nibble, g/2] (all low nibbles of a group,
+    then all high ones) so each pass writes contiguously; x is permuted to the same order.
+    """
+
+    def __init__(self, qweight: np.ndarray, scales: np.ndarray, group_size: int) -> None:
+        self.qweight = np.ascontiguousarray(qweight, dtype=np.uint8)  # [out, in // 2]
+        self.scales = np.ascontiguousarray(scales, dtype=np.float32)  # [out, in // g]
+        self.group_size = group_size
+        self.out_features = self.qweight.shape[0]
+        self.in_features = self.qweight.shape[1] * 2
+        if group_size % 2 or self.in_features % group_size:
+            raise ValueError(f"int4 group size {group_size} does not divide {self.in_features}")
+        self.num_groups = self.in_features // group_size
+        if self.scales.shape != (self.out_features, self.num_groups):
+            raise ValueError(f"int4 scales shape {self.scales.shape} does not match weight")
+        self._init_tiles()
+        self._nibbles = np.empty((self._buf.shape[0], self.in_features // 2), np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.qweight.nbytes + self.scales.nbytes)
+
+    def _matmul_input(self, x: np.ndarray) -> np.ndarray:
+        n, half = x.shape[0], self.group_size // 2
+        # [n, groups, half, 2] -> [n, groups, 2, half]: low-nibble columns first in each group.
+        return x.reshape(n, self.num_groups, half, 2).transpose(0, 1, 3, 2).reshape(n, -1)
+
+    def _dequant_into(self, r0: int, r1: int, buf: np.ndarray) -> None:
+        rows, half = r1 - r0, self.group_size // 2
+        packed = self.qweight[r0:r1].reshape(rows, self.num_groups, half)
+        nib = self._nibbles[:rows].reshape(rows, self.num_groups, half)
+        dst = buf.reshape(rows, self.num_groups, 2, half)
+        scale = self.scales[r0:r1, :, None]  # [rows, groups, 1]
+        np.bitwise_and(packed, 0x0F, out=nib)
+        np.multiply(nib, scale, out=dst[:, :, 0, :])
+        np.right_shift(packed, 4, out=nib)
+        np.multiply(nib, scale, out=dst[:, :, 1, :])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = super().__call__(x)
+        xg = x.reshape(x.shape[0], self.num_groups, self.group_size).sum(axis=2)  # [n, groups]
+        out -= 8.0 * (xg @ self.scales.T)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        packed = self.qweight[ids]  # [k, in // 2]
+        q = np.empty((len(ids), self.in_features // 2, 2), np.float32)
+        q[..., 0] = packed & 0x0F
+        q[..., 1] = packed >> 4
+        q -= 8.0
+        w = q.reshape(len(ids), self.num_groups, self.group_size) * self.scales[ids, :, None]
+        return w.reshape(len(ids), self.in_features)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    input_norm: np.ndarray  # [hidden]
+    qkv: Linear  # fused q/k/v: [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: np.ndarray | None  # [(heads + 2 * kv_heads) * head_dim]
+    o_proj: Linear  # [hidden, heads * head_dim]
+    post_norm: np.ndarray  # [hidden]
+    gate_up: Linear  # fused gate/up: [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelWeights:
+    embed: Linear  # [vocab, hidden]
+    layers: tuple[LayerWeights, ...]
+    norm: np.ndarray  # [hidden]
+    lm_head: Linear  # the embedding itself when tied
+
+    @property
+    def nbytes(self) -> int:
+        """Resident weight bytes (the tied head is counted once)."""
+        linears = [self.embed]
+        for layer in self.layers:
+            linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
+        if self.lm_head is not self.embed:
+            linears.append(self.lm_head)
+        norms = sum(layer.input_norm.nbytes + layer.post_norm.nbytes for layer in self.layers)
+        return sum(lin.nbytes for lin in linears) + norms + int(self.norm.nbytes)
+
+
+class _Reader:
+    """Builds Linear layers from one safetensors file according to the manifest's quantization."""
+
+    def __init__(self, handle: Any, quant: str, group_size: int | None) -> None:
+        self._f = handle
+        self._quant = quant
+        self._group_size = group_size or 32
+        self._keys = set(handle.keys())
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self._keys:
+            raise ValueError(f"weights file lacks tensor {name!r}")
+        return np.asarray(self._f.get_tensor(name))
+
+    def has(self, name: str) -> bool:
+        return name in self._keys
+
+    def linear(self, *names: str) -> Linear:
+        """One Linear from the named weights stacked along the output axis (fusion)."""
+        if self._quant == "none":
+            return DenseLinear(_cat([self.tensor(f"{n}.weight") for n in names]))
+        q = _cat([self.tensor(f"{n}.qweight") for n in names])
+        s = _cat([self.tensor(f"{n}.scales") for n in names])
+        if self._quant == "int8":
+            return Int8Linear(q, s)
+        if self._quant == "int4":
+            return Int4Linear(q, s, self._group_size)
+        raise ValueError(f"unsupported weight quantization {self._quant!r} on the cpu backend")
+
+    def bias(self, *names: str) -> np.ndarray | None:
+        if not all(self.has(f"{n}.bias") for n in names):
+            return None
+        return _cat([self.tensor(f"{n}.bias").astype(np.float32) for n in names])
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
+def load_weights(path: Path, manifest: Any) -> ModelWeights:
+    """Reads DIR/weights.safetensors per the manifest; fuses q/k/v and gate/up once at load."""
+    arch, quant = manifest.architecture, manifest.quantization
+    with safe_open(str(path), framework="numpy") as handle:
+        r = _Reader(handle, quant.weights, quant.group_size)
+        layers = tuple(_load_layer(r, i, arch.attention_bias) for i in range(arch.num_layers))
+        embed = r.linear("model.embed_tokens")
+        lm_head = embed if arch.tie_word_embeddings else r.linear("lm_head")
+        norm = r.tensor("model.norm.weight").astype(np.float32)
+    if embed.out_features != arch.vocab_size or embed.in_features != arch.hidden_size:
+        raise ValueError(
+            f"embedding is [{embed.out_features}, {embed.in_features}], manifest says "
+            f"[{arch.vocab_size}, {arch.hidden_size}]"
+        )
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def _load_layer(r: _Reader, i: int, attention_bias: bool) -> LayerWeights:
+    p = f"model.layers.{i}"
+    attn = [f"{p}.self_attn.{n}_proj" for n in ("q", "k", "v")]
+    bias = r.bias(*attn) if attention_bias else None
+    if attention_bias and bias is None:
+        raise ValueError(f"manifest says attention_bias but layer {i} lacks q/k/v biases")
+    return LayerWeights(
+        input_norm=r.tensor(f"{p}.input_layernorm.weight").astype(np.float32),
+        qkv=r.linear(*attn),
+        qkv_bias=bias,
+        o_proj=r.linear(f"{p}.self_attn.o_proj"),
+        post_norm=r.tensor(f"{p}.post_attention_layernorm.weight").astype(np.float32),
+        gate_up=r.linear(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
+        down=r.linear(f"{p}.mlp.down_proj"),
+    )
