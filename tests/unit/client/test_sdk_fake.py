@@ -1,0 +1,133 @@
+"""SDK behaviour the real server cannot be made to show on demand: every status code, broken
+Session streams (retried only before the first token), and the error mapping itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from client import (
+    AsyncClient,
+    BackfillError,
+    Cancelled,
+    Client,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SamplingParams,
+    Unavailable,
+    error_from_status,
+)
+from tests.unit.client.fake_service import FakeServer, FakeService, expected_tokens
+
+pytestmark = pytest.mark.unit
+
+CODES = [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
+    (grpc.StatusCode.CANCELLED, Cancelled),
+    (grpc.StatusCode.UNAVAILABLE, Unavailable),
+    (grpc.StatusCode.NOT_FOUND, NotFound),
+    (grpc.StatusCode.INTERNAL, Internal),
+]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeServer(FakeService())
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("code", "cls"), CODES)
+def test_error_from_status_maps_enum_and_int(code, cls):
+    for given in (code, code.value[0]):
+        err = error_from_status(given, "why")
+        assert type(err) is cls and err.code is code and "why" in str(err)
+    assert err.retryable is (code is grpc.StatusCode.UNAVAILABLE)
+
+
+def test_unmapped_code_is_plain_backfill_error():
+    err = error_from_status(grpc.StatusCode.ABORTED, "x")
+    assert type(err) is BackfillError and err.code is grpc.StatusCode.ABORTED
+
+
+@pytest.mark.parametrize("transport", ["session", "unary"])
+@pytest.mark.parametrize(("code", "cls"), CODES)
+async def test_status_codes_raise_their_class(fake, transport, code, cls):
+    async with AsyncClient(fake.address, transport=transport, max_retries=0) as client:
+        with pytest.raises(cls) as info:
+            await client.complete(f"error:{code.name}")
+        assert info.value.code is code
+        # The Session stays usable for the next request.
+        done = await client.complete("ok", sampling=SamplingParams(max_tokens=3))
+        assert list(done.token_ids) == expected_tokens("ok", 3)
+
+
+async def test_unavailable_is_retried_before_first_token():
+    server = FakeServer(FakeService(breaks=2))
+    try:
+        async with AsyncClient(server.address, max_retries=3, retry_backoff_s=0.01) as client:
+            done = await client.complete("break", sampling=SamplingParams(max_tokens=2))
+            assert list(done.token_ids) == expected_tokens("break", 2)
+            assert server.service.sessions_opened == 3  # two broken streams, then a fresh one
+    finally:
+        server.stop()
+
+
+async def test_broken_stream_fails_in_flight_requests_without_retry_after_tokens():
+    server = FakeServer(FakeService(breaks=1))
+    try:
+        async with AsyncClient(server.address, max_retries=3, retry_backoff_s=0.01) as client:
+            stream = client.generate("slow", sampling=SamplingParams(max_tokens=50))
+            first = await stream.__anext__()
+            assert first.token_ids == tuple(expected_tokens("slow", 1))
+            breaker = client.generate("break", sampling=SamplingParams(max_tokens=1))
+            breaker_task = asyncio.ensure_future(breaker.complete())
+            with pytest.raises(Unavailable):
+                async for _ in stream:
+                    pass
+            await breaker_task  # it had no token yet: retried on a fresh stream
+    finally:
+        server.stop()
+
+
+async def test_break_sends_cancel(fake):
+    async with AsyncClient(fake.address) as client:
+        stream = client.generate("slow", sampling=SamplingParams(max_tokens=100),
+                                 request_id="to-cancel")
+        async for _ in stream:
+            break
+        await stream.aclose()
+        assert client.num_open_requests == 0
+        for _ in range(100):
+            if "to-cancel" in fake.service.cancels:
+                break
+            await asyncio.sleep(0.01)
+        assert "to-cancel" in fake.service.cancels
+
+
+async def test_task_cancellation_sends_cancel(fake):
+    async with AsyncClient(fake.address) as client:
+        stream = client.generate("slow", sampling=SamplingParams(max_tokens=100),
+                                 request_id="task-cancel")
+        task = asyncio.ensure_future(stream.complete())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if "task-cancel" in fake.service.cancels:
+                break
+            await asyncio.sleep(0.01)
+        assert "task-cancel" in fake.service.cancels
+
+
+def test_client_timeout_raises_deadline_exceeded(fake):
+    with Client(fake.address, timeout=0.1) as client, pytest.raises(DeadlineExceeded):
+        client.complete("slow", sampling=SamplingParams(max_tokens=100))
