@@ -31,7 +31,9 @@ class FakeService(pb_grpc.InferenceServiceServicer):
     def _chunks(self, req: pb.GenerateRequest) -> list[pb.GenerateResponse]:
         n = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else 4
         out = [
-            pb.GenerateResponse(token_ids=[t], text=f"<{t}>", client_request_id=req.client_request_id)
+            pb.GenerateResponse(
+                token_ids=[t], text=f"<{t}>", client_request_id=req.client_request_id
+            )
             for t in expected_tokens(req.text, n)
         ]
         out[-1].finish_reason = pb.FINISH_REASON_LENGTH
