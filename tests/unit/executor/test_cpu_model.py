@@ -1,0 +1,211 @@
+"""The CPU forward pass against a plain reference: paged vs contiguous, chunked vs one-shot,
+quantized linears vs their dequantized weights, quantized engines vs float32 logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from engine_builder.manifest import Manifest
+from server.executor.cpu.attention import DecodeGroup, PagedKvCache, PrefillSegment
+from server.executor.cpu.model import ForwardBatch, LlamaModel
+from server.executor.cpu.weights import Int4Linear, Int8Linear, load_weights
+
+pytestmark = pytest.mark.unit
+TPB = 16
+
+
+def _reference_logits(engine: Path, tokens: list[int]) -> np.ndarray:
+    """Textbook Llama over the whole sequence, contiguous, from the float32 weights file:
+    logits at every position [n, vocab]."""
+    m = Manifest.load(engine)
+    a = m.architecture
+    w = load_file(str(m.weights_path(engine)))
+    n, d, h, kvh = len(tokens), a.head_dim, a.num_attention_heads, a.num_kv_heads
+
+    def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        return x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + a.rms_norm_eps) * g
+
+    inv = 1.0 / a.rope_theta ** (np.arange(0, d, 2) / d)
+    ang = np.arange(n)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+    def rope(x: np.ndarray) -> np.ndarray:  # [n, heads, d], HF rotate_half
+        rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
+        return x * cos[:, None] + rot * sin[:, None]
+
+    x = w["model.embed_tokens.weight"][tokens].astype(np.float64)
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}."
+        hn = norm(x, w[p + "input_layernorm.weight"])
+        q = rope((hn @ w[p + "self_attn.q_proj.weight"].T).reshape(n, h, d))
+        k = rope((hn @ w[p + "self_attn.k_proj.weight"].T).reshape(n, kvh, d))
+        v = (hn @ w[p + "self_attn.v_proj.weight"].T).reshape(n, kvh, d)
+        k, v = np.repeat(k, h // kvh, axis=1), np.repeat(v, h // kvh, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + causal
+        pr = np.exp(s - s.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        att = np.einsum("hqk,khd->qhd", pr, v).reshape(n, h * d)
+        x = x + att @ w[p + "self_attn.o_proj.weight"].T
+        hn = norm(x, w[p + "post_attention_layernorm.weight"])
+        g, u = hn @ w[p + "mlp.gate_proj.weight"].T, hn @ w[p + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "mlp.down_proj.weight"].T
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return norm(x, w["model.norm.weight"]) @ head.T
+
+
+def _open_model(engine: Path, num_blocks: int = 64) -> tuple[LlamaModel, PagedKvCache]:
+    m = Manifest.load(engine)
+    a = m.architecture
+    model = LlamaModel(load_weights(m.weights_path(engine), m), a, 1024)
+    cache = PagedKvCache(
+        a.num_layers, num_blocks, TPB, a.num_kv_heads, a.head_dim, m.quantization.kv_cache_dtype
+    )
+    return model, cache
+
+
+def _paged_logits(
+    model: LlamaModel, cache: PagedKvCache, tokens: list[int], chunks: list[int], seed: int = 0
+) -> np.ndarray:
+    """Runs tokens through the paged model in chunks of the given sizes, over a scattered
+    block table; returns logits at every position [n, vocab]."""
+    n = len(tokens)
+    assert sum(chunks) == n
+    table = np.random.default_rng(seed).permutation(cache.k.shape[1])[: -(-n // TPB)]
+    out, start = [], 0
+    for size in chunks:
+        pos = np.arange(start, start + size)
+        blocks = table[: -(-(start + size) // TPB)]
+        prefill = (PrefillSegment(0, size, start, blocks),) if size > 1 else ()
+        single = DecodeGroup(np.array([0]), np.array([start + 1]), blocks[None])
+        decode = single if size == 1 else None
+        batch = ForwardBatch(
+            token_ids=np.asarray(tokens[start : start + size]),
+            positions=pos,
+            slots=table[pos // TPB] * TPB + pos % TPB,
+            prefills=prefill,
+            decode=decode,
+            sample_rows=np.arange(size),
+        )
+        out.append(model.forward(batch, cache))
+        start += size
+    return np.concatenate(out)
+
+
+TOKENS = [int(t) for t in np.random.default_rng(7).integers(3, 290, size=45)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_paged_forward_matches_contiguous_reference(
+    tiny_engine_factory: Callable[..., Path], tie: bool
+) -> None:
+    engine = tiny_engine_factory(tie_word_embeddings=tie)
+    model, cache = _open_model(engine)
+    got = _paged_logits(model, cache, TOKENS, [len(TOKENS)])
+    want = _reference_logits(engine, TOKENS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_bias_engine_matches_reference(tiny_engine_factory: Callable[..., Path]) -> None:
+    engine = tiny_engine_factory(attention_bias=True)
+    m = Manifest.load(engine)
+    w = load_file(str(m.weights_path(engine)))
+    assert "model.layers.0.self_attn.q_proj.bias" in w
+    model, cache = _open_model(engine)
+    got = _paged_logits(model, cache, TOKENS[:10], [10])
+    # The reference ignores biases, so they must change the result: proof they are applied.
+    assert not np.allclose(got, _reference_logits(engine, TOKENS[:10]), atol=1e-3)
+
+
+def test_chunked_prefill_and_decode_match_one_shot(tiny_engine: Path) -> None:
+    model, cache = _open_model(tiny_engine)
+    one_shot = _paged_logits(model, cache, TOKENS, [len(TOKENS)])
+    model, cache = _open_model(tiny_engine)
+    chunked = _paged_logits(model, cache, TOKENS, [7, 9, 1, 16, 2, 1, 1, 8], seed=3)
+    np.testing.assert_allclose(chunked, one_shot, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_group_handles_ragged_contexts(tiny_engine: Path) -> None:
+    """Three sequences of different lengths decode together == each decoded alone."""
+    model, cache = _open_model(tiny_engine)
+    seqs = [TOKENS[:5], TOKENS[5:25], TOKENS[10:43]]
+    alone = [_paged_logits(*_open_model(tiny_engine), s, [len(s) - 1, 1])[-1] for s in seqs]
+    tables, starts = [], 0
+    for s in seqs:  # prefill all but the last token of each into disjoint blocks
+        nb = -(-len(s) // TPB)
+        tables.append(np.arange(starts, starts + nb))
+        starts += nb
+        pos = np.arange(len(s) - 1)
+        model.forward(
+            ForwardBatch(
+                np.asarray(s[:-1]), pos, tables[-1][pos // TPB] * TPB + pos % TPB,
+                (PrefillSegment(0, len(s) - 1, 0, tables[-1]),), None, np.array([0]),
+            ),
+            cache,
+        )
+    width = max(len(t) for t in tables)
+    padded = np.stack([np.pad(t, (0, width - len(t)), constant_values=t[0]) for t in tables])
+    pos = np.array([len(s) - 1 for s in seqs])
+    slots = np.array([t[p // TPB] * TPB + p % TPB for t, p in zip(tables, pos, strict=True)])
+    batch = ForwardBatch(
+        np.array([s[-1] for s in seqs]), pos, slots, (),
+        DecodeGroup(np.arange(3), pos + 1, padded), np.arange(3),
+    )
+    together = model.forward(batch, cache)
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_linear_equals_dequantized_matmul() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, size=(300, 96), dtype=np.int8)
+    s = rng.random(300).astype(np.float32) / 100
+    lin = Int8Linear(q, s)
+    lin._tile_rows = 64  # several tiles, one ragged
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    w = q.astype(np.float64) * s[:, None]
+    np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    ids = np.array([0, 299, 17])
+    np.testing.assert_allclose(lin.rows(ids), w[ids], rtol=1e-6)
+
+
+def test_int4_linear_equals_dequantized_matmul() -> None:
+    rng = np.random.default_rng(1)
+    out, cols, g = 200, 128, 32
+    q = rng.integers(-8, 8, size=(out, cols))  # the signed values
+    u = (q + 8).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)  # low nibble = even column
+    s = (rng.random((out, cols // g)) / 10).astype(np.float32)
+    lin = Int4Linear(packed, s, g)
+    lin._tile_rows = 48
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    w = q * np.repeat(s, g, axis=1).astype(np.float64)
+    np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    ids = np.array([5, 0, 199])
+    np.testing.assert_allclose(lin.rows(ids), w[ids], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_rel_err"),
+    [
+        ({"quant": "int8"}, 0.03),
+        ({"quant": "int4"}, 0.25),
+        ({"kv_cache_dtype": "int8"}, 0.03),
+        ({"quant": "int8", "kv_cache_dtype": "int8", "tie_word_embeddings": True}, 0.05),
+    ],
+)
+def test_quantized_engines_stay_close_to_float32(
+    tiny_engine_factory: Callable[..., Path], kwargs: dict[str, object], max_rel_err: float
+) -> None:
+    fp32 = tiny_engine_factory(tie_word_embeddings=kwargs.get("tie_word_embeddings", False))
+    want = _reference_logits(fp32, TOKENS)
+    engine = tiny_engine_factory(**kwargs)
+    model, cache = _open_model(engine)
+    got = _paged_logits(model, cache, TOKENS, [20, 1, 1, 23])
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < rel < max_rel_err
