@@ -1,0 +1,149 @@
+"""Arrivals and lengths for load replay: production CSV traces, scaled to the engine, or
+Poisson arrivals with lengths drawn from a trace.
+
+The trace format is the Azure LLM inference trace's: ``TIMESTAMP,ContextTokens,GeneratedTokens``
+with timestamps like ``2023-11-16 18:15:46.6805900``. Scaling: ``time_scale`` speeds time up
+(arrival / time_scale, so 10 replays ten times faster); lengths are scaled so that the trace's
+99th percentile maps to ``max_prompt_tokens`` / ``max_output_tokens``, then clipped to
+[1, max], which keeps the shape of the length distribution on a small engine.
+
+>>> reqs = [TraceRequest(0.0, 1000, 100), TraceRequest(2.0, 4000, 400)]
+>>> [(r.arrival_s, r.prompt_tokens) for r in scale_trace(reqs, time_scale=2, max_prompt_tokens=40,
+...                                                        max_output_tokens=8)]
+[(0.0, 10), (1.0, 40)]
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+DEFAULT_TRACE = "/work/shared/traces/AzureLLMInferenceTrace_conv.csv"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request to replay: when (seconds from the start) and how long."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def _parse_timestamp(text: str) -> float:
+    """Seconds since the epoch; accepts more than 6 fractional digits (the Azure trace has 7)."""
+    whole, _, frac = text.strip().partition(".")
+    base = datetime.fromisoformat(whole).timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def load_trace(path: str | os.PathLike[str] = DEFAULT_TRACE) -> list[TraceRequest]:
+    """Reads a trace CSV; arrivals are made relative to the first row, sorted."""
+    rows: list[tuple[float, int, int]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                (
+                    _parse_timestamp(row["TIMESTAMP"]),
+                    int(row["ContextTokens"]),
+                    int(row["GeneratedTokens"]),
+                )
+            )
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    rows.sort()
+    t0 = rows[0][0]
+    return [TraceRequest(t - t0, max(1, c), max(1, g)) for t, c, g in rows]
+
+
+def _percentile(values: Sequence[int], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+def _scaler(values: Sequence[int], limit: int) -> float:
+    return limit / max(1.0, _percentile(values, 0.99))
+
+
+def scale_trace(
+    requests: Sequence[TraceRequest],
+    *,
+    time_scale: float = 1.0,
+    max_prompt_tokens: int,
+    max_output_tokens: int,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+) -> list[TraceRequest]:
+    """The window [start_s, start_s + duration_s) of the *scaled* timeline, lengths scaled."""
+    if time_scale <= 0:
+        raise ValueError(f"time_scale must be > 0, got {time_scale}")
+    if not requests:
+        return []
+    p_scale = _scaler([r.prompt_tokens for r in requests], max_prompt_tokens)
+    o_scale = _scaler([r.output_tokens for r in requests], max_output_tokens)
+    out: list[TraceRequest] = []
+    for r in requests:
+        t = r.arrival_s / time_scale - start_s
+        if t < 0 or (duration_s is not None and t >= duration_s):
+            continue
+        out.append(
+            TraceRequest(
+                arrival_s=t,
+                prompt_tokens=min(max_prompt_tokens, max(1, round(r.prompt_tokens * p_scale))),
+                output_tokens=min(max_output_tokens, max(1, round(r.output_tokens * o_scale))),
+            )
+        )
+    return out
+
+
+def time_scale_for_rate(requests: Sequence[TraceRequest], rate: float) -> float:
+    """The time_scale that makes the trace's mean arrival rate ``rate`` requests/s."""
+    span = requests[-1].arrival_s - requests[0].arrival_s if len(requests) > 1 else 0.0
+    if span <= 0 or rate <= 0:
+        raise ValueError("need a trace spanning some time and a positive rate")
+    return rate * span / (len(requests) - 1)
+
+
+def poisson_arrivals(
+    rate: float,
+    duration_s: float,
+    lengths: Sequence[TraceRequest],
+    *,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """Poisson arrivals at ``rate``/s for ``duration_s``, lengths drawn from ``lengths``."""
+    if rate <= 0 or not lengths:
+        return []
+    rng = random.Random(seed)
+    out: list[TraceRequest] = []
+    t = rng.expovariate(rate)
+    while t < duration_s:
+        pick = rng.choice(lengths)
+        out.append(replace(pick, arrival_s=t))
+        t += rng.expovariate(rate)
+    return out
+
+
+def length_pool(
+    max_prompt_tokens: int,
+    max_output_tokens: int,
+    path: str | os.PathLike[str] | None = DEFAULT_TRACE,
+) -> list[TraceRequest]:
+    """Scaled lengths to draw from: the trace's when readable, else a uniform spread."""
+    if path is not None and os.path.exists(path):
+        return scale_trace(
+            load_trace(path),
+            max_prompt_tokens=max_prompt_tokens,
+            max_output_tokens=max_output_tokens,
+        )
+    p, o = max_prompt_tokens, max_output_tokens
+    return [
+        TraceRequest(0.0, max(1, math.ceil(p * i / 8)), max(1, math.ceil(o * j / 8)))
+        for i in range(1, 9)
+        for j in range(1, 9)
+    ]
