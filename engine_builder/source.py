@@ -7,8 +7,8 @@ tokenizer. The builder then only quantizes and writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class SourceModel:
     source: str  # file or directory name, for provenance
     source_sha256: str | None
     tools: tuple[tuple[str, str], ...] = ()  # reader-specific versions for provenance
+
+    def with_tools(self, tools: Mapping[str, str]) -> SourceModel:
+        return replace(self, tools=(*self.tools, *tools.items()))
 
 
 def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
