@@ -1,0 +1,265 @@
+"""``python -m client``: generate, run offline batch jobs, inspect the server, load-test it.
+
+    python -m client generate --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
+    python -m client generate --chat "What is the capital of France?"
+    python -m client batch submit prompts.jsonl --wait      # format: see client.jobs
+    python -m client batch status JOB_ID
+    python -m client batch results JOB_ID > results.jsonl
+    python -m client models | stats
+    python -m client bench --trace --time-scale 10 --duration 30 --offline-backlog 200
+
+``--target`` defaults to ``$BACKFILL_TARGET``, else ``127.0.0.1:50051``. Exit status: 0 ok,
+1 the server answered an error, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+import grpc
+
+from client.aio import AsyncClient
+from client.bench.command import add_bench_arguments, run_bench
+from client.errors import BackfillError
+from client.jobs import result_to_json
+from client.types import BatchJob, SamplingParams, Tier
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _client(args: argparse.Namespace) -> AsyncClient:
+    credentials = grpc.ssl_channel_credentials() if args.tls else None
+    return AsyncClient(args.target, credentials=credentials, timeout=args.timeout)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop or ()),
+    )
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    messages = None
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+    async with _client(args) as client:
+        stream = client.generate(
+            None if args.chat else prompt,
+            messages=messages,
+            sampling=_sampling(args),
+            tier=args.tier,
+            deadline=args.deadline,
+            model=args.model,
+        )
+        last = None
+        async for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+        sys.stdout.write("\n")
+    if args.usage and last is not None and last.usage and last.timing:
+        u, t = last.usage, last.timing
+        ttft = "-" if t.ttft_s is None else f"{t.ttft_s * 1e3:.0f} ms"
+        print(
+            f"[{last.finish_reason.value if last.finish_reason else '?'}] prompt "
+            f"{u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
+            f"{u.completion_tokens} tokens, TTFT {ttft}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def progress_line(job: BatchJob, width: int = 30) -> str:
+    """``[#####.....] 12/40 done, 1 failed, 345 tokens (running)``.
+
+    >>> from client.types import JobState
+    >>> progress_line(BatchJob("j", JobState.RUNNING, total=4, completed=2), width=4)
+    '[##..] 2/4 done, 0 tokens (running)'
+    """
+    filled = round(width * job.finished / job.total) if job.total else width
+    extra = f", {job.failed} failed" if job.failed else ""
+    extra += f", {job.cancelled} cancelled" if job.cancelled else ""
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {job.finished}/{job.total} done{extra}, "
+        f"{job.completion_tokens} tokens ({job.state.value})"
+    )
+
+
+def _show_progress(job: BatchJob, out: TextIO) -> None:
+    out.write("\r" + progress_line(job))
+    out.flush()
+
+
+def _print_job(job: BatchJob) -> None:
+    print(
+        json.dumps(
+            {
+                "id": job.id,
+                "state": job.state.value,
+                "total": job.total,
+                "completed": job.completed,
+                "failed": job.failed,
+                "cancelled": job.cancelled,
+                "completion_tokens": job.completion_tokens,
+            }
+        )
+    )
+
+
+async def _follow(client: AsyncClient, job_id: str, interval_s: float) -> BatchJob:
+    """Shows a progress bar on stderr until the job ends; returns its last state."""
+    last: BatchJob | None = None
+    async for job in client.watch(job_id, interval_s=interval_s):
+        _show_progress(job, sys.stderr)
+        last = job
+    sys.stderr.write("\n")
+    assert last is not None
+    return last
+
+
+async def _batch(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        if args.batch_command == "submit":
+            job = await client.submit_batch(args.file, tenant=args.tenant)
+            print(job.id, flush=True)
+            if args.wait:
+                _print_job(await _follow(client, job.id, args.interval))
+        elif args.batch_command == "status":
+            if args.wait:
+                _print_job(await _follow(client, args.job_id, args.interval))
+            else:
+                _print_job(await client.get_batch(args.job_id))
+        elif args.batch_command == "results":
+            job = await client.get_batch(args.job_id)
+            count = 0
+            async for result in client.results(args.job_id):
+                print(json.dumps(result_to_json(result)), flush=True)
+                count += 1
+                sys.stderr.write(f"\r{count}/{job.total} results")
+            sys.stderr.write("\n")
+        elif args.batch_command == "cancel":
+            _print_job(await client.cancel_batch(args.job_id))
+        else:
+            for job in await client.list_batches():
+                _print_job(job)
+    return 0
+
+
+async def _models(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        for m in await client.list_models():
+            print(
+                f"{m.name}\tbackend={m.backend} arch={m.architecture} quant={m.weight_quant} "
+                f"kv={m.kv_cache_dtype} slots={m.max_batch_size} max_seq_len={m.max_seq_len} "
+                f"vocab={m.vocab_size} params={m.parameter_count}"
+            )
+    return 0
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        s = await client.stats()
+    print(f"slots {s.slots_busy}/{s.slots_total} busy, occupancy {s.slot_occupancy:.0%}")
+    for tier in Tier:
+        t = s.tier(tier)
+        print(
+            f"{tier.value:<8} running {t.running}, queued {t.queued}, finished "
+            f"{t.requests_finished}, {t.generated_tokens} tokens, {t.tokens_per_second:.1f} tok/s"
+        )
+    print(
+        f"{s.tokens_per_second:.1f} tok/s, utilization {s.utilization:.0%}, "
+        f"cost/1M tokens {s.cost_per_million_tokens:.2f}, KV {s.kv_blocks_used}/"
+        f"{s.kv_blocks_total} blocks, prefix hit {s.prefix_cache_hit_ratio:.0%}"
+    )
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=os.environ.get("BACKFILL_TARGET", DEFAULT_TARGET))
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("generate", help="stream one completion to the terminal")
+    _common(p)
+    p.add_argument("prompt", help="prompt text ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="send as a user chat message")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--tier", choices=[t.value for t in Tier], default="online")
+    p.add_argument("--deadline", type=float, default=None, help="TTFT deadline, seconds")
+    p.add_argument("--model", default="")
+    p.add_argument("--usage", action="store_true", help="print usage and timing to stderr")
+    p.set_defaults(run=_generate)
+
+
+def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("batch", help="offline batch jobs")
+    bsub = p.add_subparsers(dest="batch_command", required=True)
+    submit = bsub.add_parser("submit", help="submit a JSONL file (see client.jobs)")
+    submit.add_argument("file")
+    submit.add_argument("--tenant", default="")
+    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    status = bsub.add_parser("status", help="a job's progress")
+    status.add_argument("job_id")
+    status.add_argument("--wait", action="store_true", help="show progress until it ends")
+    results = bsub.add_parser("results", help="results as JSONL, following the job to its end")
+    results.add_argument("job_id")
+    cancel = bsub.add_parser("cancel", help="cancel a job's unfinished requests")
+    cancel.add_argument("job_id")
+    listing = bsub.add_parser("list", help="every job, newest first")
+    for q in (submit, status, results, cancel, listing):
+        _common(q)
+        q.add_argument("--interval", type=float, default=0.5, help="progress poll period (s)")
+    p.set_defaults(run=_batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_batch(sub)
+    for name, fn, text in (("models", _models, "list models"), ("stats", _stats, "GetStats")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.set_defaults(run=fn)
+    bench = sub.add_parser("bench", help="load generator: trace replay, Poisson, sweeps")
+    _common(bench)
+    add_bench_arguments(bench)
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], Awaitable[int]] = args.run
+    try:
+        return asyncio.run(run(args))
+    except BackfillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
