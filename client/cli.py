@@ -19,8 +19,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO
 
 import grpc
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run: Callable[[argparse.Namespace], Awaitable[int]] = args.run
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.run
     try:
         return asyncio.run(run(args))
     except BackfillError as exc:
