@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
-from server.scheduler.types import SchedEvent
+from server.metrics import RequestMetrics
+from server.scheduler import BackfillScheduler
+from server.scheduler.types import DrainingError, QueueFullError, SchedEvent, SchedRequest
 
 
 def merge_events(events: list[SchedEvent]) -> SchedEvent:
@@ -42,11 +45,19 @@ class RequestStream:
     (possibly merged with the tokens before it) last; after that it returns None.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_ready: Callable[[RequestStream], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._pending: deque[SchedEvent] = deque()
         self._ready = asyncio.Event()
         self._done = False  # the final event was handed out
+        # Called (on the loop) when events become pending after none were: a multiplexer
+        # (Session) learns which streams have output without a task per request.
+        self._on_ready = on_ready
+        self.request_id: int | None = None  # the scheduler's id, once submitted
 
     def sink(self, event: SchedEvent) -> None:
         """Called from the scheduler's thread; never blocks."""
@@ -56,8 +67,11 @@ class RequestStream:
 
     def push(self, event: SchedEvent) -> None:
         """Called on the event loop's thread."""
+        was_empty = not self._pending
         self._pending.append(event)
         self._ready.set()
+        if was_empty and self._on_ready is not None:
+            self._on_ready(self)
 
     async def next(self) -> SchedEvent | None:
         """All events pending now, merged; waits for at least one. None after the final."""
@@ -66,9 +80,14 @@ class RequestStream:
         while not self._pending:
             self._ready.clear()
             await self._ready.wait()
-        events = list(self._pending)
+        return self.take()
+
+    def take(self) -> SchedEvent | None:
+        """All events pending now, merged; None when nothing is pending or after the final."""
+        if self._done or not self._pending:
+            return None
+        merged = merge_events(list(self._pending))
         self._pending.clear()
-        merged = merge_events(events)
         self._done = merged.is_final
         return merged
 
@@ -76,3 +95,25 @@ class RequestStream:
     def finished(self) -> bool:
         """The final event was handed to the consumer."""
         return self._done
+
+
+def submit_to_stream(
+    scheduler: BackfillScheduler,
+    request: SchedRequest,
+    stream: RequestStream,
+    metrics: RequestMetrics,
+) -> int:
+    """Submits request with a sink that meters each event, then hands it to stream. Refusals
+    (QueueFullError, DrainingError) are counted as rejected and re-raised."""
+    meter = metrics.meter(request.tier)
+
+    def sink(event: SchedEvent) -> None:  # the scheduler's thread
+        meter.observe(event)
+        stream.sink(event)
+
+    try:
+        stream.request_id = scheduler.submit(request, sink)
+    except (QueueFullError, DrainingError):
+        metrics.rejected(request.tier)
+        raise
+    return stream.request_id

@@ -1,0 +1,282 @@
+"""Wiring: engine → executor → scheduler → servicer, health, reflection and /metrics, plus a
+graceful drain. ``BackfillServer`` runs on the caller's event loop; ``serve_in_thread`` gives
+sync code (tests, CLIs, benchmarks) a server on its own loop in a daemon thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
+from engine_builder.manifest import Manifest
+from engine_builder.tokenizer import EngineTokenizer
+from server.config import ServerConfig
+from server.convert import ModelRegistry, ModelSpec, ServedModel
+from server.executor.base import Executor
+from server.jobs import JobStore
+from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
+from server.scheduler import BackfillScheduler, SchedulerConfig
+from server.service import InferenceServicer
+from server.stats import ServerStatsCollector
+
+log = logging.getLogger("server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SAMPLE_INTERVAL_S = 0.5  # how often the rolling windows sample the scheduler
+FLUSH_GRACE_S = 1.0  # after the scheduler stops: time for final responses to reach clients
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What a graceful stop left undone."""
+
+    elapsed_seconds: float
+    unfinished_offline: int  # OFFLINE requests that ended with outcome SHUTDOWN
+    unfinished_by_job: tuple[tuple[str, int], ...]  # (job id, unfinished requests of it)
+
+
+def resolve_engine_dir(engine: str) -> Path:
+    """``default`` fetches and builds the default CPU engine on first use (minutes, once)."""
+    if engine == "default":
+        from engine_builder.default import ensure_default_engine
+
+        return ensure_default_engine()
+    return Path(engine)
+
+
+def scheduler_config(config: ServerConfig) -> SchedulerConfig:
+    return SchedulerConfig(
+        window_ms=config.window_ms,
+        offline_reserve=config.offline_reserve,
+        preemption=config.preemption,
+        policy=config.policy,
+        max_online_queue=config.max_online_queue,
+        max_offline_queue=config.max_offline_queue,
+    )
+
+
+class BackfillServer:
+    """A running server. Build it with ``await BackfillServer.start(config)``."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        scheduler: BackfillScheduler,
+        servicer: InferenceServicer,
+        jobs: JobStore,
+        health: HealthServicer,
+        stats: ServerStatsCollector,
+        port: int,
+        metrics: MetricsEndpoint | None,
+    ) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.stats = stats
+        self._grpc = grpc_server
+        self._servicer = servicer
+        self._jobs = jobs
+        self._health = health
+        self._metrics = metrics
+        self.port = port
+        self.address = f"{config.host}:{port}"
+        self.metrics_url: str | None = metrics.url if metrics is not None else None
+        self._sampler = asyncio.ensure_future(self._sample_forever())
+        self._stopping: asyncio.Future[DrainReport] | None = None
+
+    @classmethod
+    async def start(
+        cls, config: ServerConfig, *, executor: Executor | None = None
+    ) -> BackfillServer:
+        """Loads the engine named by config.engine (its manifest and tokenizer; the executor too
+        unless one is given, which tests do) and starts serving."""
+        engine_dir = await asyncio.to_thread(resolve_engine_dir, config.engine)
+        manifest = Manifest.load(engine_dir)
+        tokenizer = EngineTokenizer.load(engine_dir, manifest)
+        if executor is None:
+            from server.executor.factory import load_executor
+
+            executor = await asyncio.to_thread(load_executor, engine_dir)
+        scheduler = BackfillScheduler(executor, scheduler_config(config))
+        scheduler.start()
+        try:
+            return await cls._serve(config, manifest, tokenizer, scheduler)
+        except BaseException:
+            await asyncio.to_thread(scheduler.stop, 0.0)
+            raise
+
+    @classmethod
+    async def _serve(
+        cls,
+        config: ServerConfig,
+        manifest: Manifest,
+        tokenizer: EngineTokenizer,
+        scheduler: BackfillScheduler,
+    ) -> BackfillServer:
+        spec = ModelSpec(manifest.name, manifest, tokenizer, scheduler.capacity)
+        models = ModelRegistry([ServedModel(spec, scheduler)])
+        registry = CollectorRegistry()
+        request_metrics = RequestMetrics(registry)
+        profile = manifest.profile
+        stats = ServerStatsCollector(
+            scheduler.snapshot,
+            scheduler.executor_stats,
+            peak_tokens_per_s=profile.peak_tokens_per_s if profile is not None else None,
+            price_per_hour=config.price_per_hour,
+        )
+        registry.register(
+            StateCollector(
+                stats.stats, model=spec.name, tokens_per_block=spec.capacity.tokens_per_block
+            )
+        )
+        jobs = JobStore(models, request_metrics, asyncio.get_running_loop())
+        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
+        grpc_server = grpc.aio.server()
+        pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            grpc_server,
+        )
+        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        await grpc_server.start()
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics = None
+        if config.metrics_enabled:
+            metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
+        return cls(
+            config=config,
+            grpc_server=grpc_server,
+            scheduler=scheduler,
+            servicer=servicer,
+            jobs=jobs,
+            health=health,
+            stats=stats,
+            port=port,
+            metrics=metrics,
+        )
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            await asyncio.to_thread(self.stats.sample)
+
+    async def stop(self, grace_s: float | None = None) -> DrainReport:
+        """Graceful drain: refuse new work (UNAVAILABLE, health NOT_SERVING), give running
+        ONLINE requests up to grace_s to finish, end the rest, report unfinished OFFLINE work.
+        Idempotent: later calls return the first call's report."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain(grace_s))
+        return await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace_s: float | None) -> DrainReport:
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        started = time.monotonic()
+        self._servicer.draining = True
+        self.scheduler.begin_drain()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining: waiting up to %.1fs for running online requests", grace)
+        unfinished = await asyncio.to_thread(self.scheduler.stop, grace)
+        await self._grpc.stop(FLUSH_GRACE_S)
+        self._sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sampler
+        if self._metrics is not None:
+            self._metrics.close()
+        report = DrainReport(
+            elapsed_seconds=time.monotonic() - started,
+            unfinished_offline=len(unfinished),
+            unfinished_by_job=tuple(sorted(self._jobs.owners(unfinished).items())),
+        )
+        _log_report(report)
+        return report
+
+    async def wait_for_termination(self) -> None:
+        await self._grpc.wait_for_termination()
+
+
+def _log_report(report: DrainReport) -> None:
+    log.info(
+        "drained in %.2fs; %d offline requests unfinished",
+        report.elapsed_seconds,
+        report.unfinished_offline,
+    )
+    for job_id, count in report.unfinished_by_job:
+        log.info("  batch job %s: %d requests unfinished", job_id, count)
+
+
+class ServerThread:
+    """A BackfillServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: ServerConfig, executor: Executor | None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: BackfillServer | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(config, executor), name="backfill-server", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._server is not None
+        self.server: BackfillServer = self._server
+        self.address = self._server.address
+        self.metrics_url = self._server.metrics_url
+
+    def _run(self, config: ServerConfig, executor: Executor | None) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(
+                BackfillServer.start(config, executor=executor)
+            )
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            self._loop.close()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    def stop(self, grace_s: float | None = None) -> DrainReport:
+        future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
+        report = future.result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        return report
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self.stop(grace_s=0.0)
+
+
+def serve_in_thread(config: ServerConfig, *, executor: Executor | None = None) -> ServerThread:
+    """Starts a server on its own loop in a daemon thread; returns once it is listening."""
+    return ServerThread(config, executor)

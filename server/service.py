@@ -1,0 +1,207 @@
+"""The InferenceService servicer: thin methods (validate → convert → await the engine → convert
+back). Every error an RPC raises is mapped to a status in one place, ``status_for_exception``,
+applied by the two decorators below; no method chooses a status code itself."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+from grpc.aio import AbortError
+
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
+from server.convert import (
+    TIER_TO_PB,
+    ModelRegistry,
+    model_info,
+    seconds_to_duration,
+    status_for_exception,
+    status_for_outcome,
+    to_generate_response,
+    to_sched_request,
+)
+from server.jobs import JobStore
+from server.metrics import RequestMetrics
+from server.scheduler.types import DrainingError, SchedEvent, Tier, TierSnapshot
+from server.session import SessionHandler
+from server.stats import ServerStats
+from server.streams import RequestStream, submit_to_stream
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+R = TypeVar("R")
+
+
+def unary_rpc(
+    method: Callable[[InferenceServicer, Any, Context], Awaitable[R]],
+) -> Callable[[InferenceServicer, Any, Context], Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: Context) -> R:
+        try:
+            self.check_serving()
+            return await method(self, request, context)
+        except AbortError:
+            raise
+        except Exception as exc:
+            await context.abort(*status_for_exception(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def stream_rpc(
+    method: Callable[[InferenceServicer, Any, Context], AsyncIterator[R]],
+) -> Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: Context) -> AsyncIterator[R]:
+        try:
+            self.check_serving()
+            async for item in method(self, request, context):
+                yield item
+        except AbortError:
+            raise
+        except Exception as exc:
+            await context.abort(*status_for_exception(exc))
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        models: ModelRegistry,
+        jobs: JobStore,
+        metrics: RequestMetrics,
+        stats: Callable[[], ServerStats],
+    ) -> None:
+        self._models = models
+        self._jobs = jobs
+        self._metrics = metrics
+        self._stats = stats
+        self.draining = False
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise DrainingError()
+
+    # ---- generation ------------------------------------------------------------------------
+
+    @stream_rpc
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        model = self._models.resolve(request.model)
+        sched_request = to_sched_request(request, model.spec)
+        stream = RequestStream(asyncio.get_running_loop())
+        submit_to_stream(model.scheduler, sched_request, stream, self._metrics)
+        cid, name = request.client_request_id, model.name
+        try:
+            while (event := await stream.next()) is not None:
+                status = status_for_outcome(event)
+                if status is None:
+                    yield to_generate_response(event, client_request_id=cid, model=name)
+                else:
+                    if event.token_ids:
+                        yield _tokens_only(event, cid, name)
+                    await context.abort(*status)
+                name = ""
+        finally:
+            # The client went away (the task is cancelled) or the handler failed mid-stream:
+            # free the slot and KV blocks.
+            if not stream.finished and stream.request_id is not None:
+                model.scheduler.cancel(stream.request_id)
+
+    @stream_rpc
+    async def Session(
+        self, request_iterator: AsyncIterable[pb.SessionRequest], context: Context
+    ) -> AsyncIterator[pb.SessionResponse]:
+        async for response in SessionHandler(self._models, self._metrics).run(request_iterator):
+            yield response
+
+    # ---- batch jobs ------------------------------------------------------------------------
+
+    @unary_rpc
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Context) -> pb.BatchJob:
+        return self._jobs.submit(request).to_pb()
+
+    @unary_rpc
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.BatchJob:
+        return self._jobs.get(request.id).to_pb()
+
+    @stream_rpc
+    async def StreamBatchResults(
+        self, request: pb.StreamBatchResultsRequest, context: Context
+    ) -> AsyncIterator[pb.BatchResult]:
+        async for result in self._jobs.results(request.id, request.start_index):
+            yield result
+
+    @unary_rpc
+    async def CancelBatch(self, request: pb.CancelBatchRequest, context: Context) -> pb.BatchJob:
+        return (await self._jobs.cancel(request.id)).to_pb()
+
+    @unary_rpc
+    async def ListBatches(
+        self, request: pb.ListBatchesRequest, context: Context
+    ) -> pb.ListBatchesResponse:
+        return pb.ListBatchesResponse(jobs=[job.to_pb() for job in self._jobs.list()])
+
+    # ---- models and stats ------------------------------------------------------------------
+
+    @unary_rpc
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m.spec) for m in self._models])
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
+        # Answered while draining too: that is when an operator most wants to look.
+        try:
+            return to_stats_response(self._stats())
+        except Exception as exc:
+            await context.abort(*status_for_exception(exc))
+            raise
+
+
+def _tokens_only(event: SchedEvent, cid: str, model: str) -> pb.GenerateResponse:
+    """The tokens a failing final event still carries, sent before the error status."""
+    return pb.GenerateResponse(
+        token_ids=event.token_ids, text=event.text, model=model, client_request_id=cid
+    )
+
+
+def to_stats_response(s: ServerStats) -> pb.GetStatsResponse:
+    sched, ex = s.scheduler, s.executor
+    return pb.GetStatsResponse(
+        tiers=[
+            _tier_stats(Tier.ONLINE, sched.online, s.online_tokens_per_second),
+            _tier_stats(Tier.OFFLINE, sched.offline, s.offline_tokens_per_second),
+        ],
+        slots_total=s.slots_total,
+        slots_free=s.slots_free,
+        kv_blocks_total=ex.kv_blocks_total,
+        kv_blocks_used=ex.kv_blocks_used,
+        kv_blocks_cached=ex.kv_blocks_cached,
+        prefix_cache_hit_ratio=s.prefix_cache_hit_ratio,
+        slot_occupancy=s.slot_occupancy,
+        tokens_per_second=s.tokens_per_second,
+        utilization=s.utilization,
+        cost_per_million_tokens=s.cost_per_million_tokens,
+        uptime=seconds_to_duration(s.uptime_seconds),
+        steps=ex.steps,
+        draining=sched.draining,
+    )
+
+
+def _tier_stats(tier: Tier, t: TierSnapshot, tokens_per_second: float) -> pb.TierStats:
+    return pb.TierStats(
+        tier=TIER_TO_PB[tier],
+        running=t.running,
+        queued=t.queued,
+        requests_finished=t.finished,
+        generated_tokens=t.generated_tokens,
+        preemptions=t.preemptions,
+        tokens_per_second=tokens_per_second,
+    )
