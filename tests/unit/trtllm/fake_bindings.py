@@ -167,6 +167,12 @@ _SAMPLING_NAMES = ("top_k", "top_p", "top_p_min", "top_p_reset_ids", "top_p_deca
 class SamplingConfig:
     """``SamplingConfig(beam_width=1, *, top_k=None, ...)``; checks as samplingConfig.cpp does."""
 
+    top_k: int | None
+    top_p: float | None
+    temperature: float | None
+    min_tokens: int | None
+    seed: int | None
+
     def __init__(self, beam_width: int = 1, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(_SAMPLING_NAMES)
         if unknown:

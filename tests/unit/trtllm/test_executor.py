@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, Executor, FinishReason, SamplingParams
+from server.executor.base import (
+    ExecRequest,
+    Executor,
+    FinishReason,
+    SamplingParams,
+    TokenDelta,
+)
 from server.executor.trtllm import TrtllmConfig, TrtllmExecutor, executor_config, load_bindings
 from tests.unit.trtllm.conftest import EOS, make_engine_dir
 from tests.unit.trtllm.fake_bindings import FakeModel
@@ -139,7 +145,7 @@ def test_cancel_ends_with_cancelled_once(plain: Any) -> None:
     ex, _ = plain()
     ex.enqueue(ExecRequest(1, PROMPT, greedy(max_tokens=100)))
     ex.enqueue(ExecRequest(2, PROMPT, greedy(max_tokens=5)))
-    first = []
+    first: list[TokenDelta] = []
     while not first:
         first = [d for d in ex.poll(0.05) if d.request_id == 1]
     ex.cancel(1)
@@ -209,7 +215,7 @@ def test_engine_orders_its_queue_by_priority(plain: Any) -> None:
     for rid, priority in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.9)):
         ex.enqueue(ExecRequest(rid, PROMPT, greedy(max_tokens=3), priority=priority))
     engine.resume()
-    order = []
+    order: list[int] = []
     deadline = time.monotonic() + 10
     while len(order) < 4 and time.monotonic() < deadline:
         order += [d.request_id for d in ex.poll(0.05) if d.finish is not None]
