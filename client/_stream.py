@@ -50,7 +50,6 @@ class GenerationStream:
         backoff_s: float,
         timeout: float | None,
     ) -> None:
-        self.request_id = request.client_request_id
         self._request = request
         self._open_source = open_source
         self._max_retries = max_retries
@@ -62,6 +61,11 @@ class GenerationStream:
         self._attempts = 0
         self._got_tokens = False
         self._finished = False
+
+    @property
+    def request_id(self) -> str:
+        """The client_request_id (assigned when the request opens, unless given)."""
+        return self._request.client_request_id
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -119,9 +123,11 @@ class GenerationStream:
         texts: list[str] = []
         token_ids: list[int] = []
         last: Chunk | None = None
+        model = ""
         async for chunk in self:
             texts.append(chunk.text)
             token_ids.extend(chunk.token_ids)
+            model = model or chunk.model
             last = chunk
         assert last is not None and last.finish_reason is not None
         return Completion(
@@ -131,7 +137,7 @@ class GenerationStream:
             finish_reason=last.finish_reason,
             usage=last.usage or Usage(),
             timing=last.timing or Timing(),
-            model=last.model,
+            model=model,
         )
 
     async def _next_response(self) -> pb.GenerateResponse:
