@@ -71,6 +71,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--max-output-tokens", type=int, default=32)
     p.add_argument("--offline-backlog", type=int, default=0, help="offline requests queued")
+    p.add_argument("--offline-output-tokens", type=int, default=None,
+                   help="offline output cap (default: --max-output-tokens)")
     p.add_argument("--offline-via", choices=["session", "batch"], default="session")
     p.add_argument("--deadline", type=float, default=None, help="online TTFT deadline (s)")
     p.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR)
@@ -89,11 +91,15 @@ def default_prompt_cap(model: ModelInfo, max_output_tokens: int) -> int:
 def _runs(args: argparse.Namespace, model: ModelInfo) -> list[tuple[str, LoadSpec]]:
     max_prompt = args.max_prompt_tokens or default_prompt_cap(model, args.max_output_tokens)
     pool = tuple(length_pool(max_prompt, args.max_output_tokens, args.trace))
+    offline_pool: tuple[TraceRequest, ...] = ()
+    if args.offline_output_tokens:
+        offline_pool = tuple(length_pool(max_prompt, args.offline_output_tokens, args.trace))
     base = {
         "duration_s": args.duration,
         "vocab_size": model.vocab_size,
         "lengths": pool,
         "offline_backlog": args.offline_backlog,
+        "offline_lengths": offline_pool,
         "offline_via": args.offline_via,
         "deadline_s": args.deadline,
         "seed": args.seed,

@@ -63,6 +63,7 @@ class LoadSpec:
     concurrency: int = 0
     lengths: tuple[TraceRequest, ...] = (TraceRequest(0.0, 16, 16),)
     offline_backlog: int = 0
+    offline_lengths: tuple[TraceRequest, ...] = ()  # empty: drawn from ``lengths``
     offline_via: str = "session"  # "session" (streamed, client-timed) or "batch" (a batch job)
     deadline_s: float | None = None  # TTFT deadline of online requests
     sample_interval_s: float = 0.25
@@ -77,6 +78,10 @@ class LoadSpec:
             raise ValueError(f"offline_via must be session or batch, got {self.offline_via!r}")
         if self.duration_s <= 0 or self.vocab_size <= 0:
             raise ValueError("duration_s and vocab_size must be > 0")
+
+    @property
+    def offline_pool(self) -> tuple[TraceRequest, ...]:
+        return self.offline_lengths or self.lengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +168,9 @@ class _Run:
         await _settle(workers, self.spec.duration_s + self.spec.drain_s - self.now())
 
     async def offline_session(self) -> None:
+        pool = self.spec.offline_pool
         tasks = [
-            asyncio.ensure_future(self.one(Tier.OFFLINE, self.rng.choice(self.spec.lengths), None))
+            asyncio.ensure_future(self.one(Tier.OFFLINE, self.rng.choice(pool), None))
             for _ in range(self.spec.offline_backlog)
         ]
         await _settle(tasks, self.spec.duration_s - self.now())
@@ -216,7 +222,7 @@ def _batch_records(results: Sequence[BatchResult], t_end: float) -> list[Request
 async def _offline_batch(run: _Run) -> tuple[str, list[RequestRecord]]:
     requests = []
     for i in range(run.spec.offline_backlog):
-        req = run.rng.choice(run.spec.lengths)
+        req = run.rng.choice(run.spec.offline_pool)
         prompt = synth_prompt(run.rng, req.prompt_tokens, run.spec.vocab_size)
         requests.append(
             BatchRequest(id=f"b{i}", token_ids=tuple(prompt), sampling=_sampling(req.output_tokens))
