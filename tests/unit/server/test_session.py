@@ -1,0 +1,188 @@
+"""Session: many requests multiplexed on one bidirectional stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
+from server.app import BackfillServer
+from server.executor.base import SamplingParams
+from tests.fakes import ScriptedExecutor
+from tests.unit.server.conftest import MakeServer, is_idle, tiny_capacity, wait_until
+
+pytestmark = pytest.mark.unit
+
+
+def gen(cid: str, ids: list[int], max_tokens: int = 6) -> pb.SessionRequest:
+    return pb.SessionRequest(
+        generate=pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=ids),
+            sampling=pb.SamplingParams(max_tokens=max_tokens),
+            client_request_id=cid,
+        )
+    )
+
+
+class Outbox:
+    """A request iterator the test feeds while the call runs."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+
+    def send(self, message: pb.SessionRequest) -> None:
+        self._queue.put_nowait(message)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[pb.SessionRequest]:
+        while (message := await self._queue.get()) is not None:
+            yield message
+
+
+async def read_rest(call: grpc.aio.StreamStreamCall) -> list[pb.SessionResponse]:
+    out = []
+    while (r := await call.read()) != grpc.aio.EOF:
+        out.append(r)
+    return out
+
+
+def is_final(r: pb.SessionResponse) -> bool:
+    return r.HasField("error") or r.chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+
+
+async def test_many_requests_multiplexed_without_cross_talk(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    prompts = {f"r{i}": [i + 1, 2 * i + 3, 5] for i in range(40)}
+    requests = [gen(cid, ids, max_tokens=4 + i % 5) for i, (cid, ids) in enumerate(prompts.items())]
+
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        for r in requests:
+            yield r
+
+    tokens: dict[str, list[int]] = defaultdict(list)
+    finals: dict[str, pb.SessionResponse] = {}
+    async for response in stub.Session(messages()):
+        cid = response.client_request_id
+        assert cid not in finals, "a message came after the request's final one"
+        assert response.chunk.client_request_id == cid
+        tokens[cid].extend(response.chunk.token_ids)
+        if is_final(response):
+            finals[cid] = response
+    assert set(finals) == set(prompts)  # half-close still gets every open request's output
+    for i, (cid, ids) in enumerate(prompts.items()):
+        sampling = requests[i].generate.sampling
+        expected, _ = executor.expected_output(ids, SamplingParams(max_tokens=sampling.max_tokens))
+        assert tuple(tokens[cid]) == expected, cid
+        assert finals[cid].chunk.usage.completion_tokens == len(expected)
+        assert not finals[cid].HasField("error")
+
+
+async def test_first_chunk_names_the_model(stub: pb_grpc.InferenceServiceStub) -> None:
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        yield gen("a", [1, 2], max_tokens=3)
+
+    responses = [r async for r in stub.Session(messages())]
+    assert responses[0].chunk.model == "tiny-llama"
+    assert all(r.chunk.model == "" for r in responses[1:])
+
+
+async def test_errors_of_one_request_leave_the_stream_up(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    bad_top_p = gen("bad", [1, 2])
+    bad_top_p.generate.sampling.top_p = 3.0
+
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        yield bad_top_p
+        yield gen("", [1, 2])
+        yield gen("good", [4, 4])
+
+    responses = [r async for r in stub.Session(messages())]
+    errors = {r.client_request_id: r.error for r in responses if r.HasField("error")}
+    assert errors["bad"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "sampling.top_p must be in (0, 1], got 3" in errors["bad"].message
+    assert "client_request_id must be set" in errors[""].message
+    good = [r for r in responses if r.client_request_id == "good"]
+    assert good[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_duplicate_open_id_is_refused_and_the_first_continues(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.005))
+    server = await make_server(executor)
+    outbox = Outbox()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
+        outbox.send(gen("x", [1, 2], max_tokens=20))
+        first = await call.read()
+        assert first.client_request_id == "x" and not first.HasField("error")
+        outbox.send(gen("x", [3, 4], max_tokens=20))
+        outbox.close()
+        rest = await read_rest(call)
+    errors = [r for r in rest if r.HasField("error")]
+    assert len(errors) == 1
+    assert errors[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "'x' is already open" in errors[0].error.message
+    tokens = list(first.chunk.token_ids) + [t for r in rest for t in r.chunk.token_ids]
+    assert len(tokens) == 20 and rest[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(executor.enqueued) == 1
+
+
+async def test_cancel_message_cancels_that_request_only(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.005))
+    server = await make_server(executor)
+    outbox = Outbox()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
+        outbox.send(gen("long", [1, 2], max_tokens=10_000))
+        outbox.send(gen("short", [3, 4], max_tokens=30))
+        seen: dict[str, list[pb.SessionResponse]] = defaultdict(list)
+        while not seen["long"]:
+            r = await call.read()
+            seen[r.client_request_id].append(r)
+        outbox.send(pb.SessionRequest(cancel="long"))
+        outbox.send(pb.SessionRequest(cancel="never-opened"))  # a no-op
+        outbox.close()
+        for r in await read_rest(call):
+            seen[r.client_request_id].append(r)
+    long_final = seen["long"][-1]
+    assert long_final.error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert long_final.chunk.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert seen["short"][-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(r.chunk.token_ids) for r in seen["short"]) == 30
+    assert set(seen) == {"long", "short"}
+    await wait_until(lambda: is_idle(server))
+
+
+async def test_broken_stream_cancels_everything_it_owns(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    executor = ScriptedExecutor(
+        tiny_capacity(tiny_engine, max_slots=4), step_hook=lambda _: time.sleep(0.005)
+    )
+    server: BackfillServer = await make_server(executor)
+    outbox = Outbox()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
+        for i in range(8):  # 4 running, 4 queued
+            outbox.send(gen(f"r{i}", [i + 1, 9], max_tokens=10_000))
+        await call.read()
+        await wait_until(lambda: executor.stats().active == 4)
+        call.cancel()  # the client goes away without a word
+    await wait_until(lambda: is_idle(server))
+    snap = server.scheduler.snapshot()
+    assert snap.online.finished == 8
+    assert len(executor.cancels) >= 4
