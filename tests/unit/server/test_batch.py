@@ -1,0 +1,139 @@
+"""Offline batch jobs: lifecycle, progress, ordered results with ids, resume, cancel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
+from server.app import BackfillServer
+from server.executor.base import SamplingParams
+from tests.fakes import ScriptedExecutor
+from tests.unit.server.conftest import MakeServer, is_idle, tiny_capacity, wait_until
+
+pytestmark = pytest.mark.unit
+
+
+def item(ids: list[int], max_tokens: int, cid: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=max_tokens),
+        client_request_id=cid,
+        tier=pb.TIER_ONLINE,  # forced to OFFLINE by the server
+    )
+
+
+async def test_job_runs_to_completion_with_ordered_results(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    # Later items are shorter, so they finish first; results still come in submission order.
+    items = [item([i + 1, 7], max_tokens=12 - i, cid=f"q{i}" if i % 2 else "") for i in range(10)]
+    job = await stub.SubmitBatch(
+        pb.SubmitBatchRequest(requests=items, tenant="eval", labels={"suite": "smoke"})
+    )
+    assert job.total == 10 and job.tenant == "eval" and job.labels["suite"] == "smoke"
+    assert job.state in (pb.BATCH_STATE_QUEUED, pb.BATCH_STATE_RUNNING)
+    results = [r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))]
+    assert [r.index for r in results] == list(range(10))
+    assert [r.client_request_id for r in results] == [
+        f"q{i}" if i % 2 else str(i) for i in range(10)
+    ]
+    for i, r in enumerate(results):
+        expected, _ = executor.expected_output([i + 1, 7], SamplingParams(max_tokens=12 - i))
+        assert tuple(r.token_ids) == expected
+        assert r.text == "".join(f"<{t}>" for t in expected)
+        assert r.finish_reason == pb.FINISH_REASON_LENGTH and not r.HasField("error")
+        assert r.usage.completion_tokens == len(expected)
+    done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+    assert done.state == pb.BATCH_STATE_COMPLETED
+    assert (done.completed, done.failed, done.cancelled) == (10, 0, 0)
+    assert done.completion_tokens == sum(12 - i for i in range(10))
+    assert done.HasField("finished_at")
+    assert len(executor.enqueued) == 10
+
+
+async def test_items_run_on_the_offline_tier(
+    server: BackfillServer, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([5], 2), item([6], 2)]))
+    _ = [r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))]
+    snap = server.scheduler.snapshot()
+    assert (snap.offline.finished, snap.online.finished) == (2, 0)
+
+
+async def test_results_resume_from_start_index(stub: pb_grpc.InferenceServiceStub) -> None:
+    job = await stub.SubmitBatch(
+        pb.SubmitBatchRequest(requests=[item([i + 1], max_tokens=3) for i in range(6)])
+    )
+    request = pb.StreamBatchResultsRequest(id=job.id, start_index=4)
+    results = [r async for r in stub.StreamBatchResults(request)]
+    assert [r.index for r in results] == [4, 5]
+
+
+async def test_cancel_keeps_finished_results_and_drops_the_rest(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    executor = ScriptedExecutor(
+        tiny_capacity(tiny_engine, max_slots=2), step_hook=lambda _: time.sleep(0.003)
+    )
+    server = await make_server(executor, offline_reserve=0.0)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        items = [item([1, 1], 2), item([2, 2], 2)] + [item([i + 3], 10_000) for i in range(5)]
+        job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=items))
+        first_two = stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))
+        assert (await first_two.read()).index == 0
+        assert (await first_two.read()).index == 1
+        progress = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+        assert progress.state == pb.BATCH_STATE_RUNNING and progress.completed == 2
+        cancelled = await stub.CancelBatch(pb.CancelBatchRequest(id=job.id))
+        assert cancelled.state == pb.BATCH_STATE_CANCELLED
+        assert (cancelled.completed, cancelled.cancelled, cancelled.failed) == (2, 5, 0)
+        results = [
+            r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))
+        ]
+        first_two.cancel()
+    assert [r.finish_reason for r in results[:2]] == [pb.FINISH_REASON_LENGTH] * 2
+    assert [len(r.token_ids) for r in results[:2]] == [2, 2]
+    assert all(r.finish_reason == pb.FINISH_REASON_CANCELLED for r in results[2:])
+    assert all(r.error.code == grpc.StatusCode.CANCELLED.value[0] for r in results[2:])
+    await wait_until(lambda: is_idle(server))
+
+
+async def test_list_batches_newest_first_and_unknown_ids(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    ids = []
+    for n in range(3):
+        job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([n + 1], 1)]))
+        ids.append(job.id)
+    listed = await stub.ListBatches(pb.ListBatchesRequest())
+    assert [j.id for j in listed.jobs] == ids[::-1]
+    for call in (
+        stub.GetBatch(pb.GetBatchRequest(id="nope")),
+        stub.CancelBatch(pb.CancelBatchRequest(id="nope")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _ = [r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id="nope"))]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_batch_larger_than_the_offline_queue_is_refused_whole(
+    make_server: MakeServer, executor: ScriptedExecutor
+) -> None:
+    server = await make_server(executor, max_offline_queue=3, offline_reserve=0.0)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        items = [item([i + 1], 50) for i in range(executor.capacity.max_slots + 10)]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitBatch(pb.SubmitBatchRequest(requests=items))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await stub.ListBatches(pb.ListBatchesRequest())).jobs == []
+    await wait_until(lambda: is_idle(server))
