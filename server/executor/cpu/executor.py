@@ -28,8 +28,9 @@ from server.executor.base import (
     TokenDelta,
 )
 from server.executor.cpu.attention import PagedKvCache
+from server.executor.cpu.blas import default_threads, set_thread_blas_threads
 from server.executor.cpu.model import LlamaModel
-from server.executor.cpu.runner import Runner, RunnerLimits
+from server.executor.cpu.runner import Runner, RunnerCounters, RunnerLimits
 from server.executor.cpu.weights import load_weights
 from server.executor.kv_cache import BlockManager
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 class CpuExecutor:
     """The NumPy reference executor. Thread-safe; see server/executor/base.py for semantics."""
 
-    def __init__(self, runner: Runner, capacity: Capacity) -> None:
+    def __init__(
+        self, runner: Runner, capacity: Capacity, *, blas_threads: int | None = None
+    ) -> None:
         self._runner = runner
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -51,6 +54,7 @@ class CpuExecutor:
         self._live: set[int] = set()  # enqueued ids without a final delta yet
         self._stopping = False
         self._step_lock = threading.Lock()  # held by the worker while it touches the runner
+        self._blas_threads = default_threads() if blas_threads is None else blas_threads
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="cpu-executor", daemon=True)
         self._thread.start()
@@ -141,6 +145,12 @@ class CpuExecutor:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
 
+    @property
+    def counters(self) -> RunnerCounters:
+        """A copy of the runner's cumulative counters (preemptions, computed tokens...)."""
+        with self._step_lock:
+            return replace(self._runner.counters)
+
     def check_integrity(self) -> None:
         """Runner and KV-pool invariants (AssertionError); for tests, between steps."""
         with self._step_lock:
@@ -165,6 +175,7 @@ class CpuExecutor:
                 raise ValueError(f"token id {token} outside the vocabulary [0, {cap.vocab_size})")
 
     def _loop(self) -> None:
+        set_thread_blas_threads(self._blas_threads)
         while True:
             with self._lock:
                 self._work.wait_for(

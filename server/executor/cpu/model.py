@@ -108,10 +108,11 @@ class LlamaModel:
         qkv = layer.qkv(rms_norm(x, layer.input_norm, self.eps))  # [n, (H + 2 KVH) * D]
         if layer.qkv_bias is not None:
             qkv += layer.qkv_bias
-        q_end, k_end = self.num_heads * d, (self.num_heads + self.num_kv_heads) * d
-        q = apply_rope(qkv[:, :q_end].reshape(n, self.num_heads, d), cos, sin)
-        k = apply_rope(qkv[:, q_end:k_end].reshape(n, self.num_kv_heads, d), cos, sin)
-        v = qkv[:, k_end:].reshape(n, self.num_kv_heads, d)
+        h, kvh = self.num_heads, self.num_kv_heads
+        # One rotary pass over q and k heads together: [n, H + KVH, D].
+        qk = apply_rope(qkv[:, : (h + kvh) * d].reshape(n, h + kvh, d), cos, sin)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kvh) * d :].reshape(n, kvh, d)
         cache.write(index, batch.slots, k, v)
         attn = self._attention(index, q, batch, cache)  # [n, H * D]
         x = x + layer.o_proj(attn)

@@ -35,7 +35,7 @@ class RunnerLimits:
     max_seq_len: int  # prompt + generated tokens
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity semantics: `in` and `remove` on lists
 class Sequence:
     """One request's live state. `token_ids` = prompt + resumed + generated."""
 
@@ -82,6 +82,7 @@ class RunnerCounters:
     generated_tokens: int = 0
     busy_seconds: float = 0.0
     preemptions: int = 0
+    computed_tokens: int = 0  # prefill + decode tokens run through the model
 
 
 class Runner:
@@ -287,6 +288,7 @@ class Runner:
         c.steps += 1
         c.last_step_latency_s = latency
         c.last_step_tokens = sum(item.num_tokens for item in plan)
+        c.computed_tokens += c.last_step_tokens
         c.busy_seconds += latency
 
     # -- endings and output ---------------------------------------------------------------
