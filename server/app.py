@@ -137,6 +137,7 @@ class BackfillServer:
             peak_tokens_per_s=profile.peak_tokens_per_s if profile is not None else None,
             price_per_hour=config.price_per_hour,
         )
+        stats.sample()  # the baseline of the first window
         registry.register(
             StateCollector(
                 stats.stats, model=spec.name, tokens_per_block=spec.capacity.tokens_per_block
