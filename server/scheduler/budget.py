@@ -23,13 +23,15 @@ class PassBudget:
         *,
         free_slots: int,
         free_blocks: int,
-        keep_offline: int,
+        reserve: int,
+        offline_demand: int,
         offline_holding: int,
     ) -> None:
         self._capacity = capacity
         self.free_slots = max(0, free_slots)
         self.free_blocks = max(0, free_blocks)
-        self.keep_offline = keep_offline  # min(reserve, offline demand), fixed for the pass
+        self.reserve = reserve  # slots kept for offline when it has that much demand
+        self.offline_demand = offline_demand  # offline running + queued
         self.offline_holding = offline_holding  # offline slots held now, admissions included
 
     def blocks_needed(self, seq: Sequence) -> int:
@@ -39,6 +41,11 @@ class PassBudget:
     def blocks_held(self, seq: Sequence) -> int:
         """KV blocks a running sequence is estimated to hold (what preempting it frees)."""
         return self._capacity.blocks_for(seq.num_context_tokens)
+
+    @property
+    def keep_offline(self) -> int:
+        """Slots offline is entitled to: min(reserve, offline demand)."""
+        return min(self.reserve, self.offline_demand)
 
     @property
     def reserved_slots(self) -> int:
@@ -64,11 +71,13 @@ class PassBudget:
         return True
 
     def refund(self, seq: Sequence) -> None:
-        """Gives back what try_admit took (the executor refused the request)."""
+        """Gives back what try_admit took: the executor refused seq, which is now gone, so
+        offline demand (and with it the reserve offline may claim) shrinks."""
         self.free_slots += 1
         self.free_blocks += self.blocks_needed(seq)
         if seq.tier is Tier.OFFLINE:
             self.offline_holding -= 1
+            self.offline_demand -= 1
 
     def release(self, seq: Sequence) -> None:
         """Credits the slot and blocks of a running sequence that was just preempted."""

@@ -85,20 +85,27 @@ class SchedulerCore:
 
     def schedule(self) -> None:
         budget = self._new_budget()
+        self._serve_online(budget)
+        self._admit_in_order(self._queues.offline, budget)
+        if budget.free_slots:
+            # Offline requests the executor refused shrank offline demand below the slots
+            # kept for it; online may have those now.
+            self._serve_online(budget)
+
+    def _serve_online(self, budget: PassBudget) -> None:
         self._admit_in_order(self._queues.online, budget)
         if self._config.preempts:
             self._preempt_for_online(budget)
-        self._admit_in_order(self._queues.offline, budget)
 
     def _new_budget(self) -> PassBudget:
         stats = self._executor.stats()
         offline_running = self.num_running(Tier.OFFLINE)
-        demand = offline_running + len(self._queues.offline)
         return PassBudget(
             self._capacity,
             free_slots=self._capacity.max_slots - len(self._running),
             free_blocks=stats.kv_blocks_free + stats.kv_blocks_cached,
-            keep_offline=min(self._reserve, demand),
+            reserve=self._reserve,
+            offline_demand=offline_running + len(self._queues.offline),
             offline_holding=offline_running,
         )
 

@@ -158,3 +158,17 @@ def test_online_priority_is_passed_to_the_executor() -> None:
     assert prio[(1,)] > prio[(2,)]
     assert sched.snapshot().online.running == 1
     assert Tier.ONLINE.value == "online"
+
+
+def test_refused_offline_request_gives_its_reserved_slot_to_online() -> None:
+    # Found by the property test: the only slot was kept for an offline request that the
+    # executor then refused; the waiting online request must get the slot in the same pass.
+    ex = fake(Shape(slots=1), reject_fn=lambda r: "no" if r.prompt_token_ids == (58,) else None)
+    sched = BackfillScheduler(ex, SchedulerConfig(offline_reserve=0.5))
+    rec = Recorder()
+    bad = sched.submit(offline((58,)), rec)
+    good = sched.submit(online((1,)), rec)
+    sched.run_pass()
+    assert rec.outcome(bad) is not None
+    assert live_prompts(ex) == {(1,)}
+    run_until_idle(sched, rec, [good])
