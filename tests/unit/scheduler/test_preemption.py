@@ -106,3 +106,26 @@ def test_no_preemption_when_it_cannot_make_room() -> None:
     assert ex.cancels == []
     assert rec.outcome(big) is None
     assert sched.snapshot().online.queued == 1
+
+
+def test_preempts_for_kv_blocks_when_a_slot_is_free() -> None:
+    ex = fake(Shape(slots=3, kv_blocks=12, tokens_per_block=4))
+    sched = BackfillScheduler(ex, SchedulerConfig(offline_reserve=0.0))
+    rec = Recorder()
+    first = sched.submit(offline(tuple(range(1, 13)), max_tokens=8), rec)
+    sched.run_pass()
+    second = sched.submit(offline(tuple(range(21, 33)), max_tokens=8), rec)
+    sched.run_pass()
+    sched.run_pass()
+    assert ex.stats().kv_blocks_used == 8  # two runs of 13-14 tokens, 4 blocks each
+    on = sched.submit(online(tuple(range(41, 57)), max_tokens=2), rec)  # needs 5 blocks
+    sched.run_pass()
+    assert live_prompts(ex) == {tuple(range(1, 13)), tuple(range(41, 57))}
+    assert rec.outcome(second) is None and sched.snapshot().offline.preemptions == 1
+    for _ in range(300):
+        if all(rec.finals(i) for i in (first, second, on)):
+            break
+        sched.run_pass()
+    expected, _ = ex.expected_output(tuple(range(21, 33)), SamplingParams(max_tokens=8))
+    assert rec.tokens(second) == expected
+    assert [rec.final(i).outcome for i in (first, second, on)] == [Outcome.LENGTH] * 3
