@@ -287,10 +287,15 @@ class BlockManager:
         _require(len(free | cached | used) == self.num_blocks, "a block is in no state")
         _require(self._enable_prefix_caching or not cached, "cached blocks with caching off")
         refs = [0] * self.num_blocks
+        contents: dict[int, list[int]] = {}  # what the first holder of each block wrote there
+        tpb = self._tokens_per_block
         for seq_id, seq in self._seqs.items():
             self._check_sequence(seq_id, seq)
-            for block_id in seq.block_table:
+            for i, block_id in enumerate(seq.block_table):
                 refs[block_id] += 1
+                held = seq.token_ids[i * tpb : (i + 1) * tpb]
+                first = contents.setdefault(block_id, held)
+                _require(first == held, f"block {block_id} shared by diverged sequences")
         for block in self._blocks:
             _require(block.ref_count == refs[block.block_id], f"block {block.block_id} refcount")
             if block.block_id in free:
