@@ -245,8 +245,8 @@ class ServerThread:
             raise self._error
         assert self._server is not None
         self.server: BackfillServer = self._server
-        self.address = self._server.address
-        self.metrics_url = self._server.metrics_url
+        self.address: str = self._server.address
+        self.metrics_url: str | None = self._server.metrics_url
 
     def _run(self, config: ServerConfig, executor: Executor | None) -> None:
         asyncio.set_event_loop(self._loop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from tests.unit.server.conftest import MakeServer, is_idle, tiny_capacity, wait_
 pytestmark = pytest.mark.unit
 
 
-def request(ids: list[int], max_tokens: int = 8, **kw: object) -> pb.GenerateRequest:
+def request(ids: list[int], max_tokens: int = 8, **kw: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=max_tokens), **kw
     )
