@@ -68,31 +68,7 @@ class CpuExecutor:
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, manifest: Manifest) -> CpuExecutor:
-        arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
-        max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
-        weights = load_weights(manifest.weights_path(engine_dir), manifest)
-        model = LlamaModel(weights, arch, max_seq_len)
-        cache = PagedKvCache(
-            arch.num_layers,
-            limits.num_kv_blocks,
-            limits.tokens_per_block,
-            arch.num_kv_heads,
-            arch.head_dim,
-            quant.kv_cache_dtype,
-        )
-        blocks = BlockManager(limits.num_kv_blocks, limits.tokens_per_block)
-        tokenizer = EngineTokenizer.load(engine_dir, manifest)
-        runner_limits = RunnerLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len)
-        runner = Runner(model, cache, blocks, tokenizer, runner_limits)
-        capacity = Capacity(
-            max_slots=limits.max_batch_size,
-            num_kv_blocks=limits.num_kv_blocks,
-            tokens_per_block=limits.tokens_per_block,
-            max_tokens_per_step=limits.max_num_tokens,
-            max_seq_len=max_seq_len,
-            vocab_size=arch.vocab_size,
-        )
-        return cls(runner, capacity)
+        return cls(*build_runner(engine_dir, manifest))
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -242,6 +218,35 @@ class CpuExecutor:
             generated_tokens=c.generated_tokens,
             busy_seconds=c.busy_seconds,
         )
+
+
+def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity]:
+    """Loads weights, tokenizer and KV pool for a cpu engine: the synchronous core that
+    CpuExecutor drives from its thread (benchmarks drive it directly)."""
+    arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
+    max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
+    weights = load_weights(manifest.weights_path(engine_dir), manifest)
+    model = LlamaModel(weights, arch, max_seq_len)
+    cache = PagedKvCache(
+        arch.num_layers,
+        limits.num_kv_blocks,
+        limits.tokens_per_block,
+        arch.num_kv_heads,
+        arch.head_dim,
+        quant.kv_cache_dtype,
+    )
+    blocks = BlockManager(limits.num_kv_blocks, limits.tokens_per_block)
+    tokenizer = EngineTokenizer.load(engine_dir, manifest)
+    runner_limits = RunnerLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len)
+    capacity = Capacity(
+        max_slots=limits.max_batch_size,
+        num_kv_blocks=limits.num_kv_blocks,
+        tokens_per_block=limits.tokens_per_block,
+        max_tokens_per_step=limits.max_num_tokens,
+        max_seq_len=max_seq_len,
+        vocab_size=arch.vocab_size,
+    )
+    return Runner(model, cache, blocks, tokenizer, runner_limits), capacity
 
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
