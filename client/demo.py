@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 from client.aio import AsyncClient
 from client.bench.command import TraceLoad, pick_model
 from client.bench.loadgen import LoadResult, LoadSpec, run_load
+from client.bench.local_server import LocalServer
 from client.bench.report import Summary, format_table, summarize
 from client.bench.trace import DEFAULT_TRACE, length_pool, load_trace, time_scale_for_rate
 from client.types import ModelInfo, SamplingParams, Tier
@@ -60,40 +59,6 @@ def ensure_engine() -> Path:
     path = ensure_default_engine()
     say(f"      built in {time.monotonic() - start:.0f}s")
     return path
-
-
-class ServerProcess:
-    """``python -m server`` as a child process; ``address`` is read from its first line."""
-
-    def __init__(self, engine: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (lives with the child)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--engine", str(engine), "--port", "0",
-             "--metrics-port", "0", "--price-per-hour", str(PRICE_PER_HOUR)],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self.address = self._wait_listening()
-
-    def _wait_listening(self) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("listening on "):
-                return line.split()[-1]
-        raise RuntimeError(f"the server exited before listening; see {self.log_path}")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 async def probe_latency(client: AsyncClient, model: ModelInfo, plan: DemoPlan) -> float:
@@ -211,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = ensure_engine()
     log_path = Path(tempfile.gettempdir()) / f"backfill-demo-server-{os.getpid()}.log"
     say(f"[2/4] starting python -m server --engine {engine} --port 0 (log: {log_path})")
-    server = ServerProcess(engine, log_path)
+    server = LocalServer(
+        engine, "--metrics-port", "0", "--price-per-hour", str(PRICE_PER_HOUR), log_path=log_path
+    )
     say(f"      listening on {server.address}")
     try:
         asyncio.run(drive(server.address, plan))
