@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 POLICIES = ("backfill", "fcfs")
@@ -27,7 +28,7 @@ class SchedulerConfig:
     policy: str = "backfill"  # "backfill" | "fcfs"
 
     def __post_init__(self) -> None:
-        if not self.window_ms > 0.0:
+        if not (math.isfinite(self.window_ms) and self.window_ms > 0.0):
             raise ValueError(f"window_ms must be > 0, got {self.window_ms}")
         if not 0.0 <= self.offline_reserve <= 1.0:
             raise ValueError(f"offline_reserve must be in [0, 1], got {self.offline_reserve}")

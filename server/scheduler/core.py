@@ -80,6 +80,11 @@ class SchedulerCore:
             seq = self._queued.get(request_id)
             if seq is not None and seq.admitted_at is None:
                 self._finish(seq, Outcome.DEADLINE)
+        if len(self._deadlines) > 64 + 2 * len(self._queued):
+            # Entries of requests that were admitted linger until their deadline; compact so
+            # far-off deadlines cannot grow the heap without bound.
+            self._deadlines = [e for e in self._deadlines if e[1] in self._queued]
+            heapq.heapify(self._deadlines)
 
     # ---- steps 2-4: admission -------------------------------------------------------------
 
@@ -111,10 +116,10 @@ class SchedulerCore:
 
     def _admit_in_order(self, queue: WaitQueue, budget: PassBudget) -> None:
         """Admits from the head while it fits; a head that does not fit blocks the rest, so
-        a large request is not starved by smaller ones behind it."""
-        for seq in queue:
-            if not self._try_start(seq, budget):
-                return
+        a large request is not starved by smaller ones behind it. Works on the head only, so
+        a pass costs O(admitted), not O(queue length)."""
+        while (head := queue.peek()) is not None and self._try_start(head, budget):
+            pass
 
     def _preempt_for_online(self, budget: PassBudget) -> None:
         while (head := self._queues.online.peek()) is not None:
