@@ -10,7 +10,8 @@ Two kinds of figures:
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from http.server import HTTPServer
@@ -26,6 +27,7 @@ from server.stats import ServerStats
 # Latency buckets: TTFT and end-to-end span milliseconds to minutes on a CPU engine.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+log = logging.getLogger(__name__)
 REJECTED = "rejected"  # the outcome label of a request refused at submit (queue full, draining)
 
 
@@ -258,15 +260,22 @@ def _triton_families(s: ServerStats, model: str, tokens_per_block: int) -> Itera
     yield kv
 
 
-def _nvml_families() -> Iterator[Metric]:
-    """GPU SM and memory utilization when pynvml is importable and finds a GPU; else nothing."""
+@functools.cache
+def _nvml() -> Any:
+    """The pynvml module, initialized once; None without pynvml or an NVIDIA driver."""
     try:
         import pynvml  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    try:
+
         pynvml.nvmlInit()
-    except Exception:  # no driver: an ordinary CPU host
+    except Exception:  # no pynvml, or no driver: an ordinary CPU host
+        return None
+    return pynvml
+
+
+def _nvml_families() -> Iterator[Metric]:
+    """GPU SM and memory-bandwidth utilization where NVML answers; nothing elsewhere."""
+    nvml = _nvml()
+    if nvml is None:
         return
     sm = GaugeMetricFamily(
         "backfill_gpu_sm_utilization_ratio", "NVML SM utilization.", labels=["gpu"]
@@ -276,11 +285,13 @@ def _nvml_families() -> Iterator[Metric]:
         "NVML memory-bandwidth utilization.",
         labels=["gpu"],
     )
-    with contextlib.suppress(Exception):
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            util = pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(i))
+    try:
+        for i in range(nvml.nvmlDeviceGetCount()):
+            util = nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(i))
             sm.add_metric([str(i)], util.gpu / 100.0)
             mem.add_metric([str(i)], util.memory / 100.0)
+    except nvml.NVMLError as exc:  # a GPU fell off the bus: report what was read
+        log.warning("NVML reading failed: %s", exc)
     yield sm
     yield mem
 

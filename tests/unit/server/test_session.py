@@ -186,3 +186,34 @@ async def test_broken_stream_cancels_everything_it_owns(
     snap = server.scheduler.snapshot()
     assert snap.online.finished == 8
     assert len(executor.cancels) >= 4
+
+
+async def test_real_cpu_executor_session_then_broken_stream(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    """The same multiplexing over the real CPU executor on the tiny engine: finished requests
+    come back whole, and breaking the stream with requests still running frees every block."""
+    from server.executor.factory import load_executor
+
+    executor = await asyncio.to_thread(load_executor, tiny_engine)
+    server = await make_server(executor)
+    outbox = Outbox()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
+        for i in range(6):
+            outbox.send(gen(f"short{i}", [i + 5, 7, 9], max_tokens=4))
+        finals: dict[str, pb.SessionResponse] = {}
+        tokens: dict[str, int] = defaultdict(int)
+        while len(finals) < 6:
+            r = await call.read()
+            tokens[r.client_request_id] += len(r.chunk.token_ids)
+            if is_final(r):
+                finals[r.client_request_id] = r
+        for cid, final in finals.items():
+            assert not final.HasField("error")
+            assert final.chunk.usage.completion_tokens == tokens[cid] <= 4
+        for i in range(3):
+            outbox.send(gen(f"long{i}", [i + 3, 4], max_tokens=100_000))
+        await call.read()
+        call.cancel()
+    await wait_until(lambda: is_idle(server), timeout=10)
