@@ -1,0 +1,185 @@
+"""``python -m engine_builder``: fetch-default, build, inspect, run, profile.
+
+Exit codes: 0 success, 1 a failure while working (download, unreadable checkpoint), 2 bad
+command-line input, with a message naming the flag. ``build`` flags are generated from
+``BuildOptions`` and default to None, so the defaults live only in that dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from engine_builder import inspect_cmd, profile, run_cmd
+from engine_builder.build import BuildOptions, build_engine
+from engine_builder.fetch import DEFAULT_SHA256, fetch_default, is_fetched
+from engine_builder.footprint import footprint, human_bytes
+from engine_builder.gguf_source import load_gguf
+from engine_builder.hf_source import SourceError, load_hf_checkpoint
+from engine_builder.manifest import (
+    CPU_KV_DTYPES,
+    TRTLLM_KV_DTYPES,
+    TRTLLM_WEIGHT_QUANTS,
+    FieldError,
+    Manifest,
+    ManifestError,
+)
+from engine_builder.source import SourceModel
+from engine_builder.usage import UsageError
+
+PROG = "python -m engine_builder"
+GGUF_MAGIC = b"GGUF"
+_OPTION_HELP = {
+    "quant": "weight quantization",
+    "group_size": "int4: input columns per scale group",
+    "kv_cache_dtype": "KV-cache element type",
+    "max_batch_size": "sequences per step",
+    "max_seq_len": "prompt + generated tokens per sequence",
+    "max_num_tokens": "prefill + decode tokens per step",
+    "tokens_per_block": "tokens per KV-cache block",
+    "num_kv_blocks": "KV-cache blocks (default: max-batch-size sequences of ~1024 tokens)",
+}
+# Both backends' values are accepted by the parser; each backend rejects what it cannot build.
+_OPTION_CHOICES: dict[str, list[str]] = {
+    "quant": sorted(TRTLLM_WEIGHT_QUANTS),
+    "kv_cache_dtype": sorted(CPU_KV_DTYPES | TRTLLM_KV_DTYPES),
+}
+
+
+def flag_name(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _add_build_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("build", help="build an engine from a GGUF file or HF checkpoint")
+    p.add_argument("--backend", choices=["cpu", "trtllm"], default="cpu")
+    p.add_argument("--model", required=True,
+                   help="'default', a .gguf file, or a Hugging Face checkpoint directory")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--name", help="engine name in the manifest (default: from the model)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    for f in fields(BuildOptions):
+        default = "derived" if f.default is None or f.default is MISSING else f.default
+        kind = str if f.name in _OPTION_CHOICES else int
+        p.add_argument(flag_name(f.name), dest=f.name, type=kind, default=None,
+                       choices=_OPTION_CHOICES.get(f.name),
+                       help=f"{_OPTION_HELP[f.name]} (default: {default})")
+    p.set_defaults(handler=run_build)
+
+
+def build_options(args: argparse.Namespace) -> BuildOptions:
+    given = {f.name: getattr(args, f.name) for f in fields(BuildOptions)
+             if getattr(args, f.name) is not None}
+    try:
+        return BuildOptions(**given)
+    except FieldError as exc:
+        raise UsageError(flag_name(exc.name), exc.message) from exc
+
+
+def open_model(model: str) -> SourceModel:
+    """'default', a GGUF file or a Hugging Face directory; UsageError naming --model if not."""
+    if model == "default":
+        return load_gguf(fetch_default(), sha256=DEFAULT_SHA256)
+    path = Path(model)
+    try:
+        if path.is_dir():
+            return load_hf_checkpoint(path)
+        if path.is_file():
+            with path.open("rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise UsageError("--model", f"{path}: not a GGUF file (and not a directory)")
+            return load_gguf(path)
+    except SourceError as exc:
+        raise UsageError("--model", str(exc)) from exc
+    raise UsageError("--model", f"{path}: no such file or directory (expected 'default', a "
+                     ".gguf file or a Hugging Face checkpoint directory)")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    if args.backend == "trtllm":
+        return run_trtllm_build(args)
+    options = build_options(args)
+    out: Path = args.output
+    if out.exists() and not args.force:
+        raise UsageError("--output", f"{out} already exists (pass --force to replace it)")
+    source = open_model(args.model)
+    try:
+        options.check_model(source.architecture)
+    except FieldError as exc:
+        raise UsageError(flag_name(exc.name), exc.message) from exc
+    start = time.perf_counter()
+    build_engine(source, options, out, name=args.name, replace=args.force)
+    seconds = time.perf_counter() - start
+    manifest = Manifest.load(out)
+    fp = footprint(manifest, out)
+    print(f"built {out} in {seconds:.1f}s: {manifest.name}, weights {manifest.quantization.weights}"
+          f" {human_bytes(fp.weight_bytes)}, kv {manifest.quantization.kv_cache_dtype} "
+          f"{human_bytes(fp.kv_cache_bytes)}")
+    return 0
+
+
+def run_trtllm_build(args: argparse.Namespace) -> int:
+    """Hands over to engine_builder.trtllm_build.main_build(args), imported only now.
+
+    ``args`` carries every build flag (None where not given, so that backend applies its own
+    defaults) and ``args.extra_args``: flags this parser does not know, for that backend to parse.
+    """
+    try:
+        module = importlib.import_module("engine_builder.trtllm_build")
+    except ModuleNotFoundError as exc:
+        if exc.name != "engine_builder.trtllm_build":
+            raise
+        raise UsageError("--backend", "trtllm: the TensorRT-LLM builder "
+                         "(engine_builder/trtllm_build.py) is not part of this install") from None
+    return int(module.main_build(args))
+
+
+def _add_fetch_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("fetch-default", help="download the default model (SmolLM2-135M)")
+    p.add_argument("--home", type=Path, default=None,
+                   help="cache directory (default: $BACKFILL_HOME or ~/.cache/backfill)")
+    p.set_defaults(handler=run_fetch)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    present = is_fetched(args.home)
+    path = fetch_default(args.home)
+    print(f"{path} ({'already present' if present else 'fetched'}, sha256 {DEFAULT_SHA256})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Fetch, build, inspect, run and "
+                                     "profile Backfill engines.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_fetch_parser(subparsers)
+    _add_build_parser(subparsers)
+    inspect_cmd.add_parser(subparsers)
+    run_cmd.add_parser(subparsers)
+    profile.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        is_trtllm_build = args.command == "build" and args.backend == "trtllm"
+        if extra and not is_trtllm_build:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # argparse already printed the usage and the message
+        return int(exc.code or 0)
+    args.extra_args = extra
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, SourceError, ManifestError, OSError) as exc:  # FetchError included
+        print(f"{PROG} {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
