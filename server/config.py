@@ -62,6 +62,20 @@ class ServerConfig:
         return self.metrics_port >= 0
 
 
+_HELP: dict[str, str] = {
+    "engine": "engine directory, or 'default' to fetch and build the default CPU engine",
+    "host": "address to bind (gRPC and metrics)",
+    "port": "gRPC port; 0 picks a free one (printed as 'listening on HOST:PORT')",
+    "metrics_port": "Prometheus /metrics port; 0 picks a free one, -1 turns it off",
+    "window_ms": "scheduler collection window W, in milliseconds",
+    "offline_reserve": "fraction of batch slots kept for OFFLINE work",
+    "preemption": "preempt OFFLINE sequences for ONLINE ones by recompute, or never",
+    "policy": "two-tier backfill, or one FCFS queue (the benchmark baseline)",
+    "max_online_queue": "queued ONLINE requests before RESOURCE_EXHAUSTED",
+    "max_offline_queue": "queued OFFLINE requests before RESOURCE_EXHAUSTED",
+    "price_per_hour": "accelerator price per hour, for the cost per 1M tokens",
+    "drain_grace_s": "on SIGTERM, seconds running ONLINE requests get to finish",
+}
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}
 
@@ -77,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             default=f.default,
             choices=_CHOICES.get(f.name),
-            help=f"(default: {f.default})",
+            help=f"{_HELP[f.name]} (default: {f.default})",
         )
 
 
