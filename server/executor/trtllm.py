@@ -124,6 +124,20 @@ def open_engine(b: Any, engine_dir: Path, manifest: Manifest, config: TrtllmConf
     return b.Executor(str(path), b.ModelType.DECODER_ONLY, executor_config(b, manifest, config))
 
 
+def probe_kv_blocks(b: Any, engine: Any, token_id: int, timeout_s: float = 120.0) -> int | None:
+    """The engine's real KV pool size: the pool is sized from free GPU memory at start, so
+    the manifest only has an estimate. Runs one 1-token request and reads KvCacheStats.
+    Call before any response thread exists (it would take the response)."""
+    import datetime
+
+    request_id = engine.enqueue_request(b.Request([token_id], 1, streaming=False,
+                                                  end_id=token_id, pad_id=token_id))
+    engine.await_responses(request_id, datetime.timedelta(seconds=timeout_s))
+    blocks = [it.kv_cache_stats.max_num_blocks for it in engine.get_latest_iteration_stats()
+              if getattr(it, "kv_cache_stats", None) is not None]
+    return int(blocks[-1]) if blocks else None
+
+
 def token_policy(manifest: Manifest) -> TokenPolicy:
     return TokenPolicy(eos_token_ids=manifest.tokenizer.eos_token_ids,
                        vocab_size=manifest.architecture.vocab_size,
@@ -142,13 +156,14 @@ class TrtllmExecutor:
     """One TensorRT-LLM engine behind the Executor protocol. Thread-safe."""
 
     def __init__(self, engine: Any, bindings: Any, tokenizer: EngineTokenizer,
-                 manifest: Manifest, config: TrtllmConfig | None = None) -> None:
+                 manifest: Manifest, config: TrtllmConfig | None = None, *,
+                 kv_blocks: int | None = None) -> None:
         self._b = bindings
         self._engine = engine
         self._tokenizer = tokenizer
         self._manifest = manifest
         self._policy = token_policy(manifest)
-        self._stats = StatsAccumulator(manifest.limits.num_kv_blocks)
+        self._stats = StatsAccumulator(kv_blocks or manifest.limits.num_kv_blocks)
         self._lock = threading.Lock()
         self._streams: dict[int, SequenceStream] = {}  # our request id -> its stream
         self._engine_ids: dict[int, int] = {}  # our request id -> engine request id
@@ -171,7 +186,8 @@ class TrtllmExecutor:
 
             return SpeculativeExecutor.open(b, Path(engine_dir), manifest, tokenizer, cfg)
         engine = open_engine(b, Path(engine_dir), manifest, cfg)
-        return cls(engine, b, tokenizer, manifest, cfg)
+        kv_blocks = probe_kv_blocks(b, engine, manifest.tokenizer.eos_token_ids[0])
+        return cls(engine, b, tokenizer, manifest, cfg, kv_blocks=kv_blocks)
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -242,7 +258,7 @@ class TrtllmExecutor:
         engine_id = response.request_id
         owner = self._owners.get(engine_id)
         if owner is None:  # ended on our side (stop string, shutdown) or unknown
-            if not response.has_error() and response.result.is_final:
+            if response.has_error() or response.result.is_final:
                 self._owners.pop(engine_id, None)
             return None
         stream = self._streams[owner]

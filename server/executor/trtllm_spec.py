@@ -27,6 +27,7 @@ from server.executor.trtllm import (
     TrtllmConfig,
     engine_capacity,
     open_engine,
+    probe_kv_blocks,
     token_policy,
 )
 from server.executor.trtllm_pump import Outbox, ResponsePump
@@ -63,7 +64,8 @@ class SpeculativeExecutor:
     """The Executor protocol over a target and a draft engine. Thread-safe."""
 
     def __init__(self, target: Any, draft: Any, bindings: Any, tokenizer: EngineTokenizer,
-                 manifest: Manifest, config: TrtllmConfig | None = None) -> None:
+                 manifest: Manifest, config: TrtllmConfig | None = None, *,
+                 kv_blocks: int | None = None) -> None:
         if manifest.draft is None:
             raise ValueError("a speculative executor needs manifest.draft")
         cfg = config or TrtllmConfig()
@@ -74,7 +76,7 @@ class SpeculativeExecutor:
         self._manifest = manifest
         self._max_draft_len = manifest.draft.max_draft_len
         self._policy = token_policy(manifest)
-        self._stats = StatsAccumulator(manifest.limits.num_kv_blocks)
+        self._stats = StatsAccumulator(kv_blocks or manifest.limits.num_kv_blocks)
         self._lock = threading.Lock()
         self._live: dict[int, _Spec] = {}
         self._on_target: dict[int, _Spec] = {}  # engine request id -> sequence
@@ -96,7 +98,8 @@ class SpeculativeExecutor:
         draft_manifest = Manifest.load(draft_dir)
         target = open_engine(b, engine_dir, manifest, config)
         draft = open_engine(b, draft_dir, draft_manifest, config)
-        return cls(target, draft, b, tokenizer, manifest, config)
+        kv_blocks = probe_kv_blocks(b, target, manifest.tokenizer.eos_token_ids[0])
+        return cls(target, draft, b, tokenizer, manifest, config, kv_blocks=kv_blocks)
 
     # -- the protocol ---------------------------------------------------------------------
 

@@ -277,9 +277,10 @@ def test_missing_tensorrt_llm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
 def test_factory_opens_a_trtllm_engine(bindings: Any, tmp_path: Path) -> None:
     from server.executor.factory import load_executor
 
-    ex = load_executor(make_engine_dir(tmp_path))
+    ex = load_executor(make_engine_dir(tmp_path, fake={"num_blocks": 24}))
     try:
         assert isinstance(ex, TrtllmExecutor)
+        assert ex.capacity.num_kv_blocks == 24  # probed at open, not the manifest's estimate
         ex.enqueue(ExecRequest(1, PROMPT, greedy(max_tokens=4)))
         assert tokens_of(collect(ex, [1])[1]) == expected_tokens(MODEL, PROMPT, 4)
     finally:

@@ -121,10 +121,12 @@ def test_target_without_draft_support_fails_the_request(spec: Any) -> None:
 
 
 def test_factory_opens_the_draft_target_executor(bindings: Any, tmp_path: Path) -> None:
-    root = make_engine_dir(tmp_path, draft_fake={"perturb_every": 3}, max_draft_len=K)
+    root = make_engine_dir(tmp_path, draft_fake={"perturb_every": 3}, max_draft_len=K,
+                           fake={"num_blocks": 24})
     ex = load_executor(root)
     try:
         assert isinstance(ex, SpeculativeExecutor)
+        assert ex.capacity.num_kv_blocks == 24
         ex.enqueue(ExecRequest(7, PROMPT, greedy(9), resume_token_ids=(97,)))
         out = tokens_of(collect(ex, [7])[7])
         assert out == expected_tokens(TARGET, (*PROMPT, 97), 8)
