@@ -27,6 +27,11 @@ Model of the engine (close enough to the real ones for scheduling tests):
   ``stop_after``) or a token in ``sampling.stop_token_ids`` is emitted after ``min_tokens``;
   ERROR when ``error_fn`` says so; CANCELLED after ``cancel`` or ``shutdown``.
 
+Text: each token's text is ``"<id>"`` (so a delta's text is its tokens, e.g. ``"<5><6>"``);
+``cached_prompt_tokens`` is set on a run's first and last delta, as the protocol says.
+Construct with ``ScriptedExecutor(capacity, token_fn=..., stop_after=..., error_fn=...,
+reject_fn=..., step_hook=...)``; every hook is optional (``DEFAULT_CAPACITY``: 4 slots).
+
 Everything is recorded for assertions: ``enqueued`` (every accepted ExecRequest), ``rejected``,
 ``cancels`` (every cancel call), ``step_log`` (per-step occupancy), ``outputs`` and ``finishes``
 per executor request id. The fake is thread-safe (one lock) so a scheduler thread can drive it.
