@@ -1,14 +1,15 @@
 """Decoding ``manifest.json`` into the dataclasses of ``manifest.py``, with precise errors.
 
 Each section's JSON keys and types come from its dataclass fields (the annotation strings that
-``from __future__ import annotations`` leaves), so the schema is written down once. A field
-with no default is required. Errors are ``FieldError`` carrying the full JSON path.
+``from __future__ import annotations`` leaves), so the schema is written down once. Every key
+is required except nullable ones (``X | None``), which may be absent. Errors are ``FieldError``
+carrying the full JSON path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any, TypeVar
 
 from engine_builder.manifest import (
@@ -113,7 +114,8 @@ def parse_section(cls: type[T], data: object, path: str) -> T:
     for f in fields(cls):  # type: ignore[arg-type]
         sub = f"{path}.{f.name}"
         if f.name not in data:
-            if f.default is MISSING and f.default_factory is MISSING:
+            # Only nullable keys may be left out; a dataclass default is for code, not files.
+            if not str(f.type).endswith(" | None"):
                 raise FieldError(sub, "missing")
             continue
         kwargs[f.name] = _decode_value(str(f.type), data[f.name], sub)
