@@ -193,5 +193,5 @@ def test_synthetic_gguf_builds_the_same_engine_as_the_hf_checkpoint(tmp_path: Pa
 def test_non_gguf_file_is_a_source_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
-    with pytest.raises(SourceError, match="bad.gguf"):
+    with pytest.raises(SourceError, match=r"bad\.gguf"):
         load_gguf(bad)

@@ -69,7 +69,7 @@ def test_with_profile_returns_a_new_manifest() -> None:
 def test_missing_directory_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="does not exist"):
         Manifest.load(tmp_path / "nope")
-    with pytest.raises(ManifestError, match="manifest.json: missing"):
+    with pytest.raises(ManifestError, match=r"manifest\.json: missing"):
         Manifest.load(tmp_path)
 
 
@@ -138,7 +138,7 @@ def test_trtllm_manifest_needs_engine_dir_and_has_no_weights_path(tmp_path: Path
                 quantization=Quantization("int4_awq", 128, "fp8", "W4A16_AWQ", "FP8"))
     m.save(tmp_path)
     assert Manifest.load(tmp_path) == m
-    with pytest.raises(ManifestError, match="no files.weights"):
+    with pytest.raises(ManifestError, match=r"no files\.weights"):
         m.weights_path(tmp_path)
     with pytest.raises(FieldError, match="engine_dir"):
         replace(m, files={"weights": "w"})
