@@ -64,12 +64,15 @@ done
 for out in "${built[@]}"; do
   say "server benchmark on $out"
   if [[ -f benchmarks/bench_scheduler.py ]]; then
-    "$PY" benchmarks/bench_scheduler.py --engine "$out" | tee "$out/bench_scheduler.txt" || status=1
+    "$PY" -m benchmarks.bench_scheduler --engine "$out" --max-prompt-tokens 512 \
+      --max-output-tokens 128 --offline-output-tokens 256 \
+      --json-out "$out/bench_scheduler.json" | tee "$out/bench_scheduler.txt" || status=1
   else
     echo "benchmarks/bench_scheduler.py not found; skipped"; status=1
   fi
   if [[ -f benchmarks/bench_gpu.py ]]; then
-    "$PY" benchmarks/bench_gpu.py --engine "$out" | tee "$out/bench_gpu.txt" || status=1
+    "$PY" -m benchmarks.bench_gpu --engine "$out" --json-out "$out/bench_gpu.json" \
+      | tee "$out/bench_gpu.txt" || status=1
   fi
 done
 
