@@ -19,7 +19,8 @@ from typing import Any
 
 from server.executor.base import ExecRequest, FinishReason, SamplingParams
 
-# Tells the engine there is no end token: TensorRT-LLM treats end_id -1 as "never ends".
+# No end token: what TensorRT-LLM's own LLM API sends for ignore_eos
+# (tensorrt_llm/executor/worker.py: ``end_id=-1 if sampling_params.ignore_eos``).
 NO_END_ID = -1
 
 
