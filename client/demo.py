@@ -23,14 +23,19 @@ from pathlib import Path
 
 from client.aio import AsyncClient
 from client.bench.command import TraceLoad, pick_model
-from client.bench.loadgen import LoadResult, LoadSpec, run_load
+from client.bench.loadgen import (
+    LoadResult,
+    LoadSpec,
+    run_load,
+    saturated_rate,
+)
 from client.bench.local_server import LocalServer
 from client.bench.report import Summary, format_table, summarize
 from client.bench.trace import DEFAULT_TRACE, length_pool, load_trace, time_scale_for_rate
-from client.types import ModelInfo, SamplingParams, Tier
+from client.types import SamplingParams, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, not measured: $ per accelerator-hour for the cost figures
-ONLINE_SHARE = 0.3  # aim online traffic at about this share of the slots
+ONLINE_SHARE = 0.3  # online arrivals at this share of the rate the engine sustains
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +64,6 @@ def ensure_engine() -> Path:
     path = ensure_default_engine()
     say(f"      built in {time.monotonic() - start:.0f}s")
     return path
-
-
-async def probe_latency(client: AsyncClient, model: ModelInfo, plan: DemoPlan) -> float:
-    """Seconds one mid-sized request takes alone (the basis for the online arrival rate)."""
-    span = max(1, model.vocab_size - 100)
-    prompt = [100 + (i * 37) % span for i in range(plan.max_prompt_tokens // 2)]
-    sampling = SamplingParams(max_tokens=plan.max_output_tokens // 2, ignore_eos=True)
-    await client.complete(token_ids=prompt, sampling=sampling)  # warm-up
-    start = time.monotonic()
-    await client.complete(token_ids=prompt, sampling=sampling)
-    return time.monotonic() - start
 
 
 async def show_answer(client: AsyncClient) -> None:
@@ -124,8 +118,10 @@ async def drive(address: str, plan: DemoPlan) -> None:
         say(f"      model {model.name}: {model.backend}, {model.max_batch_size} slots, "
             f"max {model.max_seq_len} tokens, {model.parameter_count / 1e6:.0f}M parameters")
         await show_answer(client)
-        latency = await probe_latency(client, model, plan)
-        rate = ONLINE_SHARE * model.max_batch_size / max(latency, 1e-3)
+        lengths = length_pool(plan.max_prompt_tokens, plan.max_output_tokens)
+        say("      measuring the engine's saturated request rate (a short probe) ...")
+        peak = await saturated_rate(client, model.vocab_size, lengths, model.max_batch_size)
+        rate = ONLINE_SHARE * peak
         trace = load_trace(DEFAULT_TRACE)
         speedup = time_scale_for_rate(trace, rate)
         online = TraceLoad(duration_s=plan.duration_s, max_prompt_tokens=plan.max_prompt_tokens,

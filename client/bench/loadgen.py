@@ -37,6 +37,8 @@ class RequestRecord:
     tpot_s: float | None = None  # mean time per output token after the first
     end_s: float | None = None  # seconds from the run's start
     error: str | None = None  # error class name; "cut" = cancelled at the end of the window
+    waited_s: float | None = None  # send to end, for requests that never got a token
+    server_ttft_s: float | None = None  # the server's own TTFT (arrival to first token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class _Run:
         sent = time.monotonic()
         first: float | None = None
         tokens = 0
+        server_ttft: float | None = None
         stream = self.client.generate(
             token_ids=prompt,
             sampling=_sampling(req.output_tokens),
@@ -136,6 +139,8 @@ class _Run:
                 if chunk.token_ids and first is None:
                     first = time.monotonic()
                 tokens += len(chunk.token_ids)
+                if chunk.timing is not None:
+                    server_ttft = chunk.timing.ttft_s
         except BackfillError as exc:
             error = type(exc).__name__
         except asyncio.CancelledError:
@@ -145,7 +150,10 @@ class _Run:
         end = time.monotonic()
         ttft = None if first is None else first - sent
         tpot = (end - first) / (tokens - 1) if first is not None and tokens > 1 else None
-        self.records.append(RequestRecord(tier, tokens, ttft, tpot, end - self.t0, error))
+        waited = end - sent if first is None else None
+        self.records.append(
+            RequestRecord(tier, tokens, ttft, tpot, end - self.t0, error, waited, server_ttft)
+        )
 
     async def open_loop(self) -> None:
         tasks: list[asyncio.Task[None]] = []
@@ -215,7 +223,8 @@ def _batch_records(results: Sequence[BatchResult], t_end: float) -> list[Request
         if r.finish_reason is not None and r.finish_reason.value == "cancelled":
             error = "cut"
         tpot = decode / (n - 1) if decode is not None and n > 1 else None
-        records.append(RequestRecord(Tier.OFFLINE, n, r.timing.ttft_s, tpot, t_end, error))
+        ttft = r.timing.ttft_s
+        records.append(RequestRecord(Tier.OFFLINE, n, ttft, tpot, t_end, error, None, ttft))
     return records
 
 
@@ -232,6 +241,28 @@ async def _offline_batch(run: _Run) -> tuple[str, list[RequestRecord]]:
     await run.client.cancel_batch(job.id)
     results = [r async for r in run.client.results(job.id)]
     return job.id, _batch_records(results, run.now())
+
+
+async def saturated_rate(
+    client: AsyncClient,
+    vocab_size: int,
+    lengths: Sequence[TraceRequest],
+    concurrency: int,
+    seconds: float = 4.0,
+) -> float:
+    """Requests/s the server completes for these lengths with ``concurrency`` always in flight
+    (a short closed-loop probe): the capacity that online arrival rates are scaled against."""
+    spec = LoadSpec(
+        duration_s=seconds,
+        vocab_size=vocab_size,
+        concurrency=concurrency,
+        lengths=tuple(lengths),
+        sample_interval_s=seconds,
+        drain_s=0.0,
+    )
+    result = await run_load(client, spec)
+    done = sum(1 for r in result.records if r.error is None)
+    return done / max(result.window_s, 1e-3)
 
 
 async def run_load(client: AsyncClient, spec: LoadSpec) -> LoadResult:

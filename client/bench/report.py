@@ -38,12 +38,14 @@ class TierSummary:
 
     tier: str
     requests: int  # finished without error
+    unserved: int  # online requests cut before their first token (their wait counts as TTFT)
     errors: int  # failed (cut-at-end requests are not counted)
     tokens: int  # generated in the window
     tokens_per_s: float
     requests_per_s: float
     ttft_ms: tuple[float | None, float | None, float | None]  # p50, p90, p99
     tpot_ms: tuple[float | None, float | None, float | None]
+    server_ttft_ms: tuple[float | None, float | None, float | None]  # as the server timed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +100,22 @@ def _tier_summary(
     else:
         tokens = sum(r.output_tokens for r in mine)
         tps = tokens / window if window > 0 else 0.0
+    # An online request that never got a token waited at least this long: leaving it out
+    # would flatter a policy that starves online traffic.
+    unserved = [r.waited_s for r in mine if r.error == "cut" and r.waited_s is not None]
+    if tier is not Tier.ONLINE:
+        unserved = []
     return TierSummary(
         tier=tier.value,
         requests=len(ok),
+        unserved=len(unserved),
         errors=sum(1 for r in mine if r.error not in (None, "cut")),
         tokens=tokens,
         tokens_per_s=tps,
         requests_per_s=len(ok) / window if window > 0 else 0.0,
-        ttft_ms=_ms_percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        ttft_ms=_ms_percentiles([r.ttft_s for r in ok if r.ttft_s is not None] + unserved),
         tpot_ms=_ms_percentiles([r.tpot_s for r in ok if r.tpot_s is not None]),
+        server_ttft_ms=_ms_percentiles([r.server_ttft_s for r in ok if r.server_ttft_s]),
     )
 
 
@@ -163,6 +172,8 @@ def format_table(summaries: Sequence[Summary]) -> str:
             )
             if t.errors:
                 lines[-1] += f"  ({t.errors} errors)"
+            if t.unserved:
+                lines[-1] += f"  ({t.unserved} unserved, TTFT counted as their wait)"
         lines.append(
             f"{s.name:<18} {'all':<8} {s.requests_per_s:>7.1f} {s.tokens_per_s:>8.1f} "
             f"{'':>22} {'':>22} {_pct(s.occupancy):>5} {_f(s.cost_per_million_tokens, '.2f'):>9}"

@@ -1,0 +1,195 @@
+"""Backfill against the baselines, in one run, on one engine: online traffic replayed from the
+Azure conversation trace (sped up and length-scaled to the engine) plus an offline backlog.
+
+Variants (a fresh server each, same online arrivals):
+  online-only   the trace alone (policy backfill; no offline work to place)
+  offline-only  the backlog alone: what the engine does when full
+  fcfs          both, one first-come-first-served queue (server --policy fcfs)
+  backfill      both, --policy backfill --offline-reserve 0.1 --preemption recompute
+
+Goals (printed PASS/FAIL): backfill occupancy >= 90%; backfill online TTFT p99 <= 1.25x
+online-only's; backfill offline tokens/s >= 80% of what online-only left unused, where unused =
+offline-only tokens/s - online-only tokens/s (the engine's full rate less what online used).
+
+    python -m benchmarks.bench_scheduler --engine tiny --duration 20      # quick
+    python -m benchmarks.bench_scheduler --duration 45 --json-out sched.json   # default engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from client.aio import AsyncClient
+from client.bench.command import TraceLoad, pick_model
+from client.bench.loadgen import LoadSpec, run_load, saturated_rate
+from client.bench.local_server import LocalServer
+from client.bench.report import Summary, format_table, plot, summarize, write_json
+from client.bench.trace import length_pool
+from client.types import ModelInfo, Tier
+
+PRICE_PER_HOUR = 2.0  # stated, $ per accelerator-hour
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    server_args: tuple[str, ...]
+    online: bool
+    offline: bool
+
+
+VARIANTS = (
+    Variant("online-only", ("--policy", "backfill"), online=True, offline=False),
+    Variant("offline-only", ("--policy", "backfill"), online=False, offline=True),
+    Variant("fcfs", ("--policy", "fcfs"), online=True, offline=True),
+    Variant(
+        "backfill",
+        ("--policy", "backfill", "--offline-reserve", "0.1", "--preemption", "recompute"),
+        online=True,
+        offline=True,
+    ),
+)
+
+
+def resolve_engine(engine: str) -> Path:
+    if engine == "tiny":
+        from engine_builder.tiny import build_tiny_engine
+
+        return build_tiny_engine(Path(tempfile.mkdtemp(prefix="bench-sched-")) / "tiny")
+    if engine == "default":
+        from engine_builder.default import ensure_default_engine
+
+        return ensure_default_engine()
+    return Path(engine)
+
+
+def server_args(variant: Variant) -> tuple[str, ...]:
+    return (*variant.server_args, "--metrics-port", "-1", "--max-online-queue", "8192",
+            "--price-per-hour", str(PRICE_PER_HOUR))
+
+
+async def plan_load(address: str, args: argparse.Namespace) -> tuple[ModelInfo, LoadSpec, float]:
+    """The shared load: online arrivals at ``--online-share`` of the rate the engine sustains
+    for online-sized requests (a short saturation probe), and the offline backlog."""
+    lengths = tuple(length_pool(args.max_prompt_tokens, args.max_output_tokens))
+    async with AsyncClient(address) as client:
+        model = await pick_model(client)
+        rate = args.online_rate or args.online_share * await saturated_rate(
+            client, model.vocab_size, lengths, model.max_batch_size
+        )
+    online = TraceLoad(duration_s=args.duration, max_prompt_tokens=args.max_prompt_tokens,
+                       max_output_tokens=args.max_output_tokens, rate=rate).arrivals()
+    backlog = args.offline_backlog or min(5000, 100 * model.max_batch_size)
+    spec = LoadSpec(
+        duration_s=args.duration,
+        vocab_size=model.vocab_size,
+        online=online,
+        lengths=lengths,
+        offline_backlog=backlog,
+        offline_lengths=tuple(length_pool(args.max_prompt_tokens, args.offline_output_tokens)),
+        seed=args.seed,
+    )
+    return model, spec, rate
+
+
+async def run_variant(address: str, variant: Variant, spec: LoadSpec) -> Summary:
+    spec = replace(
+        spec,
+        online=spec.online if variant.online else (),
+        offline_backlog=spec.offline_backlog if variant.offline else 0,
+    )
+    async with AsyncClient(address) as client:
+        result = await run_load(client, spec)
+    return summarize(variant.name, result, price_per_hour=PRICE_PER_HOUR)
+
+
+def check_goals(by_name: dict[str, Summary]) -> list[tuple[str, bool, str]]:
+    online_only, offline_only, backfill = (
+        by_name["online-only"], by_name["offline-only"], by_name["backfill"]
+    )
+    occ = backfill.occupancy or 0.0
+    base_p99 = online_only.tier(Tier.ONLINE).ttft_ms[2]
+    bf_p99 = backfill.tier(Tier.ONLINE).ttft_ms[2]
+    ratio = (bf_p99 / base_p99) if bf_p99 is not None and base_p99 else float("inf")
+    unused = max(0.0, offline_only.tokens_per_s - online_only.tokens_per_s)
+    offline_tps = backfill.tier(Tier.OFFLINE).tokens_per_s
+    share = offline_tps / unused if unused > 0 else float("inf")
+    return [
+        ("backfill slot occupancy >= 90%", occ >= 0.90, f"{occ:.0%}"),
+        ("online TTFT p99 <= 1.25x online-only", ratio <= 1.25,
+         f"{_ms(bf_p99)} vs {_ms(base_p99)} = {ratio:.2f}x (server-timed: "
+         f"{_ms(backfill.tier(Tier.ONLINE).server_ttft_ms[2])} vs "
+         f"{_ms(online_only.tier(Tier.ONLINE).server_ttft_ms[2])})"),
+        ("offline tok/s >= 80% of unused", share >= 0.80,
+         f"{offline_tps:.0f} of {unused:.0f} tok/s unused = {share:.0%}"),
+    ]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_scheduler",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--engine", default="default", help="default | tiny | an engine directory")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per variant")
+    p.add_argument("--max-prompt-tokens", type=int, default=64)
+    p.add_argument("--max-output-tokens", type=int, default=16)
+    p.add_argument("--offline-output-tokens", type=int, default=32)
+    p.add_argument("--offline-backlog", type=int, default=0, help="0: 100 per slot (max 5000)")
+    p.add_argument("--online-share", type=float, default=0.3,
+                   help="online rate as a share of the saturated request rate")
+    p.add_argument("--online-rate", type=float, default=None, help="or give the rate (req/s)")
+    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    engine = resolve_engine(args.engine)
+    chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
+    summaries: list[Summary] = []
+    spec: LoadSpec | None = None
+    model: ModelInfo | None = None
+    rate = 0.0
+    for variant in chosen:
+        with LocalServer(engine, *server_args(variant)) as server:
+            if spec is None:
+                model, spec, rate = asyncio.run(plan_load(server.address, args))
+                print(f"load: {len(spec.online)} online requests over {args.duration:g}s "
+                      f"(trace at mean {rate:.2f} req/s), offline backlog "
+                      f"{spec.offline_backlog}", file=sys.stderr)
+            print(f"running {variant.name} ...", file=sys.stderr, flush=True)
+            summaries.append(asyncio.run(run_variant(server.address, variant, spec)))
+    assert model is not None
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; engine {model.name} "
+          f"({model.backend}, {model.max_batch_size} slots); price ${PRICE_PER_HOUR:.2f}/h; "
+          f"{args.duration:g}s per variant; online: Azure conv trace at {rate:.2f} req/s, "
+          f"prompt <= {args.max_prompt_tokens}, output <= {args.max_output_tokens} tokens; "
+          f"offline output <= {args.offline_output_tokens} tokens")
+    print(format_table(summaries))
+    by_name = {s.name: s for s in summaries}
+    if {"online-only", "offline-only", "backfill"} <= by_name.keys():
+        for goal, ok, detail in check_goals(by_name):
+            print(f"{'PASS' if ok else 'FAIL'}  {goal}: {detail}")
+    if args.json_out:
+        write_json(summaries, args.json_out, engine=str(engine), rate=rate,
+                   price_per_hour=PRICE_PER_HOUR)
+    if args.plot and not plot(summaries, args.plot):
+        print("--plot skipped: matplotlib is not installed", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
