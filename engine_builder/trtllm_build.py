@@ -133,6 +133,9 @@ def options_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
     if getattr(args, "group_size", None) is not None:
         raise ValueError("--group-size: not used on trtllm (int4_awq uses 128; int4 is "
                          "per-channel)")
+    if getattr(args, "num_kv_blocks", None) is not None:
+        raise ValueError("--num-kv-blocks: not used on trtllm (the KV pool is sized from free "
+                         "GPU memory when the engine starts; see BACKFILL_TRTLLM_KV_FRACTION)")
     given = {
         "quant": args.quant, "kv_cache_dtype": args.kv_cache_dtype,
         "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,

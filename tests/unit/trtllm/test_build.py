@@ -242,6 +242,8 @@ def test_bad_input_is_caught_before_any_step(tmp_path: Path, examples: Path) -> 
     assert main_build(cli_args([*base, "--tp-size", "2"]), probe=probe(gpus=1),
                       runner=runner) == 2
     assert main_build(cli_args([*base, "--no-such-flag"]), probe=probe(), runner=runner) == 2
+    assert main_build(cli_args([*base, "--num-kv-blocks", "100"]), probe=probe(),
+                      runner=runner) == 2
     assert runner.calls == []
 
 
