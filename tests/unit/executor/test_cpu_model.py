@@ -183,9 +183,10 @@ def test_int4_linear_equals_dequantized_matmul() -> None:
     s = (rng.random((out, cols // g)) / 10).astype(np.float32)
     lin = Int4Linear(packed, s, g)
     lin._tile_rows = 48
-    x = rng.standard_normal((3, cols)).astype(np.float32)
     w = q * np.repeat(s, g, axis=1).astype(np.float64)
-    np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    for n in (1, 3, 9):  # the grouped decode path and the scaled-tile path
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
     ids = np.array([5, 0, 199])
     np.testing.assert_allclose(lin.rows(ids), w[ids], rtol=1e-6)
 
