@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine_builder.manifest import DraftInfo, Limits, Quantization
 from engine_builder.source import SourceModel
@@ -104,8 +105,10 @@ class TrtllmBuildOptions:
         return AWQ_GROUP_SIZE if self.quant == "int4_awq" else None
 
 
-def add_trtllm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The trtllm-only build flags (the shared ones come from the main build parser)."""
+def add_trtllm_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """The trtllm-only build flags (the shared ones come from the main build parser). The CLI
+    may add them to its build parser (or an argument group, for --help) or leave them in
+    ``args.extra_args``: ``options_from_args`` reads both."""
     parser.add_argument("--draft", type=Path, default=None, metavar="HF_DIR",
                         help="draft model for draft-target speculative decoding")
     parser.add_argument("--max-draft-len", type=int, default=None, metavar="K",
@@ -129,6 +132,9 @@ def options_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
         extra = extra_parser.parse_args(list(getattr(args, "extra_args", None) or []))
     except SystemExit:
         raise ValueError("unrecognized trtllm build flags (see the message above)") from None
+    for name, value in vars(extra).items():  # flags the main parser already took, if it did
+        if value is None and getattr(args, name, None) is not None:
+            setattr(extra, name, getattr(args, name))
     env = os.environ if environ is None else environ
     if getattr(args, "group_size", None) is not None:
         raise ValueError("--group-size: not used on trtllm (int4_awq uses 128; int4 is "

@@ -258,3 +258,20 @@ def test_int4_manifest_records_per_channel_scales(tmp_path: Path, examples: Path
     assert main_build(args, probe=probe(), runner=FakeRunner()) == 0
     q = Manifest.load(out).quantization
     assert (q.quant_algo, q.group_size) == ("W4A16", None)
+
+
+def test_flags_added_to_the_main_parser_work_too() -> None:
+    from engine_builder.trtllm_build import add_trtllm_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    parser.add_argument("--output")
+    for name in ("quant", "kv_cache_dtype", "max_batch_size", "max_seq_len", "max_num_tokens",
+                 "tokens_per_block"):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
+    add_trtllm_arguments(parser.add_argument_group("trtllm"))
+    args = parser.parse_args(["--model", "/m", "--output", "/o", "--draft", "/d",
+                              "--max-draft-len", "6", "--tp-size", "2"])
+    args.extra_args = []
+    o = options_from_args(args, environ={})
+    assert (o.draft, o.max_draft_len, o.tp_size) == (Path("/d"), 6, 2)
