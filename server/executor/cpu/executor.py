@@ -50,8 +50,13 @@ class CpuExecutor:
         self._ready = threading.Condition(self._lock)  # pollers wait for deltas
         self._inbox: list[ExecRequest] = []
         self._cancels: list[int] = []
-        self._outbox: dict[int, TokenDelta] = {}
+        self._outbox: list[TokenDelta] = []
+        # request id -> index in _outbox of its unfinished delta, which later deltas extend.
+        # A finished delta is never extended: the id may be reused by a new request at once.
+        self._open: dict[int, int] = {}
         self._live: set[int] = set()  # enqueued ids without a final delta yet
+        # Requests taken from the inbox that the last stats snapshot does not show yet.
+        self._handed_over = 0
         self._stopping = False
         self._step_lock = threading.Lock()  # held by the worker while it touches the runner
         self._blas_threads = default_threads() if blas_threads is None else blas_threads
@@ -105,14 +110,15 @@ class CpuExecutor:
         with self._lock:
             if not self._outbox and timeout > 0:
                 self._ready.wait_for(lambda: bool(self._outbox), timeout)
-            deltas = list(self._outbox.values())
-            self._outbox.clear()
+            deltas, self._outbox = self._outbox, []
+            self._open.clear()
         return deltas
 
     def stats(self) -> ExecutorStats:
         with self._lock:
             stats = self._stats
-            return replace(stats, queued=stats.queued + len(self._inbox))
+            queued = stats.queued + len(self._inbox) + self._handed_over
+            return replace(stats, queued=queued)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -163,6 +169,7 @@ class CpuExecutor:
                     break
                 requests, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                self._handed_over = len(requests)
             self._publish(self._run_step(requests, cancels))
         with self._step_lock:
             self._runner.cancel_all()
@@ -191,12 +198,19 @@ class CpuExecutor:
     def _publish(self, deltas: list[TokenDelta]) -> None:
         with self._lock:
             self._stats = self._snapshot()
+            self._handed_over = 0
             for delta in deltas:
-                previous = self._outbox.get(delta.request_id)
-                merged = delta if previous is None else _merge(previous, delta)
-                self._outbox[delta.request_id] = merged
-                if delta.finish is not None:
-                    self._live.discard(delta.request_id)
+                rid = delta.request_id
+                index = self._open.pop(rid, None)
+                if index is None:
+                    index = len(self._outbox)
+                    self._outbox.append(delta)
+                else:
+                    self._outbox[index] = _merge(self._outbox[index], delta)
+                if delta.finish is None:
+                    self._open[rid] = index
+                else:
+                    self._live.discard(rid)
             if deltas:
                 self._ready.notify_all()
 

@@ -296,3 +296,24 @@ def test_duplicate_live_id_raises_and_shutdown_cancels(
     assert [d.finish for d in deltas] == [FinishReason.CANCELLED]
     with pytest.raises(RuntimeError):
         ex.enqueue(_req(2, (5,)))
+
+
+def test_reused_id_is_not_merged_into_the_previous_final_delta(
+    tiny_engine: Path, open_executor: Callable[[Path], CpuExecutor]
+) -> None:
+    ex = open_executor(tiny_engine)
+
+    def run_unpolled(prompt: tuple[int, ...]) -> None:
+        ex.enqueue(_req(1, prompt, max_tokens=3))
+        deadline = time.monotonic() + 30
+        while ex.stats().active or ex.stats().queued or ex.stats().generated_tokens % 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    run_unpolled((5, 6, 7))
+    run_unpolled((8, 9))
+    deltas = ex.poll(0.0)
+    assert [(d.request_id, len(d.token_ids), d.finish) for d in deltas] == [
+        (1, 3, FinishReason.LENGTH),
+        (1, 3, FinishReason.LENGTH),
+    ]
