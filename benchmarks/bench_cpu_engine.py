@@ -84,7 +84,7 @@ def measure_bandwidth_gb_s(num_bytes: int = 1 << 30) -> tuple[float, float]:
     matrix (the access pattern of decode). The roofline uses the faster of the two."""
     buf = np.ones(num_bytes // 4, np.float32)
     half = buf.shape[0] // 2
-    matrix = buf.reshape(-1, 576)[: buf.shape[0] // 576]
+    matrix = buf[: buf.shape[0] // 576 * 576].reshape(-1, 576)
     x = np.ones(576, np.float32)
     rates = []
     for op in (lambda: np.dot(buf[:half], buf[half:]), lambda: matrix @ x):
