@@ -317,3 +317,20 @@ def test_reused_id_is_not_merged_into_the_previous_final_delta(
         (1, 3, FinishReason.LENGTH),
         (1, 3, FinishReason.LENGTH),
     ]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"quant": "int8"}, {"quant": "int4"}, {"kv_cache_dtype": "int8"}],
+    ids=["int8", "int4", "int8-kv"],
+)
+def test_quantized_engines_generate_through_the_executor(
+    tiny_engine_factory: Factory,
+    open_executor: Callable[[Path], CpuExecutor],
+    variant: dict[str, str],
+) -> None:
+    ex = open_executor(tiny_engine_factory(**variant))
+    requests = [_req(i, p, max_tokens=10) for i, p in enumerate(_prompts(4, seed=30))]
+    got = collect(ex, requests)
+    assert all(len(c.token_ids) == 10 and c.finish is FinishReason.LENGTH for c in got.values())
+    _assert_idle(ex)
