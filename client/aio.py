@@ -54,7 +54,8 @@ _CHANNEL_OPTIONS = (
 class AsyncClient:
     """Talks to one Backfill server. Use as ``async with AsyncClient(target) as client``.
 
-    ``transport="session"`` (default) multiplexes every request on one ``Session`` stream;
+    ``transport="session"`` (default) multiplexes every request of a tier on one ``Session``
+    stream (one stream per tier, so online chunks never queue behind offline ones);
     ``"unary"`` makes one ``Generate`` call per request. ``timeout`` bounds each unary RPC and
     each generation as a whole (client side); ``max_retries`` bounds the retries of requests
     that are safe to resend (UNAVAILABLE before any token).
@@ -86,7 +87,9 @@ class AsyncClient:
         self._options = (*_CHANNEL_OPTIONS, *channel_options)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceServiceStub | None = None
-        self._session: Session | None = None
+        # One Session per tier: responses of one stream arrive in order, so online chunks
+        # must not queue behind a backlog of offline ones (head-of-line blocking).
+        self._sessions: dict[int, Session] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -101,9 +104,9 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Cancels open requests and closes the connection."""
-        if self._session is not None:
-            await self._session.aclose()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.aclose()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -111,8 +114,8 @@ class AsyncClient:
 
     @property
     def num_open_requests(self) -> int:
-        """Requests open on the Session stream (0 with the unary transport)."""
-        return self._session.num_open if self._session is not None else 0
+        """Requests open on the Session streams (0 with the unary transport)."""
+        return sum(session.num_open for session in self._sessions.values())
 
     # --- generation -----------------------------------------------------------------------
 
@@ -184,11 +187,12 @@ class AsyncClient:
         stub = self._ensure_stub()
         if self.transport == "unary":
             return UnarySource(stub, request, self._metadata)
-        if self._session is None:
-            self._session = Session(stub, self._metadata)
+        session = self._sessions.get(request.tier)
+        if session is None:
+            session = self._sessions[request.tier] = Session(stub, self._metadata)
         if not request.client_request_id:
-            request.client_request_id = self._session.next_request_id()
-        return self._session.start(request)
+            request.client_request_id = session.next_request_id()
+        return session.start(request)
 
     # --- offline batch jobs ---------------------------------------------------------------
 
