@@ -1,0 +1,46 @@
+"""The SDK and CLI on the real default engine (SmolLM2-135M-Instruct, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from client import AsyncClient, Client, FinishReason, SamplingParams
+from client.cli import main
+
+pytestmark = pytest.mark.model
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def server(default_engine):
+    from server.app import serve_in_thread
+    from server.config import ServerConfig
+
+    thread = serve_in_thread(ServerConfig(engine=str(default_engine), port=0, metrics_port=-1))
+    yield thread
+    thread.stop(grace_s=1.0)
+
+
+def test_chat_answer_through_the_sync_client(server):
+    with Client(server.address) as client:
+        done = client.complete(messages=QUESTION, sampling=GREEDY)
+    assert done.text.strip() == "The capital of France is Paris."
+    assert done.finish_reason is FinishReason.STOP
+    assert done.usage.completion_tokens == len(done.token_ids)
+
+
+async def test_streamed_text_matches_and_never_splits_characters(server):
+    async with AsyncClient(server.address) as client:
+        chunks = [c async for c in client.generate(messages=QUESTION, sampling=GREEDY)]
+        done = await client.complete(messages=QUESTION, sampling=GREEDY)
+    assert "".join(c.text for c in chunks) == done.text
+    assert all("\ufffd" not in c.text for c in chunks)
+
+
+def test_cli_generate_chat(server, capsys):
+    rc = main(["generate", "--target", server.address, "--chat", "--temperature", "0",
+               "--max-tokens", "24", "What is the capital of France?"])
+    assert rc == 0
+    assert "Paris" in capsys.readouterr().out
