@@ -123,7 +123,7 @@ async def drive(address: str, plan: DemoPlan) -> None:
         peak = await saturated_rate(client, model.vocab_size, lengths, model.max_batch_size)
         rate = ONLINE_SHARE * peak
         trace = load_trace(DEFAULT_TRACE)
-        speedup = time_scale_for_rate(trace, rate)
+        speedup = time_scale_for_rate(trace, rate, plan.duration_s)
         online = TraceLoad(duration_s=plan.duration_s, max_prompt_tokens=plan.max_prompt_tokens,
                            max_output_tokens=plan.max_output_tokens, rate=rate).arrivals()
         spec = LoadSpec(

@@ -47,7 +47,7 @@ class TraceLoad:
         trace = load_trace(self.path)
         scale = self.time_scale
         if scale is None:
-            scale = time_scale_for_rate(trace, self.rate) if self.rate else 1.0
+            scale = time_scale_for_rate(trace, self.rate, self.duration_s) if self.rate else 1.0
         return tuple(
             scale_trace(
                 trace,

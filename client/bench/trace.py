@@ -101,12 +101,24 @@ def scale_trace(
     return out
 
 
-def time_scale_for_rate(requests: Sequence[TraceRequest], rate: float) -> float:
-    """The time_scale that makes the trace's mean arrival rate ``rate`` requests/s."""
-    span = requests[-1].arrival_s - requests[0].arrival_s if len(requests) > 1 else 0.0
-    if span <= 0 or rate <= 0:
-        raise ValueError("need a trace spanning some time and a positive rate")
-    return rate * span / (len(requests) - 1)
+def time_scale_for_rate(
+    requests: Sequence[TraceRequest], rate: float, duration_s: float | None = None
+) -> float:
+    """The time_scale that replays the trace at ``rate`` requests/s.
+
+    Without ``duration_s``: the trace's mean rate over its whole span. With it: the rate over
+    the first ``rate * duration_s`` requests, i.e. the ones a run of that length replays (a
+    trace's opening minutes can be much quieter or busier than its mean).
+    """
+    if rate <= 0 or len(requests) < 2:
+        raise ValueError("need a trace of two or more requests and a positive rate")
+    count = len(requests)
+    if duration_s is not None:
+        count = min(count, max(2, round(rate * duration_s)))
+    span = requests[count - 1].arrival_s - requests[0].arrival_s
+    if span <= 0:
+        raise ValueError("the trace's requests all arrive at once")
+    return rate * span / (count - 1)
 
 
 def poisson_arrivals(
