@@ -107,12 +107,12 @@ def run_build(args: argparse.Namespace) -> int:
     out: Path = args.output
     if out.exists() and not args.force:
         raise UsageError("--output", f"{out} already exists (pass --force to replace it)")
+    start = time.perf_counter()  # reading (and dequantizing) the source counts too
     source = open_model(args.model)
     try:
         options.check_model(source.architecture)
     except FieldError as exc:
         raise UsageError(flag_name(exc.name), exc.message) from exc
-    start = time.perf_counter()
     build_engine(source, options, out, name=args.name, replace=args.force)
     seconds = time.perf_counter() - start
     manifest = Manifest.load(out)
