@@ -15,6 +15,7 @@ from pathlib import Path
 from engine_builder.manifest import Manifest
 from engine_builder.safetensors_io import read_header
 
+# "auto" is TensorRT-LLM's: the activation dtype, float16 or bfloat16 on the GPU.
 KV_DTYPE_BYTES = {"float32": 4, "int8": 1, "fp8": 1, "auto": 2}
 _SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
                             "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64"}

@@ -274,7 +274,8 @@ class Manifest:
     def load(cls, engine_dir: str | Path) -> Manifest:
         path = Path(engine_dir) / MANIFEST_FILE
         if not Path(engine_dir).is_dir():
-            raise ManifestError(f"{engine_dir}: engine directory does not exist")
+            problem = "is not a directory" if Path(engine_dir).exists() else "does not exist"
+            raise ManifestError(f"{engine_dir}: engine directory {problem}")
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

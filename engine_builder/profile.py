@@ -29,6 +29,7 @@ from engine_builder.usage import UsageError
 PROMPT_TOKENS = 8
 POLL_TIMEOUT_S = 0.05
 MIN_STEPS = 4
+STALL_TIMEOUT_S = 300.0  # a step of the largest batch on a slow, busy CPU stays well below
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +106,14 @@ def measure_batch(executor: Any, batch_size: int, steps: int, vocab_size: int,
     done: set[int] = set()
     start: float | None = None
     counted = 0
+    last_progress = time.perf_counter()
     while len(done) < batch_size:
         deltas = executor.poll(POLL_TIMEOUT_S)
         now = time.perf_counter()
+        if deltas:
+            last_progress = now
+        elif now - last_progress > STALL_TIMEOUT_S:
+            raise RuntimeError(f"batch {batch_size}: no tokens for {STALL_TIMEOUT_S:.0f}s")
         for delta in deltas:
             if delta.request_id not in produced:
                 continue
