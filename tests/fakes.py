@@ -294,11 +294,12 @@ class ScriptedExecutor:
         used = sum(s.blocks for s in self._running)
         return self._capacity.num_kv_blocks - used - len(self._cache)
 
-    def _take_blocks(self, n: int) -> bool:
-        """Makes n blocks free (evicting cached ones, LRU first); False if impossible."""
-        while self._free_blocks() < n and self._cache:
+    def _take_blocks(self, n: int, pinned: int = 0) -> bool:
+        """Makes n blocks free (evicting cached ones, LRU first); False if impossible.
+        ``pinned`` blocks were just claimed from the cache and are not free either."""
+        while self._free_blocks() - pinned < n and self._cache:
             self._cache.popitem(last=False)
-        return self._free_blocks() >= n
+        return self._free_blocks() - pinned >= n
 
     def _step(self) -> None:
         budget = self._capacity.max_tokens_per_step
@@ -334,31 +335,33 @@ class ScriptedExecutor:
         cap = self._capacity
         while self._queue and len(self._running) < cap.max_slots:
             seq = self._queue[0]
-            hit_blocks = self._match_prefix(seq.context)
-            need = cap.blocks_for(len(seq.context) + 1) - hit_blocks
-            if not self._take_blocks(need):
+            # Claim the cached prefix first, so that making room below cannot evict it.
+            hits = self._claim_prefix(seq.context)
+            need = cap.blocks_for(len(seq.context) + 1) - len(hits)
+            if not self._take_blocks(need, pinned=len(hits)):
+                for key in hits:
+                    self._cache[key] = None
                 return
             self._queue.popleft()
-            self._claim_prefix(seq.context, hit_blocks)
-            seq.cached_tokens = hit_blocks * cap.tokens_per_block
+            seq.cached_tokens = len(hits) * cap.tokens_per_block
             seq.prefill_left = len(seq.context) - seq.cached_tokens
             seq.blocks = cap.blocks_for(len(seq.context) + 1)  # room for the first token
             self._prompt_tokens += len(seq.context)
             self._cached_prompt_tokens += seq.cached_tokens
             self._running.append(seq)
 
-    def _match_prefix(self, context: tuple[int, ...]) -> int:
-        """Leading full blocks of context in the cache; at least one token is left to compute."""
+    def _claim_prefix(self, context: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Takes the leading full blocks of context out of the cache (at least one token is
+        left to compute) and returns their keys."""
         tpb = self._capacity.tokens_per_block
-        n = 0
-        while (n + 1) * tpb < len(context) and context[: (n + 1) * tpb] in self._cache:
-            n += 1
-        return n
-
-    def _claim_prefix(self, context: tuple[int, ...], hit_blocks: int) -> None:
-        tpb = self._capacity.tokens_per_block
-        for i in range(1, hit_blocks + 1):
-            del self._cache[context[: i * tpb]]
+        hits: list[tuple[int, ...]] = []
+        while (len(hits) + 1) * tpb < len(context):
+            key = context[: (len(hits) + 1) * tpb]
+            if key not in self._cache:
+                break
+            del self._cache[key]
+            hits.append(key)
+        return hits
 
     def _emit(self, emitters: list[_Seq]) -> None:
         stalled = 0

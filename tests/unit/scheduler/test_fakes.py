@@ -140,3 +140,27 @@ def test_shutdown_cancels_everything() -> None:
     assert ex.is_idle()
     with pytest.raises(ValueError):
         ex.enqueue(ExecRequest(4, (4,)))
+
+
+def test_making_room_never_evicts_the_prefix_being_reused() -> None:
+    # Found by the property test: admission evicted the very cached blocks it had matched.
+    cap = Capacity(
+        max_slots=2,
+        num_kv_blocks=8,
+        tokens_per_block=4,
+        max_tokens_per_step=64,
+        max_seq_len=64,
+        vocab_size=100,
+    )
+    ex = ScriptedExecutor(cap)
+    prefix = tuple(range(1, 9))
+    ex.enqueue(ExecRequest(1, prefix, SamplingParams(max_tokens=1)))
+    drain(ex, 3)
+    assert ex.stats().kv_blocks_cached == 2
+    ex.enqueue(ExecRequest(2, tuple(range(20, 40)), SamplingParams(max_tokens=3)))
+    ex.poll(0.0)  # holds the 6 free blocks
+    ex.enqueue(ExecRequest(3, (*prefix, 50, 51, 52, 53), SamplingParams(max_tokens=2)))
+    deltas = drain(ex, 10)
+    first = next(d for d in deltas if d.request_id == 3)
+    assert first.cached_prompt_tokens == 8
+    assert ex.finishes[3] is FinishReason.LENGTH and ex.is_idle()
