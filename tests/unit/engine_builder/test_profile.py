@@ -82,6 +82,26 @@ def test_measured_rates_follow_the_step_cost() -> None:
     assert b4.tokens_per_s == pytest.approx(4 * 1000 / b4.step_ms)
 
 
+class CoalescingExecutor(StepCostExecutor):
+    """Runs whole requests before the first poll returns: one delta with every token."""
+
+    def poll(self, timeout: float) -> list[TokenDelta]:
+        with self._lock:
+            if not self._active:
+                return []
+            time.sleep(0.01)
+            deltas = [TokenDelta(rid, tuple(range(req.sampling.max_tokens)), "",
+                                 FinishReason.LENGTH) for rid, (req, _) in self._active.items()]
+            self._active.clear()
+            return deltas
+
+
+def test_coalesced_deltas_fall_back_to_the_whole_run() -> None:
+    point = profile.measure_batch(CoalescingExecutor(), 2, steps=8, vocab_size=300, first_id=1)
+    # 2 sequences x (2 warm-up + 8) tokens, minus the 2 prefill tokens, in >= 10 ms
+    assert 0 < point.tokens_per_s <= 18 / 0.01
+
+
 def test_run_saves_the_profile(tmp_path: Path) -> None:
     engine = build_tiny_engine(tmp_path / "e", max_batch_size=8)
     args = argparse.Namespace(engine_dir=engine, batch_sizes="1,4", steps=8, no_save=False)
