@@ -90,9 +90,9 @@ def reading(s: Summary, result: LoadResult, rate: float, speedup: float) -> str:
         idle = max(1e-9, 1.0 - s.online_occupancy)
         used = min(1.0, s.offline_occupancy / idle)
         lines.append(
-            f"- Online traffic alone kept {s.online_occupancy:.0%} of the "
-            f"{s.slots_total} batch slots busy; offline work used {used:.0%} of the slots "
-            f"online left idle, for {s.occupancy or 0:.0%} overall occupancy."
+            f"- Online requests occupied {s.online_occupancy:.0%} of the {s.slots_total} batch "
+            f"slots on average; offline work used {used:.0%} of the slots online left idle, "
+            f"for {s.occupancy or 0:.0%} overall occupancy."
         )
     lines.append(
         f"- Throughput: {s.tokens_per_s:.0f} tokens/s in all, {off.tokens_per_s:.0f} of them "
