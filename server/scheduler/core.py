@@ -90,8 +90,11 @@ class SchedulerCore:
 
     def schedule(self) -> None:
         budget = self._new_budget()
+        if self._config.policy == "fcfs":
+            self._admit_in_order(self._queues.online, budget)  # the one shared queue
+            return
         self._serve_online(budget)
-        self._admit_in_order(self._queues.offline, budget)
+        self._fill_offline(budget)
         if budget.free_slots:
             # Offline requests the executor refused shrank offline demand below the slots
             # kept for it; online may have those now.
@@ -113,6 +116,21 @@ class SchedulerCore:
             offline_demand=offline_running + len(self._queues.offline),
             offline_holding=offline_running,
         )
+
+    def _fill_offline(self, budget: PassBudget) -> None:
+        """Step 4. While an online request still waits (then for KV blocks, as slots it
+        would have had), offline takes only its reserve: blocks that free up go to the online
+        head instead of to newer offline work, which could otherwise starve it."""
+        offline = self._queues.offline
+        if self._queues.online.peek() is None:
+            self._admit_in_order(offline, budget)
+            return
+        while (
+            budget.offline_holding < budget.keep_offline
+            and (head := offline.peek()) is not None
+            and self._try_start(head, budget)
+        ):
+            pass
 
     def _admit_in_order(self, queue: WaitQueue, budget: PassBudget) -> None:
         """Admits from the head while it fits; a head that does not fit blocks the rest, so

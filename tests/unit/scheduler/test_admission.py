@@ -172,3 +172,20 @@ def test_refused_offline_request_gives_its_reserved_slot_to_online() -> None:
     assert rec.outcome(bad) is not None
     assert live_prompts(ex) == {(1,)}
     run_until_idle(sched, rec, [good])
+
+
+def test_offline_does_not_take_kv_blocks_an_online_request_waits_for() -> None:
+    # Online A holds most blocks; online B waits for blocks (not slots). Offline work that
+    # arrives meanwhile must not grab the blocks A frees, or B could starve.
+    ex = fake(Shape(slots=4, kv_blocks=10, tokens_per_block=4, max_seq_len=40))
+    sched = BackfillScheduler(ex, SchedulerConfig(offline_reserve=0.0))
+    rec = Recorder()
+    a = sched.submit(online(tuple(range(1, 25)), max_tokens=3), rec)  # 7 blocks
+    sched.run_pass()
+    b = sched.submit(online(tuple(range(30, 50)), max_tokens=2), rec)  # needs 6 blocks
+    c = sched.submit(offline((7, 7), max_tokens=2), rec)  # needs 1 block: it would fit
+    sched.run_pass()
+    assert live_prompts(ex) == {tuple(range(1, 25))}
+    run_until_idle(sched, rec, [a, b, c])
+    order = [r.prompt_token_ids for r in ex.enqueued]
+    assert order.index(tuple(range(30, 50))) < order.index((7, 7))
