@@ -187,6 +187,34 @@ def prefix_ttft(engine: Path, prefix_tokens: int = 1000) -> tuple[float, float, 
         ex.shutdown()
 
 
+def responsiveness_ms(engine: Path, probes: int = 200) -> tuple[float, float, float, float]:
+    """Why a worker thread is enough: how late a caller thread wakes from a 2 ms sleep (what a
+    gRPC handler waiting on the GIL sees), idle vs while the worker runs batch-32 decode.
+    Returns (p50 idle, p99 idle, p50 busy, p99 busy) in ms."""
+
+    def probe() -> tuple[float, float]:
+        late = []
+        for _ in range(probes):
+            t0 = time.perf_counter()
+            time.sleep(0.002)
+            late.append(time.perf_counter() - t0 - 0.002)
+        return 1000 * float(np.median(late)), 1000 * float(np.percentile(late, 99))
+
+    ex = CpuExecutor.open(engine)
+    try:
+        idle = probe()
+        rng = np.random.default_rng(0)
+        for i in range(32):
+            prompt = tuple(int(t) for t in rng.integers(100, 40_000, size=32))
+            ex.enqueue(ExecRequest(i, prompt, SamplingParams(max_tokens=10_000, ignore_eos=True)))
+        while ex.stats().active < 32 or ex.stats().last_step_tokens != 32:
+            time.sleep(0.05)
+        busy = probe()
+        return idle[0], idle[1], busy[0], busy[1]
+    finally:
+        ex.shutdown()
+
+
 def engine_dir(quant: str) -> Path:
     from engine_builder.default import ensure_default_engine
 
@@ -249,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold TTFT {1000 * cold:.0f} ms, warm TTFT {1000 * warm:.0f} ms "
           f"({cached} prompt tokens cached): {cold / warm:.1f}x faster (goal >= 5x)")
     results["prefix"] = {"cold_ttft_s": cold, "warm_ttft_s": warm, "cached_tokens": cached}
+
+    print("\n(d) caller-thread wake-up lateness for a 2 ms sleep (GIL contention), ms")
+    p50_idle, p99_idle, p50_busy, p99_busy = responsiveness_ms(engine_dir("none"))
+    print(f"idle p50 {p50_idle:.2f} p99 {p99_idle:.2f}; worker at batch 32: "
+          f"p50 {p50_busy:.2f} p99 {p99_busy:.2f}")
+    results["responsiveness_ms"] = {"idle_p50": p50_idle, "idle_p99": p99_idle,
+                                    "busy_p50": p50_busy, "busy_p99": p99_busy}
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -16,6 +16,8 @@ from safetensors import safe_open
 
 # Elements per dequantized tile: 256K float32 = 1 MiB, a quarter of this machine's L2.
 _TILE_ELEMENTS = 1 << 18
+# Up to this many input rows, matmuls put the weight on the left (see _matmul_wt).
+_SMALL_BATCH_ROWS = 64
 # Int4 matmuls with at most this many input rows take the grouped path (see Int4Linear).
 _INT4_GROUPED_MAX_ROWS = 4
 
@@ -34,6 +36,18 @@ class Linear(Protocol):
     def rows(self, ids: np.ndarray) -> np.ndarray: ...  # [k] -> [k, in] float32 (embedding)
 
 
+def _matmul_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [n, in] @ w[out, in].T -> [n, out] (C order).
+
+    For few rows OpenBLAS is faster with the weight as the left operand: measured on the
+    135M model's layer shapes (interleaved, single thread), `W @ x.T` ran 1.4x faster than
+    `x @ W.T` at n = 32 and no slower at n = 1; for prefill-sized n the usual form is kept.
+    """
+    if x.shape[0] > _SMALL_BATCH_ROWS:
+        return x @ w.T
+    return np.ascontiguousarray((w @ x.T).T)
+
+
 class DenseLinear:
     def __init__(self, weight: np.ndarray) -> None:
         self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [out, in]
@@ -44,7 +58,7 @@ class DenseLinear:
         return int(self.weight.nbytes)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weight.T
+        return _matmul_wt(x, self.weight)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return self.weight[ids]
@@ -77,7 +91,7 @@ class _TiledLinear:
             r1 = min(r0 + self._tile_rows, self.out_features)
             buf = self._buf[: r1 - r0]
             self._dequant_into(r0, r1, buf)
-            np.matmul(xm, buf.T, out=out[:, r0:r1])
+            out[:, r0:r1] = _matmul_wt(xm, buf)
             self._tile_epilogue(x, out, r0, r1)
         return out
 

@@ -167,9 +167,10 @@ def test_int8_linear_equals_dequantized_matmul() -> None:
     s = rng.random(300).astype(np.float32) / 100
     lin = Int8Linear(q, s)
     lin._tile_rows = 64  # several tiles, one ragged
-    x = rng.standard_normal((5, 96)).astype(np.float32)
     w = q.astype(np.float64) * s[:, None]
-    np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    for n in (1, 5, 70):  # weight-on-the-left below 64 rows, the usual order above
+        x = rng.standard_normal((n, 96)).astype(np.float32)
+        np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
     ids = np.array([0, 299, 17])
     np.testing.assert_allclose(lin.rows(ids), w[ids], rtol=1e-6)
 
@@ -184,7 +185,7 @@ def test_int4_linear_equals_dequantized_matmul() -> None:
     lin = Int4Linear(packed, s, g)
     lin._tile_rows = 48
     w = q * np.repeat(s, g, axis=1).astype(np.float64)
-    for n in (1, 3, 9):  # the grouped decode path and the scaled-tile path
+    for n in (1, 3, 9, 70):  # the grouped decode path and the scaled-tile paths
         x = rng.standard_normal((n, cols)).astype(np.float32)
         np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
     ids = np.array([5, 0, 199])
