@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder import inspect_cmd, profile, run_cmd
-from engine_builder.build import BuildOptions, build_engine
+from engine_builder.build import (
+    DEFAULT_INT4_GROUP_SIZE,
+    DEFAULT_KV_TOKENS_PER_SEQUENCE,
+    BuildOptions,
+    build_engine,
+)
 from engine_builder.fetch import DEFAULT_SHA256, fetch_default, is_fetched
 from engine_builder.footprint import footprint, human_bytes
 from engine_builder.gguf_source import load_gguf
@@ -36,13 +41,14 @@ PROG = "python -m engine_builder"
 GGUF_MAGIC = b"GGUF"
 _OPTION_HELP = {
     "quant": "weight quantization",
-    "group_size": "int4: input columns per scale group",
+    "group_size": f"int4: input columns per scale group (cpu: {DEFAULT_INT4_GROUP_SIZE})",
     "kv_cache_dtype": "KV-cache element type",
     "max_batch_size": "sequences per step",
     "max_seq_len": "prompt + generated tokens per sequence",
     "max_num_tokens": "prefill + decode tokens per step",
     "tokens_per_block": "tokens per KV-cache block",
-    "num_kv_blocks": "KV-cache blocks (default: max-batch-size sequences of ~1024 tokens)",
+    "num_kv_blocks": "KV-cache blocks (cpu: room for max-batch-size sequences of "
+                     f"{DEFAULT_KV_TOKENS_PER_SEQUENCE} tokens)",
 }
 # Both backends' values are accepted by the parser; each backend rejects what it cannot build.
 _OPTION_CHOICES: dict[str, list[str]] = {
@@ -64,11 +70,11 @@ def _add_build_parser(subparsers: Any) -> None:
     p.add_argument("--name", help="engine name in the manifest (default: from the model)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
     for f in fields(BuildOptions):
-        default = "derived" if f.default is None or f.default is MISSING else f.default
         kind = str if f.name in _OPTION_CHOICES else int
+        default = "" if f.default is None or f.default is MISSING else f" (cpu: {f.default})"
         p.add_argument(flag_name(f.name), dest=f.name, type=kind, default=None,
                        choices=_OPTION_CHOICES.get(f.name),
-                       help=f"{_OPTION_HELP[f.name]} (default: {default})")
+                       help=f"{_OPTION_HELP[f.name]}{default}")
     p.set_defaults(handler=run_build)
 
 
