@@ -2,8 +2,8 @@
 
 Weights are counted from the safetensors header (the bytes that stay resident, quantized
 weights included as they are), the KV cache from the manifest's limits: ``num_kv_blocks *
-tokens_per_block`` tokens, each holding K and V for every layer and KV head. The int8 KV
-cache's per-token scales are small and not counted.
+tokens_per_block`` tokens, each holding K and V for every layer and KV head (plus, for the cpu
+int8 KV cache, a float32 scale per token and KV head).
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def weight_bytes_by_dtype(manifest: Manifest, engine_dir: Path) -> dict[str, int
 
 def kv_bytes_per_token(manifest: Manifest) -> int:
     arch = manifest.architecture
-    elem = KV_DTYPE_BYTES[manifest.quantization.kv_cache_dtype]
-    return 2 * arch.num_layers * arch.kv_size * elem  # K and V
+    kv_dtype = manifest.quantization.kv_cache_dtype
+    per_layer = arch.kv_size * KV_DTYPE_BYTES[kv_dtype]
+    if manifest.backend == "cpu" and kv_dtype == "int8":
+        per_layer += arch.num_kv_heads * 4  # one float32 scale per token and KV head
+    return 2 * arch.num_layers * per_layer  # K and V
 
 
 def footprint(manifest: Manifest, engine_dir: Path) -> Footprint:
