@@ -106,6 +106,22 @@ async def test_break_cancels_and_frees_the_server(server):
         await wait_idle(client)
 
 
+async def test_dropping_a_stream_after_break_frees_the_server(server):
+    async with AsyncClient(server.address) as client:
+        async for _ in client.generate(token_ids=[4, 4, 4], sampling=LONG):
+            break  # no aclose: dropping the stream sends the cancel
+        assert await _eventually_closed(client)
+        await wait_idle(client)
+
+
+async def _eventually_closed(client: AsyncClient) -> bool:
+    for _ in range(100):
+        if client.num_open_requests == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def test_task_cancel_frees_the_server(server):
     async with AsyncClient(server.address) as client:
         task = asyncio.ensure_future(client.complete(token_ids=[5, 6, 7], sampling=LONG))
