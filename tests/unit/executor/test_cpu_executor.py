@@ -334,3 +334,20 @@ def test_quantized_engines_generate_through_the_executor(
     got = collect(ex, requests)
     assert all(len(c.token_ids) == 10 and c.finish is FinishReason.LENGTH for c in got.values())
     _assert_idle(ex)
+
+
+def test_prefix_shared_with_a_running_sequence(
+    tiny_engine: Path, open_executor: Callable[[Path], CpuExecutor]
+) -> None:
+    ex = open_executor(tiny_engine)
+    prompt = _prompts(1, seed=40, lo=40, hi=41)[0]
+    got: dict[int, Collected] = {}
+    ex.enqueue(_req(1, prompt, max_tokens=40))
+    got[1] = Collected()
+    while not got[1].token_ids:  # request 1 finished its prefill and holds its blocks
+        for delta in ex.poll(0.5):
+            got[1].add(delta, 0.0)
+    collect(ex, [_req(2, prompt, max_tokens=40)], results=got)
+    assert got[2].cached_prompt_tokens == 32
+    assert got[2].token_ids == got[1].token_ids
+    _assert_idle(ex)
