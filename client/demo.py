@@ -35,7 +35,7 @@ from client.bench.trace import DEFAULT_TRACE, length_pool, load_trace, time_scal
 from client.types import SamplingParams, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, not measured: $ per accelerator-hour for the cost figures
-ONLINE_SHARE = 0.3  # online arrivals at this share of the rate the engine sustains
+ONLINE_SHARE = 0.5  # online arrivals at this share of the rate the engine sustains
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,8 +250,9 @@ async def saturated_rate(
     concurrency: int,
     seconds: float = 4.0,
 ) -> float:
-    """Requests/s the server completes for these lengths with ``concurrency`` always in flight
-    (a short closed-loop probe): the capacity that online arrival rates are scaled against."""
+    """Requests/s the server sustains for these lengths with ``concurrency`` always in flight:
+    a short closed-loop probe's streamed tokens/s over the mean output length (counting tokens,
+    not completed requests, so a probe shorter than one request still measures something)."""
     spec = LoadSpec(
         duration_s=seconds,
         vocab_size=vocab_size,
@@ -261,8 +262,9 @@ async def saturated_rate(
         drain_s=0.0,
     )
     result = await run_load(client, spec)
-    done = sum(1 for r in result.records if r.error is None)
-    return done / max(result.window_s, 1e-3)
+    tokens = sum(r.output_tokens for r in result.records)
+    mean_output = sum(r.output_tokens for r in lengths) / max(1, len(lengths))
+    return tokens / max(result.window_s, 1e-3) / max(mean_output, 1.0)
 
 
 async def run_load(client: AsyncClient, spec: LoadSpec) -> LoadResult:
