@@ -54,7 +54,9 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(s == "" for s in self.stop):
@@ -123,6 +125,8 @@ class ExecutorStats:
     cached_prompt_tokens: int  # of which served from the prefix cache
     generated_tokens: int
     busy_seconds: float = 0.0  # wall time spent inside steps
+    context_requests: int = 0  # sequences still in prefill (Triton's "context" requests)
+    preemptions: int = 0  # sequences the executor itself pushed back for lack of KV blocks
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
 
