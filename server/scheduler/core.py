@@ -108,10 +108,17 @@ class SchedulerCore:
     def _new_budget(self) -> PassBudget:
         stats = self._executor.stats()
         offline_running = self.num_running(Tier.OFFLINE)
+        # Runs admitted in earlier passes that have not reported yet may hold no blocks in
+        # the executor's stats; charge them here so that passes do not over-admit KV.
+        unreported = sum(
+            self._capacity.blocks_for(s.num_context_tokens + 1)
+            for s in self._running.values()
+            if not s.run_reported
+        )
         return PassBudget(
             self._capacity,
             free_slots=self._capacity.max_slots - len(self._running),
-            free_blocks=stats.kv_blocks_free + stats.kv_blocks_cached,
+            free_blocks=stats.kv_blocks_free + stats.kv_blocks_cached - unreported,
             reserve=self._reserve,
             offline_demand=offline_running + len(self._queues.offline),
             offline_holding=offline_running,
@@ -183,7 +190,7 @@ class SchedulerCore:
             self._finish(seq, Outcome.ERROR, error=f"executor refused the request: {exc}")
             return True
         self._dequeue(seq)
-        seq.phase, seq.exec_id = Phase.RUNNING, exec_id
+        seq.phase, seq.exec_id, seq.run_reported = Phase.RUNNING, exec_id, False
         self._running[seq.id] = seq
         self._by_exec[exec_id] = seq
         if seq.admitted_at is None:
@@ -214,6 +221,7 @@ class SchedulerCore:
                 self._apply_one(seq, delta)
 
     def _apply_one(self, seq: Sequence, delta: TokenDelta) -> None:
+        seq.run_reported = True
         if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
             seq.cached_prompt_tokens = delta.cached_prompt_tokens
         seq.draft_proposed += delta.draft_tokens_proposed

@@ -51,6 +51,9 @@ class Sequence:
     first_token_at: float | None = None
     preemptions: int = 0
     cancel_requested: bool = False
+    # False from each (re)start until the run's first delta: until then the executor may not
+    # have allocated its KV blocks yet, so its stats do not show them as used.
+    run_reported: bool = False
     cached_prompt_tokens: int | None = None  # reported by the first run
     draft_proposed: int = 0
     draft_accepted: int = 0
