@@ -72,8 +72,9 @@ class ExecRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Tokens this request already generated before a preemption; see the module docstring.
     resume_token_ids: tuple[int, ...] = ()
-    # Passed through to engines that order their own queue (TensorRT-LLM: float in [0, 1],
-    # higher first). The scheduler sets it; the CPU executor runs everything it is given.
+    # Float in [0, 1], higher first (TensorRT-LLM's Request.priority). The scheduler sets it
+    # from the tier. Engines order their own queue by it; the CPU executor also lets a
+    # higher-priority prefill run without lower-priority decodes in its step.
     priority: float = 0.5
 
 

@@ -120,7 +120,12 @@ class Runner:
         if tracker.reached_max_tokens:  # a resumed request that had already used its budget
             self._finish(seq, FinishReason.LENGTH)
             return
-        self.waiting.append(seq)
+        # Higher priority first, FIFO within a priority (TensorRT-LLM's queue semantics).
+        index = next(
+            (i for i, w in enumerate(self.waiting) if w.request.priority < request.priority),
+            len(self.waiting),
+        )
+        self.waiting.insert(index, seq)
 
     def cancel(self, request_id: int) -> None:
         """Ends a waiting or running sequence with CANCELLED; unknown ids are a no-op."""
@@ -181,19 +186,31 @@ class Runner:
                 self.counters.prompt_tokens += len(seq.token_ids)
                 self.counters.cached_prompt_tokens += cached
 
+    def _step_members(self) -> list[Sequence]:
+        """The running sequences this step computes: all of them, except that while a
+        sequence of higher priority is in prefill, lower-priority ones sit the step out.
+        On a CPU a step's cost grows with its batch (unlike a memory-bound GPU step), so this
+        keeps a full batch of background decodes from delaying a first token."""
+        prefilling = [s.request.priority for s in self.running if s.num_pending > 1]
+        if not prefilling:
+            return self.running
+        top = max(prefilling)
+        return [s for s in self.running if s.request.priority >= top]
+
     def _schedule(self) -> list[Scheduled]:
         budget = self.limits.max_num_tokens
         plan: list[Scheduled] = []
-        for seq in [s for s in self.running if s.num_pending == 1]:
+        members = self._step_members()
+        for seq in [s for s in members if s.num_pending == 1]:
             if budget == 0:
                 break
             if seq in self.running and self._reserve_slot(seq):
                 plan.append(Scheduled(seq, seq.num_computed, 1))
                 budget -= 1
-        for seq in self.running:
+        for seq in members:
             if budget == 0:
                 break
-            if seq.num_pending > 1:
+            if seq in self.running and seq.num_pending > 1:
                 n = min(seq.num_pending, budget)
                 plan.append(Scheduled(seq, seq.num_computed, n))
                 budget -= n
