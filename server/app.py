@@ -27,7 +27,7 @@ from server.convert import ModelRegistry, ModelSpec, ServedModel
 from server.executor.base import Executor
 from server.jobs import JobStore
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
-from server.scheduler import BackfillScheduler, SchedulerConfig
+from server.scheduler import BackfillScheduler
 from server.service import InferenceServicer
 from server.stats import ServerStatsCollector
 
@@ -54,17 +54,6 @@ def resolve_engine_dir(engine: str) -> Path:
 
         return ensure_default_engine()
     return Path(engine)
-
-
-def scheduler_config(config: ServerConfig) -> SchedulerConfig:
-    return SchedulerConfig(
-        window_ms=config.window_ms,
-        offline_reserve=config.offline_reserve,
-        preemption=config.preemption,
-        policy=config.policy,
-        max_online_queue=config.max_online_queue,
-        max_offline_queue=config.max_offline_queue,
-    )
 
 
 class BackfillServer:
@@ -110,7 +99,7 @@ class BackfillServer:
             from server.executor.factory import load_executor
 
             executor = await asyncio.to_thread(load_executor, engine_dir)
-        scheduler = BackfillScheduler(executor, scheduler_config(config))
+        scheduler = BackfillScheduler(executor, config.scheduler_config())
         scheduler.start()
         try:
             return await cls._serve(config, manifest, tokenizer, scheduler)

@@ -9,8 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-PREEMPTION_MODES = ("recompute", "off")
-POLICIES = ("backfill", "fcfs")
+from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
+
+# The scheduler's knobs are flat fields here (one flag each) whose defaults and validation
+# come from SchedulerConfig, so they exist once.
+_SCHED = SchedulerConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +25,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     metrics_port: int = 9400  # 0 = any free port; -1 = no metrics endpoint
-    window_ms: float = 10.0  # the scheduler's collection window W
-    offline_reserve: float = 0.10  # fraction of slots kept for OFFLINE work
-    preemption: str = "recompute"  # recompute | off
-    policy: str = "backfill"  # backfill | fcfs (the benchmark baseline)
-    max_online_queue: int = 1024
-    max_offline_queue: int = 100_000
+    window_ms: float = _SCHED.window_ms  # the scheduler's collection window W
+    offline_reserve: float = _SCHED.offline_reserve  # fraction of slots kept for OFFLINE work
+    preemption: str = _SCHED.preemption  # recompute | off
+    policy: str = _SCHED.policy  # backfill | fcfs (the benchmark baseline)
+    max_online_queue: int = _SCHED.max_online_queue
+    max_offline_queue: int = _SCHED.max_offline_queue
     price_per_hour: float = 0.0  # accelerator price, for the cost per 1M tokens
     drain_grace_s: float = 30.0  # how long a drain waits for running ONLINE requests
 
@@ -38,16 +41,7 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
-        if not (math.isfinite(self.window_ms) and self.window_ms > 0):
-            raise ValueError(f"window_ms must be > 0, got {self.window_ms}")
-        if not 0.0 <= self.offline_reserve <= 1.0:
-            raise ValueError(f"offline_reserve must be in [0, 1], got {self.offline_reserve}")
-        if self.preemption not in PREEMPTION_MODES:
-            raise ValueError(
-                f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}"
-            )
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        self.scheduler_config()  # validates the scheduler's fields
         if self.max_online_queue < 1:
             raise ValueError(f"max_online_queue must be >= 1, got {self.max_online_queue}")
         if self.max_offline_queue < 1:
@@ -56,6 +50,17 @@ class ServerConfig:
             raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
         if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler's part of this config (ValueError when out of range)."""
+        return SchedulerConfig(
+            window_ms=self.window_ms,
+            offline_reserve=self.offline_reserve,
+            preemption=self.preemption,
+            policy=self.policy,
+            max_online_queue=self.max_online_queue,
+            max_offline_queue=self.max_offline_queue,
+        )
 
     @property
     def metrics_enabled(self) -> bool:
