@@ -91,7 +91,8 @@ class Architecture:
 
 @dataclass(frozen=True, slots=True)
 class Quantization:
-    """Weight and KV-cache numerics. ``group_size`` is set exactly for the int4 schemes."""
+    """Weight and KV-cache numerics. ``group_size`` is set exactly for the group-wise int4
+    schemes; TensorRT-LLM's plain W4A16 has one scale per output channel (no group size)."""
 
     weights: str = "none"
     group_size: int | None = None
@@ -102,7 +103,8 @@ class Quantization:
     def __post_init__(self) -> None:
         _require(self.weights in TRTLLM_WEIGHT_QUANTS, "weights",
                  f"unknown weight quantization {self.weights!r}")
-        if self.weights.startswith("int4"):
+        per_channel_int4 = self.quant_algo == "W4A16" and self.group_size is None
+        if self.weights.startswith("int4") and not per_channel_int4:
             _require(self.group_size is not None and self.group_size >= 2
                      and self.group_size % 2 == 0, "group_size",
                      f"int4 needs an even group_size >= 2, got {self.group_size}")

@@ -247,9 +247,6 @@ def test_bad_input_is_caught_before_any_step(tmp_path: Path, examples: Path) -> 
     assert runner.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.Quantization requires a group_size for every "
-                   "int4 scheme; TensorRT-LLM's W4A16 is per-channel (requested: allow None "
-                   "on trtllm)")
 def test_int4_manifest_records_per_channel_scales(tmp_path: Path, examples: Path) -> None:
     model = hf_checkpoint(tmp_path / "model")
     out = tmp_path / "engine"
