@@ -66,6 +66,18 @@ def ensure_engine() -> Path:
     return path
 
 
+def ensure_profile(engine: Path) -> None:
+    """The utilization figure divides by the engine's profiled peak: measure it once."""
+    from engine_builder.cli import main as engine_builder_main
+    from engine_builder.manifest import Manifest
+
+    if Manifest.load(engine).profile is not None:
+        return
+    say("      profiling decode throughput once (python -m engine_builder profile), for the "
+        "utilization figure")
+    engine_builder_main(["profile", str(engine), "--batch-sizes", "1,4,16,32", "--steps", "8"])
+
+
 async def show_answer(client: AsyncClient) -> None:
     question = "What is the capital of France?"
     done = await client.complete(
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(drive(args.target, plan))
         return 0
     engine = ensure_engine()
+    ensure_profile(engine)
     log_path = Path(tempfile.gettempdir()) / f"backfill-demo-server-{os.getpid()}.log"
     say(f"[2/4] starting python -m server --engine {engine} --port 0 (log: {log_path})")
     server = LocalServer(
