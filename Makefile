@@ -26,8 +26,9 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not model and not gpu" -q
 
+# One BLAS thread in tests: client, server and executor share this machine's cores.
 test: $(STAMP) lint typecheck
-	$(PY) -m pytest -q -ra
+	BACKFILL_CPU_THREADS=$${BACKFILL_CPU_THREADS:-1} $(PY) -m pytest -q -ra
 
 demo: $(STAMP)
 	$(PY) -m client.demo
