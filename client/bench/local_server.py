@@ -7,6 +7,7 @@ server then have an interpreter (and a GIL) each, as they would on separate host
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,8 +21,12 @@ class LocalServer:
     def __init__(self, engine: str | Path, *extra_args: str, log_path: Path | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115
+        # The load generator shares this host's cores with the server: one BLAS thread keeps
+        # OpenBLAS's spinning workers from fighting it (BACKFILL_CPU_THREADS overrides).
+        env = {**os.environ, "BACKFILL_CPU_THREADS": os.environ.get("BACKFILL_CPU_THREADS", "1")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--engine", str(engine), "--port", "0", *extra_args],
+            env=env,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
             text=True,
