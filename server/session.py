@@ -23,9 +23,9 @@ from server.convert import (
     ModelRegistry,
     ServedModel,
     Status,
+    fill_generate_response,
     status_for_exception,
     status_for_outcome,
-    to_generate_response,
     to_pb_status,
     to_sched_request,
 )
@@ -161,11 +161,14 @@ class SessionHandler:
             return None
         model = "" if entry.sent_first else entry.model.name
         entry.sent_first = True
-        chunk = to_generate_response(event, client_request_id=cid, model=model)
-        response = pb.SessionResponse(client_request_id=cid, chunk=chunk)
+        response = pb.SessionResponse(client_request_id=cid)
+        # Filled in place: building a GenerateResponse and passing it as chunk= copies it.
+        fill_generate_response(response.chunk, event, client_request_id=cid, model=model)
         if event.is_final:
             del self._open[cid], self._by_stream[id(entry.stream)]
             status = status_for_outcome(event)
             if status is not None:
-                response.error.CopyFrom(to_pb_status(status))
+                code, message = status
+                response.error.code = code.value[0]
+                response.error.message = message
         return response

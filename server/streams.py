@@ -1,17 +1,20 @@
 """The bridge from the scheduler's thread to one request's asyncio consumer.
 
 The scheduler calls a request's sink from its own thread; ``RequestStream.sink`` hands each event
-to the event loop with ``call_soon_threadsafe`` and returns at once (sinks must not block). The
-consumer awaits ``next()``, which returns *everything* pending merged into one event: when the
-reader is slower than generation, a chunk carries several tokens instead of the stream falling
-behind, so a slow client costs one message per read, not one per token.
+to the event loop through the loop's ``EventBridge`` and returns at once (sinks must not block).
+The bridge batches: a scheduling pass that emits events for hundreds of requests costs one
+``call_soon_threadsafe`` (one self-pipe write, one loop wake-up), not one per event. The consumer
+awaits ``next()``, which returns *everything* pending merged into one event: when the reader is
+slower than generation, a chunk carries several tokens instead of the stream falling behind, so a
+slow client costs one message per read, not one per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+import threading
+import weakref
 from collections.abc import Callable
 
 from server.metrics import RequestMetrics
@@ -38,6 +41,53 @@ def merge_events(events: list[SchedEvent]) -> SchedEvent:
     )
 
 
+class EventBridge:
+    """Carries events from any thread to one event loop, in batches.
+
+    Invariant: events reach their streams in the order they were posted, and a posted event is
+    delivered by the first drain that runs after it (a drain is scheduled whenever a post finds
+    the batch empty, so none is ever left behind).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._batch: list[tuple[RequestStream, SchedEvent]] = []
+        self.wakeups = 0  # drains scheduled: how many times the loop was woken
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> EventBridge:
+        """The one bridge of ``loop``: all streams of a loop must share it, or batching
+        (one wake-up per pass) is lost."""
+        bridge = _BRIDGES.get(loop)
+        if bridge is None:
+            bridge = _BRIDGES[loop] = cls(loop)
+        return bridge
+
+    def post(self, stream: RequestStream, event: SchedEvent) -> None:
+        """Any thread; never blocks for long (one short lock)."""
+        with self._lock:
+            self._batch.append((stream, event))
+            first = len(self._batch) == 1
+        if first:
+            self.wakeups += 1
+            # A closed loop means the consumers are gone: nobody is left to tell.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+        for stream, event in batch:
+            stream.push(event)
+
+
+# One bridge per loop; weak so that a closed, dropped loop (tests make many) takes its bridge.
+_BRIDGES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class RequestStream:
     """Events of one request, in order, coalesced for a slow consumer.
 
@@ -45,14 +95,17 @@ class RequestStream:
     (possibly merged with the tokens before it) last; after that it returns None.
     """
 
+    __slots__ = ("_bridge", "_done", "_on_ready", "_pending", "_waiter", "request_id")
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         on_ready: Callable[[RequestStream], None] | None = None,
     ) -> None:
-        self._loop = loop
-        self._pending: deque[SchedEvent] = deque()
-        self._ready = asyncio.Event()
+        self._bridge = EventBridge.for_loop(loop)
+        self._pending: list[SchedEvent] = []
+        # Created only while ``next()`` waits: a multiplexed (Session) stream never needs one.
+        self._waiter: asyncio.Future[None] | None = None
         self._done = False  # the final event was handed out
         # Called (on the loop) when events become pending after none were: a multiplexer
         # (Session) learns which streams have output without a task per request.
@@ -61,15 +114,15 @@ class RequestStream:
 
     def sink(self, event: SchedEvent) -> None:
         """Called from the scheduler's thread; never blocks."""
-        # A closed loop means the consumer is gone: nobody is left to tell.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.push, event)
+        self._bridge.post(self, event)
 
     def push(self, event: SchedEvent) -> None:
         """Called on the event loop's thread."""
         was_empty = not self._pending
         self._pending.append(event)
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if was_empty and self._on_ready is not None:
             self._on_ready(self)
 
@@ -78,16 +131,20 @@ class RequestStream:
         if self._done:
             return None
         while not self._pending:
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         return self.take()
 
     def take(self) -> SchedEvent | None:
         """All events pending now, merged; None when nothing is pending or after the final."""
         if self._done or not self._pending:
             return None
-        merged = merge_events(list(self._pending))
-        self._pending.clear()
+        pending = self._pending
+        merged = pending[0] if len(pending) == 1 else merge_events(pending)
+        self._pending = []
         self._done = merged.is_final
         return merged
 
@@ -106,10 +163,11 @@ def submit_to_stream(
     """Submits request with a sink that meters each event, then hands it to stream. Refusals
     (QueueFullError, DrainingError) are counted as rejected and re-raised."""
     meter = metrics.meter(request.tier)
+    observe, post = meter.observe, stream.sink
 
     def sink(event: SchedEvent) -> None:  # the scheduler's thread
-        meter.observe(event)
-        stream.sink(event)
+        observe(event)
+        post(event)
 
     try:
         stream.request_id = scheduler.submit(request, sink)
