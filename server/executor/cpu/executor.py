@@ -184,16 +184,34 @@ class CpuExecutor:
     def _run_step(self, requests: list[ExecRequest], cancels: list[int]) -> list[TokenDelta]:
         with self._step_lock:
             try:
-                for request in requests:
-                    seed = request.sampling.seed
-                    self._runner.add(request, secrets.randbits(64) if seed is None else seed)
+                self._add(requests)
                 for request_id in cancels:
                     self._runner.cancel(request_id)
-                return self._runner.step()
+                return self._runner.step(self._between_layers)
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
                 self._runner.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
                 return self._runner.drain()
+
+    def _add(self, requests: list[ExecRequest]) -> None:
+        for request in requests:
+            seed = request.sampling.seed
+            self._runner.add(request, secrets.randbits(64) if seed is None else seed)
+
+    def _between_layers(self) -> None:
+        """Called by the worker between the layers of a step: requests that arrived since the
+        step began with higher priority than all of it get their prefill now, and their first
+        tokens are published at once (cancels wait for the step to end)."""
+        floor = self._runner.step_priority
+        if floor is None or not self._inbox:  # a racy peek; the lock below decides
+            return
+        with self._lock:
+            urgent = [r for r in self._inbox if r.priority > floor]
+            if not urgent:
+                return
+            self._inbox = [r for r in self._inbox if r.priority <= floor]
+        self._add(urgent)
+        self._publish(self._runner.urgent_prefill_step())
 
     def _publish(self, deltas: list[TokenDelta]) -> None:
         with self._lock:

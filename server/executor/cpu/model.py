@@ -7,6 +7,7 @@ LM head runs only on the rows that sample this step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,12 +86,25 @@ class LlamaModel:
         self.scale = 1.0 / float(np.sqrt(self.head_dim))
         self.cos, self.sin = rope_tables(max_positions, self.head_dim, arch.rope_theta)
 
-    def forward(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
-        """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`."""
+    def forward(
+        self,
+        batch: ForwardBatch,
+        cache: PagedKvCache,
+        between_layers: Callable[[], None] | None = None,
+    ) -> np.ndarray:
+        """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`.
+
+        ``between_layers`` runs after every layer but the last. The pass keeps its state in
+        locals, so the hook may run whole forward passes of other sequences (their own K/V
+        slots) before this one goes on: that is how an urgent prefill overtakes a long step.
+        """
         x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
             x = self._layer(i, layer, x, cos, sin, batch, cache)
+            if between_layers is not None and i < last:
+                between_layers()
         h = rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)  # [num_samples, hidden]
         return self.weights.lm_head(h)
 

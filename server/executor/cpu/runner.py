@@ -8,6 +8,15 @@ has `num_computed < len(token_ids)`: the tokens in between are what its next ste
 is left, the newest running sequence is preempted back to the head of the queue and later
 recomputed (mostly from the prefix cache); its output stream is unaffected.
 
+Priority (ExecRequest.priority, higher first): the waiting queue is ordered by it; a step in
+which a higher-priority sequence prefills leaves lower-priority decodes out; and while a step
+runs, its forward pass calls a hook between layers through which the executor hands over newly
+arrived requests of higher priority than anything in the step: `urgent_prefill_step` then runs
+their prefill at once, nested in the layer loop, and their first token goes out before the long
+step resumes. On a CPU a full step of background decodes takes hundreds of milliseconds, so this
+is what keeps an online request's time to first token close to that of an idle engine, without
+throwing away the background step's work.
+
 Single-threaded: the executor's worker thread owns a Runner.
 """
 
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +113,9 @@ class Runner:
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.counters = RunnerCounters()
         self._finished: list[Sequence] = []  # finished since the last drain
+        # The step whose forward pass is in flight: its sequences and their top priority.
+        self._in_flight: set[int] = set()
+        self.step_priority: float | None = None  # None between steps
 
     @property
     def has_work(self) -> bool:
@@ -152,21 +165,58 @@ class Runner:
 
     # -- the step -------------------------------------------------------------------------
 
-    def step(self) -> list[TokenDelta]:
-        """Runs one iteration (if anything can run) and returns the output it produced."""
+    def step(self, between_layers: Callable[[], None] | None = None) -> list[TokenDelta]:
+        """Runs one iteration (if anything can run) and returns the output it produced.
+        ``between_layers`` is called between the layers of its forward pass (see the module
+        docstring); it may call `urgent_prefill_step`."""
         t0 = time.perf_counter()
         self._admit()
-        plan = self._schedule()
+        plan = self._schedule(self._step_members())
         if plan:
-            self._copy_pending_blocks()
-            logits = self.model.forward(self._build_batch(plan), self.cache)
+            self._in_flight = {item.seq.request_id for item in plan}
+            self.step_priority = max(item.seq.request.priority for item in plan)
+            try:
+                self._copy_pending_blocks()
+                batch = self._build_batch(plan)
+                logits = self.model.forward(batch, self.cache, between_layers)
+            finally:
+                self._in_flight, self.step_priority = set(), None
             self._commit(plan, logits)
             self._count_step(plan, time.perf_counter() - t0)
         return self.drain()
 
-    def _admit(self) -> None:
+    def urgent_prefill_step(self) -> list[TokenDelta]:
+        """Inside a step's forward pass: admits waiting sequences of higher priority than the
+        step, runs one prefill chunk of each such sequence not in the step, and returns their
+        output (a first token where a prompt completes). Never preempts: a sequence that does
+        not fit now waits for the next regular step."""
+        if self.step_priority is None:
+            raise RuntimeError("urgent_prefill_step runs only inside a step's forward pass")
+        t0 = time.perf_counter()
+        floor = self.step_priority
+        self._admit(lambda seq: seq.request.priority > floor)
+        members = [
+            s
+            for s in self.running
+            if s.request.priority > floor and s.request_id not in self._in_flight
+            and s.num_pending > 1
+        ]
+        plan = self._schedule(members)
+        if not plan:
+            return []
+        self._copy_pending_blocks()
+        logits = self.model.forward(self._build_batch(plan), self.cache)
+        self._commit(plan, logits)
+        self._count_step(plan, time.perf_counter() - t0)
+        return self._drain_of({item.seq.request_id for item in plan})
+
+    def _admit(self, eligible: Callable[[Sequence], bool] | None = None) -> None:
+        """Moves waiting sequences (in queue order) into slots while slots and KV blocks
+        allow; with ``eligible``, stops at the first sequence that is not."""
         while self.waiting and len(self.running) < self.limits.max_batch_size:
             seq = self.waiting[0]
+            if eligible is not None and not eligible(seq):
+                return
             if not self.blocks.can_allocate(len(seq.token_ids)):
                 if not self.running:  # nothing will ever free blocks for it
                     self.waiting.popleft()
@@ -197,10 +247,9 @@ class Runner:
         top = max(prefilling)
         return [s for s in self.running if s.request.priority >= top]
 
-    def _schedule(self) -> list[Scheduled]:
+    def _schedule(self, members: list[Sequence]) -> list[Scheduled]:
         budget = self.limits.max_num_tokens
         plan: list[Scheduled] = []
-        members = self._step_members()
         for seq in [s for s in members if s.num_pending == 1]:
             if budget == 0:
                 break
@@ -331,6 +380,17 @@ class Runner:
         deltas += [_take_delta(seq) for seq in self._finished]
         self._finished.clear()
         return deltas
+
+    def _drain_of(self, request_ids: set[int]) -> list[TokenDelta]:
+        """Like drain, for the given sequences only (the others' output waits for theirs)."""
+        deltas = [
+            _take_delta(seq)
+            for seq in self.running
+            if seq.out_ids and seq.request_id in request_ids
+        ]
+        done = [seq for seq in self._finished if seq.request_id in request_ids]
+        self._finished = [seq for seq in self._finished if seq.request_id not in request_ids]
+        return deltas + [_take_delta(seq) for seq in done]
 
     def check_integrity(self) -> None:
         self.blocks.check_integrity()

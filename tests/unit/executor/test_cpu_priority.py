@@ -50,3 +50,79 @@ def test_waiting_queue_orders_by_priority_then_arrival(tiny_engine: Path) -> Non
     for rid, priority in [(1, 0.0), (2, 1.0), (3, 0.0), (4, 1.0), (5, 0.5)]:
         runner.add(_req(rid, 4, priority), seed=rid)
     assert [s.request_id for s in runner.waiting] == [2, 4, 5, 1, 3]
+
+
+def _solo_tokens(engine: Path, request: ExecRequest) -> list[int]:
+    runner, _ = build_runner(engine, Manifest.load(engine))
+    runner.add(request, seed=request.request_id)
+    tokens: list[int] = []
+    while runner.has_work:
+        tokens += [t for d in runner.step() for t in d.token_ids]
+    return tokens
+
+
+def test_urgent_prefill_overtakes_a_step_in_flight(tiny_engine: Path) -> None:
+    """A higher-priority request handed over between layers gets its first token before the
+    background step it arrived during finishes, and nobody's output changes."""
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    background = [_req(rid, 6, priority=0.0) for rid in (1, 2, 3)]
+    for r in background:
+        runner.add(r, seed=r.request_id)
+    tokens: dict[int, list[int]] = {r.request_id: [] for r in background}
+    for delta in runner.step():  # prefills
+        tokens[delta.request_id] += delta.token_ids
+    urgent = _req(9, 30, priority=1.0)
+    tokens[9] = []
+    seen_during_step: list[int] = []
+
+    def hook() -> None:
+        if 9 in seen_during_step or runner.step_priority is None:
+            return
+        runner.add(urgent, seed=urgent.request_id)
+        for delta in runner.urgent_prefill_step():
+            seen_during_step.append(delta.request_id)
+            tokens[delta.request_id] += delta.token_ids
+
+    for delta in runner.step(hook):  # a background decode step, overtaken by the prefill
+        tokens[delta.request_id] += delta.token_ids
+    assert seen_during_step == [9]
+    assert len(tokens[9]) == 1  # its first token came from inside the background step
+    assert all(len(tokens[r.request_id]) == 2 for r in background)  # that step still completed
+    while runner.has_work:
+        for delta in runner.step():
+            tokens[delta.request_id] += delta.token_ids
+        runner.check_integrity()
+    for request in [*background, urgent]:
+        assert tokens[request.request_id] == _solo_tokens(tiny_engine, request)
+
+
+def test_urgent_prefill_step_only_runs_inside_a_step(tiny_engine: Path) -> None:
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    with pytest.raises(RuntimeError, match="inside a step"):
+        runner.urgent_prefill_step()
+
+
+def test_executor_with_an_urgent_arrival_keeps_every_output(tiny_engine: Path) -> None:
+    """Through CpuExecutor (the hook wired to its inbox): an online request enqueued while
+    background steps run finishes, and every output equals its solo run."""
+    import time
+
+    from server.executor.cpu import CpuExecutor
+    from server.executor.cpu.drive import Collected, collect
+
+    executor = CpuExecutor.open(tiny_engine)
+    try:
+        background = [_req(rid, 20, priority=0.0) for rid in range(1, 9)]
+        results = {r.request_id: Collected() for r in background}
+        for r in background:
+            executor.enqueue(r)
+        time.sleep(0.01)
+        urgent = _req(99, 40, priority=1.0)
+        executor.enqueue(urgent)
+        results[99] = Collected()
+        collect(executor, results=results)
+        for request in [*background, urgent]:
+            assert results[request.request_id].token_ids == _solo_tokens(tiny_engine, request)
+        executor.check_integrity()
+    finally:
+        executor.shutdown()
