@@ -6,8 +6,15 @@ Compares, in one run, the SDK over one multiplexed ``Session`` stream against th
 over one ``Generate`` call per request (``transport="unary"``), for a max-tokens-1 flood and for
 short streams. Goal: >= 3,000 req/s and >= 50,000 streamed tokens/s over Session.
 
+Two executors behind the same server: ``cpu`` (the tiny random model; at 256 slots its per-step
+Python work shares the server's GIL with the front end) and ``scripted`` (``tests.fakes``'
+ScriptedExecutor: no model, one token per running sequence per poll), the variant in which the
+executor is surely not the bottleneck. CPU columns: process CPU time (user + system) per
+request of the server and of the client (this process), so their sum bounds req/s per core.
+
     python -m benchmarks.bench_frontend                 # builds the tiny engine in a temp dir
-    python -m benchmarks.bench_frontend --target HOST:PORT --json-out frontend.json
+    python -m benchmarks.bench_frontend --executor scripted --json-out frontend.json
+    python -m benchmarks.bench_frontend --target HOST:PORT
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +44,7 @@ GOAL_TOK_S = 50000.0
 
 @dataclass(frozen=True, slots=True)
 class FloodResult:
+    executor: str
     transport: str
     max_tokens: int
     in_flight: int
@@ -42,6 +53,16 @@ class FloodResult:
     tokens: int
     chunks: int
     errors: int  # requests that failed (counted, not retried)
+    server_cpu_s: float  # server process CPU (user + system) during the run; nan if unknown
+    client_cpu_s: float  # this process's CPU during the run
+
+    @property
+    def server_us_per_req(self) -> float:
+        return self.server_cpu_s / self.requests * 1e6
+
+    @property
+    def client_us_per_req(self) -> float:
+        return self.client_cpu_s / self.requests * 1e6
 
     @property
     def req_per_s(self) -> float:
@@ -52,8 +73,28 @@ class FloodResult:
         return self.tokens / self.seconds
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc); nan when unknown."""
+    if pid is None:
+        return float("nan")
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def flood(
-    target: str, transport: str, requests: int, max_tokens: int, in_flight: int, vocab: int
+    target: str,
+    transport: str,
+    requests: int,
+    max_tokens: int,
+    in_flight: int,
+    vocab: int,
+    *,
+    executor: str = "",
+    server_pid: int | None = None,
 ) -> FloodResult:
     """``in_flight`` workers send ``requests`` requests back to back; counts streamed tokens."""
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -75,9 +116,13 @@ async def flood(
     async with AsyncClient(target, transport=transport) as client:  # type: ignore[arg-type]
         await client.complete(token_ids=[1, 2], sampling=sampling)  # connect, open the stream
         start = time.perf_counter()
+        server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
         await asyncio.gather(*(worker(client, i) for i in range(in_flight)))
         seconds = time.perf_counter() - start
-    return FloodResult(transport, max_tokens, in_flight, requests, seconds, tokens, chunks, errors)
+        server_cpu = process_cpu_s(server_pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+    return FloodResult(executor, transport, max_tokens, in_flight, requests, seconds, tokens,
+                       chunks, errors, server_cpu, client_cpu)
 
 
 def build_engine(slots: int) -> Path:
@@ -87,20 +132,73 @@ def build_engine(slots: int) -> Path:
     return build_tiny_engine(out, max_batch_size=slots)
 
 
+@contextmanager
+def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, int]]:
+    """A server process whose executor is the ScriptedExecutor; yields (address, pid)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench_frontend", "--serve-scripted", str(engine),
+         "--max-online-queue", str(queue)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError("the scripted server exited before listening")
+        yield line.split()[-1], proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def serve_scripted(engine: Path, queue: int) -> int:
+    """The server side of ``scripted_server``: serves until SIGTERM."""
+    from engine_builder.manifest import Manifest
+    from server.app import BackfillServer
+    from server.config import ServerConfig
+    from server.executor.base import Capacity
+    from tests.fakes import ScriptedExecutor
+
+    manifest = Manifest.load(engine)
+    limits = manifest.limits
+    capacity = Capacity(
+        max_slots=limits.max_batch_size,
+        num_kv_blocks=limits.num_kv_blocks,
+        tokens_per_block=limits.tokens_per_block,
+        max_tokens_per_step=limits.max_num_tokens,
+        max_seq_len=limits.max_seq_len,
+        vocab_size=manifest.architecture.vocab_size,
+    )
+
+    async def serve() -> None:
+        config = ServerConfig(engine=str(engine), port=0, metrics_port=-1,
+                              max_online_queue=queue)
+        server = await BackfillServer.start(config, executor=ScriptedExecutor(capacity))
+        print(f"listening on {server.address}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+    return 0
+
+
 def table(results: list[FloodResult]) -> str:
-    head = (f"{'transport':<9} {'max_tok':>7} {'in-flight':>9} {'requests':>8} {'seconds':>8} "
-            f"{'req/s':>8} {'tokens/s':>9} {'tok/chunk':>9} {'errors':>6}")
+    head = (f"{'executor':<8} {'transport':<9} {'max_tok':>7} {'in-flight':>9} {'requests':>8} "
+            f"{'seconds':>8} {'req/s':>8} {'tokens/s':>9} {'tok/chunk':>9} {'errors':>6} "
+            f"{'srv us/req':>10} {'cli us/req':>10}")
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
-            f"{r.transport:<9} {r.max_tokens:>7} {r.in_flight:>9} {r.requests:>8} "
-            f"{r.seconds:>8.2f} {r.req_per_s:>8.0f} {r.tok_per_s:>9.0f} "
-            f"{r.tokens / max(1, r.chunks):>9.2f} {r.errors:>6}"
+            f"{r.executor:<8} {r.transport:<9} {r.max_tokens:>7} {r.in_flight:>9} "
+            f"{r.requests:>8} {r.seconds:>8.2f} {r.req_per_s:>8.0f} {r.tok_per_s:>9.0f} "
+            f"{r.tokens / max(1, r.chunks):>9.2f} {r.errors:>6} "
+            f"{r.server_us_per_req:>10.0f} {r.client_us_per_req:>10.0f}"
         )
     return "\n".join(rows)
 
 
-async def run_all(target: str, args: argparse.Namespace) -> list[FloodResult]:
+async def run_all(
+    target: str, args: argparse.Namespace, executor: str = "", server_pid: int | None = None
+) -> list[FloodResult]:
     async with AsyncClient(target) as client:
         vocab = (await client.list_models())[0].vocab_size
     plans = [
@@ -111,8 +209,10 @@ async def run_all(target: str, args: argparse.Namespace) -> list[FloodResult]:
     ]
     results = []
     for transport, n, max_tokens in plans:
-        print(f"{transport} x{n}, max_tokens {max_tokens} ...", file=sys.stderr, flush=True)
-        results.append(await flood(target, transport, n, max_tokens, args.in_flight, vocab))
+        print(f"{executor} {transport} x{n}, max_tokens {max_tokens} ...", file=sys.stderr,
+              flush=True)
+        results.append(await flood(target, transport, n, max_tokens, args.in_flight, vocab,
+                                   executor=executor, server_pid=server_pid))
     return results
 
 
@@ -124,18 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per streamed request")
     p.add_argument("--in-flight", type=int, default=1024, help="concurrent requests")
     p.add_argument("--slots", type=int, default=256, help="batch slots of the tiny engine")
+    p.add_argument("--executor", nargs="+", choices=("cpu", "scripted"),
+                   default=["cpu", "scripted"], help="executors to compare (default: both)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--serve-scripted", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-online-queue", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    queue = max(1024, 2 * args.in_flight)
+    if args.serve_scripted:
+        return serve_scripted(Path(args.serve_scripted), args.max_online_queue or queue)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; client and server in separate processes")
+    results: list[FloodResult] = []
     if args.target:
         results = asyncio.run(run_all(args.target, args))
     else:
         engine = build_engine(args.slots)
         print(f"engine: tiny random Llama, {args.slots} slots ({engine})")
-        with LocalServer(engine, "--metrics-port", "-1", "--max-online-queue",
-                         str(max(1024, 2 * args.in_flight))) as server:
-            results = asyncio.run(run_all(server.address, args))
+        if "cpu" in args.executor:
+            with LocalServer(engine, "--metrics-port", "-1", "--max-online-queue",
+                             str(queue)) as server:
+                results += asyncio.run(run_all(server.address, args, "cpu", server.proc.pid))
+        if "scripted" in args.executor:
+            with scripted_server(engine, queue) as (address, pid):
+                results += asyncio.run(run_all(address, args, "scripted", pid))
     print(table(results))
     best = [r for r in results if r.transport == "session"]
     req_ok = max(r.req_per_s for r in best) >= GOAL_REQ_S
@@ -145,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'PASS' if tok_ok else 'FAIL'}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump([asdict(r) | {"req_per_s": r.req_per_s, "tok_per_s": r.tok_per_s}
+            json.dump([asdict(r) | {"req_per_s": r.req_per_s, "tok_per_s": r.tok_per_s,
+                                    "server_us_per_req": r.server_us_per_req,
+                                    "client_us_per_req": r.client_us_per_req}
                        for r in results], f, indent=2)
     return 0
 
