@@ -187,7 +187,14 @@ class CpuExecutor:
                 self._add(requests)
                 for request_id in cancels:
                     self._runner.cancel(request_id)
-                return self._runner.step(self._between_layers)
+                deltas = self._runner.step(self._between_layers)
+                # Cancels that came during the step (preemptions whose slots an urgent prefill
+                # may already use) take effect now, so no step boundary sees extra slots used.
+                with self._lock:
+                    late, self._cancels = self._cancels, []
+                for request_id in late:
+                    self._runner.cancel(request_id)
+                return deltas + self._runner.drain() if late else deltas
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
                 self._runner.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
@@ -210,8 +217,10 @@ class CpuExecutor:
             if not urgent:
                 return
             self._inbox = [r for r in self._inbox if r.priority <= floor]
+            cancelled = set(self._cancels)
         self._add(urgent)
-        self._publish(self._runner.urgent_prefill_step())
+        leaving = sum(1 for seq in self._runner.running if seq.request_id in cancelled)
+        self._publish(self._runner.urgent_prefill_step(leaving))
 
     def _publish(self, deltas: list[TokenDelta]) -> None:
         with self._lock:

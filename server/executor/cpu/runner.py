@@ -185,16 +185,18 @@ class Runner:
             self._count_step(plan, time.perf_counter() - t0)
         return self.drain()
 
-    def urgent_prefill_step(self) -> list[TokenDelta]:
+    def urgent_prefill_step(self, leaving: int = 0) -> list[TokenDelta]:
         """Inside a step's forward pass: admits waiting sequences of higher priority than the
         step, runs one prefill chunk of each such sequence not in the step, and returns their
-        output (a first token where a prompt completes). Never preempts: a sequence that does
-        not fit now waits for the next regular step."""
+        output (a first token where a prompt completes). ``leaving`` counts running sequences
+        already cancelled (a preemption for this very request, typically) that release their
+        slots when the step ends: their slots may be taken now. Never preempts: a sequence
+        that does not fit now waits for the next regular step."""
         if self.step_priority is None:
             raise RuntimeError("urgent_prefill_step runs only inside a step's forward pass")
         t0 = time.perf_counter()
         floor = self.step_priority
-        self._admit(lambda seq: seq.request.priority > floor)
+        self._admit(lambda seq: seq.request.priority > floor, extra_slots=leaving)
         members = [
             s
             for s in self.running
@@ -210,10 +212,12 @@ class Runner:
         self._count_step(plan, time.perf_counter() - t0)
         return self._drain_of({item.seq.request_id for item in plan})
 
-    def _admit(self, eligible: Callable[[Sequence], bool] | None = None) -> None:
+    def _admit(
+        self, eligible: Callable[[Sequence], bool] | None = None, extra_slots: int = 0
+    ) -> None:
         """Moves waiting sequences (in queue order) into slots while slots and KV blocks
         allow; with ``eligible``, stops at the first sequence that is not."""
-        while self.waiting and len(self.running) < self.limits.max_batch_size:
+        while self.waiting and len(self.running) < self.limits.max_batch_size + extra_slots:
             seq = self.waiting[0]
             if eligible is not None and not eligible(seq):
                 return

@@ -3,13 +3,15 @@ runs without lower-priority decodes in its step (so a first token is not delayed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, SamplingParams
+from server.executor.base import ExecRequest, SamplingParams, TokenDelta
 from server.executor.cpu.executor import build_runner
+from server.executor.cpu.runner import Runner
 
 pytestmark = pytest.mark.unit
 
@@ -126,3 +128,31 @@ def test_executor_with_an_urgent_arrival_keeps_every_output(tiny_engine: Path) -
         executor.check_integrity()
     finally:
         executor.shutdown()
+
+
+def test_urgent_prefill_may_take_the_slot_of_a_cancelled_sequence(
+    tiny_engine_factory: Callable[..., Path],
+) -> None:
+    """All slots full: a preemption (cancel) for the urgent request only lands when the step
+    ends, but the urgent prefill may use that slot at once; without it, it must wait."""
+    engine = tiny_engine_factory(max_batch_size=2)
+    for leaving, expect_first_token in [(0, False), (1, True)]:
+        runner, _ = build_runner(engine, Manifest.load(engine))
+        for rid in (1, 2):
+            runner.add(_req(rid, 6, priority=0.0), seed=rid)
+        runner.step()
+        got: list[TokenDelta] = []
+
+        def hook(runner: Runner = runner, leaving: int = leaving, got: list = got) -> None:
+            if got or runner.step_priority is None:
+                return
+            if not any(s.request_id == 9 for s in [*runner.running, *runner.waiting]):
+                runner.add(_req(9, 12, priority=1.0), seed=9)
+            got.extend(runner.urgent_prefill_step(leaving))
+
+        runner.step(hook)
+        assert any(d.request_id == 9 and d.token_ids for d in got) is expect_first_token
+        runner.cancel(2)  # the preemption lands
+        while runner.has_work:
+            runner.step()
+        runner.check_integrity()
