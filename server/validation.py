@@ -17,6 +17,9 @@ MAX_ID_CHARS = 256  # client_request_id, tenant: ids and labels, not payloads
 MAX_STOP_STRINGS = 16
 MAX_BATCH_REQUESTS = 100_000
 _PROMPT_FIELDS = "text, chat, token_ids"
+# Built once: ``EnumTypeWrapper.values()`` makes a new list on every call (once per request).
+_TIERS = frozenset(pb.Tier.values())
+_ROLES = frozenset(pb.Role.values()) - {pb.ROLE_UNSPECIFIED}
 
 
 class InvalidArgumentError(ValueError):
@@ -28,7 +31,7 @@ def validate_generate(req: pb.GenerateRequest, *, vocab_size: int, prefix: str =
     _check_prompt(req, vocab_size, prefix)
     if req.HasField("sampling"):
         _check_sampling(req.sampling, vocab_size, prefix + "sampling.")
-    if req.tier not in pb.Tier.values():
+    if req.tier not in _TIERS:
         raise InvalidArgumentError(f"{prefix}tier: unknown value {req.tier}")
     if req.HasField("ttft_deadline"):
         d = req.ttft_deadline
@@ -89,7 +92,7 @@ def _check_chat(chat: pb.ChatMessages, prefix: str) -> None:
     if not chat.messages:
         raise InvalidArgumentError(f"{prefix}messages must not be empty")
     for i, message in enumerate(chat.messages):
-        if message.role not in pb.Role.values() or message.role == pb.ROLE_UNSPECIFIED:
+        if message.role not in _ROLES:
             raise InvalidArgumentError(
                 f"{prefix}messages[{i}].role must be ROLE_SYSTEM, ROLE_USER or "
                 f"ROLE_ASSISTANT, got {message.role}"
@@ -122,6 +125,8 @@ def _check_sampling(s: pb.SamplingParams, vocab_size: int, prefix: str) -> None:
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, name: str) -> None:
+    if not ids or max(ids) < vocab_size:  # the common case in one C loop; prompts can be long
+        return
     for i, token in enumerate(ids):
         if token >= vocab_size:
             raise InvalidArgumentError(f"{name}[{i}]={token} is >= vocab size {vocab_size}")

@@ -215,22 +215,30 @@ class SchedulerCore:
     # ---- executor output ------------------------------------------------------------------
 
     def apply(self, deltas: list[TokenDelta]) -> None:
+        # Generated tokens are tallied per tier and added once per poll: the counters take a
+        # lock, and a poll of a full batch carries one delta per running sequence.
+        generated = dict.fromkeys(Tier, 0)
+        by_exec = self._by_exec
         for delta in deltas:
-            seq = self._by_exec.get(delta.request_id)
+            seq = by_exec.get(delta.request_id)
             if seq is not None:
+                generated[seq.tier] += len(delta.token_ids)
                 self._apply_one(seq, delta)
+        for tier, count in generated.items():
+            if count:
+                self._counters.add(tier, generated_tokens=count)
 
     def _apply_one(self, seq: Sequence, delta: TokenDelta) -> None:
         seq.run_reported = True
         if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
             seq.cached_prompt_tokens = delta.cached_prompt_tokens
-        seq.draft_proposed += delta.draft_tokens_proposed
-        seq.draft_accepted += delta.draft_tokens_accepted
+        if delta.draft_tokens_proposed or delta.draft_tokens_accepted:
+            seq.draft_proposed += delta.draft_tokens_proposed
+            seq.draft_accepted += delta.draft_tokens_accepted
         if delta.token_ids:
             if seq.first_token_at is None:
                 seq.first_token_at = self._clock()
             seq.tokens.extend(delta.token_ids)
-            self._counters.add(seq.tier, generated_tokens=len(delta.token_ids))
         if delta.finish is None:
             if delta.token_ids or delta.text:
                 self._outbox.append((seq.sink, seq.token_event(delta.token_ids, delta.text)))
