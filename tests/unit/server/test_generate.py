@@ -200,3 +200,25 @@ async def test_many_concurrent_generates_get_their_own_tokens(
     sampling = executor.enqueued[0].sampling
     for ids, out in zip(prompts, outputs, strict=True):
         assert out == executor.expected_output(ids, sampling)[0]
+
+
+async def test_a_burst_of_generate_calls_is_not_dropped_by_grpc(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    """2,000 calls at once: grpc core's default backlog (1,000 parked calls) would cancel some
+    with a bare CANCELLED before the servicer saw them; every one must finish normally."""
+    n = 2000
+    server = await make_server(ScriptedExecutor(tiny_capacity(tiny_engine, max_slots=256)),
+                               max_online_queue=4 * n)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def run(i: int) -> grpc.StatusCode:
+            call = stub.Generate(request([1 + i % 200, 2], max_tokens=1))
+            async for _ in call:
+                pass
+            return await call.code()
+
+        codes = await asyncio.gather(*(run(i) for i in range(n)), return_exceptions=True)
+    failed = [c for c in codes if c != grpc.StatusCode.OK]
+    assert not failed, f"{len(failed)} of {n} calls failed, e.g. {failed[0]!r}"
