@@ -191,10 +191,22 @@ class Session:
             inbox.put(error)
 
 
-class UnarySource:
-    """One ``Generate`` call per request: the fallback transport (``transport="unary"``)."""
+# The details grpc core gives a call it cancelled on its own, with no message (our server's
+# CANCELLED always says "cancelled"; a local cancel says "Locally cancelled by application!").
+_BARE_CANCEL = "CANCELLED"
 
-    __slots__ = ("_call", "_iter")
+
+class UnarySource:
+    """One ``Generate`` call per request: the fallback transport (``transport="unary"``).
+
+    A call that ends CANCELLED with grpc's bare ``"CANCELLED"`` details, before any response,
+    and that this client did not cancel, never reached the servicer: under a burst of ~1,000
+    concurrent calls the grpc.aio server occasionally drops an accepted call before reading its
+    request (nothing is logged; see benchmarks/bench_frontend.py). It is reported as Unavailable
+    so that the stream's usual rule (retry UNAVAILABLE before the first token) resends it.
+    """
+
+    __slots__ = ("_call", "_cancelled", "_iter", "_responded")
 
     def __init__(
         self,
@@ -204,14 +216,31 @@ class UnarySource:
     ) -> None:
         self._call = stub.Generate(request, metadata=tuple(metadata) or None)
         self._iter = self._call.__aiter__()
+        self._cancelled = False
+        self._responded = False
 
     async def next(self) -> pb.GenerateResponse:
         try:
-            return await self._iter.__anext__()
+            response = await self._iter.__anext__()
         except StopAsyncIteration:
             raise Unavailable("the Generate stream ended without a final chunk") from None
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise self._error(exc) from None
+        self._responded = True
+        return response
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
+
+    def _error(self, exc: grpc.RpcError) -> BackfillError:
+        error = error_from_rpc(exc)
+        dropped = (
+            isinstance(error, Cancelled)
+            and not (self._cancelled or self._responded)
+            and hasattr(exc, "details")
+            and exc.details() == _BARE_CANCEL
+        )
+        if dropped:
+            return Unavailable("the server dropped the call before running it (grpc CANCELLED)")
+        return error

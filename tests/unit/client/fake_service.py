@@ -23,8 +23,9 @@ def expected_tokens(prompt: str, n: int) -> list[int]:
 
 
 class FakeService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, breaks: int = 0) -> None:
+    def __init__(self, breaks: int = 0, drops: int = 0) -> None:
         self.breaks = breaks
+        self.drops = drops  # Generate calls "drop" ends like a call grpc dropped on its own
         self.cancels: list[str] = []
         self.sessions_opened = 0
 
@@ -43,6 +44,9 @@ class FakeService(pb_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         if request.text.startswith("error:"):
             await context.abort(grpc.StatusCode[request.text[6:]], "injected")
+        if request.text == "drop" and self.drops > 0:
+            self.drops -= 1
+            await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
         for chunk in self._chunks(request):
             yield chunk
 

@@ -131,3 +131,31 @@ async def test_task_cancellation_sends_cancel(fake):
 def test_client_timeout_raises_deadline_exceeded(fake):
     with Client(fake.address, timeout=0.1) as client, pytest.raises(DeadlineExceeded):
         client.complete("slow", sampling=SamplingParams(max_tokens=100))
+
+
+async def test_unary_call_dropped_by_grpc_is_retried_before_first_token():
+    """grpc's bare CANCELLED ("CANCELLED", not our server's "cancelled") before any response
+    means the call never ran: it is resent like UNAVAILABLE."""
+    server = FakeServer(FakeService(drops=2))
+    try:
+        async with AsyncClient(server.address, transport="unary", max_retries=3,
+                               retry_backoff_s=0.01) as client:
+            done = await client.complete("drop", sampling=SamplingParams(max_tokens=2))
+            assert list(done.token_ids) == expected_tokens("drop", 2)
+            assert server.service.drops == 0
+    finally:
+        server.stop()
+
+
+async def test_unary_server_cancel_with_a_message_is_not_retried():
+    server = FakeServer(FakeService(drops=1))
+    try:
+        async with AsyncClient(server.address, transport="unary", max_retries=0) as client:
+            with pytest.raises(Unavailable):  # dropped, but no retries allowed
+                await client.complete("drop")
+        async with AsyncClient(server.address, transport="unary", max_retries=3,
+                               retry_backoff_s=0.01) as client:
+            with pytest.raises(Cancelled):  # "injected": the server meant it
+                await client.complete("error:CANCELLED")
+    finally:
+        server.stop()
