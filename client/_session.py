@@ -202,7 +202,7 @@ class UnarySource:
     A call that ends CANCELLED with grpc's bare ``"CANCELLED"`` details, before any response,
     and that this client did not cancel, never reached the servicer: under a burst of ~1,000
     concurrent calls the grpc.aio server occasionally drops an accepted call before reading its
-    request (nothing is logged; see benchmarks/bench_frontend.py). It is reported as Unavailable
+    request (nothing is logged; server.app.GRPC_SERVER_OPTIONS). It is reported as Unavailable
     so that the stream's usual rule (retry UNAVAILABLE before the first token) resends it.
     """
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from server.scheduler.types import Outcome, SchedEvent, Usage
-from server.streams import RequestStream, merge_events
+from server.streams import EventBridge, RequestStream, merge_events
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,43 @@ async def test_on_ready_fires_once_per_batch_of_pending_events() -> None:
     assert stream.take() is None  # nothing pending
     stream.push(token(2))
     assert ready == [stream, stream]
+
+
+async def test_one_wakeup_carries_a_whole_pass_of_events_in_order() -> None:
+    """The scheduler thread emits a pass's events for many requests; the loop is woken once
+    (one call_soon_threadsafe), and each stream gets its events in order."""
+    loop = asyncio.get_running_loop()
+    streams = [RequestStream(loop) for _ in range(50)]
+    bridge = EventBridge.for_loop(loop)
+    before = bridge.wakeups
+
+    def one_pass() -> None:  # the scheduler's thread, while the loop is busy elsewhere
+        for i in range(3):
+            for stream in streams:
+                stream.sink(final(i) if i == 2 else token(i))
+
+    producer = threading.Thread(target=one_pass)
+    producer.start()
+    producer.join()  # the loop has not run: everything is still in one batch
+    assert bridge.wakeups == before + 1
+    for stream in streams:
+        chunk = await stream.next()
+        assert chunk is not None and chunk.is_final and chunk.token_ids == (0, 1, 2)
+        assert chunk.text == "<0><1><2>"
+
+
+async def test_events_posted_after_a_drain_are_delivered_by_the_next_one() -> None:
+    loop = asyncio.get_running_loop()
+    stream = RequestStream(loop)
+    bridge = EventBridge.for_loop(loop)
+    before = bridge.wakeups
+    stream.sink(token(0))
+    assert await stream.next() == token(0)  # the drain ran
+    stream.sink(final(1))
+    last = await stream.next()
+    assert last is not None and last.is_final and bridge.wakeups == before + 2
+
+
+async def test_streams_of_one_loop_share_its_bridge() -> None:
+    loop = asyncio.get_running_loop()
+    assert EventBridge.for_loop(loop) is EventBridge.for_loop(loop)
