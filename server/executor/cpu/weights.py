@@ -128,81 +128,86 @@ class Int4Linear(_TiledLinear):
 
     `W = (u - 8) * s` with u the stored nibble, so `x @ W.T = x @ (u * s).T - 8 * xg @ s.T`
     where xg sums x over each group: the offset costs one small GEMM instead of a pass over W.
-    Tiles are unpacked in the column order [nibble, in / 2]: all low nibbles of a row, then all
-    high ones, so the two unpacking ops and the float cast each run over long contiguous rows
-    (an order interleaved per group ran 2-4x slower in NumPy's short strided inner loops);
-    x is permuted to the same order, and group k spans columns [k * g/2, (k + 1) * g/2) of
-    each half.
+    At load the packed bytes are rearranged (not widened) to `[groups, g/2, out]`, so a tile of
+    output rows unpacks into W.T in the input order [nibble, group, g/2]: every NumPy pass runs
+    along the long output axis, and the per-group GEMMs read contiguous operands. Measured on
+    the default model, one thread: 1.4x faster batch-1 decode than unpacking `[out, in]` rows,
+    whose per-group strided inner loops are 16 elements long.
     """
 
     def __init__(self, qweight: np.ndarray, scales: np.ndarray, group_size: int) -> None:
-        self.qweight = np.ascontiguousarray(qweight, dtype=np.uint8)  # [out, in // 2]
-        self.scales = np.ascontiguousarray(scales, dtype=np.float32)  # [out, in // g]
+        qweight = np.asarray(qweight, dtype=np.uint8)  # [out, in // 2]
+        scales = np.asarray(scales, dtype=np.float32)  # [out, in // g]
         self.group_size = group_size
-        self.out_features = self.qweight.shape[0]
-        self.in_features = self.qweight.shape[1] * 2
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * 2
         if group_size % 2 or self.in_features % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide {self.in_features}")
         self.num_groups = self.in_features // group_size
-        if self.scales.shape != (self.out_features, self.num_groups):
-            raise ValueError(f"int4 scales shape {self.scales.shape} does not match weight")
+        if scales.shape != (self.out_features, self.num_groups):
+            raise ValueError(f"int4 scales shape {scales.shape} does not match weight")
+        half = group_size // 2
+        # [out, groups, g/2] -> [groups, g/2, out]: the same bytes, output axis innermost.
+        self._packed_t = np.ascontiguousarray(
+            qweight.reshape(self.out_features, self.num_groups, half).transpose(1, 2, 0))
+        self._scales_t = np.ascontiguousarray(scales.T)  # [groups, out]
         self._init_tiles()
-        self._nibbles = np.empty((self._buf.shape[0], 2, self.in_features // 2), np.uint8)
+        self._nibbles = np.empty(self._buf.size, np.uint8)
+
+    @property
+    def qweight(self) -> np.ndarray:
+        """The packed weight in the file layout, uint8 [out, in // 2] (a copy)."""
+        return self._packed_t.transpose(2, 0, 1).reshape(self.out_features, -1)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float32 [out, in // g] (a view)."""
+        return self._scales_t.T
 
     @property
     def nbytes(self) -> int:
-        return int(self.qweight.nbytes + self.scales.nbytes)
+        return int(self._packed_t.nbytes + self._scales_t.nbytes)
 
-    def _matmul_input(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        # [n, in / 2, 2] -> [n, 2, in / 2]: even (low-nibble) columns first, then odd ones.
-        return x.reshape(n, -1, 2).transpose(0, 2, 1).reshape(n, -1)
-
-    def _unpack_into(self, r0: int, r1: int, buf: np.ndarray) -> None:
-        """buf [rows, in] float32 = the stored nibbles u of rows [r0, r1), [nibble, in / 2]."""
-        rows = r1 - r0
-        packed = self.qweight[r0:r1]  # [rows, in / 2]
-        nib = self._nibbles[:rows]  # [rows, 2, in / 2]
-        np.bitwise_and(packed, 0x0F, out=nib[:, 0])
-        np.right_shift(packed, 4, out=nib[:, 1])
-        np.copyto(buf, nib.reshape(rows, -1), casting="unsafe")
-
-    def _dequant_into(self, r0: int, r1: int, buf: np.ndarray) -> None:
-        self._unpack_into(r0, r1, buf)
-        rows, half = r1 - r0, self.group_size // 2
-        scale = self.scales[r0:r1, None, :, None]  # [rows, 1, groups, 1]
-        tile = buf.reshape(rows, 2, self.num_groups, half)
-        np.multiply(tile, scale, out=tile)
+    def _unpack_t(self, r0: int, r1: int) -> np.ndarray:
+        """Stored nibbles u of output rows [r0, r1) as float32 [2, groups, g/2, rows] (W.T)."""
+        rows, shape = r1 - r0, (2, self.num_groups, self.group_size // 2, r1 - r0)
+        packed = self._packed_t[:, :, r0:r1]  # [groups, g/2, rows]
+        nib = self._nibbles[: self.in_features * rows].reshape(shape)
+        np.bitwise_and(packed, 0x0F, out=nib[0])
+        np.right_shift(packed, 4, out=nib[1])
+        buf = self._buf.reshape(-1)[: self.in_features * rows].reshape(shape)
+        np.copyto(buf, nib, casting="unsafe")
+        return buf
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        small = x.shape[0] <= _INT4_GROUPED_MAX_ROWS
-        out = self._grouped(x) if small else super().__call__(x)
-        xg = x.reshape(x.shape[0], self.num_groups, self.group_size).sum(axis=2)  # [n, groups]
-        out -= 8.0 * (xg @ self.scales.T)
-        return out
-
-    def _grouped(self, x: np.ndarray) -> np.ndarray:
-        """Decode path: tiles get only the nibble cast (no scale pass); small GEMMs per group
-        give per-group partial sums `[groups, n, rows]`, scaled and summed after. Cheaper than
-        scaling the tile while n is small, since partials grow with n."""
         n, groups, half = x.shape[0], self.num_groups, self.group_size // 2
-        # [2, groups, n, g / 2]: x's low-nibble and high-nibble columns, per group.
-        xh = self._matmul_input(x).reshape(n, 2, groups, half).transpose(1, 2, 0, 3)
+        # [n, groups, g/2, 2] -> [2, groups, n, g/2]: x in the tile's input order.
+        xh = np.ascontiguousarray(x.reshape(n, groups, half, 2).transpose(3, 1, 0, 2))
+        grouped = n <= _INT4_GROUPED_MAX_ROWS
+        xt = None if grouped else xh.transpose(2, 0, 1, 3).reshape(n, -1)  # [n, in]
         out = np.empty((n, self.out_features), np.float32)
         for r0 in range(0, self.out_features, self._tile_rows):
             r1 = min(r0 + self._tile_rows, self.out_features)
-            rows = r1 - r0
-            buf = self._buf[:rows]
-            self._unpack_into(r0, r1, buf)
-            wh = buf.reshape(rows, 2, groups, half).transpose(1, 2, 3, 0)  # [2, groups, g/2, rows]
-            partial = xh[0] @ wh[0]  # [groups, n, rows]
-            partial += xh[1] @ wh[1]
-            out[:, r0:r1] = np.einsum("gnr,rg->nr", partial, self.scales[r0:r1])
+            wt = self._unpack_t(r0, r1)  # [2, groups, g/2, rows]
+            if xt is None:
+                out[:, r0:r1] = self._grouped_tile(xh, wt, r0, r1)
+            else:
+                np.multiply(wt, self._scales_t[None, :, None, r0:r1], out=wt)
+                out[:, r0:r1] = xt @ wt.reshape(self.in_features, r1 - r0)
+        xg = x.reshape(n, groups, self.group_size).sum(axis=2)  # [n, groups]
+        out -= 8.0 * (xg @ self._scales_t)
         return out
 
+    def _grouped_tile(self, xh: np.ndarray, wt: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Decode path: the tile gets only the nibble cast (no scale pass); one small GEMM per
+        group and nibble gives partial sums, scaled and summed after. Cheaper than scaling the
+        tile while n is small, since partials grow with n."""
+        partial = xh @ wt  # [2, groups, n, rows]
+        return np.einsum("gnr,gr->nr", partial[0] + partial[1], self._scales_t[:, r0:r1])
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        packed = self.qweight[ids]  # [k, in // 2]
-        q = np.empty((len(ids), self.in_features // 2, 2), np.float32)
+        packed = self._packed_t[:, :, ids].transpose(2, 0, 1)  # [k, groups, g/2]
+        q = np.empty((*packed.shape, 2), np.float32)  # [k, groups, g/2, 2]: column order
         q[..., 0] = packed & 0x0F
         q[..., 1] = packed >> 4
         q -= 8.0

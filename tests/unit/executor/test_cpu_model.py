@@ -190,6 +190,10 @@ def test_int4_linear_equals_dequantized_matmul() -> None:
         np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)
     ids = np.array([5, 0, 199])
     np.testing.assert_allclose(lin.rows(ids), w[ids], rtol=1e-6)
+    # Rearranged in memory but still 4 bits per weight, and the file layout reads back.
+    assert lin.nbytes == packed.nbytes + s.nbytes
+    np.testing.assert_array_equal(lin.qweight, packed)
+    np.testing.assert_array_equal(lin.scales, s)
 
 
 @pytest.mark.parametrize(
