@@ -98,53 +98,76 @@ class RequestMetrics:
             registry=registry,
         )
 
+        # Labelled children looked up once per tier: a labels() call per event cost more than
+        # the observation itself on the streaming hot path.
+        self._children = {tier: _TierChildren(self, tier.value) for tier in Tier}
+
     def meter(self, tier: Tier) -> RequestMeter:
-        return RequestMeter(self, tier)
+        return RequestMeter(self._children[tier])
 
     def rejected(self, tier: Tier) -> None:
         self.requests.labels(tier.value, REJECTED).inc()
+
+
+class _TierChildren:
+    """One tier's labelled children of the request families."""
+
+    __slots__ = (
+        "cached_tokens", "draft_accepted", "draft_proposed", "e2e", "generated_tokens",
+        "inter_token", "prompt_tokens", "queue", "requests", "ttft",
+    )
+
+    def __init__(self, m: RequestMetrics, tier: str) -> None:
+        self.requests = {o: m.requests.labels(tier, o.value) for o in Outcome}
+        self.prompt_tokens = m.prompt_tokens.labels(tier)
+        self.generated_tokens = m.generated_tokens.labels(tier)
+        self.cached_tokens = m.cached_tokens.labels(tier)
+        self.draft_proposed = m.draft_proposed.labels(tier)
+        self.draft_accepted = m.draft_accepted.labels(tier)
+        self.ttft = m.ttft.labels(tier)
+        self.inter_token = m.inter_token.labels(tier)
+        self.queue = m.queue.labels(tier)
+        self.e2e = m.e2e.labels(tier)
 
 
 class RequestMeter:
     """Records one request's events; ``observe`` is called with each event before it is
     handed on. Generated tokens are counted as they come, so the counter moves mid-stream."""
 
-    __slots__ = ("_last", "_m", "_tier")
+    __slots__ = ("_c", "_last")
 
-    def __init__(self, metrics: RequestMetrics, tier: Tier) -> None:
-        self._m = metrics
-        self._tier = tier.value
+    def __init__(self, children: _TierChildren) -> None:
+        self._c = children
         self._last: float | None = None  # when the previous token arrived
 
     def observe(self, event: SchedEvent) -> None:
-        m, tier = self._m, self._tier
+        c = self._c
         n = len(event.token_ids)
         if n:
             now = time.monotonic()
             if self._last is not None:
                 gap = (now - self._last) / n
-                histogram = m.inter_token.labels(tier)
                 for _ in range(n):
-                    histogram.observe(gap)
+                    c.inter_token.observe(gap)
             self._last = now
-            m.generated_tokens.labels(tier).inc(n)
+            c.generated_tokens.inc(n)
         if event.outcome is not None:
             self._finish(event, event.outcome)
 
     def _finish(self, event: SchedEvent, outcome: Outcome) -> None:
-        m, tier = self._m, self._tier
-        m.requests.labels(tier, outcome.value).inc()
+        c = self._c
+        c.requests[outcome].inc()
         if event.usage is not None:
-            m.prompt_tokens.labels(tier).inc(event.usage.prompt_tokens)
-            m.cached_tokens.labels(tier).inc(event.usage.cached_prompt_tokens)
-            m.draft_proposed.labels(tier).inc(event.usage.draft_tokens_proposed)
-            m.draft_accepted.labels(tier).inc(event.usage.draft_tokens_accepted)
+            c.prompt_tokens.inc(event.usage.prompt_tokens)
+            c.cached_tokens.inc(event.usage.cached_prompt_tokens)
+            c.draft_proposed.inc(event.usage.draft_tokens_proposed)
+            c.draft_accepted.inc(event.usage.draft_tokens_accepted)
         if event.timing is not None:
             t = event.timing
             if t.ttft_seconds is not None:
-                m.ttft.labels(tier).observe(t.ttft_seconds)
-            m.queue.labels(tier).observe(t.queue_seconds)
-            m.e2e.labels(tier).observe(t.total_seconds)
+                c.ttft.observe(t.ttft_seconds)
+            c.queue.observe(t.queue_seconds)
+            c.e2e.observe(t.total_seconds)
 
 
 class StateCollector(Collector):
