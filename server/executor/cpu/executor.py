@@ -188,17 +188,26 @@ class CpuExecutor:
                 for request_id in cancels:
                     self._runner.cancel(request_id)
                 deltas = self._runner.step(self._between_layers)
-                # Cancels that came during the step (preemptions whose slots an urgent prefill
-                # may already use) take effect now, so no step boundary sees extra slots used.
-                with self._lock:
-                    late, self._cancels = self._cancels, []
-                for request_id in late:
-                    self._runner.cancel(request_id)
-                return deltas + self._runner.drain() if late else deltas
+                return deltas + self._apply_late_cancels()
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
                 self._runner.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
                 return self._runner.drain()
+
+    def _apply_late_cancels(self) -> list[TokenDelta]:
+        """Cancels that came during the step (preemptions whose slots an urgent prefill may
+        already use) take effect at its end, so no step boundary sees extra slots used. A
+        cancel of a request still in the inbox waits for the next round, which adds the
+        inbox first: applied now it would find nothing and be lost, leaving a zombie."""
+        runner = self._runner
+        with self._lock:
+            late, self._cancels = self._cancels, []
+            known = {s.request_id for s in runner.running} | {s.request_id for s in runner.waiting}
+            self._cancels = [rid for rid in late if rid not in known]
+        now = [rid for rid in late if rid in known]
+        for request_id in now:
+            runner.cancel(request_id)
+        return runner.drain() if now else []
 
     def _add(self, requests: list[ExecRequest]) -> None:
         for request in requests:

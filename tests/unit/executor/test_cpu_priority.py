@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, SamplingParams, TokenDelta
+from server.executor.base import ExecRequest, FinishReason, SamplingParams, TokenDelta
+from server.executor.cpu.drive import Collected
 from server.executor.cpu.executor import build_runner
 from server.executor.cpu.runner import Runner
 
@@ -156,3 +157,39 @@ def test_urgent_prefill_may_take_the_slot_of_a_cancelled_sequence(
         while runner.has_work:
             runner.step()
         runner.check_integrity()
+
+
+def test_cancel_arriving_during_a_step_for_a_request_still_in_the_inbox(
+    tiny_engine_factory: Callable[..., Path],
+) -> None:
+    """A request enqueued and cancelled while a step runs (the scheduler preempting its
+    newest run) must end CANCELLED without running; a lost cancel would leave a zombie that
+    holds a slot the scheduler believes free."""
+    from server.executor.cpu import CpuExecutor
+    from server.executor.cpu.drive import collect
+
+    engine = tiny_engine_factory(max_batch_size=2)
+    executor = CpuExecutor.open(engine)
+    try:
+        runner = executor._runner
+        original_step = runner.step
+        injected: list[bool] = []
+
+        def step(between_layers: Callable[[], None] | None = None) -> list[TokenDelta]:
+            if runner.running and not injected:
+                injected.append(True)
+                executor.enqueue(_req(7, 5, priority=0.0))  # lands in the inbox mid-step
+                executor.cancel(7)
+            return original_step(between_layers)
+
+        runner.step = step  # type: ignore[method-assign]
+        results = collect(executor, [_req(1, 5, priority=0.0), _req(2, 5, priority=0.0)])
+        results.update(collect(executor, results={7: results.get(7) or Collected()}))
+        assert injected
+        assert results[7].finish is FinishReason.CANCELLED
+        assert results[7].token_ids == []
+        stats = executor.stats()
+        assert (stats.active, stats.queued) == (0, 0)
+        executor.check_integrity()
+    finally:
+        executor.shutdown()
