@@ -33,8 +33,12 @@ test: $(STAMP) lint typecheck
 demo: $(STAMP)
 	$(PY) -m client.demo
 
+# The benchmarks of the README (several minutes each; they print tables).
 bench: $(STAMP)
-	$(PY) -m benchmarks.all
+	$(PY) -m engine_builder profile $$($(PY) -c 'from engine_builder.default import ensure_default_engine as e; print(e())')
+	$(PY) -m benchmarks.bench_cpu_engine
+	$(PY) -m benchmarks.bench_scheduler --engine default
+	$(PY) -m benchmarks.bench_frontend
 
 clean:
 	rm -rf $(VENV) build *.egg-info
