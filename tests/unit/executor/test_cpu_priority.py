@@ -193,3 +193,20 @@ def test_cancel_arriving_during_a_step_for_a_request_still_in_the_inbox(
         executor.check_integrity()
     finally:
         executor.shutdown()
+
+
+def test_stats_count_sequences_in_prefill(tiny_engine: Path) -> None:
+    """ExecutorStats.context_requests (Triton's "context" requests) counts prefilling ones."""
+    from server.executor.cpu import CpuExecutor
+
+    runner, capacity = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    executor = CpuExecutor(runner, capacity)
+    try:
+        with executor._step_lock:  # hold the worker off while the runner is arranged
+            runner.add(_req(1, 40, priority=0.5), seed=1)
+            runner._admit()
+            assert executor._snapshot().context_requests == 1
+            runner.step()
+            assert executor._snapshot().context_requests == 0
+    finally:
+        executor.shutdown()
