@@ -216,8 +216,8 @@ class CpuExecutor:
 
     def _between_layers(self) -> None:
         """Called by the worker between the layers of a step: requests that arrived since the
-        step began with higher priority than all of it get their prefill now, and their first
-        tokens are published at once (cancels wait for the step to end)."""
+        step began, with higher priority than its lowest-priority work, get their prefill now,
+        and their first tokens are published at once (cancels wait for the step to end)."""
         floor = self._runner.step_priority
         if floor is None or not self._inbox:  # a racy peek; the lock below decides
             return

@@ -11,7 +11,7 @@ recomputed (mostly from the prefix cache); its output stream is unaffected.
 Priority (ExecRequest.priority, higher first): the waiting queue is ordered by it; a step in
 which a higher-priority sequence prefills leaves lower-priority decodes out; and while a step
 runs, its forward pass calls a hook between layers through which the executor hands over newly
-arrived requests of higher priority than anything in the step: `urgent_prefill_step` then runs
+arrived requests of higher priority than the step's lowest: `urgent_prefill_step` then runs
 their prefill at once, nested in the layer loop, and their first token goes out before the long
 step resumes. On a CPU a full step of background decodes takes hundreds of milliseconds, so this
 is what keeps an online request's time to first token close to that of an idle engine, without
@@ -113,7 +113,9 @@ class Runner:
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.counters = RunnerCounters()
         self._finished: list[Sequence] = []  # finished since the last drain
-        # The step whose forward pass is in flight: its sequences and their top priority.
+        # The step whose forward pass is in flight: its sequences and the lowest priority among
+        # them. A request above that priority is delayed by the step's lower-priority work, so
+        # it may overtake it (even if the step also carries decodes of its own priority).
         self._in_flight: set[int] = set()
         self.step_priority: float | None = None  # None between steps
 
@@ -174,7 +176,7 @@ class Runner:
         plan = self._schedule(self._step_members())
         if plan:
             self._in_flight = {item.seq.request_id for item in plan}
-            self.step_priority = max(item.seq.request.priority for item in plan)
+            self.step_priority = min(item.seq.request.priority for item in plan)
             try:
                 self._copy_pending_blocks()
                 batch = self._build_batch(plan)
@@ -187,11 +189,12 @@ class Runner:
 
     def urgent_prefill_step(self, leaving: int = 0) -> list[TokenDelta]:
         """Inside a step's forward pass: admits waiting sequences of higher priority than the
-        step, runs one prefill chunk of each such sequence not in the step, and returns their
-        output (a first token where a prompt completes). ``leaving`` counts running sequences
-        already cancelled (a preemption for this very request, typically) that release their
-        slots when the step ends: their slots may be taken now. Never preempts: a sequence
-        that does not fit now waits for the next regular step."""
+        step's lowest-priority member, runs one prefill chunk of each such sequence not in the
+        step, and returns their output (a first token where a prompt completes).
+
+        ``leaving`` counts running sequences already cancelled (a preemption for this very
+        request, typically) that release their slots when the step ends: their slots may be
+        taken now. Never preempts: a sequence that does not fit waits for the next step."""
         if self.step_priority is None:
             raise RuntimeError("urgent_prefill_step runs only inside a step's forward pass")
         t0 = time.perf_counter()

@@ -210,3 +210,25 @@ def test_stats_count_sequences_in_prefill(tiny_engine: Path) -> None:
             assert executor._snapshot().context_requests == 0
     finally:
         executor.shutdown()
+
+
+def test_urgent_prefill_overtakes_a_step_that_also_carries_online_decodes(
+    tiny_engine: Path,
+) -> None:
+    """With online sequences decoding beside offline ones (the usual case under backfill), a
+    new online request still overtakes the step: it is delayed by the offline work in it."""
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    for rid, priority in [(1, 0.0), (2, 0.0), (3, 1.0)]:
+        runner.add(_req(rid, 6, priority), seed=rid)
+    runner.step()
+    got: list[TokenDelta] = []
+
+    def hook() -> None:
+        if got or runner.step_priority is None:
+            return
+        if not any(s.request_id == 9 for s in [*runner.running, *runner.waiting]):
+            runner.add(_req(9, 12, priority=1.0), seed=9)
+        got.extend(runner.urgent_prefill_step())
+
+    runner.step(hook)
+    assert [d.request_id for d in got if d.token_ids] == [9]
