@@ -201,6 +201,8 @@ class CpuExecutor:
         inbox first: applied now it would find nothing and be lost, leaving a zombie."""
         runner = self._runner
         with self._lock:
+            if not self._cancels:  # the usual case: nothing to look up
+                return []
             late, self._cancels = self._cancels, []
             known = {s.request_id for s in runner.running} | {s.request_id for s in runner.waiting}
             self._cancels = [rid for rid in late if rid not in known]

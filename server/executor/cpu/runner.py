@@ -118,6 +118,7 @@ class Runner:
         # it may overtake it (even if the step also carries decodes of its own priority).
         self._in_flight: set[int] = set()
         self.step_priority: float | None = None  # None between steps
+        self._nested_s = 0.0  # time urgent steps took inside the step in flight
 
     @property
     def has_work(self) -> bool:
@@ -177,14 +178,11 @@ class Runner:
         if plan:
             self._in_flight = {item.seq.request_id for item in plan}
             self.step_priority = min(item.seq.request.priority for item in plan)
+            self._nested_s = 0.0
             try:
-                self._copy_pending_blocks()
-                batch = self._build_batch(plan)
-                logits = self.model.forward(batch, self.cache, between_layers)
+                self._execute(plan, t0, between_layers)
             finally:
                 self._in_flight, self.step_priority = set(), None
-            self._commit(plan, logits)
-            self._count_step(plan, time.perf_counter() - t0)
         return self.drain()
 
     def urgent_prefill_step(self, leaving: int = 0) -> list[TokenDelta]:
@@ -209,11 +207,20 @@ class Runner:
         plan = self._schedule(members)
         if not plan:
             return []
+        self._execute(plan, t0)
+        self._nested_s += time.perf_counter() - t0  # not the enclosing step's own time
+        return self.drain({item.seq.request_id for item in plan})
+
+    def _execute(
+        self, plan: list[Scheduled], t0: float, between_layers: Callable[[], None] | None = None
+    ) -> None:
+        """One forward pass over plan, its samples, and its counters. The time of urgent
+        steps nested in it is counted by them, not again here."""
         self._copy_pending_blocks()
-        logits = self.model.forward(self._build_batch(plan), self.cache)
+        logits = self.model.forward(self._build_batch(plan), self.cache, between_layers)
         self._commit(plan, logits)
-        self._count_step(plan, time.perf_counter() - t0)
-        return self._drain_of({item.seq.request_id for item in plan})
+        nested = self._nested_s if between_layers is not None else 0.0
+        self._count_step(plan, time.perf_counter() - t0 - nested)
 
     def _admit(
         self, eligible: Callable[[Sequence], bool] | None = None, extra_slots: int = 0
@@ -381,22 +388,15 @@ class Runner:
         seq.out_text += seq.tracker.flush_held()
         self._finish(seq, reason, error)
 
-    def drain(self) -> list[TokenDelta]:
-        """One delta per sequence with new output since the last drain."""
-        deltas = [_take_delta(seq) for seq in self.running if seq.out_ids]
-        deltas += [_take_delta(seq) for seq in self._finished]
-        self._finished.clear()
-        return deltas
+    def drain(self, only: set[int] | None = None) -> list[TokenDelta]:
+        """One delta per sequence with new output since the last drain; with ``only``, for
+        those request ids alone (the others' output waits for their own step to end)."""
+        def wanted(seq: Sequence) -> bool:
+            return only is None or seq.request_id in only
 
-    def _drain_of(self, request_ids: set[int]) -> list[TokenDelta]:
-        """Like drain, for the given sequences only (the others' output waits for theirs)."""
-        deltas = [
-            _take_delta(seq)
-            for seq in self.running
-            if seq.out_ids and seq.request_id in request_ids
-        ]
-        done = [seq for seq in self._finished if seq.request_id in request_ids]
-        self._finished = [seq for seq in self._finished if seq.request_id not in request_ids]
+        deltas = [_take_delta(seq) for seq in self.running if seq.out_ids and wanted(seq)]
+        done = [seq for seq in self._finished if wanted(seq)]
+        self._finished = [seq for seq in self._finished if not wanted(seq)]
         return deltas + [_take_delta(seq) for seq in done]
 
     def check_integrity(self) -> None:

@@ -3,6 +3,7 @@ runs without lower-priority decodes in its step (so a first token is not delayed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,8 +87,11 @@ def test_urgent_prefill_overtakes_a_step_in_flight(tiny_engine: Path) -> None:
             seen_during_step.append(delta.request_id)
             tokens[delta.request_id] += delta.token_ids
 
+    busy_before, wall_start = runner.counters.busy_seconds, time.perf_counter()
     for delta in runner.step(hook):  # a background decode step, overtaken by the prefill
         tokens[delta.request_id] += delta.token_ids
+    wall = time.perf_counter() - wall_start
+    assert runner.counters.busy_seconds - busy_before <= wall  # nested time counted once
     assert seen_during_step == [9]
     assert len(tokens[9]) == 1  # its first token came from inside the background step
     assert all(len(tokens[r.request_id]) == 2 for r in background)  # that step still completed
@@ -108,7 +112,6 @@ def test_urgent_prefill_step_only_runs_inside_a_step(tiny_engine: Path) -> None:
 def test_executor_with_an_urgent_arrival_keeps_every_output(tiny_engine: Path) -> None:
     """Through CpuExecutor (the hook wired to its inbox): an online request enqueued while
     background steps run finishes, and every output equals its solo run."""
-    import time
 
     from server.executor.cpu import CpuExecutor
     from server.executor.cpu.drive import Collected, collect
