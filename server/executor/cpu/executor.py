@@ -269,7 +269,7 @@ class CpuExecutor:
             cached_prompt_tokens=c.cached_prompt_tokens,
             generated_tokens=c.generated_tokens,
             busy_seconds=c.busy_seconds,
-            context_requests=sum(1 for seq in r.running if seq.num_pending > 1),
+            context_requests=sum(1 for seq in r.running if seq.prefilling),
             preemptions=c.preemptions,
         )
 

@@ -59,6 +59,10 @@ class Sequence:
     out_ids: list[int] = field(default_factory=list)
     out_text: str = ""
     report_cached: bool = False
+    # In the context phase: admitted and not sampled from since. Not the same as
+    # num_pending > 1: a one-token prompt, or a prompt the prefix cache covers but for its
+    # last token, is in its context phase with a single pending token.
+    prefilling: bool = True
     finish: FinishReason | None = None
     error: str | None = None
 
@@ -202,7 +206,7 @@ class Runner:
             s
             for s in self.running
             if s.request.priority > floor and s.request_id not in self._in_flight
-            and s.num_pending > 1
+            and s.prefilling
         ]
         plan = self._schedule(members)
         if not plan:
@@ -243,6 +247,7 @@ class Runner:
                 return
             self.waiting.popleft()
             seq.num_computed = cached
+            seq.prefilling = True
             self.running.append(seq)
             if seq.cached_prompt_tokens is None:  # first admission, not a re-admission
                 seq.cached_prompt_tokens = cached
@@ -255,7 +260,7 @@ class Runner:
         sequence of higher priority is in prefill, lower-priority ones sit the step out.
         On a CPU a step's cost grows with its batch (unlike a memory-bound GPU step), so this
         keeps a full batch of background decodes from delaying a first token."""
-        prefilling = [s.request.priority for s in self.running if s.num_pending > 1]
+        prefilling = [s.request.priority for s in self.running if s.prefilling]
         if not prefilling:
             return self.running
         top = max(prefilling)
@@ -352,6 +357,7 @@ class Runner:
             logits, seq.request.sampling, seq.seed, index, tracker.banned_ids()
         )
         seq.token_ids.append(token)
+        seq.prefilling = False
         seq.out_ids.append(token)
         self.counters.generated_tokens += 1
         text, finish = tracker.push(token)

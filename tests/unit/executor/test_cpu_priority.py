@@ -235,3 +235,39 @@ def test_urgent_prefill_overtakes_a_step_that_also_carries_online_decodes(
 
     runner.step(hook)
     assert [d.request_id for d in got if d.token_ids] == [9]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_prompt_with_one_pending_token_is_a_prefill(tiny_engine: Path, cached: bool) -> None:
+    """A one-token prompt, or a prompt the prefix cache covers but for its last token, has a
+    single pending token like a decode, yet it awaits its first token: it overtakes a step in
+    flight and runs its own step without the background decodes."""
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    for rid in (1, 2, 3):
+        runner.add(_req(rid, 6, priority=0.0), seed=rid)
+    prompt_len = runner.blocks.tokens_per_block + 1 if cached else 1
+    urgent = _req(9, prompt_len, priority=1.0)
+    if cached:  # put the prompt in the prefix cache, then let it go
+        runner.add(ExecRequest(8, urgent.prompt_token_ids, SamplingParams(max_tokens=1),
+                               priority=0.0), seed=8)
+    runner.step()
+    got: list[TokenDelta] = []
+
+    def hook() -> None:
+        if got or runner.step_priority is None:
+            return
+        if not any(s.request_id == 9 for s in [*runner.running, *runner.waiting]):
+            runner.add(urgent, seed=9)
+        got.extend(runner.urgent_prefill_step())
+
+    runner.step(hook)
+    assert [d.request_id for d in got if d.token_ids] == [9]
+    assert got[0].cached_prompt_tokens == prompt_len - 1
+
+    runner2, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    for rid in (1, 2, 3):
+        runner2.add(_req(rid, 6, priority=0.0), seed=rid)
+    runner2.step()
+    runner2.add(_req(9, 1, priority=1.0), seed=9)
+    assert [d.request_id for d in runner2.step()] == [9]  # alone, no background decodes
+    assert runner2.counters.last_step_tokens == 1
