@@ -3,6 +3,7 @@ quantized linears vs their dequantized weights, quantized engines vs float32 log
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -215,3 +216,33 @@ def test_quantized_engines_stay_close_to_float32(
     got = _paged_logits(model, cache, TOKENS, [20, 1, 1, 23])
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert 0 < rel < max_rel_err
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 64, 65])
+def test_dense_linear_equals_matmul_at_every_row_count(rows: int) -> None:
+    """Each row-count path of the dense matmul (matrix-vector, row tiles of the weight, weight
+    on the left, plain) computes x @ W.T, including a ragged last tile."""
+    from server.executor.cpu.weights import DenseLinear
+
+    rng = np.random.default_rng(rows)
+    weight = rng.standard_normal((1000, 1536), dtype=np.float32)  # tiles of 64 rows: ragged
+    x = rng.standard_normal((rows, 1536), dtype=np.float32)
+    got = DenseLinear(weight)(x)
+    assert got.shape == (rows, 1000) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_kv_pool_is_resident_up_front() -> None:
+    """The pool's pages are touched at construction: writing every block afterwards takes no
+    new memory (no page faults inside steps)."""
+    cache = PagedKvCache(4, 1024, TPB, 2, 64)  # 2 x 32 MiB
+    before = _resident_bytes()
+    cache.k.fill(1.0)
+    cache.v.fill(1.0)
+    assert _resident_bytes() - before < 0.1 * cache.nbytes
