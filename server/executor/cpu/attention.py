@@ -26,19 +26,38 @@ class PagedKvCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: str = "float32",
+        *,
+        prefault: bool = True,
     ) -> None:
         if dtype not in ("float32", "int8"):
             raise ValueError(f"cpu kv_cache_dtype must be 'float32' or 'int8', got {dtype!r}")
         self.tokens_per_block = tokens_per_block
         self.quantized = dtype == "int8"
         shape = (num_layers, num_blocks, tokens_per_block, num_kv_heads, head_dim)
-        # np.zeros maps lazily: pages become resident only once a block is written.
         store = np.int8 if self.quantized else np.float32
         self.k = np.zeros(shape, store)
         self.v = np.zeros(shape, store)
         if self.quantized:
             self.k_scale = np.zeros(shape[:-1], np.float32)  # [layers, blocks, tpb, kv_heads]
             self.v_scale = np.zeros(shape[:-1], np.float32)
+        if prefault:
+            # np.zeros maps pages lazily, so each block's first write would take page faults
+            # in the middle of a step: scattered first-touch writes cost 1-2 ms per layer per
+            # step on the development VM (0.015 ms once resident), a fifth of a step's time
+            # until the whole pool had been used once. Like a GPU engine's pool, this one is
+            # made resident up front.
+            for array in self._arrays():
+                array.fill(0)
+
+    def _arrays(self) -> list[np.ndarray]:
+        arrays = [self.k, self.v]
+        if self.quantized:
+            arrays += [self.k_scale, self.v_scale]
+        return arrays
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self._arrays())
 
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Stores k, v `[num_tokens, kv_heads, head_dim]` at flat slots `[num_tokens]`."""
