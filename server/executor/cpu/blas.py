@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 
 log = logging.getLogger(__name__)
+_THREAD = threading.local()  # .blas_threads: what set_thread_blas_threads set for this thread
 
 _LOCAL = "openblas_set_num_threads_local"
 _GLOBAL = (
@@ -41,10 +43,18 @@ def default_threads() -> int:
         raise ValueError(f"BACKFILL_CPU_THREADS must be an integer, got {value!r}") from None
 
 
+def thread_blas_threads() -> int | None:
+    """The BLAS thread count set for the current thread, None if never set (BLAS default)."""
+    value: int | None = getattr(_THREAD, "blas_threads", None)
+    return value
+
+
 def set_thread_blas_threads(num_threads: int) -> bool:
     """Limits BLAS threads for calls made from the current thread; False if no OpenBLAS
     control was found (then BLAS keeps its own setting)."""
     import numpy  # noqa: F401  (loads the BLAS library whose symbols are looked up)
+
+    _THREAD.blas_threads = num_threads
 
     for lib in _loaded_openblas():
         local = getattr(lib, _LOCAL, None)

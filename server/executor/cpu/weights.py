@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors import safe_open
 
+from server.executor.cpu.blas import thread_blas_threads
+
 # Elements per dequantized tile: 256K float32 = 1 MiB, a quarter of this machine's L2.
 _TILE_ELEMENTS = 1 << 18
 # Up to this many input rows, matmuls put the weight on the left (see _matmul_wt).
@@ -47,16 +49,18 @@ def _matmul_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     135M model's layer shapes (interleaved, single thread), `W @ x.T` ran 1.4x faster than
     `x @ W.T` at n = 32 and no slower at n = 1; for prefill-sized n the usual form is kept.
 
-    From 2 to 8 rows the GEMM runs over row tiles of W of a few hundred KiB: one whole-matrix
-    call at 2 rows took twice as long as the matrix-vector product at 1 row (OpenBLAS packs
-    the whole weight, a second pass over memory), while tiles that stay in L2 bring 2 rows
-    back to the cost of 1 and 4 rows to 1.1x (single thread, the 135M model's 30 layers:
-    81 -> 35 ms at n = 2, 67 -> 42 ms at n = 4). From about 12 rows tiling stops paying.
+    With one BLAS thread, from 2 to 8 rows the GEMM runs over row tiles of W of a few hundred
+    KiB: one whole-matrix call at 2 rows took twice as long as the matrix-vector product at 1
+    row (OpenBLAS packs the whole weight, a second pass over memory), while tiles that stay in
+    L2 bring 2 rows back to the cost of 1 and 4 rows to 1.1x (the 135M model's 30 layers:
+    81 -> 35 ms at n = 2, 67 -> 42 ms at n = 4). From about 12 rows tiling stops paying, and
+    with two threads each small call also pays the threads' hand-off, so it was no faster
+    at 4 rows and slower at 8 (then the whole matrix is used).
     """
     n = x.shape[0]
     if n > _SMALL_BATCH_ROWS:
         return x @ w.T
-    if n == 1 or n > _DENSE_TILED_MAX_ROWS:
+    if n == 1 or n > _DENSE_TILED_MAX_ROWS or thread_blas_threads() != 1:
         return np.ascontiguousarray((w @ x.T).T)
     step = max(16, _DENSE_TILE_BYTES // (w.shape[1] * w.itemsize))
     xt = np.ascontiguousarray(x.T)

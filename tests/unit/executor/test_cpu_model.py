@@ -218,16 +218,24 @@ def test_quantized_engines_stay_close_to_float32(
     assert 0 < rel < max_rel_err
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 64, 65])
-def test_dense_linear_equals_matmul_at_every_row_count(rows: int) -> None:
-    """Each row-count path of the dense matmul (matrix-vector, row tiles of the weight, weight
-    on the left, plain) computes x @ W.T, including a ragged last tile."""
+def test_dense_linear_equals_matmul_at_every_row_count(rows: int, threads: int) -> None:
+    """Each row-count path of the dense matmul (matrix-vector, row tiles of the weight with
+    one BLAS thread, weight on the left, plain) computes x @ W.T, with a ragged last tile."""
+    from server.executor.cpu.blas import set_thread_blas_threads, thread_blas_threads
     from server.executor.cpu.weights import DenseLinear
+
+    previous = thread_blas_threads()
+    set_thread_blas_threads(threads)
 
     rng = np.random.default_rng(rows)
     weight = rng.standard_normal((1000, 1536), dtype=np.float32)  # tiles of 64 rows: ragged
     x = rng.standard_normal((rows, 1536), dtype=np.float32)
-    got = DenseLinear(weight)(x)
+    try:
+        got = DenseLinear(weight)(x)
+    finally:
+        set_thread_blas_threads(previous or 1)
     assert got.shape == (rows, 1000) and got.flags.c_contiguous
     np.testing.assert_allclose(got, x.astype(np.float64) @ weight.T, rtol=1e-4, atol=1e-4)
 
