@@ -19,7 +19,7 @@ import numpy as np
 
 from engine_builder.gguf_tokenizer import tokenizer_json_from_gguf
 from engine_builder.hf_source import SourceError
-from engine_builder.manifest import Architecture
+from engine_builder.manifest import Architecture, RopeScaling
 from engine_builder.source import SourceModel, SourceTokenizer
 
 _LAYER_NAMES = {
@@ -109,9 +109,16 @@ def gguf_architecture(meta: GgufMetadata, path: Path, has_output: bool) -> Archi
     arch = meta.require("general.architecture")
     if arch != "llama":
         raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
-        raise SourceError(f"{path}: RoPE scaling {meta.get('llama.rope.scaling.type')!r} "
-                          "is not supported")
+    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type == "linear":
+        try:
+            rope_scaling = RopeScaling("linear", float(meta.require("llama.rope.scaling.factor")))
+        except ValueError as exc:
+            raise SourceError(f"{path}: llama.rope.scaling: {exc}") from exc
+    elif scaling_type not in ("none", None):
+        raise SourceError(f"{path}: RoPE scaling {scaling_type!r} is not supported "
+                          "(supported: linear)")
     hidden = int(meta.require("llama.embedding_length"))
     heads = int(meta.require("llama.attention.head_count"))
     tokens = meta.require("tokenizer.ggml.tokens")
@@ -130,6 +137,7 @@ def gguf_architecture(meta: GgufMetadata, path: Path, has_output: bool) -> Archi
             tie_word_embeddings=not has_output,
             attention_bias=False,
             max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+            rope_scaling=rope_scaling,
         )
     except ValueError as exc:
         raise SourceError(f"{path}: {exc}") from exc
@@ -182,6 +190,9 @@ def load_gguf(path: Path, *, sha256: str | None = None) -> SourceModel:
         raise SourceError(f"{path}: not a readable GGUF file: {exc}") from exc
     meta = GgufMetadata(reader, path)
     names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:  # how llama.cpp stores Llama 3.1's RoPE scaling
+        raise SourceError(f"{path}: per-dimension RoPE frequency factors (rope_freqs) are not "
+                          "supported; build from the Hugging Face checkpoint instead")
     arch = gguf_architecture(meta, path, has_output="output.weight" in names)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:

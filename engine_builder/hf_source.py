@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine_builder.manifest import Architecture
+from engine_builder.manifest import ROPE_SCALING_TYPES, Architecture, RopeScaling
 from engine_builder.safetensors_io import iter_float32
 from engine_builder.source import SourceModel, SourceTokenizer, expected_shapes
 
@@ -41,13 +41,41 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
+def rope_scaling_from_config(value: object, where: Path) -> RopeScaling | None:
+    """Hugging Face's ``rope_scaling`` (``rope_type``, or ``type`` in older configs); the
+    ``default`` type is no scaling. Dynamic NTK, YaRN and LongRoPE are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SourceError(f"{where}: rope_scaling must be an object, got {value!r}")
+    rope_type = value.get("rope_type", value.get("type"))
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALING_TYPES:
+        raise SourceError(f"{where}: rope_scaling type {rope_type!r} is not supported "
+                          f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
+    llama3 = rope_type == "llama3"
+    try:
+        return RopeScaling(
+            rope_type=rope_type,
+            factor=float(value["factor"]),
+            low_freq_factor=float(value["low_freq_factor"]) if llama3 else None,
+            high_freq_factor=float(value["high_freq_factor"]) if llama3 else None,
+            original_max_position_embeddings=int(value["original_max_position_embeddings"])
+            if llama3 else None,
+        )
+    except KeyError as exc:
+        raise SourceError(f"{where}: rope_scaling lacks {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise SourceError(f"{where}: rope_scaling: {exc}") from exc
+
+
 def architecture_from_config(config: dict[str, Any], where: Path) -> Architecture:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SourceError(f"{where}: model_type {model_type!r} is not Llama-family "
                           f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    if config.get("rope_scaling") is not None:
-        raise SourceError(f"{where}: rope_scaling={config['rope_scaling']!r} is not supported")
+    rope_scaling = rope_scaling_from_config(config.get("rope_scaling"), where)
     # Qwen2 configs name a window but switch it off with use_sliding_window.
     if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
         raise SourceError(f"{where}: sliding_window={config['sliding_window']!r} is not supported")
@@ -71,6 +99,7 @@ def architecture_from_config(config: dict[str, Any], where: Path) -> Architectur
             # Qwen2 always has q/k/v biases and does not say so in its config.
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            rope_scaling=rope_scaling,
         )
     except KeyError as exc:
         raise SourceError(f"{where}: missing key {exc.args[0]!r}") from exc

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,43 @@ def _positive(obj: object, *names: str) -> None:
         _require(value >= 1, name, f"must be >= 1, got {value}")
 
 
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Context extension of the rotary embedding, as Hugging Face's ``rope_scaling``.
+
+    ``linear``: every frequency divided by ``factor`` (position interpolation). ``llama3``
+    (Llama 3.1+): wavelengths above ``original_max_position_embeddings / low_freq_factor``
+    divided by ``factor``, those below ``.../ high_freq_factor`` kept, a smooth blend between.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only
+    high_freq_factor: float | None = None  # llama3 only
+    original_max_position_embeddings: int | None = None  # llama3 only
+
+    def __post_init__(self) -> None:
+        _require(self.rope_type in ROPE_SCALING_TYPES, "rope_type",
+                 f"unsupported {self.rope_type!r} (supported: {', '.join(ROPE_SCALING_TYPES)})")
+        _require(self.factor > 0, "factor", f"must be > 0, got {self.factor}")
+        llama3 = (self.low_freq_factor, self.high_freq_factor,
+                  self.original_max_position_embeddings)
+        if self.rope_type == "llama3":
+            for name, value in zip(("low_freq_factor", "high_freq_factor",
+                                    "original_max_position_embeddings"), llama3, strict=True):
+                _require(value is not None and value > 0, name, f"llama3 needs it > 0, got {value}")
+            assert self.low_freq_factor is not None and self.high_freq_factor is not None
+            _require(self.low_freq_factor < self.high_freq_factor, "high_freq_factor",
+                     f"must exceed low_freq_factor {self.low_freq_factor}, got "
+                     f"{self.high_freq_factor}")
+        else:
+            _require(all(v is None for v in llama3), "rope_type",
+                     "only llama3 takes low/high_freq_factor and original_max_position_embeddings")
+
+
 @dataclass(frozen=True, slots=True)
 class Architecture:
     """Shapes of a Llama-family decoder. Invariant: heads divide evenly into KV groups."""
@@ -68,6 +105,7 @@ class Architecture:
     tie_word_embeddings: bool
     attention_bias: bool
     max_position_embeddings: int
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
         _require(self.family == "llama", "family", f"unsupported family {self.family!r}")
@@ -317,7 +355,9 @@ def _section_json(section: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(section):  # type: ignore[arg-type]
         value = getattr(section, f.name)
-        if isinstance(value, tuple):
+        if is_dataclass(value):
+            value = _section_json(value)
+        elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, Mapping):
             value = dict(value)

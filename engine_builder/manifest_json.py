@@ -22,6 +22,7 @@ from engine_builder.manifest import (
     Profile,
     Provenance,
     Quantization,
+    RopeScaling,
     TokenizerInfo,
 )
 
@@ -30,7 +31,8 @@ T = TypeVar("T")
 # annotation string -> nested section dataclass
 _SECTIONS: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Architecture, Quantization, Limits, TokenizerInfo, DraftInfo, Profile, Provenance)
+    for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
+                Profile, Provenance)
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from engine_builder.manifest import RopeScaling
 from server.executor.cpu.attention import (
     DecodeGroup,
     PagedKvCache,
@@ -42,11 +43,32 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(var + eps)).astype(np.float32) * weight
 
 
-def rope_tables(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    max_positions: int, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin `[max_positions, head_dim // 2]` for the half-split rotary layout."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """The rotary frequencies `[head_dim // 2]`, float64, after ``scaling`` (as Hugging Face's
+    ``_compute_linear_scaling_rope_parameters`` / ``_compute_llama3_parameters``)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    assert low is not None and high is not None and context is not None  # RopeScaling checks
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > context / low, inv_freq / scaling.factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return np.where(medium, blended, scaled)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -84,7 +106,9 @@ class LlamaModel:
         self.eps = arch.rms_norm_eps
         self.vocab_size = arch.vocab_size
         self.scale = 1.0 / float(np.sqrt(self.head_dim))
-        self.cos, self.sin = rope_tables(max_positions, self.head_dim, arch.rope_theta)
+        self.cos, self.sin = rope_tables(
+            max_positions, self.head_dim, arch.rope_theta, arch.rope_scaling
+        )
 
     def forward(
         self,

@@ -107,7 +107,9 @@ def test_gguf_tokenizer_control_tokens_are_special_and_others_rejected() -> None
         pre_tokenizer_for("qwen2")
 
 
-def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = None) -> Path:
+def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = None,
+                    rope_scaling: tuple[str, float] | None = None,
+                    rope_freqs: bool = False) -> Path:
     """The tiny HF checkpoint re-encoded the way llama.cpp's converter does it."""
     import gguf
 
@@ -124,6 +126,9 @@ def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = Non
     w.add_rope_dimension_count(config["head_dim"])
     w.add_rope_freq_base(config["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if rope_scaling is not None:
+        w.add_string("llama.rope.scaling.type", rope_scaling[0])
+        w.add_float32("llama.rope.scaling.factor", rope_scaling[1])
     w.add_vocab_size(config["vocab_size"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
@@ -156,6 +161,8 @@ def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = Non
             w.add_tensor(gname, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(array))
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", np.ones(config["head_dim"] // 2, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -195,3 +202,16 @@ def test_non_gguf_file_is_a_source_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(SourceError, match=r"bad\.gguf"):
         load_gguf(bad)
+
+
+def test_gguf_linear_rope_scaling_is_kept_and_others_refused(tmp_path: Path) -> None:
+    from engine_builder.manifest import RopeScaling
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "hf", seed=3)
+    linear = load_gguf(write_tiny_gguf(checkpoint, tmp_path / "a.gguf",
+                                       rope_scaling=("linear", 4.0)))
+    assert linear.architecture.rope_scaling == RopeScaling("linear", 4.0)
+    with pytest.raises(SourceError, match="RoPE scaling 'yarn' is not supported"):
+        load_gguf(write_tiny_gguf(checkpoint, tmp_path / "b.gguf", rope_scaling=("yarn", 4.0)))
+    with pytest.raises(SourceError, match=r"rope_freqs\) are not supported"):
+        load_gguf(write_tiny_gguf(checkpoint, tmp_path / "c.gguf", rope_freqs=True))

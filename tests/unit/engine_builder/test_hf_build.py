@@ -162,7 +162,12 @@ def _edit_config(checkpoint: Path, tmp_path: Path, **changes: object) -> Path:
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"model_type": "gpt2"}, "not Llama-family"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}},
+     "must exceed low_freq_factor"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 3}, "does not divide"),
 ])
@@ -187,3 +192,20 @@ def test_missing_and_misshapen_tensors(checkpoint: Path, tmp_path: Path) -> None
     (edited / "tokenizer.json").unlink()
     with pytest.raises(SourceError, match=r"tokenizer\.json: missing"):
         load_hf_checkpoint(edited)
+
+
+@pytest.mark.parametrize(("rope_scaling", "want"), [
+    (None, None),
+    ({"rope_type": "default"}, None),
+    ({"type": "linear", "factor": 2.0}, ("linear", 2.0, None, None, None)),  # older key name
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, ("llama3", 8.0, 1.0, 4.0, 8192)),
+])
+def test_supported_rope_scaling_reaches_the_architecture(
+    checkpoint: Path, tmp_path: Path, rope_scaling: dict | None, want: tuple | None
+) -> None:
+    from dataclasses import astuple
+
+    arch = load_hf_checkpoint(_edit_config(checkpoint, tmp_path, rope_scaling=rope_scaling))
+    got = arch.architecture.rope_scaling
+    assert (None if got is None else astuple(got)) == want

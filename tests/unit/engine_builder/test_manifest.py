@@ -153,3 +153,32 @@ def test_constructing_invalid_sections_raises_value_error() -> None:
         Quantization(weights="int8", group_size=32)
     with pytest.raises(ValueError, match="decode_tokens_per_s"):
         Profile((1, 2), (1.0,), (1.0, 2.0), 1.0, 1, 1.0, "t", "h")
+
+
+def test_rope_scaling_round_trips_and_is_optional(tmp_path: Path) -> None:
+    from engine_builder.manifest import RopeScaling
+
+    scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    original = replace(_manifest(),
+                       architecture=replace(_manifest().architecture, rope_scaling=scaling))
+    original.save(tmp_path / "a")
+    assert Manifest.load(tmp_path / "a").architecture.rope_scaling == scaling
+    raw = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert raw["architecture"]["rope_scaling"]["original_max_position_embeddings"] == 8192
+    del raw["architecture"]["rope_scaling"]  # engines written before the key existed
+    assert Manifest.load(_write(tmp_path / "b", raw)).architecture.rope_scaling is None
+
+
+@pytest.mark.parametrize(("scaling", "message"), [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_type: unsupported 'yarn'"),
+    ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor: llama3 needs it"),
+    ({"rope_type": "linear", "factor": 0.0}, "factor: must be > 0"),
+    ({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "rope_type: only llama3"),
+    ({"factor": 2.0}, "rope_type: missing"),
+])
+def test_invalid_rope_scaling_is_named_by_path(tmp_path: Path, scaling: dict,
+                                               message: str) -> None:
+    data = _manifest().to_json()
+    data["architecture"]["rope_scaling"] = scaling
+    with pytest.raises(ManifestError, match=rf"architecture\.rope_scaling\.{message}"):
+        Manifest.load(_write(tmp_path / "e", data))

@@ -20,9 +20,12 @@ pytestmark = pytest.mark.unit
 TPB = 16
 
 
-def _reference_logits(engine: Path, tokens: list[int]) -> np.ndarray:
+def _reference_logits(
+    engine: Path, tokens: list[int], inv_freq: np.ndarray | None = None
+) -> np.ndarray:
     """Textbook Llama over the whole sequence, contiguous, from the float32 weights file:
-    logits at every position [n, vocab]."""
+    logits at every position [n, vocab]. ``inv_freq``: rotary frequencies (default: the
+    unscaled ones)."""
     m = Manifest.load(engine)
     a = m.architecture
     w = load_file(str(m.weights_path(engine)))
@@ -32,7 +35,7 @@ def _reference_logits(engine: Path, tokens: list[int]) -> np.ndarray:
         x64 = x.astype(np.float64)
         return x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + a.rms_norm_eps) * g
 
-    inv = 1.0 / a.rope_theta ** (np.arange(0, d, 2) / d)
+    inv = 1.0 / a.rope_theta ** (np.arange(0, d, 2) / d) if inv_freq is None else inv_freq
     ang = np.arange(n)[:, None] * inv[None, :]
     cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
 
@@ -254,3 +257,51 @@ def test_kv_pool_is_resident_up_front() -> None:
     cache.k.fill(1.0)
     cache.v.fill(1.0)
     assert _resident_bytes() - before < 0.1 * cache.nbytes
+
+
+def test_rope_scaling_frequencies() -> None:
+    """Llama 3.1's scaling: short wavelengths kept, long ones divided by the factor, a monotone
+    blend between; linear divides every frequency."""
+    from engine_builder.manifest import RopeScaling
+    from server.executor.cpu.model import rope_inv_freq
+
+    base = rope_inv_freq(128, 500000.0)
+    llama3 = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    got = rope_inv_freq(128, 500000.0, llama3)
+    wavelen = 2 * np.pi / base
+    short, long = wavelen < 8192 / 4, wavelen > 8192 / 1
+    assert short.sum() > 0 and long.sum() > 0 and (~short & ~long).sum() > 0
+    np.testing.assert_array_equal(got[short], base[short])
+    np.testing.assert_allclose(got[long], base[long] / 8.0)
+    mid = ~short & ~long
+    assert np.all(got[mid] < base[mid]) and np.all(got[mid] > base[mid] / 8.0)
+    assert np.all(np.diff(got) < 0)  # still one frequency per dimension pair, decreasing
+    np.testing.assert_allclose(rope_inv_freq(128, 500000.0, RopeScaling("linear", 4.0)),
+                               base / 4.0)
+
+
+def test_rope_scaled_engine_matches_reference(tmp_path: Path) -> None:
+    """A checkpoint with rope_scaling builds, keeps it in its manifest, and the paged forward
+    uses the scaled frequencies (it matches the reference with them, not without)."""
+    import json
+
+    from engine_builder.build import BuildOptions, build_engine
+    from engine_builder.hf_source import load_hf_checkpoint
+    from engine_builder.manifest import RopeScaling
+    from engine_builder.tiny import write_tiny_checkpoint
+    from server.executor.cpu.model import rope_inv_freq
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "hf")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    engine = build_engine(load_hf_checkpoint(checkpoint), BuildOptions(), tmp_path / "engine")
+    arch = Manifest.load(engine).architecture
+    assert arch.rope_scaling == RopeScaling("llama3", 4.0, 1.0, 4.0, 32)
+    model, cache = _open_model(engine)
+    got = _paged_logits(model, cache, TOKENS, [len(TOKENS)])
+    scaled = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+    np.testing.assert_allclose(got, _reference_logits(engine, TOKENS, scaled),
+                               rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, _reference_logits(engine, TOKENS), atol=1e-3)
