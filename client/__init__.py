@@ -10,6 +10,7 @@ from __future__ import annotations
 from client._stream import GenerationStream
 from client.aio import AsyncClient
 from client.errors import (
+    AlreadyExists,
     BackfillError,
     Cancelled,
     DeadlineExceeded,
@@ -44,6 +45,7 @@ from client.types import (
 )
 
 __all__ = [
+    "AlreadyExists",
     "AsyncClient",
     "BackfillError",
     "BatchJob",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -202,8 +203,14 @@ class AsyncClient:
         *,
         tenant: str = "",
         labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> BatchJob:
-        """Submits requests (or a JSONL file, see ``client.jobs``) as one OFFLINE job."""
+        """Submits requests (or a JSONL file, see ``client.jobs``) as one OFFLINE job.
+
+        The submit carries an idempotency key (a fresh random one unless given), so a retry
+        after a lost reply returns the same job instead of starting a second one; pass your own
+        key to make a resubmission from another process idempotent too.
+        """
         if isinstance(requests, (str, os.PathLike)):
             batch = load_jsonl(requests)
         else:
@@ -212,8 +219,9 @@ class AsyncClient:
             requests=[_convert.batch_request_to_pb(r) for r in batch],
             tenant=tenant,
             labels=dict(labels or {}),
+            idempotency_key=uuid.uuid4().hex if idempotency_key is None else idempotency_key,
         )
-        job = await self._unary(lambda stub: stub.SubmitBatch(message, **self._call_kw()), False)
+        job = await self._unary(lambda stub: stub.SubmitBatch(message, **self._call_kw()))
         return _convert.job_from_pb(job)
 
     async def get_batch(self, job_id: str) -> BatchJob:

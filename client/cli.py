@@ -134,7 +134,8 @@ async def _follow(client: AsyncClient, job_id: str, interval_s: float) -> BatchJ
 async def _batch(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.batch_command == "submit":
-            job = await client.submit_batch(args.file, tenant=args.tenant)
+            job = await client.submit_batch(args.file, tenant=args.tenant,
+                                            idempotency_key=args.idempotency_key)
             print(job.id, flush=True)
             if args.wait:
                 _print_job(await _follow(client, job.id, args.interval))
@@ -219,6 +220,9 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     submit = bsub.add_parser("submit", help="submit a JSONL file (see client.jobs)")
     submit.add_argument("file")
     submit.add_argument("--tenant", default="")
+    submit.add_argument("--idempotency-key", default=None,
+                        help="resubmitting with the same key returns the first job (default: a "
+                             "fresh key, so only this command's own retries are deduplicated)")
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     status = bsub.add_parser("status", help="a job's progress")
     status.add_argument("job_id")

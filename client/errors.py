@@ -71,6 +71,12 @@ class Unavailable(BackfillError):
         return True
 
 
+class AlreadyExists(BackfillError):
+    """An idempotency key was reused for a different batch job."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(BackfillError):
     """The operation does not fit the object's state (e.g. results of a cancelled job)."""
 
@@ -110,6 +116,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BackfillError]] = {
         DeadlineExceeded,
         Cancelled,
         Unavailable,
+        AlreadyExists,
         FailedPrecondition,
         Unimplemented,
         Unauthenticated,

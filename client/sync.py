@@ -219,9 +219,12 @@ class Client:
         *,
         tenant: str = "",
         labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> BatchJob:
         """Submits an OFFLINE batch job. See ``AsyncClient.submit_batch``."""
-        return self._loop.run(self._async.submit_batch(requests, tenant=tenant, labels=labels))
+        return self._loop.run(self._async.submit_batch(
+            requests, tenant=tenant, labels=labels, idempotency_key=idempotency_key
+        ))
 
     def get_batch(self, job_id: str) -> BatchJob:
         return self._loop.run(self._async.get_batch(job_id))

@@ -57,6 +57,11 @@ class NotFoundError(LookupError):
     """A named object (a batch job) does not exist; the service answers NOT_FOUND."""
 
 
+class AlreadyExistsError(Exception):
+    """A key names an object that differs from the request (an idempotency key reused for
+    other requests); the service answers ALREADY_EXISTS."""
+
+
 # ---- errors and outcomes → status -------------------------------------------------------------
 
 Status = tuple[grpc.StatusCode, str]
@@ -72,6 +77,8 @@ def status_for_exception(exc: BaseException) -> Status:
         return grpc.StatusCode.UNAVAILABLE, "draining: the server is shutting down"
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AlreadyExistsError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, ValueError):
         # The scheduler's "the engine can never run this" (e.g. prompt too long).
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)

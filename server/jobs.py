@@ -12,6 +12,7 @@ so a result stream always has exactly ``total`` entries, in submission order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -21,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from backfill.v1 import inference_pb2 as pb
 from server.convert import (
+    AlreadyExistsError,
     ModelRegistry,
     NotFoundError,
     ServedModel,
@@ -174,12 +176,24 @@ class JobStore:
         self._loop = loop
         self._jobs: dict[str, BatchJob] = {}
         self._owner: dict[int, str] = {}  # scheduler request id -> job id
+        # (tenant, idempotency key) -> (job id, digest of what was submitted under it)
+        self._by_key: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     def submit(self, req: pb.SubmitBatchRequest) -> BatchJob:
         """Validates every request first, so a bad one rejects the whole job before anything
         runs; then submits all of them (QueueFullError takes back the ones already queued)."""
         default = self._models.resolve("")
         validate_batch(req, vocab_size=default.spec.capacity.vocab_size)
+        key = (req.tenant, req.idempotency_key)
+        digest = _digest(req) if req.idempotency_key else b""
+        if req.idempotency_key and (seen := self._by_key.get(key)) is not None:
+            job_id, first = seen
+            if first != digest:
+                raise AlreadyExistsError(
+                    f"idempotency_key {req.idempotency_key!r} was used for another batch "
+                    f"(job {job_id}) with different requests"
+                )
+            return self._jobs[job_id]
         items = [self._convert(i, r) for i, r in enumerate(req.requests)]
         job = BatchJob(uuid.uuid4().hex, items, req.tenant, dict(req.labels))
         try:
@@ -191,6 +205,8 @@ class JobStore:
                     queued.model.scheduler.cancel(rid)
             raise
         self._jobs[job.id] = job
+        if req.idempotency_key:
+            self._by_key[key] = (job.id, digest)
         for rid in job.request_ids:
             assert rid is not None
             self._owner[rid] = job.id
@@ -265,3 +281,11 @@ def _timestamp(seconds: float) -> Timestamp:
     out = Timestamp()
     out.FromNanoseconds(round(seconds * 1e9))
     return out
+
+
+def _digest(req: pb.SubmitBatchRequest) -> bytes:
+    """What a submit asked for, its idempotency key aside (deterministic serialization)."""
+    body = pb.SubmitBatchRequest()
+    body.CopyFrom(req)
+    body.ClearField("idempotency_key")
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()

@@ -62,6 +62,7 @@ def validate_batch(req: pb.SubmitBatchRequest, *, vocab_size: int) -> None:
             f"requests: at most {MAX_BATCH_REQUESTS} per job, got {len(req.requests)}"
         )
     _check_label(req.tenant, "tenant")
+    _check_label(req.idempotency_key, "idempotency_key")
     seen: set[str] = set()
     for i, item in enumerate(req.requests):
         validate_generate(item, vocab_size=vocab_size, prefix=f"requests[{i}].")

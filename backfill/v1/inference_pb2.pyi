@@ -627,8 +627,15 @@ class SubmitBatchRequest(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Accounting label for the whole job."""
+    idempotency_key: _builtins.str
+    """Optional, at most 256 characters. A submit that repeats the key of an earlier one of the
+    same tenant (a retry after a lost reply) returns the job that one created instead of
+    starting a second; the same key with other requests or labels is ALREADY_EXISTS.
+    Keys live as long as the server keeps their job.
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateRequest]:
         """The requests; their tier is forced to OFFLINE and ttft_deadline ignored.
@@ -645,10 +652,11 @@ class SubmitBatchRequest(_message.Message):
         requests: _abc.Iterable[Global___GenerateRequest] | None = ...,
         tenant: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labels", b"labels", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -230,3 +230,42 @@ def test_sync_and_async_give_the_same_outputs(server):
         t for c in async_chunks for t in c.token_ids
     ]
     assert "".join(c.text for c in sync_chunks) == "".join(c.text for c in async_chunks)
+
+
+async def test_submit_batch_retry_after_a_lost_reply_makes_one_job(server):
+    """The first SubmitBatch reaches the server but its reply is lost (UNAVAILABLE): the SDK
+    retries with the same idempotency key and gets the same job; only one job exists."""
+    import grpc
+
+    from client import AlreadyExists
+
+    class LostReply(grpc.aio.AioRpcError):
+        def __init__(self) -> None:
+            super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                             grpc.aio.Metadata(), details="reply lost on purpose")
+
+    async with AsyncClient(server.address, max_retries=2, retry_backoff_s=0.01) as client:
+        stub = client._ensure_stub()
+        real = stub.SubmitBatch
+        calls = []
+
+        async def flaky(message, **kw):
+            calls.append(message.idempotency_key)
+            reply = await real(message, **kw)
+            if len(calls) == 1:
+                raise LostReply()
+            return reply
+
+        stub.SubmitBatch = flaky
+        before = {j.id for j in await client.list_batches()}
+        job = await client.submit_batch([{"token_ids": [5, 6], "max_tokens": 2}])
+        assert len(calls) == 2 and calls[0] == calls[1] and calls[0]  # one key, resent
+        after = {j.id for j in await client.list_batches()}
+        assert after - before == {job.id}
+        stub.SubmitBatch = real
+        same = await client.submit_batch([{"token_ids": [5, 6], "max_tokens": 2}],
+                                         idempotency_key=calls[0])
+        assert same.id == job.id
+        with pytest.raises(AlreadyExists):
+            await client.submit_batch([{"token_ids": [5, 7], "max_tokens": 2}],
+                                      idempotency_key=calls[0])

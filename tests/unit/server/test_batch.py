@@ -137,3 +137,31 @@ async def test_batch_larger_than_the_offline_queue_is_refused_whole(
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert (await stub.ListBatches(pb.ListBatchesRequest())).jobs == []
     await wait_until(lambda: is_idle(server))
+
+
+async def test_idempotency_key_returns_the_first_job(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    """A repeated submit (a retry after a lost reply) with the same key and body gets the first
+    job back and runs nothing twice; the key is scoped by tenant; another body is refused."""
+    body = dict(requests=[item([1, 2], 3), item([4], 2)], tenant="t", labels={"a": "b"})
+    first = await stub.SubmitBatch(pb.SubmitBatchRequest(idempotency_key="k1", **body))
+    again = await stub.SubmitBatch(pb.SubmitBatchRequest(idempotency_key="k1", **body))
+    assert again.id == first.id
+    other_tenant = await stub.SubmitBatch(
+        pb.SubmitBatchRequest(idempotency_key="k1", **{**body, "tenant": "u"}))
+    assert other_tenant.id != first.id
+    no_key = [await stub.SubmitBatch(pb.SubmitBatchRequest(**body)) for _ in range(2)]
+    assert no_key[0].id != no_key[1].id
+    listed = await stub.ListBatches(pb.ListBatchesRequest())
+    assert len(listed.jobs) == 4
+    for changed in ({"requests": [item([1, 2], 4), item([4], 2)]}, {"labels": {"a": "c"}}):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitBatch(pb.SubmitBatchRequest(idempotency_key="k1",
+                                                         **{**body, **changed}))
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "idempotency_key 'k1'" in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitBatch(pb.SubmitBatchRequest(idempotency_key="x" * 257, **body))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "idempotency_key" in (info.value.details() or "")
