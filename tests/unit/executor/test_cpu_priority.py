@@ -224,17 +224,24 @@ def test_urgent_prefill_overtakes_a_step_that_also_carries_online_decodes(
     for rid, priority in [(1, 0.0), (2, 0.0), (3, 1.0)]:
         runner.add(_req(rid, 6, priority), seed=rid)
     runner.step()
+    got = _step_with_urgent_arrival(runner, _req(9, 12, priority=1.0))
+    assert [d.request_id for d in got if d.token_ids] == [9]
+
+
+def _step_with_urgent_arrival(runner: Runner, urgent: ExecRequest) -> list[TokenDelta]:
+    """Runs one step during which ``urgent`` arrives (at the first layer boundary); returns
+    what the urgent prefill steps nested in it produced."""
     got: list[TokenDelta] = []
 
     def hook() -> None:
         if got or runner.step_priority is None:
             return
-        if not any(s.request_id == 9 for s in [*runner.running, *runner.waiting]):
-            runner.add(_req(9, 12, priority=1.0), seed=9)
+        if not any(s.request_id == urgent.request_id for s in [*runner.running, *runner.waiting]):
+            runner.add(urgent, seed=urgent.request_id)
         got.extend(runner.urgent_prefill_step())
 
     runner.step(hook)
-    assert [d.request_id for d in got if d.token_ids] == [9]
+    return got
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -251,16 +258,7 @@ def test_a_prompt_with_one_pending_token_is_a_prefill(tiny_engine: Path, cached:
         runner.add(ExecRequest(8, urgent.prompt_token_ids, SamplingParams(max_tokens=1),
                                priority=0.0), seed=8)
     runner.step()
-    got: list[TokenDelta] = []
-
-    def hook() -> None:
-        if got or runner.step_priority is None:
-            return
-        if not any(s.request_id == 9 for s in [*runner.running, *runner.waiting]):
-            runner.add(urgent, seed=9)
-        got.extend(runner.urgent_prefill_step())
-
-    runner.step(hook)
+    got = _step_with_urgent_arrival(runner, urgent)
     assert [d.request_id for d in got if d.token_ids] == [9]
     assert got[0].cached_prompt_tokens == prompt_len - 1
 
