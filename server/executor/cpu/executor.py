@@ -13,6 +13,7 @@ polls are slower than steps, so a slow reader gets fewer, larger deltas instead 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from dataclasses import replace
@@ -291,7 +292,8 @@ def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity
     )
     blocks = BlockManager(limits.num_kv_blocks, limits.tokens_per_block)
     tokenizer = EngineTokenizer.load(engine_dir, manifest)
-    runner_limits = RunnerLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len)
+    runner_limits = RunnerLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len,
+                                 background_prefill_tokens())
     capacity = Capacity(
         max_slots=limits.max_batch_size,
         num_kv_blocks=limits.num_kv_blocks,
@@ -301,6 +303,21 @@ def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity
         vocab_size=arch.vocab_size,
     )
     return Runner(model, cache, blocks, tokenizer, runner_limits), capacity
+
+
+def background_prefill_tokens() -> int:
+    """``BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS`` (default 64): the lower-priority prefill
+    tokens a step may carry while a higher-priority sequence decodes in it."""
+    value = os.environ.get("BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS", "64")
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 1:
+        raise ValueError(
+            f"BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS must be an integer >= 1, got {value!r}"
+        )
+    return tokens
 
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:

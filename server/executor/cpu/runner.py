@@ -43,6 +43,9 @@ class RunnerLimits:
     max_batch_size: int  # sequences holding a slot
     max_num_tokens: int  # tokens computed per step
     max_seq_len: int  # prompt + generated tokens
+    # Prefill tokens of lower priority per step while a higher-priority sequence decodes in
+    # it: every one of them lengthens that sequence's time per output token.
+    background_prefill_tokens: int = 64
 
 
 @dataclass(slots=True, eq=False)  # identity semantics: `in` and `remove` on lists
@@ -267,6 +270,10 @@ class Runner:
         return [s for s in self.running if s.request.priority >= top]
 
     def _schedule(self, members: list[Sequence]) -> list[Scheduled]:
+        """Decodes first, then prefill chunks, up to the step's token budget. Prefills of lower
+        priority than a decode in the step share a smaller budget (background_prefill_tokens):
+        on a CPU each token of a step adds to its time, so a long background prefill would
+        stretch every online token's time."""
         budget = self.limits.max_num_tokens
         plan: list[Scheduled] = []
         for seq in [s for s in members if s.num_pending == 1]:
@@ -275,13 +282,23 @@ class Runner:
             if seq in self.running and self._reserve_slot(seq):
                 plan.append(Scheduled(seq, seq.num_computed, 1))
                 budget -= 1
+        decoding = [item.seq.request.priority for item in plan if not item.seq.prefilling]
+        top = max(decoding, default=None)
+        background = self.limits.background_prefill_tokens
         for seq in members:
             if budget == 0:
                 break
             if seq in self.running and seq.num_pending > 1:
-                n = min(seq.num_pending, budget)
+                limit = budget
+                if top is not None and seq.request.priority < top:
+                    limit = min(budget, background)
+                    if limit == 0:
+                        continue
+                n = min(seq.num_pending, limit)
                 plan.append(Scheduled(seq, seq.num_computed, n))
                 budget -= n
+                if top is not None and seq.request.priority < top:
+                    background -= n
         return plan
 
     def _reserve_slot(self, seq: Sequence) -> bool:

@@ -269,3 +269,34 @@ def test_a_prompt_with_one_pending_token_is_a_prefill(tiny_engine: Path, cached:
     runner2.add(_req(9, 1, priority=1.0), seed=9)
     assert [d.request_id for d in runner2.step()] == [9]  # alone, no background decodes
     assert runner2.counters.last_step_tokens == 1
+
+
+def test_background_prefill_is_capped_while_a_higher_priority_sequence_decodes(
+    tiny_engine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offline prefill rides in steps with online decodes only up to the background budget
+    (the online tokens wait for the whole step); alone, it takes the full step budget."""
+    monkeypatch.setenv("BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS", "8")
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    runner.add(_req(1, 5, priority=1.0), seed=1)
+    runner.step()  # the online prompt; it decodes from now on
+    runner.add(_req(2, 30, priority=0.0), seed=2)
+    chunks = []
+    while not any(d.request_id == 2 for d in runner.step()):
+        chunks.append(runner.counters.last_step_tokens)
+    assert chunks == [1 + 8, 1 + 8, 1 + 8]  # one online decode + 8 background prompt tokens
+    assert runner.counters.last_step_tokens == 1 + 6  # the last 6 tokens, and its first token
+
+    alone, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    alone.add(_req(2, 30, priority=0.0), seed=2)
+    alone.step()
+    assert alone.counters.last_step_tokens == 30  # no online decode: the whole prompt at once
+
+
+def test_background_prefill_budget_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.executor.cpu.executor import background_prefill_tokens
+
+    for bad in ("0", "x"):
+        monkeypatch.setenv("BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS", bad)
+        with pytest.raises(ValueError, match="BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS"):
+            background_prefill_tokens()
