@@ -6,6 +6,12 @@ sends each request as a ``SessionRequest`` on a shared bidirectional stream and 
 receiving side; requests and cancels go out through an outbox drained by the request iterator
 that gRPC consumes. Everything here runs on one event loop (the client's), so no locks.
 
+Batching: once the server's initial metadata says it accepts them (``BATCH_HEADER``), every
+write carries everything queued since the last one as one ``SessionRequest.batch`` (nothing
+waits to fill a batch), which also asks the server for batched responses; the reader unpacks
+``SessionResponse.batch``. Until then, and with servers that do not say so, one message per
+request or cancel, as the protocol always allowed.
+
 If the stream breaks, every in-flight request fails with the mapped error, and the next request
 opens a fresh stream (the server cancels the requests of a broken stream, so nothing runs twice).
 """
@@ -25,6 +31,10 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from client.errors import BackfillError, Cancelled, Unavailable, error_from_rpc, error_from_status
 
 Metadata = Sequence[tuple[str, str]]
+# The server's initial metadata on a Session that accepts SessionRequest.batch (the proto).
+BATCH_HEADER = ("backfill-session-batch", "1")
+# An outbox item: a request to start, or the client_request_id of one to cancel.
+_Outgoing = pb.GenerateRequest | str
 
 
 class Source(Protocol):
@@ -76,17 +86,18 @@ class _Inbox:
 class _Wire:
     """One open ``Session`` call: its outbox, drained by the request iterator gRPC consumes."""
 
-    __slots__ = ("alive", "call", "outbox", "reader", "wakeup")
+    __slots__ = ("alive", "batching", "call", "outbox", "reader", "wakeup")
 
     def __init__(self) -> None:
-        self.outbox: deque[pb.SessionRequest] = deque()
+        self.outbox: deque[_Outgoing] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.alive = True
+        self.batching = False  # the server accepts batch messages (its initial metadata says so)
         self.call: grpc.aio.StreamStreamCall | None = None
         self.reader: asyncio.Task[None] | None = None
 
-    def send(self, message: pb.SessionRequest) -> None:
-        self.outbox.append(message)
+    def send(self, item: _Outgoing) -> None:
+        self.outbox.append(item)
         self._wake()
 
     def stop(self) -> None:
@@ -102,9 +113,27 @@ class _Wire:
         outbox = self.outbox
         while self.alive:
             while outbox:
-                yield outbox.popleft()
+                yield self._take_batch() if self.batching else _single(outbox.popleft())
             self.wakeup = loop.create_future()
             await self.wakeup
+
+    def _take_batch(self) -> pb.SessionRequest:
+        """Everything queued, as one batch message (the server starts its requests, then
+        applies its cancels: a request cancelled right after it was sent is still cancelled)."""
+        message = pb.SessionRequest()
+        batch = message.batch
+        generates = [item for item in self.outbox if not isinstance(item, str)]
+        if len(generates) < len(self.outbox):
+            batch.cancel.extend(item for item in self.outbox if isinstance(item, str))
+        batch.generate.extend(generates)
+        self.outbox.clear()
+        return message
+
+
+def _single(item: _Outgoing) -> pb.SessionRequest:
+    if isinstance(item, str):
+        return pb.SessionRequest(cancel=item)
+    return pb.SessionRequest(generate=item)
 
 
 class Session:
@@ -136,13 +165,13 @@ class Session:
         wire = self._wire or self._open()
         inbox = _Inbox(self, request_id)
         self._inboxes[request_id] = inbox
-        wire.send(pb.SessionRequest(generate=request))
+        wire.send(request)
         return inbox
 
     def cancel(self, request_id: str) -> None:
         """Cancels an open request; late responses for it are dropped."""
         if self._inboxes.pop(request_id, None) is not None and self._wire is not None:
-            self._wire.send(pb.SessionRequest(cancel=request_id))
+            self._wire.send(request_id)
 
     async def aclose(self) -> None:
         """Fails the open requests with Cancelled and ends the stream."""
@@ -163,17 +192,19 @@ class Session:
         return wire
 
     async def _read(self, wire: _Wire) -> None:
-        inboxes = self._inboxes
         error: BackfillError
-        assert wire.call is not None
+        call = wire.call
+        assert call is not None
         try:
-            async for response in wire.call:
-                inbox = inboxes.get(response.client_request_id)
-                if inbox is None:
-                    continue  # the caller cancelled it; its final message is not needed
-                if response.HasField("error") or response.chunk.finish_reason:
-                    del inboxes[response.client_request_id]
-                inbox.put(response)
+            metadata = await call.initial_metadata()
+            if metadata is not None and BATCH_HEADER in tuple(metadata):
+                wire.batching = True
+            async for response in call:
+                if response.batch:
+                    for item in response.batch:
+                        self._route(item)
+                else:
+                    self._route(response)
             error = Unavailable("the server ended the Session stream")
         except grpc.RpcError as exc:
             error = error_from_rpc(exc)
@@ -183,6 +214,15 @@ class Session:
         if self._wire is wire:
             self._wire = None
             self._fail_all(error)
+
+    def _route(self, response: pb.SessionResponse) -> None:
+        cid = response.client_request_id
+        inbox = self._inboxes.get(cid)
+        if inbox is None:
+            return  # the caller cancelled it; its final message is not needed
+        if response.HasField("error") or response.chunk.finish_reason:
+            del self._inboxes[cid]
+        inbox.put(response)
 
     def _fail_all(self, error: BackfillError) -> None:
         inboxes = list(self._inboxes.values())

@@ -3,22 +3,33 @@ process (a test) can run several servers.
 
 Two kinds of figures:
 - per request (counters and latency histograms), recorded by a ``RequestMeter`` that sees every
-  event of its request on the scheduler's thread (prometheus_client is thread-safe);
+  event of its request on the scheduler's thread (prometheus_client is thread-safe); the two
+  figures updated once per token (generated tokens, inter-token gaps) are kept as plain numbers
+  under one lock per tier (``TokenFigures``) and exported at scrape time, since
+  prometheus_client's per-observation cost was a sizeable part of streaming a token;
 - state (slots, queues, KV blocks, rates, economics, Triton's TRT-LLM families), read at scrape
   time from the same ``ServerStats`` snapshot that GetStats returns.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import HTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from server.scheduler.types import Outcome, SchedEvent, Tier
@@ -48,9 +59,6 @@ class RequestMetrics:
             tier,
             registry=registry,
         )
-        self.generated_tokens = Counter(
-            "backfill_generated_tokens", "Tokens generated.", tier, registry=registry
-        )
         self.cached_tokens = Counter(
             "backfill_cached_prompt_tokens",
             "Prompt tokens served from the prefix cache.",
@@ -76,13 +84,6 @@ class RequestMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.inter_token = Histogram(
-            "backfill_inter_token_seconds",
-            "Time between consecutive tokens of a request.",
-            tier,
-            buckets=_TOKEN_BUCKETS,
-            registry=registry,
-        )
         self.queue = Histogram(
             "backfill_queue_seconds",
             "Arrival to admission on the engine.",
@@ -98,6 +99,8 @@ class RequestMetrics:
             registry=registry,
         )
 
+        self.tokens = {tier: TokenFigures() for tier in Tier}
+        registry.register(_TokenCollector(self.tokens))
         # Labelled children looked up once per tier: a labels() call per event cost more than
         # the observation itself on the streaming hot path.
         self._children = {tier: _TierChildren(self, tier.value) for tier in Tier}
@@ -113,21 +116,74 @@ class _TierChildren:
     """One tier's labelled children of the request families."""
 
     __slots__ = (
-        "cached_tokens", "draft_accepted", "draft_proposed", "e2e", "generated_tokens",
-        "inter_token", "prompt_tokens", "queue", "requests", "ttft",
+        "cached_tokens", "draft_accepted", "draft_proposed", "e2e", "prompt_tokens", "queue",
+        "requests", "tokens", "ttft",
     )
 
     def __init__(self, m: RequestMetrics, tier: str) -> None:
         self.requests = {o: m.requests.labels(tier, o.value) for o in Outcome}
         self.prompt_tokens = m.prompt_tokens.labels(tier)
-        self.generated_tokens = m.generated_tokens.labels(tier)
         self.cached_tokens = m.cached_tokens.labels(tier)
         self.draft_proposed = m.draft_proposed.labels(tier)
         self.draft_accepted = m.draft_accepted.labels(tier)
         self.ttft = m.ttft.labels(tier)
-        self.inter_token = m.inter_token.labels(tier)
         self.queue = m.queue.labels(tier)
         self.e2e = m.e2e.labels(tier)
+        self.tokens = m.tokens[Tier(tier)]
+
+
+class TokenFigures:
+    """One tier's generated-token count and inter-token histogram (``_TOKEN_BUCKETS``).
+
+    Updated once per event with any number of tokens: one lock, one bisect. ``observe(n, gap)``
+    counts n tokens and, when ``gap`` is given, n inter-token gaps of ``gap`` seconds each.
+    """
+
+    __slots__ = ("_lock", "counts", "gaps_sum", "generated")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generated = 0
+        self.counts = [0] * (len(_TOKEN_BUCKETS) + 1)  # per bucket, not cumulative; last: +Inf
+        self.gaps_sum = 0.0
+
+    def observe(self, n: int, gap: float | None) -> None:
+        with self._lock:
+            self.generated += n
+            if gap is not None:
+                # Prometheus buckets are upper bounds, inclusive: the first bound >= gap.
+                self.counts[bisect.bisect_left(_TOKEN_BUCKETS, gap)] += n
+                self.gaps_sum += gap * n
+
+    def snapshot(self) -> tuple[int, list[int], float]:
+        with self._lock:
+            return self.generated, list(self.counts), self.gaps_sum
+
+
+class _TokenCollector(Collector):
+    """Exports the tiers' TokenFigures as ``backfill_generated_tokens_total`` and the
+    ``backfill_inter_token_seconds`` histogram."""
+
+    def __init__(self, tokens: dict[Tier, TokenFigures]) -> None:
+        self._tokens = tokens
+
+    def collect(self) -> Iterator[Metric]:
+        generated = CounterMetricFamily(
+            "backfill_generated_tokens", "Tokens generated.", labels=["tier"]
+        )
+        gaps = HistogramMetricFamily(
+            "backfill_inter_token_seconds",
+            "Time between consecutive tokens of a request.",
+            labels=["tier"],
+        )
+        bounds = [*map(str, map(float, _TOKEN_BUCKETS)), "+Inf"]
+        for tier, figures in self._tokens.items():
+            count, counts, total = figures.snapshot()
+            generated.add_metric([tier.value], count)
+            cumulative = itertools.accumulate(counts)
+            gaps.add_metric([tier.value], list(zip(bounds, cumulative, strict=True)), total)
+        yield generated
+        yield gaps
 
 
 class RequestMeter:
@@ -141,16 +197,11 @@ class RequestMeter:
         self._last: float | None = None  # when the previous token arrived
 
     def observe(self, event: SchedEvent) -> None:
-        c = self._c
         n = len(event.token_ids)
         if n:
             now = time.monotonic()
-            if self._last is not None:
-                gap = (now - self._last) / n
-                for _ in range(n):
-                    c.inter_token.observe(gap)
-            self._last = now
-            c.generated_tokens.inc(n)
+            last, self._last = self._last, now
+            self._c.tokens.observe(n, None if last is None else (now - last) / n)
         if event.outcome is not None:
             self._finish(event, event.outcome)
 

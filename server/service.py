@@ -27,7 +27,7 @@ from server.convert import (
 from server.jobs import JobStore
 from server.metrics import RequestMetrics
 from server.scheduler.types import DrainingError, SchedEvent, Tier, TierSnapshot
-from server.session import SessionHandler
+from server.session import BATCH_HEADER, SessionHandler
 from server.stats import ServerStats
 from server.streams import RequestStream, submit_to_stream
 
@@ -118,6 +118,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterable[pb.SessionRequest], context: Context
     ) -> AsyncIterator[pb.SessionResponse]:
+        await context.send_initial_metadata((BATCH_HEADER,))
         async for response in SessionHandler(self._models, self._metrics).run(request_iterator):
             yield response
 

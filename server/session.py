@@ -5,6 +5,12 @@ coroutine is the writer. Streams with pending output queue their id once in ``_r
 writer takes each stream's pending events merged into one response, so a client that reads
 slowly gets fewer, larger chunks rather than an ever-growing backlog.
 
+Batching (opt-in, see the proto's SessionRequest): a ``batch`` message starts its requests and
+applies its cancels in one go, and from then on the writer sends everything ready when it runs
+as one SessionResponse whose ``batch`` holds an item per request: a full stream costs one gRPC
+message per write, not one per chunk. Nothing waits to fill a batch; the writer drains what is
+queued. A stream whose client never sent a batch gets one response per message, as before.
+
 Errors of one request (bad field, duplicate id, queue full) become an error SessionResponse
 for that id; the stream stays up. A client that half-closes still gets every open request's
 output; a stream that breaks (the RPC is cancelled) cancels every request it owns.
@@ -26,14 +32,17 @@ from server.convert import (
     fill_generate_response,
     status_for_exception,
     status_for_outcome,
-    to_pb_status,
     to_sched_request,
 )
 from server.metrics import RequestMetrics
+from server.scheduler.types import SchedEvent
 from server.streams import RequestStream, submit_to_stream
 from server.validation import InvalidArgumentError
 
 log = logging.getLogger(__name__)
+
+# Initial metadata the servicer sends on every Session: this server accepts batch messages.
+BATCH_HEADER = ("backfill-session-batch", "1")
 
 
 @dataclass(slots=True)
@@ -56,9 +65,10 @@ class SessionHandler:
         self._open: dict[str, _Open] = {}
         self._by_stream: dict[int, str] = {}  # id(RequestStream) -> client_request_id
         self._ready: deque[str] = deque()  # ids with pending output, each at most once
-        self._errors: deque[pb.SessionResponse] = deque()
+        self._errors: deque[tuple[str, Status]] = deque()  # requests refused at the start
         self._wake = asyncio.Event()
         self._input_done = False
+        self._batching = False  # the client sent a batch: it reads batched responses
 
     async def run(
         self, requests: AsyncIterable[pb.SessionRequest]
@@ -85,6 +95,9 @@ class SessionHandler:
                     self._start(message.generate)
                 elif kind == "cancel":
                     self._cancel(message.cancel)
+                elif kind == "batch":
+                    self._batching = True
+                    self._start_batch(message.batch)
         except asyncio.CancelledError:
             raise
         except Exception:  # the stream broke mid-read; run's finally cancels what is open
@@ -93,15 +106,22 @@ class SessionHandler:
             self._input_done = True
             self._wake.set()
 
-    def _start(self, req: pb.GenerateRequest) -> None:
+    def _start_batch(self, batch: pb.SessionRequestBatch) -> None:
+        """Starts every request, then applies every cancel (so one message can do both)."""
+        for i, req in enumerate(batch.generate):
+            self._start(req, f"batch.generate[{i}].")
+        for cid in batch.cancel:
+            self._cancel(cid)
+
+    def _start(self, req: pb.GenerateRequest, prefix: str = "") -> None:
         cid = req.client_request_id
         try:
             if not cid:
-                raise InvalidArgumentError("client_request_id must be set in a Session")
+                raise InvalidArgumentError(f"{prefix}client_request_id must be set in a Session")
             if cid in self._open:
-                raise InvalidArgumentError(f"client_request_id {cid!r} is already open")
-            model = self._models.resolve(req.model)
-            request = to_sched_request(req, model.spec)
+                raise InvalidArgumentError(f"{prefix}client_request_id {cid!r} is already open")
+            model = self._models.resolve(req.model, prefix)
+            request = to_sched_request(req, model.spec, prefix=prefix)
             stream = RequestStream(self._loop, self._on_ready)
             entry = _Open(cid, model, stream)
             self._by_stream[id(stream)] = cid
@@ -135,33 +155,69 @@ class SessionHandler:
             self._wake.set()
 
     def _fail(self, cid: str, status: Status) -> None:
-        self._errors.append(pb.SessionResponse(client_request_id=cid, error=to_pb_status(status)))
+        self._errors.append((cid, status))
         self._wake.set()
 
     async def _next_response(self) -> pb.SessionResponse | None:
         """The next message to send; None once input is closed and nothing is left open."""
         while True:
+            if self._batching and len(self._errors) + len(self._ready) > 1:
+                response = self._take_batch()
+                if response.batch:
+                    return response
             if self._errors:
-                return self._errors.popleft()
+                response = pb.SessionResponse()
+                self._fill_error(response, *self._errors.popleft())
+                return response
             while self._ready:
-                response = self._take(self._ready.popleft())
-                if response is not None:
+                response = pb.SessionResponse()
+                if self._fill(response, self._ready.popleft()):
                     return response
             if self._input_done and not self._open:
                 return None
             self._wake.clear()
             await self._wake.wait()
 
-    def _take(self, cid: str) -> pb.SessionResponse | None:
+    def _take_batch(self) -> pb.SessionResponse:
+        """Everything ready now, one item per request (errors first); possibly empty."""
+        response = pb.SessionResponse()
+        items = response.batch
+        errors, ready = self._errors, self._ready
+        while errors:
+            self._fill_error(items.add(), *errors.popleft())
+        while ready:
+            taken = self._take(ready.popleft())
+            if taken is not None:
+                self._fill_event(items.add(), *taken)
+        return response
+
+    @staticmethod
+    def _fill_error(response: pb.SessionResponse, cid: str, status: Status) -> None:
+        response.client_request_id = cid
+        response.error.code = status[0].value[0]
+        response.error.message = status[1]
+
+    def _fill(self, response: pb.SessionResponse, cid: str) -> bool:
+        """Writes cid's pending output into ``response``; False when there was none."""
+        taken = self._take(cid)
+        if taken is None:
+            return False
+        self._fill_event(response, *taken)
+        return True
+
+    def _take(self, cid: str) -> tuple[_Open, SchedEvent] | None:
+        """cid's open entry and its pending output merged into one event, if any."""
         entry = self._open.get(cid)
         if entry is None:
             return None
         event = entry.stream.take()
-        if event is None:
-            return None
+        return None if event is None else (entry, event)
+
+    def _fill_event(self, response: pb.SessionResponse, entry: _Open, event: SchedEvent) -> None:
+        cid = entry.client_request_id
         model = "" if entry.sent_first else entry.model.name
         entry.sent_first = True
-        response = pb.SessionResponse(client_request_id=cid)
+        response.client_request_id = cid
         # Filled in place: building a GenerateResponse and passing it as chunk= copies it.
         fill_generate_response(response.chunk, event, client_request_id=cid, model=model)
         if event.is_final:
@@ -171,4 +227,3 @@ class SessionHandler:
                 code, message = status
                 response.error.code = code.value[0]
                 response.error.message = message
-        return response

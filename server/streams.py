@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 
 from server.metrics import RequestMetrics
@@ -45,14 +45,16 @@ class EventBridge:
     """Carries events from any thread to one event loop, in batches.
 
     Invariant: events reach their streams in the order they were posted, and a posted event is
-    delivered by the first drain that runs after it (a drain is scheduled whenever a post finds
-    the batch empty, so none is ever left behind).
+    delivered by the first drain that runs after it: a post appends, then schedules a drain
+    unless one is already scheduled; a drain first marks itself not scheduled, then empties the
+    queue, so a post it misses finds the mark cleared and schedules the next. Lock-free (deque
+    appends and pops are atomic): a post runs once per token on the scheduler's thread.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._lock = threading.Lock()
-        self._batch: list[tuple[RequestStream, SchedEvent]] = []
+        self._queue: deque[tuple[RequestStream, SchedEvent]] = deque()
+        self._scheduled = False
         self.wakeups = 0  # drains scheduled: how many times the loop was woken
 
     @classmethod
@@ -65,20 +67,20 @@ class EventBridge:
         return bridge
 
     def post(self, stream: RequestStream, event: SchedEvent) -> None:
-        """Any thread; never blocks for long (one short lock)."""
-        with self._lock:
-            self._batch.append((stream, event))
-            first = len(self._batch) == 1
-        if first:
+        """Any thread; never blocks."""
+        self._queue.append((stream, event))
+        if not self._scheduled:
+            self._scheduled = True
             self.wakeups += 1
             # A closed loop means the consumers are gone: nobody is left to tell.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
-        with self._lock:
-            batch, self._batch = self._batch, []
-        for stream, event in batch:
+        self._scheduled = False
+        queue = self._queue
+        while queue:
+            stream, event = queue.popleft()
             stream.push(event)
 
 
@@ -162,12 +164,12 @@ def submit_to_stream(
 ) -> int:
     """Submits request with a sink that meters each event, then hands it to stream. Refusals
     (QueueFullError, DrainingError) are counted as rejected and re-raised."""
-    meter = metrics.meter(request.tier)
-    observe, post = meter.observe, stream.sink
+    observe = metrics.meter(request.tier).observe
+    post = stream._bridge.post
 
-    def sink(event: SchedEvent) -> None:  # the scheduler's thread
+    def sink(event: SchedEvent) -> None:  # the scheduler's thread, once per event
         observe(event)
-        post(event)
+        post(stream, event)
 
     try:
         stream.request_id = scheduler.submit(request, sink)

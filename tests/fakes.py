@@ -39,6 +39,7 @@ per executor request id. The fake is thread-safe (one lock) so a scheduler threa
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -74,10 +75,16 @@ DEFAULT_CAPACITY = Capacity(
 
 def default_token(prompt: tuple[int, ...], position: int, vocab_size: int) -> int:
     """A stable token id from the prompt and the output position (no Python hash salting)."""
+    return (_prompt_seed(prompt) * 31 + position * 7919 + 1) % vocab_size
+
+
+@functools.lru_cache(maxsize=4096)
+def _prompt_seed(prompt: tuple[int, ...]) -> int:
+    # Cached: called once per generated token, and a benchmark's prompts repeat.
     seed = 0
     for t in prompt:
         seed = (seed * 1_000_003 + t + 1) % 2_147_483_647
-    return (seed * 31 + position * 7919 + 1) % vocab_size
+    return seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +141,10 @@ class ScriptedExecutor:
         self._scripts: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._cond = threading.Condition()
         self._queue: deque[_Seq] = deque()
-        self._running: list[_Seq] = []
+        # Running sequences by executor request id, in admission order; queued ones by id too.
+        self._running: dict[int, _Seq] = {}
+        self._queued_ids: dict[int, _Seq] = {}
+        self._used_blocks = 0  # sum of the running sequences' blocks, kept up to date
         self._pending: list[TokenDelta] = []
         self._cache: OrderedDict[tuple[int, ...], None] = OrderedDict()  # LRU block prefixes
         self._shut = False
@@ -178,7 +188,8 @@ class ScriptedExecutor:
         prompt = tuple(prompt)
         out: list[int] = []
         while True:
-            reason = self._finish_reason(prompt, sampling, len(prompt) + len(out), out)
+            last = out[-1] if out else None
+            reason = self._finish_reason(prompt, sampling, len(prompt) + len(out), len(out), last)
             if reason is not None:
                 return tuple(out), reason
             out.append(self.token_at(prompt, len(out)))
@@ -196,7 +207,9 @@ class ScriptedExecutor:
                 self.rejected.append((request, message))
                 raise ValueError(message)
             context = request.prompt_token_ids + request.resume_token_ids
-            self._queue.append(_Seq(request=request, context=context))
+            seq = _Seq(request=request, context=context)
+            self._queue.append(seq)
+            self._queued_ids[request.request_id] = seq
             self.enqueued.append(request)
             self.outputs[request.request_id] = []
             self._cond.notify_all()
@@ -224,7 +237,7 @@ class ScriptedExecutor:
 
     def stats(self) -> ExecutorStats:
         with self._cond:
-            used = sum(s.blocks for s in self._running)
+            used = self._used_blocks
             cached = len(self._cache)
             return ExecutorStats(
                 active=len(self._running),
@@ -243,7 +256,7 @@ class ScriptedExecutor:
 
     def shutdown(self) -> None:
         with self._cond:
-            for seq in [*self._running, *self._queue]:
+            for seq in [*self._running.values(), *self._queue]:
                 self._finish(seq, FinishReason.CANCELLED, ())
             self._shut = True
             self._cond.notify_all()
@@ -253,7 +266,7 @@ class ScriptedExecutor:
     @property
     def live_ids(self) -> tuple[int, ...]:
         with self._cond:
-            return tuple(s.request.request_id for s in [*self._running, *self._queue])
+            return (*self._running, *(s.request.request_id for s in self._queue))
 
     def is_idle(self) -> bool:
         """No sequence queued or running and no KV block referenced."""
@@ -282,17 +295,13 @@ class ScriptedExecutor:
         return None
 
     def _find(self, request_id: int) -> _Seq | None:
-        for seq in [*self._running, *self._queue]:
-            if seq.request.request_id == request_id:
-                return seq
-        return None
+        return self._running.get(request_id) or self._queued_ids.get(request_id)
 
     def _has_work(self) -> bool:
         return bool(self._running or self._queue)
 
     def _free_blocks(self) -> int:
-        used = sum(s.blocks for s in self._running)
-        return self._capacity.num_kv_blocks - used - len(self._cache)
+        return self._capacity.num_kv_blocks - self._used_blocks - len(self._cache)
 
     def _take_blocks(self, n: int, pinned: int = 0) -> bool:
         """Makes n blocks free (evicting cached ones, LRU first); False if impossible.
@@ -303,12 +312,12 @@ class ScriptedExecutor:
 
     def _step(self) -> None:
         budget = self._capacity.max_tokens_per_step
-        decoders = [s for s in self._running if s.prefill_left == 0]
+        decoders = [s for s in self._running.values() if s.prefill_left == 0]
         budget -= len(decoders)
         self._admit_from_queue()
         tokens = len(decoders)
         emitters = list(decoders)
-        for seq in self._running:
+        for seq in self._running.values():
             if seq.prefill_left > 0 and budget > 0:
                 chunk = min(seq.prefill_left, budget)
                 seq.prefill_left -= chunk
@@ -316,7 +325,7 @@ class ScriptedExecutor:
                 tokens += chunk
                 if seq.prefill_left == 0:
                     emitters.append(seq)
-        running_ids = tuple(s.request.request_id for s in self._running)
+        running_ids = tuple(self._running)
         self._emit(emitters)
         self._steps += 1
         self._last_step_tokens = tokens
@@ -325,7 +334,7 @@ class ScriptedExecutor:
                 step=self._steps,
                 running=running_ids,
                 queued=tuple(s.request.request_id for s in self._queue),
-                kv_blocks_used=sum(s.blocks for s in self._running),
+                kv_blocks_used=self._used_blocks,
                 kv_blocks_cached=len(self._cache),
                 tokens=tokens,
             )
@@ -346,9 +355,11 @@ class ScriptedExecutor:
             seq.cached_tokens = len(hits) * cap.tokens_per_block
             seq.prefill_left = len(seq.context) - seq.cached_tokens
             seq.blocks = cap.blocks_for(len(seq.context) + 1)  # room for the first token
+            self._used_blocks += seq.blocks
+            del self._queued_ids[seq.request.request_id]
             self._prompt_tokens += len(seq.context)
             self._cached_prompt_tokens += seq.cached_tokens
-            self._running.append(seq)
+            self._running[seq.request.request_id] = seq
 
     def _claim_prefix(self, context: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Takes the leading full blocks of context out of the cache (at least one token is
@@ -378,7 +389,9 @@ class ScriptedExecutor:
         need = self._capacity.blocks_for(seq.num_tokens + 1) - seq.blocks
         if need > 0 and not self._take_blocks(need):
             return False
-        seq.blocks += max(need, 0)
+        if need > 0:
+            seq.blocks += need
+            self._used_blocks += need
         return True
 
     def _emit_one(self, seq: _Seq) -> None:
@@ -392,9 +405,8 @@ class ScriptedExecutor:
         seq.generated.append(token)
         self._generated_tokens += 1
         self.outputs[req.request_id].append(token)
-        produced = req.resume_token_ids + tuple(seq.generated)
         reason = self._finish_reason(
-            req.prompt_token_ids, req.sampling, seq.num_tokens, list(produced)
+            req.prompt_token_ids, req.sampling, seq.num_tokens, seq.num_done, token
         )
         if reason is not None:
             self._finish(seq, reason, (token,))
@@ -414,10 +426,12 @@ class ScriptedExecutor:
         prompt: tuple[int, ...],
         sampling: SamplingParams,
         num_tokens: int,
-        produced: list[int],
+        done: int,
+        last: int | None,
     ) -> FinishReason | None:
-        done = len(produced)
-        if done and produced[-1] in sampling.stop_token_ids and done >= sampling.min_tokens:
+        """How a sequence ends after ``done`` generated tokens (resumed ones included), the
+        last of them ``last``; None while it goes on."""
+        if done and last in sampling.stop_token_ids and done >= sampling.min_tokens:
             return FinishReason.STOP
         stop_len = self.stop_length(prompt)
         if stop_len is not None and done >= max(stop_len, sampling.min_tokens):
@@ -433,12 +447,12 @@ class ScriptedExecutor:
         tokens: tuple[int, ...],
         error: str | None = None,
     ) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
+        rid = seq.request.request_id
+        if self._running.pop(rid, None) is not None:
             self._release_blocks(seq)
         else:
             self._queue.remove(seq)
-        rid = seq.request.request_id
+            del self._queued_ids[rid]
         self.finishes[rid] = reason
         self._pending.append(
             TokenDelta(
@@ -456,6 +470,7 @@ class ScriptedExecutor:
         tpb = self._capacity.tokens_per_block
         tokens = seq.context + tuple(seq.generated)
         full = min(len(tokens) // tpb, seq.blocks)
+        self._used_blocks -= seq.blocks
         seq.blocks = 0
         for i in range(1, full + 1):
             key = tokens[: i * tpb]

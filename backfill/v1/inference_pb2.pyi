@@ -510,33 +510,84 @@ Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
 class SessionRequest(_message.Message):
-    """A client-to-server message on a Session stream."""
+    """A client-to-server message on a Session stream.
+
+    Batching: one message may carry many requests and cancels (``batch``), and the server
+    then answers with batched responses (``SessionResponse.batch``), so that a busy stream costs
+    one gRPC message per write rather than one per request or chunk. It is opt-in both ways:
+     - The server advertises support in its initial metadata: the header
+       "backfill-session-batch: 1". A client must not send ``batch`` to a server that did not
+       say so (an older server ignores a SessionRequest whose kind it does not know).
+     - The server sends batched responses only to a stream on which the client has sent a
+       ``batch`` message: a client that never sends one gets one response per message, as
+       before.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GENERATE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     cancel: _builtins.str
     """Cancel the open request with this client_request_id."""
     @_builtins.property
     def generate(self) -> Global___GenerateRequest:
         """Start a request; its client_request_id routes responses."""
 
+    @_builtins.property
+    def batch(self) -> Global___SessionRequestBatch:
+        """Several requests and cancels at once; also opts this stream in to batched responses."""
+
     def __init__(
         self,
         *,
         generate: Global___GenerateRequest | None = ...,
         cancel: _builtins.str = ...,
+        batch: Global___SessionRequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "generate", b"generate", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["generate", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["generate", "cancel", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionRequestBatch(_message.Message):
+    """Requests and cancels sent together. The server starts ``generate`` in order, then applies
+    ``cancel`` in order, so a request may be started and cancelled in the same message. Each
+    item succeeds or fails on its own: a bad request gets its own error response (its
+    INVALID_ARGUMENT message names the field as ``batch.generate[i].<field>``).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generate(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateRequest]:
+        """Requests to start, as SessionRequest.generate."""
+
+    @_builtins.property
+    def cancel(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """client_request_ids to cancel, as SessionRequest.cancel."""
+
+    def __init__(
+        self,
+        *,
+        generate: _abc.Iterable[Global___GenerateRequest] | None = ...,
+        cancel: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "generate", b"generate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRequestBatch: _TypeAlias = SessionRequestBatch  # noqa: Y015
 
 @_typing.final
 class Status(_message.Message):
@@ -573,6 +624,7 @@ class SessionResponse(_message.Message):
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
     """The request this message belongs to."""
     @_builtins.property
@@ -583,16 +635,24 @@ class SessionResponse(_message.Message):
     def error(self) -> Global___Status:
         """Set when the request ended in an error (it gets no further message)."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
+        """Several responses in one message, in the order they were produced (fields 1-3 are then
+        unset; items never nest a batch). Sent only on a stream whose client opted in by sending
+        a SessionRequest.batch (see SessionRequest); a single response may still come unbatched.
+        """
+
     def __init__(
         self,
         *,
         client_request_id: _builtins.str = ...,
         chunk: Global___GenerateResponse | None = ...,
         error: Global___Status | None = ...,
+        batch: _abc.Iterable[Global___SessionResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "client_request_id", b"client_request_id", "error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "chunk", b"chunk", "client_request_id", b"client_request_id", "error", b"error"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

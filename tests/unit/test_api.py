@@ -85,6 +85,28 @@ def test_every_message_round_trips(name: str) -> None:
         assert decoded.ByteSize() > 0, f"{name}: the filler set nothing"
 
 
+ONEOF_MEMBERS = sorted(
+    (name, field.name)
+    for name, desc in inference_pb2.DESCRIPTOR.message_types_by_name.items()
+    for oneof in desc.oneofs
+    if not oneof.name.startswith("_")  # proto3 ``optional`` fields are synthetic oneofs
+    for field in oneof.fields
+)
+
+
+@pytest.mark.parametrize(("name", "member"), ONEOF_MEMBERS)
+def test_every_oneof_member_round_trips(name: str, member: str) -> None:
+    """The filler above sets each oneof's first member only; this covers the others (e.g.
+    SessionRequest.batch), each with the rest of the message filled."""
+    cls = getattr(inference_pb2, name)
+    original = _fill(cls())
+    _set_field(original, original.DESCRIPTOR.fields_by_name[member], 0)
+    oneof = original.DESCRIPTOR.fields_by_name[member].containing_oneof.name
+    assert original.WhichOneof(oneof) == member
+    decoded = cls.FromString(original.SerializeToString())
+    assert decoded == original and decoded.WhichOneof(oneof) == member
+
+
 def test_enums_have_unspecified_zero() -> None:
     for enum in inference_pb2.DESCRIPTOR.enum_types_by_name.values():
         zero = enum.values_by_number[0]

@@ -5,6 +5,11 @@ Tokens are a pure function of the prompt (``(len(prompt) + i) % 1000``), one per
 prompt ``"error:CODE"`` fails the request with that status code (per request on a Session,
 as the RPC status on Generate); ``"break"`` aborts the whole Session stream with UNAVAILABLE the
 first ``breaks`` times it is seen.
+
+``batching=True`` makes it a server that accepts ``SessionRequest.batch`` (it sends the header)
+and, once a client sent one, answers with batched responses whenever several are queued;
+without it, it is an older server that knows neither. ``messages`` records every
+SessionRequest received.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ def expected_tokens(prompt: str, n: int) -> list[int]:
 
 
 class FakeService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, breaks: int = 0, drops: int = 0) -> None:
+    def __init__(self, breaks: int = 0, drops: int = 0, batching: bool = False) -> None:
         self.breaks = breaks
+        self.batching = batching
+        self.messages: list[pb.SessionRequest] = []
         self.drops = drops  # Generate calls "drop" ends like a call grpc dropped on its own
         self.cancels: list[str] = []
         self.sessions_opened = 0
@@ -66,27 +73,57 @@ class FakeService(pb_grpc.InferenceServiceServicer):
                 await asyncio.sleep(0.001 if req.text != "slow" else 0.05)
                 await out.put(pb.SessionResponse(client_request_id=rid, chunk=chunk))
 
-        async def pump() -> None:
-            async for msg in request_iterator:
-                if msg.HasField("cancel"):
-                    self.cancels.append(msg.cancel)
-                    task = tasks.pop(msg.cancel, None)
-                    if task is not None:
-                        task.cancel()
-                elif msg.generate.text == "break" and self.breaks > 0:
-                    self.breaks -= 1
-                    await out.put(None)
-                else:
-                    tasks[msg.generate.client_request_id] = asyncio.ensure_future(
-                        run(msg.generate))
+        def cancel(rid: str) -> None:
+            self.cancels.append(rid)
+            task = tasks.pop(rid, None)
+            if task is not None:
+                task.cancel()
 
+        async def start(req: pb.GenerateRequest) -> None:
+            if req.text == "break" and self.breaks > 0:
+                self.breaks -= 1
+                await out.put(None)
+            else:
+                tasks[req.client_request_id] = asyncio.ensure_future(run(req))
+
+        batched = False
+
+        async def pump() -> None:
+            nonlocal batched
+            async for msg in request_iterator:
+                self.messages.append(msg)
+                kind = msg.WhichOneof("kind")
+                if kind == "cancel":
+                    cancel(msg.cancel)
+                elif kind == "generate":
+                    await start(msg.generate)
+                elif kind == "batch" and self.batching:
+                    batched = True
+                    for req in msg.batch.generate:
+                        await start(req)
+                    for rid in msg.batch.cancel:
+                        cancel(rid)
+
+        if self.batching:
+            await context.send_initial_metadata((("backfill-session-batch", "1"),))
         pumper = asyncio.ensure_future(pump())
         try:
-            while True:
+            broken = False
+            while not broken:
                 item = await out.get()
                 if item is None:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "stream broken on purpose")
+                    break
+                if batched and not out.empty():
+                    items = [item]
+                    while not out.empty():
+                        more = out.get_nowait()
+                        if more is None:
+                            broken = True
+                            break
+                        items.append(more)
+                    item = pb.SessionResponse(batch=items)
                 yield item
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream broken on purpose")
         finally:
             pumper.cancel()
             for task in tasks.values():

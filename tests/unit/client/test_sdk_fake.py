@@ -8,6 +8,8 @@ import asyncio
 import grpc
 import pytest
 
+from backfill.v1 import inference_pb2 as pb
+from backfill.v1 import inference_pb2_grpc as pb_grpc
 from client import (
     AsyncClient,
     BackfillError,
@@ -22,6 +24,7 @@ from client import (
     Unavailable,
     error_from_status,
 )
+from client._session import Session
 from tests.unit.client.fake_service import FakeServer, FakeService, expected_tokens
 
 pytestmark = pytest.mark.unit
@@ -157,5 +160,92 @@ async def test_unary_server_cancel_with_a_message_is_not_retried():
                                retry_backoff_s=0.01) as client:
             with pytest.raises(Cancelled):  # "injected": the server meant it
                 await client.complete("error:CANCELLED")
+    finally:
+        server.stop()
+
+
+async def test_requests_queued_together_go_out_in_one_batch_message():
+    server = FakeServer(FakeService(batching=True))
+    try:
+        async with AsyncClient(server.address) as client:
+            # The first request opens the stream; the server's header enables batching.
+            await client.complete("warm", sampling=SamplingParams(max_tokens=1))
+            prompts = [f"p{i}" * (i + 1) for i in range(20)]
+            done = await asyncio.gather(
+                *(client.complete(p, sampling=SamplingParams(max_tokens=5)) for p in prompts)
+            )
+            assert [list(d.token_ids) for d in done] == [expected_tokens(p, 5) for p in prompts]
+            assert client.num_open_requests == 0
+    finally:
+        server.stop()
+    messages = server.service.messages
+    assert messages[0].WhichOneof("kind") == "generate"  # before the header arrived
+    batches = [m.batch for m in messages if m.WhichOneof("kind") == "batch"]
+    assert len(batches) == 1 and len(batches[0].generate) == 20
+    assert sorted(g.text for g in batches[0].generate) == sorted(prompts)
+
+
+async def test_cancel_queued_with_its_request_goes_in_the_same_batch():
+    def request(text: str, rid: str, n: int) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            text=text, client_request_id=rid, sampling=pb.SamplingParams(max_tokens=n)
+        )
+
+    async def finish(inbox) -> list[int]:
+        tokens: list[int] = []
+        while True:
+            chunk = await inbox.next()
+            tokens.extend(chunk.token_ids)
+            if chunk.finish_reason:
+                return tokens
+
+    server = FakeServer(FakeService(batching=True))
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            session = Session(pb_grpc.InferenceServiceStub(channel))
+            await finish(session.start(request("warm", "w", 1)))
+            # Started and cancelled before the writer runs: one message carries both.
+            session.start(request("slow", "s", 50)).cancel()
+            kept = [session.start(request(f"o{i}", f"o{i}", 3)) for i in range(3)]
+            outputs = await asyncio.gather(*(finish(inbox) for inbox in kept))
+            assert outputs == [expected_tokens(f"o{i}", 3) for i in range(3)]
+            assert session.num_open == 0
+            await session.aclose()
+    finally:
+        server.stop()
+    batches = [m.batch for m in server.service.messages if m.WhichOneof("kind") == "batch"]
+    assert len(batches) == 1
+    assert [g.client_request_id for g in batches[0].generate] == ["s", "o0", "o1", "o2"]
+    assert list(batches[0].cancel) == ["s"]
+    assert server.service.cancels == ["s"]
+
+
+async def test_old_server_without_the_header_gets_unbatched_messages():
+    server = FakeServer(FakeService(batching=False))
+    try:
+        async with AsyncClient(server.address) as client:
+            prompts = [f"q{i}" for i in range(10)]
+            for _ in range(2):  # an older server ignores a batch: the requests would hang
+                done = await asyncio.wait_for(asyncio.gather(
+                    *(client.complete(p, sampling=SamplingParams(max_tokens=3)) for p in prompts)
+                ), 10)
+                assert [list(d.token_ids) for d in done] == [expected_tokens(p, 3)
+                                                             for p in prompts]
+    finally:
+        server.stop()
+    kinds = {m.WhichOneof("kind") for m in server.service.messages}
+    assert kinds == {"generate"}
+
+
+async def test_batched_responses_are_routed_to_their_callers():
+    server = FakeServer(FakeService(batching=True))
+    try:
+        async with AsyncClient(server.address) as client:
+            await client.complete("warm", sampling=SamplingParams(max_tokens=1))
+            prompts = [f"r{i}" * (i % 7 + 1) for i in range(50)]
+            done = await asyncio.gather(
+                *(client.complete(p, sampling=SamplingParams(max_tokens=8)) for p in prompts)
+            )
+            assert [list(d.token_ids) for d in done] == [expected_tokens(p, 8) for p in prompts]
     finally:
         server.stop()

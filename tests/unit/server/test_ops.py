@@ -157,3 +157,32 @@ async def test_drain_refuses_new_work_and_lets_online_finish(
         report = await stopping
     assert report.unfinished_offline == 1
     assert report.elapsed_seconds < 10.0
+
+
+def test_token_figures_bucket_like_prometheus() -> None:
+    """Plain-number token figures export what a prometheus_client Histogram would: bounds are
+    inclusive upper limits, an event of n tokens counts n gaps, the first token no gap."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from server.metrics import _TOKEN_BUCKETS, RequestMetrics
+    from server.scheduler.types import Tier
+
+    ours, reference = CollectorRegistry(), CollectorRegistry()
+    metrics = RequestMetrics(ours)
+    hist = Histogram("backfill_inter_token_seconds", "x", ["tier"], buckets=_TOKEN_BUCKETS,
+                     registry=reference).labels("online")
+    events = [(1, None), (2, 0.005), (1, 0.0051), (3, 7.0), (1, 0.001)]
+    for n, gap in events:
+        metrics.tokens[Tier.ONLINE].observe(n, gap)
+        for _ in range(n if gap is not None else 0):
+            hist.observe(gap)
+
+    def samples(registry: CollectorRegistry) -> set[str]:
+        text = generate_latest(registry).decode()
+        return {line for line in text.splitlines()
+                if line.startswith("backfill_inter_token_seconds_")
+                and 'tier="online"' in line and "_created" not in line}
+
+    assert samples(ours) == samples(reference)
+    exposition = generate_latest(ours).decode()
+    assert 'backfill_generated_tokens_total{tier="online"} 8.0' in exposition

@@ -217,3 +217,132 @@ async def test_real_cpu_executor_session_then_broken_stream(
         await call.read()
         call.cancel()
     await wait_until(lambda: is_idle(server), timeout=10)
+
+
+# ---- batching (SessionRequest.batch / SessionResponse.batch) ------------------------------------
+
+
+def batch(*generates: pb.SessionRequest, cancel: tuple[str, ...] = ()) -> pb.SessionRequest:
+    return pb.SessionRequest(
+        batch=pb.SessionRequestBatch(generate=[g.generate for g in generates], cancel=cancel)
+    )
+
+
+def unpack(responses: list[pb.SessionResponse]) -> list[pb.SessionResponse]:
+    """The responses in order, batch items in place of their batch."""
+    out: list[pb.SessionResponse] = []
+    for r in responses:
+        if r.batch:
+            assert not r.client_request_id and not r.HasField("chunk"), "a batch carries items only"
+            assert all(not item.batch for item in r.batch), "batch items never nest"
+            out.extend(r.batch)
+        else:
+            out.append(r)
+    return out
+
+
+async def test_batched_requests_each_get_their_own_tokens(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    prompts = {f"b{i}": [i + 2, 3 * i + 1, 7] for i in range(30)}
+    generates = [
+        gen(cid, ids, max_tokens=3 + i % 6) for i, (cid, ids) in enumerate(prompts.items())
+    ]
+
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        yield batch(*generates[:20])
+        yield batch(*generates[20:])
+
+    call = stub.Session(messages())
+    assert ("backfill-session-batch", "1") in tuple(await call.initial_metadata())
+    raw = [r async for r in call]
+    assert any(len(r.batch) > 1 for r in raw), "30 requests in 2 messages: responses are batched"
+    assert len(raw) < sum(len(r.batch) or 1 for r in raw)
+    tokens: dict[str, list[int]] = defaultdict(list)
+    finals: dict[str, pb.SessionResponse] = {}
+    for r in unpack(raw):
+        cid = r.client_request_id
+        assert cid not in finals, "a message came after the request's final one"
+        assert r.chunk.client_request_id == cid
+        tokens[cid].extend(r.chunk.token_ids)
+        if is_final(r):
+            finals[cid] = r
+    assert set(finals) == set(prompts)
+    for i, (cid, ids) in enumerate(prompts.items()):
+        expected, _ = executor.expected_output(ids, SamplingParams(max_tokens=3 + i % 6))
+        assert tuple(tokens[cid]) == expected, cid
+        assert not finals[cid].HasField("error")
+
+
+async def test_cancel_inside_a_batch_cancels_just_that_request(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.005))
+    server = await make_server(executor)
+    outbox = Outbox()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
+        outbox.send(batch(gen("long1", [1, 2], 10_000), gen("long2", [3, 4], 40)))
+        seen: dict[str, list[pb.SessionResponse]] = defaultdict(list)
+        while not (seen["long1"] and seen["long2"]):
+            for r in unpack([await call.read()]):
+                seen[r.client_request_id].append(r)
+        # One message: cancel a running request, start one, and start-and-cancel another.
+        outbox.send(batch(gen("short", [5, 6], 30), gen("gone", [7, 8], 10_000),
+                          cancel=("long1", "gone", "never-opened")))
+        outbox.close()
+        for r in unpack(await read_rest(call)):
+            seen[r.client_request_id].append(r)
+    assert set(seen) == {"long1", "long2", "short", "gone"}
+    for cid in ("long1", "gone"):
+        assert seen[cid][-1].error.code == grpc.StatusCode.CANCELLED.value[0], cid
+        assert seen[cid][-1].chunk.finish_reason == pb.FINISH_REASON_CANCELLED
+    for cid, n in (("long2", 40), ("short", 30)):
+        assert seen[cid][-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH, cid
+        assert sum(len(r.chunk.token_ids) for r in seen[cid]) == n
+    await wait_until(lambda: is_idle(server))
+
+
+async def test_bad_item_in_a_batch_fails_alone_naming_its_index(
+    executor: ScriptedExecutor, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    hot = gen("hot", [1, 2])
+    hot.generate.sampling.temperature = 500.0
+    wrong_model = gen("wrong-model", [1, 2])
+    wrong_model.generate.model = "nope"
+
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        yield batch(gen("ok0", [4, 4]), hot, gen("", [1]), wrong_model, gen("ok4", [5, 5]))
+
+    responses = unpack([r async for r in stub.Session(messages())])
+    errors = {r.client_request_id: r.error for r in responses if r.HasField("error")}
+    assert set(errors) == {"hot", "", "wrong-model"}
+    assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for e in errors.values())
+    assert errors["hot"].message.startswith("batch.generate[1].sampling.temperature must be in")
+    assert errors[""].message == "batch.generate[2].client_request_id must be set in a Session"
+    assert errors["wrong-model"].message.startswith("batch.generate[3].model: unknown model")
+    for cid in ("ok0", "ok4"):
+        mine = [r for r in responses if r.client_request_id == cid]
+        assert mine[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH, cid
+        assert sum(len(r.chunk.token_ids) for r in mine) == 6
+    assert len(executor.enqueued) == 2
+
+
+async def test_unbatched_client_gets_unbatched_responses(
+    stub: pb_grpc.InferenceServiceStub,
+) -> None:
+    """An old-style client (never sends a batch) reads one response per message, even when
+    many are ready at once; it may ignore the server's header."""
+    async def messages() -> AsyncIterator[pb.SessionRequest]:
+        for i in range(30):
+            yield gen(f"u{i}", [i + 1, 3], max_tokens=4)
+        bad = gen("bad", [1, 2])
+        bad.generate.sampling.top_p = 2.0
+        yield bad
+
+    responses = [r async for r in stub.Session(messages())]
+    assert all(not r.batch for r in responses)
+    finals = {r.client_request_id for r in responses if is_final(r)}
+    assert finals == {f"u{i}" for i in range(30)} | {"bad"}
+    bad_error = next(r.error for r in responses if r.client_request_id == "bad")
+    assert bad_error.message.startswith("sampling.top_p")  # no batch prefix
