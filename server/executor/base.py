@@ -28,7 +28,9 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed this request; ``TokenDelta.error`` says why
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
+# TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class SamplingParams:
     """How one request picks its tokens. Validated at construction (ValueError)."""
 
@@ -63,7 +65,9 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
+# TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class ExecRequest:
     """One sequence to run. ``request_id`` is chosen by the caller and unique among live ones."""
 
@@ -78,7 +82,9 @@ class ExecRequest:
     priority: float = 0.5
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, on purpose: one is made per request per step, and a frozen dataclass's __init__
+# (object.__setattr__ per field) took 1.8 us against 0.27 us here. Treat it as immutable.
+@dataclass(slots=True)
 class TokenDelta:
     """New output of one request since the last poll; ``finish`` set on its last delta."""
 

@@ -30,7 +30,9 @@ class Outcome(enum.Enum):
     SHUTDOWN = "shutdown"  # the server stopped before it finished (drain)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
+# TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class SchedRequest:
     """One request as the scheduler sees it."""
 
@@ -43,7 +45,9 @@ class SchedRequest:
     tenant: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
+# TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -52,7 +56,9 @@ class Usage:
     draft_tokens_accepted: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
+# TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class Timing:
     queue_seconds: float  # arrival to first admission
     ttft_seconds: float | None  # arrival to first token; None if no token came
@@ -60,7 +66,8 @@ class Timing:
     preemptions: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, on purpose (one per token of every stream; see TokenDelta). Treat as immutable.
+@dataclass(slots=True)
 class SchedEvent:
     """Output of one request. Non-final events carry tokens; the final one carries outcome,
     usage and timing (and may carry the last tokens too)."""
