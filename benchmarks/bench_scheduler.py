@@ -14,7 +14,8 @@ offline-only tokens/s - online-only tokens/s (the engine's full rate less what o
 The goals compare variants, so they are ratios; on a shared, noisy host a variant's throughput
 drifts by 10-20% between minutes. ``--rounds N`` runs online-only, offline-only and backfill N
 times, interleaved (fcfs once), computes each goal's ratio within a round, and judges the median
-round's ratio.
+round's ratio. Without ``--online-rate`` the online rate is ``--online-share`` of a short
+saturation probe, which moves with the host's speed; give the rate to compare runs.
 
     python -m benchmarks.bench_scheduler --engine tiny --duration 20      # quick
     python -m benchmarks.bench_scheduler --duration 45 --json-out sched.json   # default engine
