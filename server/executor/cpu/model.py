@@ -118,16 +118,16 @@ class LlamaModel:
     ) -> np.ndarray:
         """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`.
 
-        ``between_layers`` runs after every layer but the last. The pass keeps its state in
-        locals, so the hook may run whole forward passes of other sequences (their own K/V
-        slots) before this one goes on: that is how an urgent prefill overtakes a long step.
+        ``between_layers`` runs after every layer, the last included (before the LM head, a
+        sizeable part of a wide step). The pass keeps its state in locals, so the hook may run
+        whole forward passes of other sequences (their own K/V slots) before this one goes
+        on: that is how an urgent prefill overtakes a long step.
         """
         x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
             x = self._layer(i, layer, x, cos, sin, batch, cache)
-            if between_layers is not None and i < last:
+            if between_layers is not None:
                 between_layers()
         h = rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)  # [num_samples, hidden]
         return self.weights.lm_head(h)

@@ -300,3 +300,12 @@ def test_background_prefill_budget_must_be_positive(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS", bad)
         with pytest.raises(ValueError, match="BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS"):
             background_prefill_tokens()
+
+
+def test_the_hook_runs_after_every_layer_including_the_last(tiny_engine: Path) -> None:
+    """An arrival during the last layer is still served before the step's LM head."""
+    runner, _ = build_runner(tiny_engine, Manifest.load(tiny_engine))
+    runner.add(_req(1, 5, priority=0.0), seed=1)
+    calls: list[float | None] = []
+    runner.step(lambda: calls.append(runner.step_priority))
+    assert calls == [0.0] * Manifest.load(tiny_engine).architecture.num_layers
