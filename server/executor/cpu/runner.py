@@ -289,15 +289,13 @@ class Runner:
             if budget == 0:
                 break
             if seq in self.running and seq.num_pending > 1:
-                limit = budget
-                if top is not None and seq.request.priority < top:
-                    limit = min(budget, background)
-                    if limit == 0:
-                        continue
-                n = min(seq.num_pending, limit)
+                behind = top is not None and seq.request.priority < top
+                n = min(seq.num_pending, min(budget, background) if behind else budget)
+                if n == 0:
+                    continue
                 plan.append(Scheduled(seq, seq.num_computed, n))
                 budget -= n
-                if top is not None and seq.request.priority < top:
+                if behind:
                     background -= n
         return plan
 
