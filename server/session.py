@@ -224,6 +224,4 @@ class SessionHandler:
             del self._open[cid], self._by_stream[id(entry.stream)]
             status = status_for_outcome(event)
             if status is not None:
-                code, message = status
-                response.error.code = code.value[0]
-                response.error.message = message
+                self._fill_error(response, cid, status)

@@ -164,12 +164,11 @@ def submit_to_stream(
 ) -> int:
     """Submits request with a sink that meters each event, then hands it to stream. Refusals
     (QueueFullError, DrainingError) are counted as rejected and re-raised."""
-    observe = metrics.meter(request.tier).observe
-    post = stream._bridge.post
+    observe, post = metrics.meter(request.tier).observe, stream.sink
 
     def sink(event: SchedEvent) -> None:  # the scheduler's thread, once per event
         observe(event)
-        post(stream, event)
+        post(event)
 
     try:
         stream.request_id = scheduler.submit(request, sink)
