@@ -14,8 +14,8 @@ from server.executor.base import Executor, FinishReason, TokenDelta
 from server.scheduler.budget import PassBudget
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.counters import TierCounters
+from server.scheduler.live import OUTCOME_OF, LiveRequest, Phase
 from server.scheduler.policy import TierQueues, WaitQueue, exec_priority
-from server.scheduler.sequence import OUTCOME_OF, Phase, Sequence
 from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
 
 
@@ -42,9 +42,9 @@ class SchedulerCore:
         self._capacity = executor.capacity
         self._reserve = config.reserve_slots(self._capacity.max_slots)
         self._queues = TierQueues.for_config(config)
-        self._queued: dict[int, Sequence] = {}
-        self._running: dict[int, Sequence] = {}  # insertion order = run start order
-        self._by_exec: dict[int, Sequence] = {}
+        self._queued: dict[int, LiveRequest] = {}
+        self._running: dict[int, LiveRequest] = {}  # insertion order = run start order
+        self._by_exec: dict[int, LiveRequest] = {}
         self._deadlines: list[tuple[float, int]] = []  # heap of (ttft deadline, id) of queued
         self._next_exec_id = 1
         self._outbox: list[tuple[EventSink, SchedEvent]] = []
@@ -52,7 +52,7 @@ class SchedulerCore:
 
     # ---- intake -----------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: LiveRequest) -> None:
         """A new request (already counted as queued by submit)."""
         self._queued[seq.id] = seq
         self._queues.of(seq.tier).push(seq)
@@ -155,7 +155,7 @@ class SchedulerCore:
                 self._preempt(victim, budget)
             self._admit_in_order(self._queues.online, budget)
 
-    def _victims_for(self, head: Sequence, budget: PassBudget) -> list[Sequence]:
+    def _victims_for(self, head: LiveRequest, budget: PassBudget) -> list[LiveRequest]:
         """The fewest offline runs above the reserve, newest first, whose slots and blocks let
         head start; none when even all of them would not (preempting would waste work)."""
         spare = budget.offline_holding - budget.keep_offline
@@ -167,7 +167,7 @@ class SchedulerCore:
         slots = budget.free_slots - budget.reserved_slots
         blocks = budget.free_blocks
         need = budget.blocks_needed(head)
-        chosen: list[Sequence] = []
+        chosen: list[LiveRequest] = []
         for seq in candidates:
             if slots >= 1 and blocks >= need:
                 break
@@ -176,7 +176,7 @@ class SchedulerCore:
             blocks += budget.blocks_held(seq)
         return chosen if slots >= 1 and blocks >= need else []
 
-    def _try_start(self, seq: Sequence, budget: PassBudget) -> bool:
+    def _try_start(self, seq: LiveRequest, budget: PassBudget) -> bool:
         """Starts a run of seq if the budget allows. True when seq left the queue (started,
         or refused by the executor and finished with ERROR), so admission may go on."""
         if not budget.try_admit(seq):
@@ -198,7 +198,7 @@ class SchedulerCore:
         self._counters.add(seq.tier, running=1)
         return True
 
-    def _preempt(self, seq: Sequence, budget: PassBudget) -> None:
+    def _preempt(self, seq: LiveRequest, budget: PassBudget) -> None:
         """Cancels the run and puts seq at the head of its queue; it resumes from its tokens
         under a new executor id, and the old id's CANCELLED final is ignored (unmapped)."""
         assert seq.exec_id is not None
@@ -228,7 +228,7 @@ class SchedulerCore:
             if count:
                 self._counters.add(tier, generated_tokens=count)
 
-    def _apply_one(self, seq: Sequence, delta: TokenDelta) -> None:
+    def _apply_one(self, seq: LiveRequest, delta: TokenDelta) -> None:
         seq.run_reported = True
         if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
             seq.cached_prompt_tokens = delta.cached_prompt_tokens
@@ -251,14 +251,14 @@ class SchedulerCore:
 
     # ---- endings --------------------------------------------------------------------------
 
-    def _dequeue(self, seq: Sequence) -> None:
+    def _dequeue(self, seq: LiveRequest) -> None:
         self._queues.of(seq.tier).remove(seq)
         del self._queued[seq.id]
         self._counters.add(seq.tier, queued=-1)
 
     def _finish(
         self,
-        seq: Sequence,
+        seq: LiveRequest,
         outcome: Outcome,
         token_ids: tuple[int, ...] = (),
         text: str = "",
@@ -295,10 +295,10 @@ class SchedulerCore:
     def num_running(self, tier: Tier) -> int:
         return sum(1 for s in self._running.values() if s.tier is tier)
 
-    def running(self) -> list[Sequence]:
+    def running(self) -> list[LiveRequest]:
         """Running sequences in run start order (oldest first)."""
         return list(self._running.values())
 
-    def queued(self, tier: Tier) -> list[Sequence]:
+    def queued(self, tier: Tier) -> list[LiveRequest]:
         """Queued sequences of a tier in admission order (fcfs: both tiers, one order)."""
         return list(self._queues.of(tier))

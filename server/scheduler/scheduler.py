@@ -17,7 +17,7 @@ from server.executor.base import Capacity, Executor, ExecutorStats
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.core import SchedulerCore
 from server.scheduler.counters import TierCounters
-from server.scheduler.sequence import Sequence
+from server.scheduler.live import LiveRequest
 from server.scheduler.types import (
     DrainingError,
     EventSink,
@@ -52,7 +52,7 @@ class BackfillScheduler:
         self._counters = TierCounters()
         self._core = SchedulerCore(executor, self._config, clock, self._counters)
         self._lock = threading.Lock()  # guards the fields below up to _stopped
-        self._inbox: list[Sequence] = []
+        self._inbox: list[LiveRequest] = []
         self._cancels: list[int] = []
         self._next_id = 1
         self._draining = False
@@ -85,7 +85,7 @@ class BackfillScheduler:
                 raise QueueFullError(f"the {request.tier.value} queue is full")
             request_id = self._next_id
             self._next_id += 1
-            self._inbox.append(Sequence(request_id, request, sink, arrival=self._clock()))
+            self._inbox.append(LiveRequest(request_id, request, sink, arrival=self._clock()))
         return request_id
 
     def cancel(self, request_id: int) -> None:

@@ -1,4 +1,4 @@
-"""Per-request state as the scheduler tracks it, and the events built from it."""
+"""Per-request state as the scheduler tracks it (a LiveRequest), and the events built from it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Phase(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
-class Sequence:
+class LiveRequest:
     """One request's life in the scheduler. Owned by the scheduler thread after submit.
 
     Invariants: ``tokens`` is exactly what the sink has received, in order, across all runs
