@@ -33,6 +33,9 @@ class PassBudget:
         self.reserve = reserve  # slots kept for offline when it has that much demand
         self.offline_demand = offline_demand  # offline running + queued
         self.offline_holding = offline_holding  # offline slots held now, admissions included
+        # Offline slots the executor may hold at most (the TPOT budget, for executors that
+        # plan their own steps); None: no bound beyond the slots.
+        self.offline_limit: int | None = None
 
     def blocks_needed(self, seq: LiveRequest) -> int:
         """KV blocks a (re)started run needs: its context plus the first new token."""
@@ -55,6 +58,8 @@ class PassBudget:
     def slot_for(self, tier: Tier) -> bool:
         if tier is Tier.ONLINE:
             return self.free_slots - self.reserved_slots >= 1
+        if self.offline_limit is not None and self.offline_holding >= self.offline_limit:
+            return False
         return self.free_slots >= 1
 
     def fits(self, seq: LiveRequest) -> bool:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from server.executor.base import Executor, FinishReason, TokenDelta
+from server.executor.base import Executor, FinishReason, PlanFollower, StepPlan, TokenDelta
 from server.scheduler.budget import PassBudget
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.counters import TierCounters
 from server.scheduler.live import OUTCOME_OF, LiveRequest, Phase
 from server.scheduler.policy import TierQueues, WaitQueue, exec_priority
+from server.scheduler.slo import SloDecision, SloPlanner
 from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
 
 
@@ -34,6 +35,7 @@ class SchedulerCore:
         config: SchedulerConfig,
         clock: Callable[[], float],
         counters: TierCounters,
+        planner: SloPlanner | None = None,
     ) -> None:
         self._executor = executor
         self._config = config
@@ -49,6 +51,11 @@ class SchedulerCore:
         self._next_exec_id = 1
         self._outbox: list[tuple[EventSink, SchedEvent]] = []
         self._stopping = False  # executor CANCELLED finishes now mean SHUTDOWN
+        self._planner = planner if config.policy == "backfill" else None
+        # Executors that take step plans get them; the others are bounded by admission.
+        self._follower = executor if isinstance(executor, PlanFollower) else None
+        self._sent_caps: dict[int, int] = {}  # the caps of the last plan sent
+        self.decision = SloDecision(StepPlan(), False, None, 0, 0.0)
 
     # ---- intake -----------------------------------------------------------------------------
 
@@ -93,12 +100,37 @@ class SchedulerCore:
         if self._config.policy == "fcfs":
             self._admit_in_order(self._queues.online, budget)  # the one shared queue
             return
+        if self._queues.online.peek() is not None:
+            # Online work is about to start: the offline rows it must not wait for are paused
+            # before it is enqueued, so its first step already runs within the budget.
+            self._plan_steps(budget, waiting=True)
         self._serve_online(budget)
         self._fill_offline(budget)
         if budget.free_slots:
             # Offline requests the executor refused shrank offline demand below the slots
             # kept for it; online may have those now.
             self._serve_online(budget)
+        self._plan_steps(budget, waiting=False)
+
+    def _plan_steps(self, budget: PassBudget, *, waiting: bool) -> None:
+        """The TPOT budget for the next steps (slo.py), sent to a plan-following executor
+        when it changed. ``waiting`` counts the queued online heads as running."""
+        if self._planner is None:
+            return
+        heads = self._online_heads(budget.free_slots) if waiting else []
+        self.decision = self._planner.decide(self._running.values(), heads, budget.keep_offline)
+        caps = dict(self.decision.plan.token_caps)
+        if self._follower is not None and caps != self._sent_caps:
+            self._follower.set_plan(self.decision.plan)
+            self._sent_caps = caps
+
+    def _online_heads(self, count: int) -> list[LiveRequest]:
+        heads: list[LiveRequest] = []
+        for seq in self._queues.online:
+            if len(heads) >= max(1, count):
+                break
+            heads.append(seq)
+        return heads
 
     def _serve_online(self, budget: PassBudget) -> None:
         self._admit_in_order(self._queues.online, budget)
@@ -129,6 +161,11 @@ class SchedulerCore:
         would have had), offline takes only its reserve: blocks that free up go to the online
         head instead of to newer offline work, which could otherwise starve it."""
         offline = self._queues.offline
+        rows = self._offline_row_bound()
+        if rows is not None:
+            # An executor that plans its own steps is bounded by how many offline requests
+            # it holds while online work is present (the TPOT budget's offline rows).
+            budget.offline_limit = max(budget.keep_offline, rows)
         if self._queues.online.peek() is None:
             self._admit_in_order(offline, budget)
             return
@@ -138,6 +175,12 @@ class SchedulerCore:
             and self._try_start(head, budget)
         ):
             pass
+
+    def _offline_row_bound(self) -> int | None:
+        if self._planner is None or self._follower is not None:
+            return None
+        online = self.num_running(Tier.ONLINE) or self._queues.online.peek() is not None
+        return self.decision.offline_rows if online else None
 
     def _admit_in_order(self, queue: WaitQueue, budget: PassBudget) -> None:
         """Admits from the head while it fits; a head that does not fit blocks the rest, so
@@ -191,6 +234,7 @@ class SchedulerCore:
             return True
         self._dequeue(seq)
         seq.phase, seq.exec_id, seq.run_reported = Phase.RUNNING, exec_id, False
+        seq.run_tokens = 0
         self._running[seq.id] = seq
         self._by_exec[exec_id] = seq
         if seq.admitted_at is None:
@@ -239,6 +283,7 @@ class SchedulerCore:
             if seq.first_token_at is None:
                 seq.first_token_at = self._clock()
             seq.tokens.extend(delta.token_ids)
+            seq.run_tokens += len(delta.token_ids)
         if delta.finish is None:
             if delta.token_ids or delta.text:
                 self._outbox.append((seq.sink, seq.token_event(delta.token_ids, delta.text)))
@@ -273,8 +318,25 @@ class SchedulerCore:
             self._counters.add(seq.tier, running=-1)
         seq.phase, seq.exec_id = Phase.FINISHED, None
         self._counters.add(seq.tier, finished=1)
-        event = seq.final_event(outcome, self._clock(), token_ids, text, error)
+        now = self._clock()
+        if outcome in (Outcome.STOP, Outcome.LENGTH):
+            self._judge(seq, now)
+        event = seq.final_event(outcome, now, token_ids, text, error)
         self._outbox.append((seq.sink, event))
+
+    def _judge(self, seq: LiveRequest, now: float) -> None:
+        """SLO attainment of a completed request: its time to first token, and its mean time
+        per output token (met trivially with fewer than two tokens)."""
+        ttft_slo, tpot_slo = self._config.ttft_slo_s, self._config.tpot_slo_s
+        if ttft_slo is None and tpot_slo is None:
+            return
+        ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
+        tpot = seq.time_per_output_token(now)
+        self._counters.judge(
+            seq.tier,
+            ttft_met=ttft_slo is None or (ttft is not None and ttft <= ttft_slo),
+            tpot_met=tpot_slo is None or tpot is None or tpot <= tpot_slo,
+        )
 
     def end_all(self, outcome: Outcome) -> list[int]:
         """Ends every live request with outcome (cancelling runs); returns the offline ids."""

@@ -101,6 +101,10 @@ class CpuExecutor:
     def weight_bytes(self) -> int:
         return self._engine.model.weights.nbytes
 
+    @property
+    def blas_threads(self) -> int:
+        return self._blas_threads
+
     def enqueue(self, request: ExecRequest) -> None:
         self._validate(request)
         with self._lock:
