@@ -267,6 +267,9 @@ class OnlineStepCost:
 
     WINDOW = 512  # recent steps kept for refits and error statistics
     REFIT_EVERY = 64  # steps between refits
+    # Without a prior, the first fits use only the intercept and the per-token cost: a few
+    # dozen steps of one workload cannot tell the other features apart.
+    FIRST_FIT_STEPS = 16
     PRIOR_WEIGHT = 0.5  # ridge pull towards the prior, relative to the window's own fit
     SCALE_ALPHA = 0.05  # weight of the newest step in the running log-ratio correction
 
@@ -310,17 +313,20 @@ class OnlineStepCost:
                 ratio = math.log(seconds / predicted)
                 self._log_scale += self.SCALE_ALPHA * ratio
             self._since_refit += 1
+            early = self._prior is None and self._observed <= self.REFIT_EVERY
             refit = self._since_refit >= self.REFIT_EVERY or (
-                self._fit is None and len(self._window) >= 2 * len(FEATURES)
+                early and self._observed >= self.FIRST_FIT_STEPS and self._since_refit >= 8
             )
             window = list(self._window) if refit else None
         if window is not None:
-            self._refit(window)
+            self._refit(window, only=("tokens",) if early else None)
         return predicted
 
-    def _refit(self, window: list[StepSample]) -> None:
+    def _refit(self, window: list[StepSample], only: tuple[str, ...] | None) -> None:
         try:
-            fit = fit_samples(window, prior=self._prior, prior_weight=self.PRIOR_WEIGHT)
+            fit = fit_samples(
+                window, only=only, prior=self._prior, prior_weight=self.PRIOR_WEIGHT
+            )
         except (ValueError, np.linalg.LinAlgError):
             return
         with self._lock:
