@@ -6,7 +6,7 @@
     python -m client batch status JOB_ID
     python -m client batch results JOB_ID > results.jsonl
     python -m client models | stats
-    python -m client bench --trace --time-scale 10 --duration 30 --offline-backlog 200
+    python -m client bench --time-scale 10 --duration 30 --offline-backlog 200   # [--trace CSV]
 
 ``--target`` defaults to ``$BACKFILL_TARGET``, else ``127.0.0.1:50051``. Exit status: 0 ok,
 1 the server answered an error, 2 bad usage or input.
