@@ -20,10 +20,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import Any
 
 import grpc
 
+from backfill.progress import progress
 from client.aio import AsyncClient
 from client.bench.command import add_bench_arguments, run_bench
 from client.errors import BackfillError
@@ -83,27 +84,6 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_line(job: BatchJob, width: int = 30) -> str:
-    """``[#####.....] 12/40 done, 1 failed, 345 tokens (running)``.
-
-    >>> from client.types import JobState
-    >>> progress_line(BatchJob("j", JobState.RUNNING, total=4, completed=2), width=4)
-    '[##..] 2/4 done, 0 tokens (running)'
-    """
-    filled = round(width * job.finished / job.total) if job.total else width
-    extra = f", {job.failed} failed" if job.failed else ""
-    extra += f", {job.cancelled} cancelled" if job.cancelled else ""
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {job.finished}/{job.total} done{extra}, "
-        f"{job.completion_tokens} tokens ({job.state.value})"
-    )
-
-
-def _show_progress(job: BatchJob, out: TextIO) -> None:
-    out.write("\r" + progress_line(job))
-    out.flush()
-
-
 def _print_job(job: BatchJob) -> None:
     print(
         json.dumps(
@@ -120,15 +100,37 @@ def _print_job(job: BatchJob) -> None:
     )
 
 
+def job_postfix(job: BatchJob) -> str:
+    """What a batch job's progress bar shows beside the count.
+
+    >>> from client.types import JobState
+    >>> job_postfix(BatchJob("j", JobState.RUNNING, total=4, completed=2, failed=1))
+    '1 failed, 0 tokens, running'
+    """
+    parts = [f"{job.failed} failed"] if job.failed else []
+    parts += [f"{job.cancelled} cancelled"] if job.cancelled else []
+    return ", ".join([*parts, f"{job.completion_tokens} tokens", job.state.value])
+
+
 async def _follow(client: AsyncClient, job_id: str, interval_s: float) -> BatchJob:
-    """Shows a progress bar on stderr until the job ends; returns its last state."""
+    """Follows the job to its end (a progress bar on a terminal); returns its last state."""
     last: BatchJob | None = None
-    async for job in client.watch(job_id, interval_s=interval_s):
-        _show_progress(job, sys.stderr)
-        last = job
-    sys.stderr.write("\n")
+    with progress(total=None, desc=f"job {job_id}", unit="request") as bar:
+        async for job in client.watch(job_id, interval_s=interval_s):
+            bar.total = job.total
+            bar.update(job.finished - bar.n)
+            bar.set_postfix_str(job_postfix(job))
+            last = job
     assert last is not None
     return last
+
+
+async def _print_results(client: AsyncClient, job_id: str) -> None:
+    job = await client.get_batch(job_id)
+    with progress(total=job.total, desc=f"job {job_id} results", unit="result") as bar:
+        async for result in client.results(job_id):
+            print(json.dumps(result_to_json(result)), flush=True)
+            bar.update()
 
 
 async def _batch(args: argparse.Namespace) -> int:
@@ -145,13 +147,7 @@ async def _batch(args: argparse.Namespace) -> int:
             else:
                 _print_job(await client.get_batch(args.job_id))
         elif args.batch_command == "results":
-            job = await client.get_batch(args.job_id)
-            count = 0
-            async for result in client.results(args.job_id):
-                print(json.dumps(result_to_json(result)), flush=True)
-                count += 1
-                sys.stderr.write(f"\r{count}/{job.total} results")
-            sys.stderr.write("\n")
+            await _print_results(client, args.job_id)
         elif args.batch_command == "cancel":
             _print_job(await client.cancel_batch(args.job_id))
         else:
@@ -223,10 +219,13 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     submit.add_argument("--idempotency-key", default=None,
                         help="resubmitting with the same key returns the first job (default: a "
                              "fresh key, so only this command's own retries are deduplicated)")
-    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument("--wait", action="store_true",
+                        help="follow the job to its end (a progress bar on a terminal), then "
+                             "print its final state")
     status = bsub.add_parser("status", help="a job's progress")
     status.add_argument("job_id")
-    status.add_argument("--wait", action="store_true", help="show progress until it ends")
+    status.add_argument("--wait", action="store_true",
+                        help="follow the job to its end (a progress bar on a terminal)")
     results = bsub.add_parser("results", help="results as JSONL, following the job to its end")
     results.add_argument("job_id")
     cancel = bsub.add_parser("cancel", help="cancel a job's unfinished requests")

@@ -9,6 +9,7 @@ import pytest
 from client import Client, SamplingParams
 from client.bench.command import TraceLoad
 from client.cli import main
+from tests.terminal import on_terminal
 
 pytestmark = pytest.mark.unit
 
@@ -57,14 +58,16 @@ def test_batch_submit_status_results(server, tmp_path, capsys):
     out, err = capsys.readouterr()
     job_id = out.splitlines()[0]
     assert json.loads(out.splitlines()[-1])["state"] == "completed"
-    assert "2/2 done" in err  # the progress bar
+    assert err == ""  # no progress bar when stderr is not a terminal
 
     assert main(["batch", "status", job_id, "--target", server.address]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["id"] == job_id and status["completed"] == 2
 
     assert main(["batch", "results", job_id, "--target", server.address]) == 0
-    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out, err = capsys.readouterr()
+    assert err == ""
+    results = [json.loads(line) for line in out.splitlines()]
     assert [r["id"] for r in results] == ["x", "y"]
     assert [len(r["token_ids"]) for r in results] == [
         r["usage"]["completion_tokens"] for r in results
@@ -72,6 +75,21 @@ def test_batch_submit_status_results(server, tmp_path, capsys):
 
     assert main(["batch", "status", "nope", "--target", server.address]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_batch_wait_draws_a_progress_bar_on_a_terminal(server, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "max_tokens": 2}) + "\n"
+                            for i in range(3)))
+    terminal = on_terminal(monkeypatch)
+    assert main(["batch", "submit", str(path), "--target", server.address, "--wait",
+                 "--interval", "0.05"]) == 0
+    bar = terminal.getvalue()
+    assert "3/3" in bar and "completed" in bar and "tokens" in bar
+    job_id = capsys.readouterr().out.splitlines()[0]
+    assert main(["batch", "results", job_id, "--target", server.address]) == 0
+    assert "3/3" in terminal.getvalue()[len(bar):]
+    assert len(capsys.readouterr().out.splitlines()) == 3  # results stay on stdout
 
 
 def test_batch_submit_rejects_a_malformed_file(server, tmp_path, capsys):
