@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from backfill.progress import progress
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB
 from client.aio import AsyncClient
 from client.bench.command import add_bench_arguments, run_bench
 from client.errors import BackfillError
@@ -36,7 +37,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 def _client(args: argparse.Namespace) -> AsyncClient:
     credentials = grpc.ssl_channel_credentials() if args.tls else None
-    return AsyncClient(args.target, credentials=credentials, timeout=args.timeout)
+    return AsyncClient(args.target, credentials=credentials, timeout=args.timeout,
+                       max_message_mb=args.max_message_mb)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -189,6 +191,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("BACKFILL_TARGET", DEFAULT_TARGET))
     parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help="largest gRPC message sent or received, in MiB; keep it equal to "
+                             "the server's --max-message-mb (default: %(default)s)")
 
 
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

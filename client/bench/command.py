@@ -143,7 +143,8 @@ async def run_bench(args: argparse.Namespace) -> int:
     credentials = grpc.ssl_channel_credentials() if args.tls else None
     summaries: list[Summary] = []
     async with AsyncClient(
-        args.target, credentials=credentials, timeout=args.timeout, transport=args.transport
+        args.target, credentials=credentials, timeout=args.timeout, transport=args.transport,
+        max_message_mb=args.max_message_mb,
     ) as client:
         model = await pick_model(client, args.model)
         for name, spec in _runs(args, model):
