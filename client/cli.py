@@ -1,7 +1,7 @@
 """``python -m client``: generate, run offline batch jobs, inspect the server, load-test it.
 
-    python -m client generate --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
-    python -m client generate --chat "What is the capital of France?"
+    python -m client generate "What is the capital of France?"     # chat template applied
+    python -m client generate --raw --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
     python -m client batch submit prompts.jsonl --wait      # format: see client.jobs
     python -m client batch status JOB_ID
     python -m client batch results JOB_ID > results.jsonl
@@ -30,7 +30,7 @@ from client.aio import AsyncClient
 from client.bench.command import add_bench_arguments, run_bench
 from client.errors import BackfillError
 from client.jobs import result_to_json
-from client.types import BatchJob, SamplingParams, Tier
+from client.types import BatchJob, Chunk, SamplingParams, Tier
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -54,36 +54,58 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 async def _generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    messages = None
-    if args.chat:
-        messages = [{"role": "user", "content": prompt}]
-        if args.system:
-            messages.insert(0, {"role": "system", "content": args.system})
     async with _client(args) as client:
+        messages = None
+        if await _as_chat(client, args):
+            messages = [{"role": "user", "content": prompt}]
+            if args.system:
+                messages.insert(0, {"role": "system", "content": args.system})
         stream = client.generate(
-            None if args.chat else prompt,
+            None if messages else prompt,
             messages=messages,
             sampling=_sampling(args),
             tier=args.tier,
             deadline=args.deadline,
             model=args.model,
         )
-        last = None
+        last, wrote = None, False
         async for chunk in stream:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
+            wrote = wrote or bool(chunk.text)
             last = chunk
         sys.stdout.write("\n")
-    if args.usage and last is not None and last.usage and last.timing:
-        u, t = last.usage, last.timing
-        ttft = "-" if t.ttft_s is None else f"{t.ttft_s * 1e3:.0f} ms"
-        print(
-            f"[{last.finish_reason.value if last.finish_reason else '?'}] prompt "
-            f"{u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
-            f"{u.completion_tokens} tokens, TTFT {ttft}",
-            file=sys.stderr,
-        )
+    if last is not None and not wrote:
+        print(f"(no text: {_ending(last)})", file=sys.stderr)
+    elif args.usage and last is not None:
+        print(f"[{_ending(last)}]", file=sys.stderr)
     return 0
+
+
+async def _as_chat(client: AsyncClient, args: argparse.Namespace) -> bool:
+    """Chat messages unless --raw: always with --chat or --system, else when the model has a
+    chat template (an instruct model given bare text tends to stop at once)."""
+    if args.raw:
+        return False
+    if args.chat or args.system:
+        return True
+    models = await client.list_models()
+    model = next((m for m in models if m.name == args.model), models[0] if models else None)
+    return model is not None and model.has_chat_template
+
+
+def _ending(last: Chunk) -> str:
+    """``finish reason stop; prompt 12 (cached 0), completion 0 tokens, TTFT 31 ms``."""
+    reason = last.finish_reason.value if last.finish_reason else "unknown"
+    text = f"finish reason {reason}"
+    if last.usage is not None:
+        u = last.usage
+        plural = "" if u.completion_tokens == 1 else "s"
+        text += (f"; prompt {u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
+                 f"{u.completion_tokens} token{plural}")
+    if last.timing is not None and last.timing.ttft_s is not None:
+        text += f", TTFT {last.timing.ttft_s * 1e3:.0f} ms"
+    return text
 
 
 def _print_job(job: BatchJob) -> None:
@@ -164,7 +186,8 @@ async def _models(args: argparse.Namespace) -> int:
             print(
                 f"{m.name}\tbackend={m.backend} arch={m.architecture} quant={m.weight_quant} "
                 f"kv={m.kv_cache_dtype} slots={m.max_batch_size} max_seq_len={m.max_seq_len} "
-                f"vocab={m.vocab_size} params={m.parameter_count}"
+                f"vocab={m.vocab_size} params={m.parameter_count} "
+                f"chat_template={'yes' if m.has_chat_template else 'no'}"
             )
     return 0
 
@@ -200,8 +223,14 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("generate", help="stream one completion to the terminal")
     _common(p)
     p.add_argument("prompt", help="prompt text ('-' reads stdin)")
-    p.add_argument("--chat", action="store_true", help="send as a user chat message")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw", action="store_true",
+                      help="send the text as is (default: as a user chat message when the "
+                           "model has a chat template)")
+    form.add_argument("--chat", action="store_true",
+                      help="send as a user chat message even if the server does not say the "
+                           "model has a chat template")
+    p.add_argument("--system", default=None, help="system message (implies chat)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)

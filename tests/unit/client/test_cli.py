@@ -25,7 +25,7 @@ def server(tiny_engine):
 
 
 def test_generate_streams_the_completion(server, capsys):
-    rc = main(["generate", "--target", server.address, "hello", "--max-tokens", "6",
+    rc = main(["generate", "--target", server.address, "hello", "--raw", "--max-tokens", "6",
                "--temperature", "0", "--usage"])
     out, err = capsys.readouterr()
     assert rc == 0
@@ -33,6 +33,17 @@ def test_generate_streams_the_completion(server, capsys):
         expected = client.complete("hello", sampling=SamplingParams(max_tokens=6, temperature=0))
     assert out == expected.text + "\n"
     assert f"completion {len(expected.token_ids)} tokens" in err
+
+
+def test_generate_applies_the_chat_template_by_default(server, capsys):
+    assert main(["generate", "--target", server.address, "hello", "--max-tokens", "6",
+                 "--temperature", "0"]) == 0
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    with Client(server.address) as client:
+        assert client.list_models()[0].has_chat_template  # the tiny engine has ChatML
+        chat = client.complete(messages=[{"role": "user", "content": "hello"}], sampling=greedy)
+    out = capsys.readouterr().out
+    assert out == chat.text + "\n"
 
 
 def test_generate_chat_and_bad_input(server, capsys):
@@ -127,6 +138,7 @@ def test_bench_concurrency_sweep(server, capsys):
 
 def test_models_and_stats(server, capsys):
     assert main(["models", "--target", server.address]) == 0
-    assert "backend=cpu" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend=cpu" in out and "chat_template=yes" in out
     assert main(["stats", "--target", server.address]) == 0
     assert "slots" in capsys.readouterr().out
