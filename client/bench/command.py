@@ -18,7 +18,7 @@ from client.aio import AsyncClient
 from client.bench.loadgen import LoadSpec, run_load
 from client.bench.report import Summary, format_table, plot, summarize, write_json
 from client.bench.trace import (
-    SHIPPED_TRACE_DESCRIPTION,
+    SHIPPED_TRACE_NAME,
     TracePath,
     TraceRequest,
     length_pool,
@@ -89,7 +89,7 @@ def add_trace_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="trace CSV in the Azure LLM inference trace format "
                         f"(TIMESTAMP,ContextTokens,GeneratedTokens; default: "
-                        f"{SHIPPED_TRACE_DESCRIPTION})")
+                        f"{SHIPPED_TRACE_NAME}, shipped with the package)")
 
 
 def default_prompt_cap(model: ModelInfo, max_output_tokens: int) -> int:

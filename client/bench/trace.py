@@ -31,7 +31,7 @@ from importlib import resources
 # The trace shipped as package data (client/bench/data/), read through importlib.resources so it
 # is found wherever the package is installed.
 SHIPPED_TRACE = "AzureLLMInferenceTrace_conv.csv"
-SHIPPED_TRACE_DESCRIPTION = "the shipped Azure LLM inference trace 2023, conversation"
+SHIPPED_TRACE_NAME = "the Azure LLM inference trace 2023 (conversation)"
 
 TracePath = str | os.PathLike[str] | None  # None: the shipped trace
 
@@ -53,8 +53,8 @@ def _parse_timestamp(text: str) -> float:
 
 
 def trace_label(path: TracePath) -> str:
-    """How reports name the trace: its file name, or what the shipped one is."""
-    return SHIPPED_TRACE_DESCRIPTION.removeprefix("the shipped ") if path is None else str(path)
+    """How reports name the trace: its path, or what the shipped one is."""
+    return SHIPPED_TRACE_NAME if path is None else str(path)
 
 
 def load_trace(path: TracePath = None) -> list[TraceRequest]:

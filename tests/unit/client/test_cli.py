@@ -128,6 +128,21 @@ def test_tiny_bench_writes_figures(server, tmp_path, capsys):
     assert run["cost_per_million_tokens"] > 0
 
 
+def test_bench_replays_the_trace_given(server, tmp_path, capsys):
+    path = tmp_path / "mine.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2024-01-01 00:00:{i:02d}.25,{5 + i},2\n" for i in range(30)))
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--target", server.address, "--trace", str(path), "--duration", "1",
+                 "--time-scale", "10", "--max-prompt-tokens", "16", "--max-output-tokens", "2",
+                 "--json-out", str(out_json)]) == 0
+    run = json.loads(out_json.read_text())["runs"][0]
+    assert run["tiers"]["online"]["requests"] == 10  # 30 rows a second apart, 10x, for 1 s
+    assert main(["bench", "--target", server.address, "--trace", str(tmp_path / "nope.csv"),
+                 "--duration", "1"]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+
+
 def test_bench_concurrency_sweep(server, capsys):
     rc = main(["bench", "--target", server.address, "--duration", "1", "--concurrency", "1,4",
                "--max-prompt-tokens", "8", "--max-output-tokens", "2"])
