@@ -185,6 +185,7 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         vocab_size=m.vocab_size,
         has_draft=m.has_draft,
         parameter_count=m.parameter_count,
+        has_chat_template=m.has_chat_template,
     )
 
 

@@ -228,6 +228,7 @@ class ModelInfo:
     vocab_size: int
     has_draft: bool = False
     parameter_count: int = 0
+    has_chat_template: bool = False  # accepts chat messages (False from older servers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
 from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
 
 # The scheduler's knobs are flat fields here (one flag each) whose defaults and validation
@@ -33,6 +34,7 @@ class ServerConfig:
     max_offline_queue: int = _SCHED.max_offline_queue
     price_per_hour: float = 0.0  # accelerator price, for the cost per 1M tokens
     drain_grace_s: float = 30.0  # how long a drain waits for running ONLINE requests
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # largest gRPC message received or sent
 
     def __post_init__(self) -> None:
         if not self.engine:
@@ -50,6 +52,7 @@ class ServerConfig:
             raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
         if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        check_max_message_mb(self.max_message_mb)
 
     def scheduler_config(self) -> SchedulerConfig:
         """The scheduler's part of this config (ValueError when out of range)."""
@@ -80,6 +83,8 @@ _HELP: dict[str, str] = {
     "max_offline_queue": "queued OFFLINE requests before RESOURCE_EXHAUSTED",
     "price_per_hour": "accelerator price per hour, for the cost per 1M tokens",
     "drain_grace_s": "on SIGTERM, seconds running ONLINE requests get to finish",
+    "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
+                      "message); clients should use the same limit",
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}

@@ -169,6 +169,7 @@ def model_info(spec: ModelSpec) -> pb.ModelInfo:
         vocab_size=spec.capacity.vocab_size,
         has_draft=m.draft is not None,
         parameter_count=parameter_count(m),
+        has_chat_template=spec.tokenizer.has_chat_template,
     )
 
 

@@ -992,6 +992,7 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     HAS_DRAFT_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to use in GenerateRequest.model."""
     backend: _builtins.str
@@ -1010,6 +1011,8 @@ class ModelInfo(_message.Message):
     has_draft: _builtins.bool
     """Speculative decoding with a draft model."""
     parameter_count: _builtins.int
+    has_chat_template: _builtins.bool
+    """Chat messages are accepted (the engine has a chat template)."""
     def __init__(
         self,
         *,
@@ -1023,10 +1026,11 @@ class ModelInfo(_message.Message):
         vocab_size: _builtins.int = ...,
         has_draft: _builtins.bool = ...,
         parameter_count: _builtins.int = ...,
+        has_chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
