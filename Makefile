@@ -30,8 +30,10 @@ unit: $(STAMP)
 test: $(STAMP) lint typecheck
 	BACKFILL_CPU_THREADS=$${BACKFILL_CPU_THREADS:-1} $(PY) -m pytest -q -ra
 
+# Options pass through, e.g. make demo DEMO_ARGS="--quick --trace my-trace.csv"
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m client.demo
+	$(PY) -m client.demo $(DEMO_ARGS)
 
 # The benchmarks of the README (several minutes each; they print tables).
 bench: $(STAMP)

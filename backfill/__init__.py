@@ -1,1 +1,2 @@
-"""Backfill's generated API packages (see protos/)."""
+"""Backfill's API (``backfill.v1``, generated from protos/) and the small pieces that client,
+server and engine builder share: the transport's limits and progress bars."""

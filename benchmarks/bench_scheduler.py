@@ -33,11 +33,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from client.aio import AsyncClient
-from client.bench.command import TraceLoad, pick_model
+from client.bench.command import TraceLoad, add_trace_argument, pick_model
 from client.bench.loadgen import LoadSpec, run_load, saturated_rate
 from client.bench.local_server import LocalServer
 from client.bench.report import Summary, format_table, plot, summarize, write_json
-from client.bench.trace import length_pool
+from client.bench.trace import length_pool, trace_label
 from client.types import ModelInfo, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, $ per accelerator-hour
@@ -84,13 +84,14 @@ def server_args(variant: Variant) -> tuple[str, ...]:
 async def plan_load(address: str, args: argparse.Namespace) -> tuple[ModelInfo, LoadSpec, float]:
     """The shared load: online arrivals at ``--online-share`` of the rate the engine sustains
     for online-sized requests (a short saturation probe), and the offline backlog."""
-    lengths = tuple(length_pool(args.max_prompt_tokens, args.max_output_tokens))
+    lengths = tuple(length_pool(args.max_prompt_tokens, args.max_output_tokens, args.trace))
     async with AsyncClient(address) as client:
         model = await pick_model(client)
         rate = args.online_rate or args.online_share * await saturated_rate(
             client, model.vocab_size, lengths, model.max_batch_size
         )
-    online = TraceLoad(duration_s=args.duration, max_prompt_tokens=args.max_prompt_tokens,
+    online = TraceLoad(path=args.trace, duration_s=args.duration,
+                       max_prompt_tokens=args.max_prompt_tokens,
                        max_output_tokens=args.max_output_tokens, rate=rate).arrivals()
     backlog = args.offline_backlog or min(5000, 100 * model.max_batch_size)
     spec = LoadSpec(
@@ -99,7 +100,9 @@ async def plan_load(address: str, args: argparse.Namespace) -> tuple[ModelInfo, 
         online=online,
         lengths=lengths,
         offline_backlog=backlog,
-        offline_lengths=tuple(length_pool(args.max_prompt_tokens, args.offline_output_tokens)),
+        offline_lengths=tuple(
+            length_pool(args.max_prompt_tokens, args.offline_output_tokens, args.trace)
+        ),
         seed=args.seed,
     )
     return model, spec, rate
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_scheduler",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--engine", default="default", help="default | tiny | an engine directory")
+    add_trace_argument(p)
     p.add_argument("--duration", type=float, default=30.0, help="seconds per variant")
     p.add_argument("--max-prompt-tokens", type=int, default=64)
     p.add_argument("--max-output-tokens", type=int, default=16)
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     assert model is not None
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; engine {model.name} "
           f"({model.backend}, {model.max_batch_size} slots); price ${PRICE_PER_HOUR:.2f}/h; "
-          f"{args.duration:g}s per variant; online: Azure conv trace at {rate:.2f} req/s, "
+          f"{args.duration:g}s per variant; online: {trace_label(args.trace)} at {rate:.2f} "
+          "req/s, "
           f"prompt <= {args.max_prompt_tokens}, output <= {args.max_output_tokens} tokens; "
           f"offline output <= {args.offline_output_tokens} tokens"
           + (f"; {args.rounds} rounds" if args.rounds > 1 else ""))

@@ -188,6 +188,7 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         parameter_count=m.parameter_count,
         tpot_slo_ms=m.tpot_slo_ms or None,
         ttft_slo_ms=m.ttft_slo_ms or None,
+        has_chat_template=m.has_chat_template,
     )
 
 

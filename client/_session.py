@@ -28,13 +28,22 @@ import grpc
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
-from client.errors import BackfillError, Cancelled, Unavailable, error_from_rpc, error_from_status
+from client.errors import (
+    BackfillError,
+    Cancelled,
+    Unavailable,
+    error_from_rpc,
+    error_from_status,
+    message_too_large,
+)
 
 Metadata = Sequence[tuple[str, str]]
 # The server's initial metadata on a Session that accepts SessionRequest.batch (the proto).
 BATCH_HEADER = ("backfill-session-batch", "1")
 # An outbox item: a request to start, or the client_request_id of one to cancel.
 _Outgoing = pb.GenerateRequest | str
+# What wrapping an item in a SessionRequest (or its batch) adds: field tags and length prefixes.
+_ITEM_OVERHEAD_BYTES = 16
 
 
 class Source(Protocol):
@@ -86,9 +95,10 @@ class _Inbox:
 class _Wire:
     """One open ``Session`` call: its outbox, drained by the request iterator gRPC consumes."""
 
-    __slots__ = ("alive", "batching", "call", "outbox", "reader", "wakeup")
+    __slots__ = ("alive", "batching", "call", "max_bytes", "outbox", "reader", "wakeup")
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes  # a batch message stays within the message size limit
         self.outbox: deque[_Outgoing] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.alive = True
@@ -118,15 +128,28 @@ class _Wire:
             await self.wakeup
 
     def _take_batch(self) -> pb.SessionRequest:
-        """Everything queued, as one batch message (the server starts its requests, then
-        applies its cancels: a request cancelled right after it was sent is still cancelled)."""
+        """What is queued, in order, as one batch message of at most ``max_bytes`` (the rest
+        goes in the next one). The server starts a batch's requests, then applies its cancels:
+        a request cancelled right after it was sent is still cancelled."""
         message = pb.SessionRequest()
-        batch = message.batch
-        generates = [item for item in self.outbox if not isinstance(item, str)]
-        if len(generates) < len(self.outbox):
-            batch.cancel.extend(item for item in self.outbox if isinstance(item, str))
-        batch.generate.extend(generates)
-        self.outbox.clear()
+        generates: list[pb.GenerateRequest] = []
+        cancels: list[str] = []
+        size = 0
+        outbox = self.outbox
+        while outbox:
+            item = outbox[0]
+            cost = _ITEM_OVERHEAD_BYTES + (len(item) if isinstance(item, str) else item.ByteSize())
+            if size + cost > self.max_bytes and size:
+                break
+            outbox.popleft()
+            size += cost
+            if isinstance(item, str):
+                cancels.append(item)
+            else:
+                generates.append(item)
+        if cancels:
+            message.batch.cancel.extend(cancels)
+        message.batch.generate.extend(generates)
         return message
 
 
@@ -139,9 +162,12 @@ def _single(item: _Outgoing) -> pb.SessionRequest:
 class Session:
     """A lazily opened, self-healing ``Session`` stream shared by many concurrent requests."""
 
-    def __init__(self, stub: pb_grpc.InferenceServiceStub, metadata: Metadata = ()) -> None:
+    def __init__(
+        self, stub: pb_grpc.InferenceServiceStub, metadata: Metadata = (), *, max_bytes: int
+    ) -> None:
         self._stub = stub
         self._metadata = tuple(metadata)
+        self._max_bytes = max_bytes  # the channel's message size limit
         self._inboxes: dict[str, _Inbox] = {}
         self._wire: _Wire | None = None
         self._ids = itertools.count(1)
@@ -162,6 +188,9 @@ class Session:
         request_id = request.client_request_id
         if request_id in self._inboxes:
             raise ValueError(f"request id {request_id!r} is already open on this session")
+        size = request.ByteSize() + _ITEM_OVERHEAD_BYTES
+        if size > self._max_bytes:  # sent, it would end the stream and every request on it
+            raise message_too_large(size, self._max_bytes, client_side=True)
         wire = self._wire or self._open()
         inbox = _Inbox(self, request_id)
         self._inboxes[request_id] = inbox
@@ -185,7 +214,7 @@ class Session:
             await asyncio.gather(wire.reader, return_exceptions=True)
 
     def _open(self) -> _Wire:
-        wire = _Wire()
+        wire = _Wire(self._max_bytes)
         wire.call = self._stub.Session(wire.requests(), metadata=self._metadata or None)
         wire.reader = asyncio.ensure_future(self._read(wire))
         self._wire = wire

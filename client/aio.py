@@ -24,6 +24,7 @@ from typing import Literal, TypeVar
 
 import grpc
 
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb, message_options
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from client import _convert
@@ -45,11 +46,6 @@ from client.types import (
 Transport = Literal["session", "unary"]
 R = TypeVar("R")
 _DEFAULT_SAMPLING = SamplingParams()
-# Many thousands of concurrent requests share one HTTP/2 connection; lift message caps.
-_CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-)
 
 
 class AsyncClient:
@@ -59,7 +55,9 @@ class AsyncClient:
     stream (one stream per tier, so online chunks never queue behind offline ones);
     ``"unary"`` makes one ``Generate`` call per request. ``timeout`` bounds each unary RPC and
     each generation as a whole (client side); ``max_retries`` bounds the retries of requests
-    that are safe to resend (UNAVAILABLE before any token).
+    that are safe to resend (UNAVAILABLE before any token). ``max_message_mb`` is the largest
+    gRPC message sent or received (a batch submit is one message): keep it equal to the
+    server's ``--max-message-mb`` (both default to 64).
     """
 
     def __init__(
@@ -73,6 +71,7 @@ class AsyncClient:
         transport: Transport = "session",
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, object]] = (),
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     ) -> None:
         if transport not in ("session", "unary"):
             raise ValueError(f"transport must be 'session' or 'unary', got {transport!r}")
@@ -85,7 +84,8 @@ class AsyncClient:
         self._max_retries = max_retries
         self._backoff_s = retry_backoff_s
         self._metadata = tuple(metadata)
-        self._options = (*_CHANNEL_OPTIONS, *channel_options)
+        self._options = (*message_options(max_message_mb), *channel_options)
+        self._max_message_bytes = check_max_message_mb(max_message_mb)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceServiceStub | None = None
         # One Session per tier: responses of one stream arrive in order, so online chunks
@@ -190,7 +190,9 @@ class AsyncClient:
             return UnarySource(stub, request, self._metadata)
         session = self._sessions.get(request.tier)
         if session is None:
-            session = self._sessions[request.tier] = Session(stub, self._metadata)
+            session = self._sessions[request.tier] = Session(
+                stub, self._metadata, max_bytes=self._max_message_bytes
+            )
         if not request.client_request_id:
             request.client_request_id = session.next_request_id()
         return session.start(request)

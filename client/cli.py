@@ -1,12 +1,12 @@
 """``python -m client``: generate, run offline batch jobs, inspect the server, load-test it.
 
-    python -m client generate --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
-    python -m client generate --chat "What is the capital of France?"
+    python -m client generate "What is the capital of France?"     # chat template applied
+    python -m client generate --raw --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
     python -m client batch submit prompts.jsonl --wait      # format: see client.jobs
     python -m client batch status JOB_ID
     python -m client batch results JOB_ID > results.jsonl
     python -m client models | stats
-    python -m client bench --trace --time-scale 10 --duration 30 --offline-backlog 200
+    python -m client bench --time-scale 10 --duration 30 --offline-backlog 200   # [--trace CSV]
 
 ``--target`` defaults to ``$BACKFILL_TARGET``, else ``127.0.0.1:50051``. Exit status: 0 ok,
 1 the server answered an error, 2 bad usage or input.
@@ -20,22 +20,25 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import Any
 
 import grpc
 
+from backfill.progress import progress
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB
 from client.aio import AsyncClient
 from client.bench.command import add_bench_arguments, run_bench
 from client.errors import BackfillError
 from client.jobs import result_to_json
-from client.types import BatchJob, SamplingParams, Tier
+from client.types import BatchJob, Chunk, SamplingParams, Tier
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
     credentials = grpc.ssl_channel_credentials() if args.tls else None
-    return AsyncClient(args.target, credentials=credentials, timeout=args.timeout)
+    return AsyncClient(args.target, credentials=credentials, timeout=args.timeout,
+                       max_message_mb=args.max_message_mb)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -51,57 +54,58 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 async def _generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    messages = None
-    if args.chat:
-        messages = [{"role": "user", "content": prompt}]
-        if args.system:
-            messages.insert(0, {"role": "system", "content": args.system})
     async with _client(args) as client:
+        messages = None
+        if await _as_chat(client, args):
+            messages = [{"role": "user", "content": prompt}]
+            if args.system:
+                messages.insert(0, {"role": "system", "content": args.system})
         stream = client.generate(
-            None if args.chat else prompt,
+            None if messages else prompt,
             messages=messages,
             sampling=_sampling(args),
             tier=args.tier,
             deadline=args.deadline,
             model=args.model,
         )
-        last = None
+        last, wrote = None, False
         async for chunk in stream:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
+            wrote = wrote or bool(chunk.text)
             last = chunk
         sys.stdout.write("\n")
-    if args.usage and last is not None and last.usage and last.timing:
-        u, t = last.usage, last.timing
-        ttft = "-" if t.ttft_s is None else f"{t.ttft_s * 1e3:.0f} ms"
-        print(
-            f"[{last.finish_reason.value if last.finish_reason else '?'}] prompt "
-            f"{u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
-            f"{u.completion_tokens} tokens, TTFT {ttft}",
-            file=sys.stderr,
-        )
+    if last is not None and not wrote:
+        print(f"(no text: {_ending(last)})", file=sys.stderr)
+    elif args.usage and last is not None:
+        print(f"[{_ending(last)}]", file=sys.stderr)
     return 0
 
 
-def progress_line(job: BatchJob, width: int = 30) -> str:
-    """``[#####.....] 12/40 done, 1 failed, 345 tokens (running)``.
-
-    >>> from client.types import JobState
-    >>> progress_line(BatchJob("j", JobState.RUNNING, total=4, completed=2), width=4)
-    '[##..] 2/4 done, 0 tokens (running)'
-    """
-    filled = round(width * job.finished / job.total) if job.total else width
-    extra = f", {job.failed} failed" if job.failed else ""
-    extra += f", {job.cancelled} cancelled" if job.cancelled else ""
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {job.finished}/{job.total} done{extra}, "
-        f"{job.completion_tokens} tokens ({job.state.value})"
-    )
+async def _as_chat(client: AsyncClient, args: argparse.Namespace) -> bool:
+    """Chat messages unless --raw: always with --chat or --system, else when the model has a
+    chat template (an instruct model given bare text tends to stop at once)."""
+    if args.raw:
+        return False
+    if args.chat or args.system:
+        return True
+    models = await client.list_models()
+    model = next((m for m in models if m.name == args.model), models[0] if models else None)
+    return model is not None and model.has_chat_template
 
 
-def _show_progress(job: BatchJob, out: TextIO) -> None:
-    out.write("\r" + progress_line(job))
-    out.flush()
+def _ending(last: Chunk) -> str:
+    """``finish reason stop; prompt 12 (cached 0), completion 0 tokens, TTFT 31 ms``."""
+    reason = last.finish_reason.value if last.finish_reason else "unknown"
+    text = f"finish reason {reason}"
+    if last.usage is not None:
+        u = last.usage
+        plural = "" if u.completion_tokens == 1 else "s"
+        text += (f"; prompt {u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
+                 f"{u.completion_tokens} token{plural}")
+    if last.timing is not None and last.timing.ttft_s is not None:
+        text += f", TTFT {last.timing.ttft_s * 1e3:.0f} ms"
+    return text
 
 
 def _print_job(job: BatchJob) -> None:
@@ -120,15 +124,37 @@ def _print_job(job: BatchJob) -> None:
     )
 
 
+def job_postfix(job: BatchJob) -> str:
+    """What a batch job's progress bar shows beside the count.
+
+    >>> from client.types import JobState
+    >>> job_postfix(BatchJob("j", JobState.RUNNING, total=4, completed=2, failed=1))
+    '1 failed, 0 tokens, running'
+    """
+    parts = [f"{job.failed} failed"] if job.failed else []
+    parts += [f"{job.cancelled} cancelled"] if job.cancelled else []
+    return ", ".join([*parts, f"{job.completion_tokens} tokens", job.state.value])
+
+
 async def _follow(client: AsyncClient, job_id: str, interval_s: float) -> BatchJob:
-    """Shows a progress bar on stderr until the job ends; returns its last state."""
+    """Follows the job to its end (a progress bar on a terminal); returns its last state."""
     last: BatchJob | None = None
-    async for job in client.watch(job_id, interval_s=interval_s):
-        _show_progress(job, sys.stderr)
-        last = job
-    sys.stderr.write("\n")
+    with progress(total=None, desc=f"job {job_id}", unit="request") as bar:
+        async for job in client.watch(job_id, interval_s=interval_s):
+            bar.total = job.total
+            bar.update(job.finished - bar.n)
+            bar.set_postfix_str(job_postfix(job))
+            last = job
     assert last is not None
     return last
+
+
+async def _print_results(client: AsyncClient, job_id: str) -> None:
+    job = await client.get_batch(job_id)
+    with progress(total=job.total, desc=f"job {job_id} results", unit="result") as bar:
+        async for result in client.results(job_id):
+            print(json.dumps(result_to_json(result)), flush=True)
+            bar.update()
 
 
 async def _batch(args: argparse.Namespace) -> int:
@@ -145,13 +171,7 @@ async def _batch(args: argparse.Namespace) -> int:
             else:
                 _print_job(await client.get_batch(args.job_id))
         elif args.batch_command == "results":
-            job = await client.get_batch(args.job_id)
-            count = 0
-            async for result in client.results(args.job_id):
-                print(json.dumps(result_to_json(result)), flush=True)
-                count += 1
-                sys.stderr.write(f"\r{count}/{job.total} results")
-            sys.stderr.write("\n")
+            await _print_results(client, args.job_id)
         elif args.batch_command == "cancel":
             _print_job(await client.cancel_batch(args.job_id))
         else:
@@ -166,7 +186,8 @@ async def _models(args: argparse.Namespace) -> int:
             print(
                 f"{m.name}\tbackend={m.backend} arch={m.architecture} quant={m.weight_quant} "
                 f"kv={m.kv_cache_dtype} slots={m.max_batch_size} max_seq_len={m.max_seq_len} "
-                f"vocab={m.vocab_size} params={m.parameter_count}"
+                f"vocab={m.vocab_size} params={m.parameter_count} "
+                f"chat_template={'yes' if m.has_chat_template else 'no'}"
             )
     return 0
 
@@ -193,14 +214,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("BACKFILL_TARGET", DEFAULT_TARGET))
     parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help="largest gRPC message sent or received, in MiB; keep it equal to "
+                             "the server's --max-message-mb (default: %(default)s)")
 
 
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generate", help="stream one completion to the terminal")
     _common(p)
     p.add_argument("prompt", help="prompt text ('-' reads stdin)")
-    p.add_argument("--chat", action="store_true", help="send as a user chat message")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw", action="store_true",
+                      help="send the text as is (default: as a user chat message when the "
+                           "model has a chat template)")
+    form.add_argument("--chat", action="store_true",
+                      help="send as a user chat message even if the server does not say the "
+                           "model has a chat template")
+    p.add_argument("--system", default=None, help="system message (implies chat)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -223,10 +253,13 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     submit.add_argument("--idempotency-key", default=None,
                         help="resubmitting with the same key returns the first job (default: a "
                              "fresh key, so only this command's own retries are deduplicated)")
-    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument("--wait", action="store_true",
+                        help="follow the job to its end (a progress bar on a terminal), then "
+                             "print its final state")
     status = bsub.add_parser("status", help="a job's progress")
     status.add_argument("job_id")
-    status.add_argument("--wait", action="store_true", help="show progress until it ends")
+    status.add_argument("--wait", action="store_true",
+                        help="follow the job to its end (a progress bar on a terminal)")
     results = bsub.add_parser("results", help="results as JSONL, following the job to its end")
     results.add_argument("job_id")
     cancel = bsub.add_parser("cancel", help="cancel a job's unfinished requests")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.aio import AsyncClient
-from client.bench.command import TraceLoad, pick_model
+from client.bench.command import TraceLoad, add_trace_argument, pick_model
 from client.bench.loadgen import (
     LoadResult,
     LoadSpec,
@@ -31,7 +31,13 @@ from client.bench.loadgen import (
 )
 from client.bench.local_server import LocalServer
 from client.bench.report import Summary, format_table, summarize
-from client.bench.trace import DEFAULT_TRACE, length_pool, load_trace, time_scale_for_rate
+from client.bench.trace import (
+    TracePath,
+    length_pool,
+    load_trace,
+    time_scale_for_rate,
+    trace_label,
+)
 from client.types import SamplingParams, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, not measured: $ per accelerator-hour for the cost figures
@@ -45,6 +51,7 @@ class DemoPlan:
     max_output_tokens: int
     offline_output_tokens: int
     offline_backlog: int
+    trace: TracePath = None  # None: the shipped trace
 
 
 def say(text: str) -> None:
@@ -88,11 +95,13 @@ async def show_answer(client: AsyncClient) -> None:
     say(f'      "{question}" -> "{done.text.strip()}" (TTFT {ttft * 1e3:.0f} ms)')
 
 
-def reading(s: Summary, result: LoadResult, rate: float, speedup: float) -> str:
+def reading(
+    s: Summary, result: LoadResult, rate: float, speedup: float, trace: TracePath = None
+) -> str:
     on, off = s.tier(Tier.ONLINE), s.tier(Tier.OFFLINE)
     lines = ["What it means:"]
     lines.append(
-        f"- Online: {len(result.spec.online)} requests from the Azure conversation trace, sped "
+        f"- Online: {len(result.spec.online)} requests from {trace_label(trace)}, sped "
         f"up {speedup:.1f}x (mean {rate:.2f} req/s; {on.requests_per_s:.2f} req/s in this "
         "window) with lengths scaled to this engine, answered at "
         f"TTFT p50 {_ms(on.ttft_ms[0])} / p99 {_ms(on.ttft_ms[2])} and TPOT p99 "
@@ -130,13 +139,13 @@ async def drive(address: str, plan: DemoPlan) -> None:
         say(f"      model {model.name}: {model.backend}, {model.max_batch_size} slots, "
             f"max {model.max_seq_len} tokens, {model.parameter_count / 1e6:.0f}M parameters")
         await show_answer(client)
-        lengths = length_pool(plan.max_prompt_tokens, plan.max_output_tokens)
+        lengths = length_pool(plan.max_prompt_tokens, plan.max_output_tokens, plan.trace)
         say("      measuring the engine's saturated request rate (a short probe) ...")
         peak = await saturated_rate(client, model.vocab_size, lengths, model.max_batch_size)
         rate = ONLINE_SHARE * peak
-        trace = load_trace(DEFAULT_TRACE)
-        speedup = time_scale_for_rate(trace, rate, plan.duration_s)
-        online = TraceLoad(duration_s=plan.duration_s, max_prompt_tokens=plan.max_prompt_tokens,
+        speedup = time_scale_for_rate(load_trace(plan.trace), rate, plan.duration_s)
+        online = TraceLoad(path=plan.trace, duration_s=plan.duration_s,
+                           max_prompt_tokens=plan.max_prompt_tokens,
                            max_output_tokens=plan.max_output_tokens, rate=rate).arrivals()
         spec = LoadSpec(
             duration_s=plan.duration_s,
@@ -144,7 +153,7 @@ async def drive(address: str, plan: DemoPlan) -> None:
             online=online,
             offline_backlog=plan.offline_backlog,
             offline_lengths=tuple(length_pool(plan.max_prompt_tokens,
-                                              plan.offline_output_tokens)),
+                                              plan.offline_output_tokens, plan.trace)),
             offline_via="batch",
         )
         say(f"[3/4] mixed load for {plan.duration_s:.0f}s: {len(online)} online requests "
@@ -156,7 +165,7 @@ async def drive(address: str, plan: DemoPlan) -> None:
         "cancelled at the end of the window, its finished results kept)\n")
     say(format_table([summary]))
     say("")
-    say(reading(summary, result, rate, speedup))
+    say(reading(summary, result, rate, speedup, plan.trace))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,13 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=40.0, help="seconds of mixed load")
     p.add_argument("--quick", action="store_true", help="a 15 s load with shorter requests")
     p.add_argument("--target", default=None, help="use this running server instead")
+    add_trace_argument(p)
     return p
 
 
 def plan_from(args: argparse.Namespace) -> DemoPlan:
     if args.quick:
-        return DemoPlan(min(args.duration, 15.0), 64, 16, 32, 600)
-    return DemoPlan(args.duration, 128, 32, 64, 3000)
+        return DemoPlan(min(args.duration, 15.0), 64, 16, 32, 600, args.trace)
+    return DemoPlan(args.duration, 128, 32, 64, 3000, args.trace)
 
 
 def main(argv: list[str] | None = None) -> int:

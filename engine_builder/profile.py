@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from backfill.progress import progress
 from engine_builder.footprint import footprint
 from engine_builder.manifest import Manifest, ManifestError, Profile, StepCostFit
 from engine_builder.profile_steps import format_fit, measure_step_cost
@@ -32,6 +33,7 @@ from engine_builder.usage import UsageError
 PROMPT_TOKENS = 8
 POLL_TIMEOUT_S = 0.05
 MIN_STEPS = 4
+WARMUP_TOKENS = 2  # tokens each sequence produces before the clock starts (first one = prefill)
 STALL_TIMEOUT_S = 300.0  # a step of the largest batch on a slow, busy CPU stays well below
 
 
@@ -95,12 +97,13 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 3) -> float:
 
 
 def measure_batch(executor: Any, batch_size: int, steps: int, vocab_size: int,
-                  first_id: int) -> BatchPoint:
-    """Runs batch_size requests and times `steps` decode steps after all prefills are done."""
+                  first_id: int, on_tokens: Callable[[int], object] | None = None) -> BatchPoint:
+    """Runs batch_size requests and times `steps` decode steps after all prefills are done;
+    ``on_tokens(n)`` hears of every n tokens produced (progress)."""
     from server.executor.base import ExecRequest, SamplingParams
 
     rng = np.random.default_rng(first_id)
-    warmup = 2  # tokens each sequence produces before the clock starts (first one = prefill)
+    warmup = WARMUP_TOKENS
     sampling = SamplingParams(max_tokens=warmup + steps, ignore_eos=True)
     ids = [first_id + i for i in range(batch_size)]
     enqueued_at = time.perf_counter()
@@ -127,6 +130,8 @@ def measure_batch(executor: Any, batch_size: int, steps: int, vocab_size: int,
                 raise RuntimeError(f"profile request failed: {delta.error}")
             before = produced[delta.request_id]
             produced[delta.request_id] = before + len(delta.token_ids)
+            if on_tokens is not None:
+                on_tokens(len(delta.token_ids))
             if start is not None:
                 counted += len(delta.token_ids)
             if delta.finish is not None:
@@ -146,14 +151,19 @@ def measure_batch(executor: Any, batch_size: int, steps: int, vocab_size: int,
 
 def measure_curve(executor: Any, batch_sizes: Sequence[int], steps: int, vocab_size: int,
                   log: Callable[[str], None] = print) -> list[BatchPoint]:
-    # Warm-up (discarded): first calls pay for BLAS thread start-up and cache misses.
-    measure_batch(executor, 1, MIN_STEPS, vocab_size, first_id=1)
-    points = []
-    for i, batch in enumerate(batch_sizes):
-        point = measure_batch(executor, batch, steps_for(batch, steps), vocab_size,
-                              first_id=(i + 1) * 100_000)
-        log(f"  batch {batch:>3}: {point.tokens_per_s:8.1f} tokens/s, {point.step_ms:7.1f} ms")
-        points.append(point)
+    runs = [(1, MIN_STEPS), *((batch, steps_for(batch, steps)) for batch in batch_sizes)]
+    total = sum(batch * (WARMUP_TOKENS + n) for batch, n in runs)
+    with progress(total=total, desc="profiling", unit="token") as bar:
+        # Warm-up (discarded): first calls pay for BLAS thread start-up and cache misses.
+        measure_batch(executor, 1, MIN_STEPS, vocab_size, first_id=1, on_tokens=bar.update)
+        points = []
+        for i, batch in enumerate(batch_sizes):
+            point = measure_batch(executor, batch, steps_for(batch, steps), vocab_size,
+                                  first_id=(i + 1) * 100_000, on_tokens=bar.update)
+            with bar.external_write_mode():  # the line goes above the bar, not through it
+                log(f"  batch {batch:>3}: {point.tokens_per_s:8.1f} tokens/s, "
+                    f"{point.step_ms:7.1f} ms")
+            points.append(point)
     return points
 
 

@@ -18,6 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from backfill.transport import message_options
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
@@ -183,7 +184,9 @@ class BackfillServer:
         )
         jobs = JobStore(models, request_metrics, asyncio.get_running_loop())
         servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
-        grpc_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        grpc_server = grpc.aio.server(
+            options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb))
+        )
         pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)

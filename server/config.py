@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
 from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
 
 # The scheduler's knobs are flat fields here (one flag each) whose defaults and validation
@@ -37,6 +38,7 @@ class ServerConfig:
     # profile, < 0 none. The TPOT SLO bounds the offline work in each step.
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # largest gRPC message received or sent
 
     def __post_init__(self) -> None:
         if not self.engine:
@@ -57,6 +59,7 @@ class ServerConfig:
         for name in ("tpot_slo_ms", "ttft_slo_ms"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a number of milliseconds, 0 or < 0")
+        check_max_message_mb(self.max_message_mb)
 
     def scheduler_config(
         self, tpot_slo_ms: float | None = None, ttft_slo_ms: float | None = None
@@ -96,6 +99,8 @@ _HELP: dict[str, str] = {
     "0 derives it from the engine's profile, < 0 turns the bound off",
     "ttft_slo_ms": "ONLINE time to first token (attainment metrics); 0 derives it from the "
     "engine's profile, < 0 none",
+    "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
+                      "message); clients should use the same limit",
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}

@@ -172,6 +172,7 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         parameter_count=parameter_count(m),
         tpot_slo_ms=config.tpot_slo_ms or 0.0,
         ttft_slo_ms=config.ttft_slo_ms or 0.0,
+        has_chat_template=spec.tokenizer.has_chat_template,
     )
 
 

@@ -994,6 +994,7 @@ class ModelInfo(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
     TTFT_SLO_MS_FIELD_NUMBER: _builtins.int
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to use in GenerateRequest.model."""
     backend: _builtins.str
@@ -1017,6 +1018,8 @@ class ModelInfo(_message.Message):
     bounds the offline work in each step while online requests run or wait.
     """
     ttft_slo_ms: _builtins.float
+    has_chat_template: _builtins.bool
+    """Chat messages are accepted (the engine has a chat template)."""
     def __init__(
         self,
         *,
@@ -1032,10 +1035,11 @@ class ModelInfo(_message.Message):
         parameter_count: _builtins.int = ...,
         tpot_slo_ms: _builtins.float = ...,
         ttft_slo_ms: _builtins.float = ...,
+        has_chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,8 @@ from client.aio import AsyncClient
 from client.bench.loadgen import LoadSpec, run_load
 from client.bench.report import Summary, format_table, plot, summarize, write_json
 from client.bench.trace import (
-    DEFAULT_TRACE,
+    SHIPPED_TRACE_NAME,
+    TracePath,
     TraceRequest,
     length_pool,
     load_trace,
@@ -35,7 +36,7 @@ DEFAULT_PRICE_PER_HOUR = 2.0  # a stated price, $ per accelerator-hour, for cost
 class TraceLoad:
     """How to turn the trace into online arrivals on a given engine."""
 
-    path: str = DEFAULT_TRACE
+    path: TracePath = None  # None: the shipped trace
     duration_s: float = 30.0
     max_prompt_tokens: int = 128
     max_output_tokens: int = 32
@@ -61,7 +62,7 @@ class TraceLoad:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default=DEFAULT_TRACE, help="trace CSV (default: %(default)s)")
+    add_trace_argument(p)
     p.add_argument("--time-scale", type=float, default=None, help="trace speed-up factor")
     p.add_argument("--trace-rate", type=float, default=None, help="scale trace to this req/s")
     p.add_argument("--trace-start", type=float, default=0.0, help="skip this many scaled s")
@@ -81,6 +82,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write the figures as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+
+
+def add_trace_argument(p: argparse.ArgumentParser) -> None:
+    """``--trace PATH``, the same for every command that replays a trace."""
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="trace CSV in the Azure LLM inference trace format "
+                        f"(TIMESTAMP,ContextTokens,GeneratedTokens; default: "
+                        f"{SHIPPED_TRACE_NAME}, shipped with the package)")
 
 
 def default_prompt_cap(model: ModelInfo, max_output_tokens: int) -> int:
@@ -134,7 +143,8 @@ async def run_bench(args: argparse.Namespace) -> int:
     credentials = grpc.ssl_channel_credentials() if args.tls else None
     summaries: list[Summary] = []
     async with AsyncClient(
-        args.target, credentials=credentials, timeout=args.timeout, transport=args.transport
+        args.target, credentials=credentials, timeout=args.timeout, transport=args.transport,
+        max_message_mb=args.max_message_mb,
     ) as client:
         model = await pick_model(client, args.model)
         for name, spec in _runs(args, model):

@@ -2,10 +2,14 @@
 Poisson arrivals with lengths drawn from a trace.
 
 The trace format is the Azure LLM inference trace's: ``TIMESTAMP,ContextTokens,GeneratedTokens``
-with timestamps like ``2023-11-16 18:15:46.6805900``. Scaling: ``time_scale`` speeds time up
-(arrival / time_scale, so 10 replays ten times faster); lengths are scaled so that the trace's
-99th percentile maps to ``max_prompt_tokens`` / ``max_output_tokens``, then clipped to
-[1, max], which keeps the shape of the length distribution on a small engine.
+with timestamps like ``2023-11-16 18:15:46.6805900``. Every function that reads a trace takes a
+path to any CSV of that format, or ``None`` for the trace shipped with this package (the Azure
+LLM inference trace 2023, conversation; CC-BY 4.0, attribution in ``data/NOTICE.md``).
+
+Scaling: ``time_scale`` speeds time up (arrival / time_scale, so 10 replays ten times
+faster); lengths are scaled so that the trace's 99th percentile maps to ``max_prompt_tokens`` /
+``max_output_tokens``, then clipped to [1, max], which keeps the shape of the length
+distribution on a small engine.
 
 >>> reqs = [TraceRequest(0.0, 1000, 100), TraceRequest(2.0, 4000, 400)]
 >>> [(r.arrival_s, r.prompt_tokens) for r in scale_trace(reqs, time_scale=2, max_prompt_tokens=40,
@@ -16,14 +20,20 @@ with timestamps like ``2023-11-16 18:15:46.6805900``. Scaling: ``time_scale`` sp
 from __future__ import annotations
 
 import csv
-import math
+import functools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from importlib import resources
 
-DEFAULT_TRACE = "/work/shared/traces/AzureLLMInferenceTrace_conv.csv"
+# The trace shipped as package data (client/bench/data/), read through importlib.resources so it
+# is found wherever the package is installed.
+SHIPPED_TRACE = "AzureLLMInferenceTrace_conv.csv"
+SHIPPED_TRACE_NAME = "the Azure LLM inference trace 2023 (conversation)"
+
+TracePath = str | os.PathLike[str] | None  # None: the shipped trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +52,41 @@ def _parse_timestamp(text: str) -> float:
     return base + (float("0." + frac) if frac else 0.0)
 
 
-def load_trace(path: str | os.PathLike[str] = DEFAULT_TRACE) -> list[TraceRequest]:
-    """Reads a trace CSV; arrivals are made relative to the first row, sorted."""
-    rows: list[tuple[float, int, int]] = []
+def trace_label(path: TracePath) -> str:
+    """How reports name the trace: its path, or what the shipped one is."""
+    return SHIPPED_TRACE_NAME if path is None else str(path)
+
+
+def load_trace(path: TracePath = None) -> list[TraceRequest]:
+    """Reads a trace CSV (``None``: the shipped one); arrivals relative to the first row, sorted."""
+    if path is None:
+        return list(_shipped_trace())
     with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            rows.append(
-                (
-                    _parse_timestamp(row["TIMESTAMP"]),
-                    int(row["ContextTokens"]),
-                    int(row["GeneratedTokens"]),
-                )
-            )
+        return _parse_rows(f, str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_trace() -> tuple[TraceRequest, ...]:
+    source = resources.files("client.bench") / "data" / SHIPPED_TRACE
+    text = source.read_text(encoding="utf-8")
+    return tuple(_parse_rows(text.splitlines(keepends=True), SHIPPED_TRACE))
+
+
+def _parse_rows(lines: Iterable[str], name: str) -> list[TraceRequest]:
+    rows: list[tuple[float, int, int]] = []
+    reader = csv.DictReader(lines)
+    missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{name}: not a trace CSV: no column {', '.join(sorted(missing))} "
+                         "(expected TIMESTAMP,ContextTokens,GeneratedTokens)")
+    for row in reader:
+        try:
+            rows.append((_parse_timestamp(row["TIMESTAMP"]), int(row["ContextTokens"]),
+                         int(row["GeneratedTokens"])))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}:{reader.line_num}: {exc}") from None
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{name}: no rows")
     rows.sort()
     t0 = rows[0][0]
     return [TraceRequest(t - t0, max(1, c), max(1, g)) for t, c, g in rows]
@@ -142,20 +173,9 @@ def poisson_arrivals(
 
 
 def length_pool(
-    max_prompt_tokens: int,
-    max_output_tokens: int,
-    path: str | os.PathLike[str] | None = DEFAULT_TRACE,
+    max_prompt_tokens: int, max_output_tokens: int, path: TracePath = None
 ) -> list[TraceRequest]:
-    """Scaled lengths to draw from: the trace's when readable, else a uniform spread."""
-    if path is not None and os.path.exists(path):
-        return scale_trace(
-            load_trace(path),
-            max_prompt_tokens=max_prompt_tokens,
-            max_output_tokens=max_output_tokens,
-        )
-    p, o = max_prompt_tokens, max_output_tokens
-    return [
-        TraceRequest(0.0, max(1, math.ceil(p * i / 8)), max(1, math.ceil(o * j / 8)))
-        for i in range(1, 9)
-        for j in range(1, 9)
-    ]
+    """The trace's lengths, scaled to the engine, to draw requests from."""
+    return scale_trace(
+        load_trace(path), max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens
+    )

@@ -39,6 +39,20 @@ async def test_streamed_text_matches_and_never_splits_characters(server):
     assert all("\ufffd" not in c.text for c in chunks)
 
 
+def test_cli_generate_answers_a_question_by_default(server, capsys):
+    """The instruct model gets its chat template without being asked; raw text, which it
+    answers with an immediate end of turn, is still there with --raw."""
+    question = "What is the capital of France?"
+    args = ["generate", "--target", server.address, "--temperature", "0", "--max-tokens", "24"]
+    assert main([*args, question]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and err == ""
+    assert main([*args, "--raw", question]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n"  # the end-of-turn token has no text
+    assert "(no text: finish reason stop" in err and "completion 1 token" in err
+
+
 def test_cli_generate_chat(server, capsys):
     rc = main(["generate", "--target", server.address, "--chat", "--temperature", "0",
                "--max-tokens", "24", "What is the capital of France?"])

@@ -54,3 +54,28 @@ def test_median_round_judges_each_goal_by_its_middle_round() -> None:
     assert "1.20x" in ttft[2] and ttft[1]  # ratios 1.3, 1.0, 1.2 -> 1.2
     two = median_round(rounds[:2])
     assert "70 of 100" in two[2][2] and not two[2][1]  # an even count takes the worse middle
+
+
+def test_the_load_comes_from_the_trace_given(tiny_engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from benchmarks.bench_scheduler import build_parser, plan_load
+    from client.bench.command import TraceLoad
+    from server.app import serve_in_thread
+    from server.config import ServerConfig
+
+    path = tmp_path / "mine.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2024-01-01 00:00:{i:02d}.5,{10 + i},{1 + i % 3}\n" for i in range(40)))
+    args = build_parser().parse_args(["--trace", str(path), "--online-rate", "4",
+                                      "--duration", "5", "--offline-backlog", "8"])
+    thread = serve_in_thread(ServerConfig(engine=str(tiny_engine), port=0, metrics_port=-1))
+    try:
+        _, spec, rate = asyncio.run(plan_load(thread.address, args))
+    finally:
+        thread.stop(grace_s=0.5)
+    expected = TraceLoad(path=str(path), duration_s=5, max_prompt_tokens=64, max_output_tokens=16,
+                         rate=4).arrivals()
+    assert rate == 4 and spec.online == expected and len(expected) == 20  # 4/s for 5 s
+    assert {r.prompt_tokens for r in spec.lengths} <= {round((10 + i) * 64 / 49)
+                                                        for i in range(40)}

@@ -4,12 +4,13 @@ made to do on demand: any status code, a Session stream that breaks, a draining 
 Tokens are a pure function of the prompt (``(len(prompt) + i) % 1000``), one per chunk. A text
 prompt ``"error:CODE"`` fails the request with that status code (per request on a Session,
 as the RPC status on Generate); ``"break"`` aborts the whole Session stream with UNAVAILABLE the
-first ``breaks`` times it is seen.
+first ``breaks`` times it is seen; ``"empty"`` finishes (STOP) without a token.
 
 ``batching=True`` makes it a server that accepts ``SessionRequest.batch`` (it sends the header)
 and, once a client sent one, answers with batched responses whenever several are queued;
 without it, it is an older server that knows neither. ``messages`` records every
-SessionRequest received.
+SessionRequest received, ``requests`` every GenerateRequest started; ``models`` is what
+ListModels answers.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def expected_tokens(prompt: str, n: int) -> list[int]:
 
 
 class FakeService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, breaks: int = 0, drops: int = 0, batching: bool = False) -> None:
+    def __init__(self, breaks: int = 0, drops: int = 0, batching: bool = False,
+                 models: tuple[pb.ModelInfo, ...] = ()) -> None:
         self.breaks = breaks
+        self.models = models
+        self.requests: list[pb.GenerateRequest] = []
         self.batching = batching
         self.messages: list[pb.SessionRequest] = []
         self.drops = drops  # Generate calls "drop" ends like a call grpc dropped on its own
@@ -37,6 +41,10 @@ class FakeService(pb_grpc.InferenceServiceServicer):
         self.sessions_opened = 0
 
     def _chunks(self, req: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+        self.requests.append(req)
+        if req.text == "empty":
+            return [pb.GenerateResponse(client_request_id=req.client_request_id,
+                                        finish_reason=pb.FINISH_REASON_STOP)]
         n = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else 4
         out = [
             pb.GenerateResponse(
@@ -56,6 +64,9 @@ class FakeService(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
         for chunk in self._chunks(request):
             yield chunk
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=self.models)
 
     async def Session(self, request_iterator, context):
         self.sessions_opened += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from client.bench.loadgen import LoadResult, LoadSpec, RequestRecord, StatsSampl
 from client.bench.report import format_table, percentile, summarize
 from client.bench.trace import (
     TraceRequest,
+    length_pool,
     load_trace,
     poisson_arrivals,
     scale_trace,
@@ -115,3 +117,23 @@ def test_summarize_uses_server_counters_and_counts_unserved():
     assert s.cost_per_million_tokens == pytest.approx(3.6 / 3600 / 600 * 1e6)
     table = format_table([s])
     assert "1 unserved" in table and "1 errors" in table
+
+
+def test_the_shipped_trace_loads_without_a_path():
+    reqs = load_trace()
+    assert len(reqs) == 19366  # the whole Azure conversation trace
+    assert reqs[0] == TraceRequest(0.0, 374, 44)
+    assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(reqs))
+    assert length_pool(64, 16) == scale_trace(reqs, max_prompt_tokens=64, max_output_tokens=16)
+
+
+def test_a_trace_path_replaces_the_shipped_one(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2024-01-01 00:00:00,10,2\n2024-01-01 00:00:01,20,4\n")
+    assert [r.prompt_tokens for r in length_pool(20, 4, path)] == [10, 20]
+    with pytest.raises(FileNotFoundError):
+        load_trace(tmp_path / "missing.csv")
+    path.write_text("when,prompt\n1,2\n")
+    with pytest.raises(ValueError, match="not a trace CSV"):
+        load_trace(path)

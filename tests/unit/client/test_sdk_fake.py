@@ -18,6 +18,7 @@ from client import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
+    MessageTooLarge,
     NotFound,
     ResourceExhausted,
     SamplingParams,
@@ -185,6 +186,28 @@ async def test_requests_queued_together_go_out_in_one_batch_message():
     assert sorted(g.text for g in batches[0].generate) == sorted(prompts)
 
 
+async def test_batch_messages_stay_within_the_message_limit():
+    server = FakeServer(FakeService(batching=True))
+    try:
+        async with AsyncClient(server.address, max_message_mb=1) as client:
+            await client.complete("warm", sampling=SamplingParams(max_tokens=1))
+            prompts = [f"{i:02d}" + "x" * 100_000 for i in range(20)]  # ~2 MB in all
+            too_big = client.complete("y" * (1 << 20), sampling=SamplingParams(max_tokens=2))
+            done, refused = await asyncio.gather(
+                asyncio.gather(*(client.complete(p, sampling=SamplingParams(max_tokens=2))
+                                 for p in prompts)),
+                too_big, return_exceptions=True)
+            assert [list(d.token_ids) for d in done] == [expected_tokens(p, 2) for p in prompts]
+            assert isinstance(refused, MessageTooLarge)
+            assert "this client's limit of 1 MiB" in str(refused)
+    finally:
+        server.stop()
+    batches = [m for m in server.service.messages if m.WhichOneof("kind") == "batch"]
+    assert len(batches) >= 2 and all(m.ByteSize() <= 1 << 20 for m in batches)
+    sent = [g.text for m in batches for g in m.batch.generate]
+    assert sent == prompts  # in order, each once, the oversized one never sent
+
+
 async def test_cancel_queued_with_its_request_goes_in_the_same_batch():
     def request(text: str, rid: str, n: int) -> pb.GenerateRequest:
         return pb.GenerateRequest(
@@ -202,7 +225,7 @@ async def test_cancel_queued_with_its_request_goes_in_the_same_batch():
     server = FakeServer(FakeService(batching=True))
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
-            session = Session(pb_grpc.InferenceServiceStub(channel))
+            session = Session(pb_grpc.InferenceServiceStub(channel), max_bytes=1 << 20)
             await finish(session.start(request("warm", "w", 1)))
             # Started and cancelled before the writer runs: one message carries both.
             session.start(request("slow", "s", 50)).cancel()
