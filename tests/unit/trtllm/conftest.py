@@ -1,5 +1,6 @@
-"""Fixtures for the TensorRT-LLM path without a GPU: the fake bindings installed as
-``tensorrt_llm.bindings.executor``, and engine directories the adapter can open."""
+"""Fixtures for the TensorRT-LLM path without a GPU: the fakes installed as
+``tensorrt_llm.bindings.executor`` and ``tensorrt_llm.llmapi`` on a fresh fake device, and
+engine directories the adapters can open."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from engine_builder.manifest import (
     TokenizerInfo,
 )
 from engine_builder.tokenizer import byte_level_alphabet
-from tests.unit.trtllm import fake_bindings
+from tests.unit.trtllm import fake_bindings, fake_model
 
 EOS = 256  # "<|endoftext|>"; ids 0..255 are the bytes themselves
 VOCAB = 257
@@ -83,9 +84,8 @@ def make_engine_dir(root: Path, *, fake: dict[str, Any] | None = None,
     return root
 
 
-@pytest.fixture
-def bindings(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Installs the fake as ``tensorrt_llm.bindings.executor`` for the adapter's lazy import."""
+def install_fakes(monkeypatch: pytest.MonkeyPatch, device: fake_model.FakeDevice) -> None:
+    """The fakes under ``tensorrt_llm`` for the adapters' lazy imports, on ``device``."""
     pkg = types.ModuleType("tensorrt_llm")
     sub = types.ModuleType("tensorrt_llm.bindings")
     sub.executor = fake_bindings  # type: ignore[attr-defined]
@@ -93,4 +93,19 @@ def bindings(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setitem(sys.modules, "tensorrt_llm", pkg)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.bindings", sub)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.bindings.executor", fake_bindings)
+    monkeypatch.setattr(fake_model, "DEVICE", device)
+
+
+@pytest.fixture
+def device(monkeypatch: pytest.MonkeyPatch) -> fake_model.FakeDevice:
+    """A fresh fake GPU with the fakes installed on it (plenty of memory unless a test
+    makes its own)."""
+    fresh = fake_model.FakeDevice()
+    install_fakes(monkeypatch, fresh)
+    return fresh
+
+
+@pytest.fixture
+def bindings(device: fake_model.FakeDevice) -> Iterator[Any]:
+    """The fake bindings module, as ``tensorrt_llm.bindings.executor``."""
     yield fake_bindings

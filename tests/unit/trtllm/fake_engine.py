@@ -7,11 +7,14 @@ import itertools
 import json
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.unit.trtllm import fake_model
+from tests.unit.trtllm.fake_model import FakeModel, Sampling, regularize_top_k_top_p
 from tests.unit.trtllm.fake_types import (
     CapacitySchedulerPolicy,
     ExecutorConfig,
@@ -28,31 +31,9 @@ from tests.unit.trtllm.fake_types import (
     SpecDecodingStats,
 )
 
-
-@dataclass(frozen=True)
-class FakeModel:
-    """The deterministic "weights": next token from the context alone."""
-
-    vocab_size: int
-    low: int = 97  # tokens are drawn from [low, high): printable bytes in the tests' tokenizer
-    high: int = 123
-    salt: int = 0
-    eos_every: int | None = None  # emit end_id when the context length is a multiple of this
-    perturb_every: int | None = None  # a "draft" model: differs when len % perturb_every == 0
-
-    def token(self, context: Sequence[int], end_id: int | None) -> int:
-        n = len(context)
-        if self.eos_every and end_id is not None and end_id >= 0 and n % self.eos_every == 0:
-            return end_id
-        span = self.high - self.low
-        t = self.low + (31 * context[-1] + 7 * n + self.salt) % span
-        if self.perturb_every and n % self.perturb_every == 0:
-            t = self.low + (t - self.low + 1) % span
-        return t
-
-
-def model_token(model: FakeModel, context: Sequence[int], end_id: int | None) -> int:
-    return model.token(context, end_id)
+DEFAULT_KV_FRACTION = 0.9  # KvCacheConfig::kDefaultGpuMemFraction
+SPEC_MODE_NONE = 1  # SpeculativeDecodingMode.NONE
+SPEC_MODE_DRAFT_TOKENS_EXTERNAL = 2  # an IntFlag: 1 << 1 (8 is LOOKAHEAD_DECODING)
 
 
 @dataclass(frozen=True)
@@ -60,9 +41,18 @@ class EngineLimits:
     max_batch_size: int
     max_num_tokens: int
     max_seq_len: int
+    max_input_len: int
     max_draft_len: int
     tokens_per_block: int
     num_blocks: int
+
+
+@dataclass(frozen=True)
+class Drafter:
+    """A drafter inside the engine (the LLM API's speculative_config), proposing greedily."""
+
+    model: FakeModel
+    max_draft_len: int
 
 
 def write_engine_config(engine_dir: Path, *, vocab_size: int = 300, max_batch_size: int = 4,
@@ -76,8 +66,10 @@ def write_engine_config(engine_dir: Path, *, vocab_size: int = 300, max_batch_si
         "pretrained_config": {"architecture": "LlamaForCausalLM", "vocab_size": vocab_size},
         "build_config": {
             "max_batch_size": max_batch_size, "max_num_tokens": max_num_tokens,
-            "max_seq_len": max_seq_len, "max_draft_len": max_draft_len,
-            "speculative_decoding_mode": 8 if max_draft_len else 1,
+            "max_seq_len": max_seq_len, "max_input_len": max_seq_len - 1,
+            "max_draft_len": max_draft_len,
+            "speculative_decoding_mode": (SPEC_MODE_DRAFT_TOKENS_EXTERNAL if max_draft_len
+                                          else SPEC_MODE_NONE),
             "plugin_config": {"tokens_per_block": tokens_per_block,
                               "use_paged_context_fmha": True, "paged_kv_cache": True},
         },
@@ -93,6 +85,8 @@ class _Seq:
     arrival: int
     context: list[int]  # input + generated
     num_input: int
+    sampling: Sampling
+    max_new: int = 0  # after validate()
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
     context_done: bool = False
@@ -103,6 +97,11 @@ class _Seq:
 
 class _RequestError(Exception):
     """A request the engine fails; it ends with an error response, as in the real executor."""
+
+
+def _shutdown_error(what: str = "") -> RuntimeError:
+    # TLLM_CHECK_WITH_INFO(!mShutdownCalled, "Shutdown called") in executorImpl.cpp
+    return RuntimeError(f"[TensorRT-LLM][ERROR] Assertion failed: Shutdown called{what}")
 
 
 class Executor:
@@ -116,27 +115,55 @@ class Executor:
         raw = json.loads(config_path.read_text())
         build = raw["build_config"]
         fake = raw.get("fake", {})
-        self.fail_at_context_len: int | None = fake.get("fail_at_context_len")
         model_keys = {"low", "high", "salt", "eos_every", "perturb_every"}
-        self.model = FakeModel(vocab_size=raw["pretrained_config"]["vocab_size"],
-                               **{k: v for k, v in fake.items() if k in model_keys})
-        tpb = build["plugin_config"]["tokens_per_block"]
-        kv = executor_config.kv_cache_config
-        num_blocks = fake.get("num_blocks", 64)
-        if kv.max_tokens is not None:
-            num_blocks = min(num_blocks, kv.max_tokens // tpb)
-        self.limits = EngineLimits(
+        model = FakeModel(vocab_size=raw["pretrained_config"]["vocab_size"],
+                          **{k: v for k, v in fake.items() if k in model_keys})
+        limits = EngineLimits(
             max_batch_size=min(executor_config.max_batch_size or build["max_batch_size"],
                                build["max_batch_size"]),
             max_num_tokens=executor_config.max_num_tokens or build["max_num_tokens"],
-            max_seq_len=build["max_seq_len"], max_draft_len=build.get("max_draft_len", 0),
-            tokens_per_block=tpb, num_blocks=num_blocks)
+            max_seq_len=build["max_seq_len"], max_input_len=build["max_input_len"],
+            max_draft_len=build.get("max_draft_len", 0),
+            tokens_per_block=build["plugin_config"]["tokens_per_block"],
+            num_blocks=fake.get("num_blocks", 64))
+        self._start(model, limits, executor_config, model_type=model_type,
+                    weight_blocks=fake.get("weight_blocks", 0),
+                    fail_at_context_len=fake.get("fail_at_context_len"))
+
+    @classmethod
+    def for_model(cls, model: FakeModel, limits: EngineLimits, config: ExecutorConfig, *,
+                  weight_blocks: int = 0, fail_at_context_len: int | None = None,
+                  drafter: Drafter | None = None) -> Executor:
+        """Test-only constructor (the fake LLM API runs its model on this engine)."""
+        engine = cls.__new__(cls)
+        engine._start(model, limits, config, model_type=ModelType.DECODER_ONLY,
+                      weight_blocks=weight_blocks, fail_at_context_len=fail_at_context_len,
+                      drafter=drafter)
+        return engine
+
+    def _start(self, model: FakeModel, limits: EngineLimits, config: ExecutorConfig, *,
+               model_type: ModelType, weight_blocks: int, fail_at_context_len: int | None,
+               drafter: Drafter | None = None) -> None:
+        kv = config.kv_cache_config
+        cap = limits.num_blocks
+        if kv.max_tokens is not None:
+            cap = min(cap, kv.max_tokens // limits.tokens_per_block)
+        fraction = kv.free_gpu_memory_fraction
+        device = fake_model.DEVICE
+        num_blocks = device.allocate(weight_blocks, DEFAULT_KV_FRACTION if fraction is None
+                                     else fraction, cap)
+        # The KV pool and the weights go back to the device when this object is destroyed.
+        weakref.finalize(self, device.release, weight_blocks + num_blocks)
+        self.model = model
+        self.drafter = drafter
+        self.fail_at_context_len = fail_at_context_len
+        self.limits = EngineLimits(**{**limits.__dict__, "num_blocks": num_blocks})
         self.model_type = model_type
-        self.config = executor_config
+        self.config = config
         self.enqueued: list[Request] = []  # test introspection: every accepted request
         self.cancel_calls: list[int] = []
         self._lock = threading.Condition()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # executorImpl.cpp: mLastReqId = 1, per executor
         self._arrivals = itertools.count()
         self._queue: list[_Seq] = []
         self._active: list[_Seq] = []
@@ -156,7 +183,7 @@ class Executor:
     def enqueue_request(self, request: Request) -> int:
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("[TensorRT-LLM][ERROR] Shutdown called, cannot enqueue")
+                raise _shutdown_error(", cannot enqueue requests")
             limit = self.config.max_queue_size
             if limit is not None and limit > 0 and len(self._queue) >= limit:
                 raise RuntimeError(f"[TensorRT-LLM][ERROR] Maximum queue size of {limit} "
@@ -164,8 +191,13 @@ class Executor:
             if not request.input_token_ids:
                 raise RuntimeError("[TensorRT-LLM][ERROR] Input length is 0")
             engine_id = next(self._ids)
+            sc = request.sampling_config
+            k, p = regularize_top_k_top_p(sc.top_k, sc.top_p)
+            sampling = Sampling(top_k=k, top_p=p,
+                                temperature=sc.temperature or fake_model.DEFAULT_TEMPERATURE,
+                                seed=fake_model.DEFAULT_SEED if sc.seed is None else sc.seed)
             seq = _Seq(engine_id, request, next(self._arrivals), request.input_token_ids,
-                       len(request.input_token_ids))
+                       len(request.input_token_ids), sampling)
             self.enqueued.append(request)
             self._known[engine_id] = seq
             self._queue.append(seq)
@@ -187,9 +219,11 @@ class Executor:
             raise TypeError("await_responses(): timeout must be a datetime.timedelta")
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             while True:
                 ready = self._take(target)
-                if ready or self._shutdown:
+                if ready or self._shutdown:  # a waiter wakes when shutdown begins
                     return ready
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -198,10 +232,14 @@ class Executor:
 
     def get_num_responses_ready(self, id: int | None = None) -> int:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             return sum(1 for r in self._responses if id is None or r.request_id == id)
 
     def cancel_request(self, id: int) -> None:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             self.cancel_calls.append(id)
             seq = self._known.get(id)
             if seq is not None:  # unknown or finished ids are a no-op
@@ -210,10 +248,15 @@ class Executor:
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             out, self._stats = self._stats, []
             return out
 
     def get_latest_request_stats(self) -> list[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
         return []  # request stats are off by default (request_stats_max_iterations = 0)
 
     def can_enqueue_requests(self) -> bool:
@@ -223,7 +266,8 @@ class Executor:
         with self._lock:
             self._shutdown = True
             self._lock.notify_all()
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
     # -- test controls (not in the real API) ---------------------------------------------
 
@@ -236,6 +280,11 @@ class Executor:
         with self._lock:
             self._paused = False
             self._lock.notify_all()
+
+    @property
+    def queued_ids(self) -> list[int]:
+        with self._lock:
+            return [s.engine_id for s in self._queue]
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -258,24 +307,21 @@ class Executor:
             time.sleep(0.001)  # an "iteration" takes time, so cancels can land in between
 
     def _step(self) -> None:
+        """executionLoop: cancels among the active first, then admission, then one forward."""
         start = time.perf_counter()
         self._iter += 1
-        ctx_tokens, num_ctx, num_new = self._admit()
-        num_gen = 0
-        draft_stats = SpecDecodingStats()
         finished = 0
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq, FinishReason.CANCELLED)  # terminateCancelledRequests
+            finished += 1
+        ctx_tokens, num_ctx, num_new, refused = self._admit()
+        finished += refused
+        num_gen = 0
+        spec = SpecDecodingStats()
         for seq in list(self._active):
-            if seq.cancelled:
-                self._finish(seq, FinishReason.CANCELLED)
-                finished += 1
-                continue
             num_gen += seq.context_done
             try:
-                if not seq.context_done:
-                    seq.context_done = True
-                    reason = self._generate_with_draft(seq, draft_stats)
-                else:
-                    reason = self._generate(seq, 1)
+                reason = self._forward(seq, spec)
             except _RequestError as exc:
                 self._fail(seq, str(exc))
                 finished += 1
@@ -285,20 +331,24 @@ class Executor:
                 finished += 1
             elif seq.request.streaming and seq.unsent:
                 self._respond(seq, FinishReason.NOT_FINISHED, final=False)
-        for seq in [s for s in self._queue if s.cancelled]:
-            self._queue.remove(seq)
-            self._finish(seq, FinishReason.CANCELLED)
-        self._record(start, ctx_tokens, num_ctx, num_gen, num_new, finished, draft_stats)
+        self._record(start, ctx_tokens, num_ctx, num_gen, num_new, finished, spec)
 
-    def _admit(self) -> tuple[int, int, int]:
-        ctx_tokens = num_ctx = num_new = 0
+    def _admit(self) -> tuple[int, int, int, int]:
+        """New requests in priority order while slots, tokens and blocks allow; a cancelled
+        queued request is admitted like any other (it is terminated next iteration)."""
+        ctx_tokens = num_ctx = num_new = refused = 0
         self._queue.sort(key=lambda s: (-s.request._priority, s.arrival))
         while self._queue and len(self._active) < self.limits.max_batch_size:
             seq = self._queue[0]
-            if seq.cancelled:
-                break
             if ctx_tokens + seq.num_input > self.limits.max_num_tokens and num_ctx:
                 break
+            try:
+                self._validate(seq)
+            except _RequestError as exc:
+                self._queue.pop(0)
+                self._fail(seq, str(exc))
+                refused += 1
+                continue
             needed = self._blocks(seq.num_input + self._reserve(seq))
             if needed > self.limits.num_blocks - self._used_blocks():
                 break
@@ -308,12 +358,29 @@ class Executor:
             ctx_tokens += seq.num_input
             num_ctx += 1
             num_new += 1
-        return ctx_tokens, num_ctx, num_new
+        return ctx_tokens, num_ctx, num_new, refused
+
+    def _validate(self, seq: _Seq) -> None:
+        """``LlmRequest::validate`` (batch_manager/llmRequest.cpp)."""
+        limits, request = self.limits, seq.request
+        if seq.num_input > limits.max_input_len:
+            raise _RequestError(f"Prompt length ({seq.num_input}) exceeds maximum input length "
+                                f"({limits.max_input_len}).")
+        draft_cfg = request.external_draft_tokens_config
+        draft = draft_cfg.tokens if draft_cfg is not None else []
+        draft_len = limits.max_draft_len  # a request without draft tokens still reserves them
+        if draft:
+            if len(draft) > limits.max_draft_len:
+                raise _RequestError(f"Draft tokens length ({len(draft)}) exceeds maximum draft "
+                                    f"tokens length ({limits.max_draft_len}).")
+            draft_len = min(len(draft), limits.max_input_len - seq.num_input)
+            draft_cfg._tokens = draft[:draft_len]  # type: ignore[union-attr]
+        seq.max_new = min(request.max_tokens, limits.max_seq_len - seq.num_input - draft_len)
 
     def _reserve(self, seq: _Seq) -> int:
         policy = self.config.scheduler_config.capacity_scheduler_policy
         if policy == CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
-            return seq.request.max_tokens  # room for the whole generation up front
+            return max(seq.max_new, 1)  # room for the whole generation up front
         return 1
 
     def _reuse(self, seq: _Seq) -> None:
@@ -331,34 +398,46 @@ class Executor:
         self._totals.alloc_total_blocks += self._blocks(seq.num_input)
         self._totals.alloc_new_blocks += seq.missed_blocks
 
-    def _generate(self, seq: _Seq, n: int) -> FinishReason | None:
-        for _ in range(n):
-            reason = self._append(seq, self.model.token(seq.context, seq.request.end_id))
-            if reason is not None:
-                return reason
-        return None
+    def _forward(self, seq: _Seq, spec: SpecDecodingStats) -> FinishReason | None:
+        if seq.max_new <= 0:  # validate() left nothing to generate
+            return FinishReason.LENGTH
+        if not seq.context_done:
+            seq.context_done = True
+            cfg = seq.request.external_draft_tokens_config
+            return self._verify(seq, cfg.tokens if cfg is not None else [], spec)
+        if self.drafter is not None:
+            return self._verify(seq, self._propose(seq), spec)
+        return self._append(seq, self._next(seq))
 
-    def _generate_with_draft(self, seq: _Seq, stats: SpecDecodingStats) -> FinishReason | None:
-        # Draft tokens ride along with the context phase: accepted ones plus one more token
-        # come out of that single iteration.
-        draft_cfg = seq.request.external_draft_tokens_config
-        if draft_cfg is None:
-            return self._generate(seq, 1)
-        draft = draft_cfg.tokens
-        if len(draft) > self.limits.max_draft_len:
-            raise _RequestError(f"Number of draft tokens ({len(draft)}) is larger than maximum "
-                                f"number of draft tokens ({self.limits.max_draft_len})")
-        stats.num_draft_tokens += len(draft)
-        stats.num_requests_with_draft_tokens += 1
+    def _propose(self, seq: _Seq) -> list[int]:
+        assert self.drafter is not None
+        context = list(seq.context)
+        out: list[int] = []
+        for _ in range(min(self.drafter.max_draft_len, seq.max_new - len(seq.generated) - 1)):
+            token = self.drafter.model.token(context, seq.request.end_id)
+            out.append(token)
+            context.append(token)
+        return out
+
+    def _verify(self, seq: _Seq, draft: list[int], stats: SpecDecodingStats
+                ) -> FinishReason | None:
+        """Draft tokens are accepted while they match the engine's own tokens; the first
+        mismatch is replaced by the engine's token, and all-accepted earns a bonus token."""
+        if draft:
+            stats.num_draft_tokens += len(draft)
+            stats.num_requests_with_draft_tokens += 1
         for token in draft:
-            own = self.model.token(seq.context, seq.request.end_id)
-            if own != token:
-                return self._append(seq, own)  # the correction ends the step
-            stats.num_accepted_tokens += 1
+            own = self._next(seq)
             reason = self._append(seq, own)
+            if own != token:
+                return reason
+            stats.num_accepted_tokens += 1
             if reason is not None:
                 return reason
-        return self._generate(seq, 1)  # the bonus token
+        return self._append(seq, self._next(seq))
+
+    def _next(self, seq: _Seq) -> int:
+        return self.model.sample(seq.context, seq.request.end_id, seq.sampling)
 
     def _append(self, seq: _Seq, token: int) -> FinishReason | None:
         req = seq.request
@@ -375,12 +454,13 @@ class Executor:
         for word in req.stop_words or []:
             if word and seq.generated[-len(word):] == list(word):
                 return FinishReason.STOP_WORDS
-        if len(seq.generated) >= req.max_tokens or len(seq.context) >= self.limits.max_seq_len:
+        if len(seq.generated) >= seq.max_new or len(seq.context) >= self.limits.max_seq_len:
             return FinishReason.LENGTH
         return None
 
     def _fail(self, seq: _Seq, message: str) -> None:
-        self._active.remove(seq)
+        if seq in self._active:
+            self._active.remove(seq)
         self._known.pop(seq.engine_id, None)
         self._responses.append(Response(seq.engine_id, f"[TensorRT-LLM][ERROR] {message}",
                                         seq.request.client_id))
