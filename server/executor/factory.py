@@ -22,4 +22,8 @@ def load_executor(engine_dir: str | Path) -> Executor:
         from server.executor.trtllm.open import open_trtllm
 
         return open_trtllm(path, manifest)
+    if manifest.backend == "trtllm-llmapi":
+        from server.executor.trtllm.llmapi import LlmApiExecutor
+
+        return LlmApiExecutor.from_manifest(path, manifest)
     raise ValueError(f"{path}/manifest.json: unknown backend {manifest.backend!r}")
