@@ -31,7 +31,8 @@ def quantized(root: Path, algo: str | None, kv: str | None = None) -> Path:
     return root
 
 
-def test_writes_a_manifest_pointing_at_the_checkpoint(tmp_path: Path) -> None:
+def test_writes_a_manifest_pointing_at_the_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = hf_checkpoint(tmp_path / "hf")
     assert build(model, tmp_path / "e", "--kv-cache-dtype", "fp8") == 0
     m = Manifest.load(tmp_path / "e")
@@ -42,6 +43,9 @@ def test_writes_a_manifest_pointing_at_the_checkpoint(tmp_path: Path) -> None:
     assert (tmp_path / "e" / "chat_template.jinja").is_file()
     assert build(model, tmp_path / "e") == 2  # exists: --force to replace
     assert build(model, tmp_path / "e", "--force") == 0
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    report = capsys.readouterr().out
+    assert "trtllm-llmapi" in report and "weights checkpoint" in report
 
 
 @pytest.mark.parametrize(("algo", "kv", "weights", "kv_dtype"), [
