@@ -39,6 +39,7 @@ from engine_builder.manifest import (
 )
 from engine_builder.source import SourceModel
 from engine_builder.trtllm_manifest import check_same_tokenizer, kv_blocks_estimate, read_source
+from engine_builder.usage import backend_flags, check_positive, given
 
 # hf_quant_config.json quant_algo (a TensorRT-LLM QuantAlgo name) -> our --quant.
 QUANT_ALGOS: dict[str | None, str] = {None: "none", "W8A16": "int8", "W4A16": "int4",
@@ -82,14 +83,12 @@ class LlmApiBuildOptions:
         if needs_draft != (self.draft is not None):
             raise ValueError(f"--draft: needed exactly with --speculative draft_target or "
                              f"eagle3 (got --speculative {self.speculative})")
-        for flag, value in (("--max-draft-len", self.max_draft_len),
-                            ("--max-matching-ngram-size", self.max_matching_ngram_size),
-                            ("--max-batch-size", self.max_batch_size),
-                            ("--max-seq-len", self.max_seq_len),
-                            ("--max-num-tokens", self.max_num_tokens),
-                            ("--tokens-per-block", self.tokens_per_block)):
-            if value < 1:
-                raise ValueError(f"{flag}: must be >= 1, got {value}")
+        check_positive((("--max-draft-len", self.max_draft_len),
+                        ("--max-matching-ngram-size", self.max_matching_ngram_size),
+                        ("--max-batch-size", self.max_batch_size),
+                        ("--max-seq-len", self.max_seq_len),
+                        ("--max-num-tokens", self.max_num_tokens),
+                        ("--tokens-per-block", self.tokens_per_block)))
 
 
 def add_llmapi_arguments(parser: argparse.ArgumentParser | Any) -> None:
@@ -106,29 +105,16 @@ def add_llmapi_arguments(parser: argparse.ArgumentParser | Any) -> None:
 
 def options_from_args(args: argparse.Namespace) -> LlmApiBuildOptions:
     """Shared build flags (None = not given) + ``args.extra_args`` parsed as llmapi flags."""
-    extra_parser = argparse.ArgumentParser(prog="build --backend trtllm-llmapi", add_help=False)
-    add_llmapi_arguments(extra_parser)
-    try:
-        extra = extra_parser.parse_args(list(getattr(args, "extra_args", None) or []))
-    except SystemExit:
-        raise ValueError("unrecognized trtllm-llmapi build flags (see the message above)") \
-            from None
+    extra = backend_flags(args, add_llmapi_arguments, "trtllm-llmapi")
     for flag, name in (("--group-size", "group_size"), ("--num-kv-blocks", "num_kv_blocks")):
         if getattr(args, name, None) is not None:
             raise ValueError(f"{flag}: not used on trtllm-llmapi (quantization and the KV pool "
                              "come from the checkpoint and from free GPU memory)")
-    given = {
-        "quant": args.quant, "kv_cache_dtype": args.kv_cache_dtype,
-        "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
-        "max_num_tokens": args.max_num_tokens, "tokens_per_block": args.tokens_per_block,
-        "speculative": extra.speculative, "draft": extra.draft,
-        "max_draft_len": extra.max_draft_len,
-        "max_matching_ngram_size": extra.max_matching_ngram_size,
-    }
+    values = given(args, extra, ("speculative", "draft", "max_draft_len",
+                                 "max_matching_ngram_size"))
     return LlmApiBuildOptions(model=Path(args.model), output=Path(args.output),
                               name=getattr(args, "name", None),
-                              force=bool(getattr(args, "force", False)),
-                              **{k: v for k, v in given.items() if v is not None})
+                              force=bool(getattr(args, "force", False)), **values)
 
 
 def checkpoint_quantization(model_dir: Path, opts: LlmApiBuildOptions) -> Quantization:

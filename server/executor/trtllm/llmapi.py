@@ -69,6 +69,7 @@ class LlmApiExecutor(GpuExecutorBase):
         self._runs: dict[int, _Run] = {}
         self._stats_wait_s = cfg.await_timeout_s
         self._kv_reported = threading.Event()
+        self._submitted = asyncio.Event()  # stats exist only after the first request
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="trtllm-llmapi",
                                         daemon=True)
@@ -151,6 +152,7 @@ class LlmApiExecutor(GpuExecutorBase):
         except Exception as exc:  # shutting down, or a request the LLM refuses
             self._fail(request_id, run, f"TensorRT-LLM refused the request: {exc}")
             return
+        self._submitted.set()
         with self._lock:
             if self._runs.get(request_id) is not run:  # cancelled before it was submitted
                 result.abort()
@@ -210,13 +212,16 @@ class LlmApiExecutor(GpuExecutorBase):
             self._outbox.put(run.stream.failed(message))
 
     async def _probe(self) -> None:
-        await self._llm.generate_async([self._policy.end_id],
-                                       sampling_params=probe_params(self._api, self._policy))
+        result = self._llm.generate_async([self._policy.end_id],
+                                          sampling_params=probe_params(self._api, self._policy))
+        self._submitted.set()
+        await result
 
     async def _poll_stats(self) -> None:
         """Absorbs iteration stats as they come. The stats queue is drained per round; it
         reports nothing before the first request and, once a round ends, nothing until the
         next request is submitted (the LLM only then expects more)."""
+        await self._submitted.wait()
         while True:
             try:
                 async for item in self._llm.get_stats_async(timeout=self._stats_wait_s):
