@@ -12,7 +12,13 @@ import pytest
 
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import ExecRequest, Executor, SamplingParams, TokenDelta
+from server.executor.base import (
+    ExecRequest,
+    Executor,
+    FinishReason,
+    SamplingParams,
+    TokenDelta,
+)
 
 
 def require_gpu_and_tensorrt_llm() -> None:
@@ -78,3 +84,47 @@ def prompt_ids(engine_dir: Path, text: str) -> tuple[int, ...]:
 
 def greedy(n: int, **kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, **kw)  # type: ignore[arg-type]
+
+
+# -- checks both backends pass ---------------------------------------------------------------
+
+
+def check_streams_greedy_text(ex: Executor, engine_dir: Path) -> None:
+    prompt = prompt_ids(engine_dir, "The capital of France is")
+    deltas = run(ex, [ExecRequest(1, prompt, greedy(16))])[1]
+    out = tokens(deltas)
+    assert 1 <= len(out) <= 16
+    assert deltas[-1].finish in (FinishReason.LENGTH, FinishReason.STOP)
+    text = tokenizer(engine_dir).decode(out, skip_special_tokens=True)
+    assert "".join(d.text for d in deltas) == text
+
+
+def check_greedy_repeats_and_reuses_the_prefix(ex: Executor, engine_dir: Path) -> None:
+    tpb = ex.capacity.tokens_per_block
+    base = prompt_ids(engine_dir, "Once upon a time, in a land far away, there lived " * 8)
+    prompt = base[:3 * tpb] if len(base) >= 3 * tpb else base
+    first = run(ex, [ExecRequest(10, prompt, greedy(12))])[10]
+    second = run(ex, [ExecRequest(11, prompt, greedy(12))])[11]
+    assert tokens(first) == tokens(second)
+    if len(prompt) >= 2 * tpb:
+        assert (second[0].cached_prompt_tokens or 0) >= tpb
+
+
+def check_temperature_alone_samples(ex: Executor, engine_dir: Path) -> None:
+    """Unset top_k/top_p would make TensorRT-LLM decode greedily: seeds must change text."""
+    prompt = prompt_ids(engine_dir, "Write a word:")
+    reqs = [ExecRequest(50 + s, prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=s))
+            for s in range(4)]
+    assert len({tuple(tokens(ds)) for ds in run(ex, reqs).values()}) > 1
+
+
+def check_cancel(ex: Executor, engine_dir: Path) -> None:
+    prompt = prompt_ids(engine_dir, "Count to one thousand:")
+    ex.enqueue(ExecRequest(200, prompt, greedy(400, ignore_eos=True)))
+    time.sleep(0.2)
+    ex.cancel(200)
+    finals: list[TokenDelta] = []
+    deadline = time.monotonic() + 60
+    while not finals and time.monotonic() < deadline:
+        finals = [d for d in ex.poll(0.1) if d.request_id == 200 and d.finish is not None]
+    assert finals and finals[0].finish is FinishReason.CANCELLED

@@ -17,14 +17,17 @@ from pathlib import Path
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, Executor, FinishReason, SamplingParams, TokenDelta
+from server.executor.base import ExecRequest, Executor
 from tests.gpu.common import (
     OneAtATime,
+    check_cancel,
+    check_greedy_repeats_and_reuses_the_prefix,
+    check_streams_greedy_text,
+    check_temperature_alone_samples,
     greedy,
     prompt_ids,
     require_gpu_and_tensorrt_llm,
     run,
-    tokenizer,
     tokens,
 )
 
@@ -65,42 +68,19 @@ def llm(llms: OneAtATime, engine_dir: Path) -> Executor:
 
 
 def test_streams_greedy_tokens_and_text(llm: Executor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "The capital of France is")
-    deltas = run(llm, [ExecRequest(1, prompt, greedy(16))])[1]
-    out = tokens(deltas)
-    assert 1 <= len(out) <= 16
-    assert deltas[-1].finish in (FinishReason.LENGTH, FinishReason.STOP)
-    assert "".join(d.text for d in deltas) == tokenizer(engine_dir).decode(
-        out, skip_special_tokens=True)
+    check_streams_greedy_text(llm, engine_dir)
 
 
 def test_greedy_repeats_and_reuses_the_prefix(llm: Executor, engine_dir: Path) -> None:
-    tpb = llm.capacity.tokens_per_block
-    prompt = prompt_ids(engine_dir, "Once upon a time, in a land far away, there lived " * 8)
-    first = run(llm, [ExecRequest(10, prompt, greedy(12))])[10]
-    second = run(llm, [ExecRequest(11, prompt, greedy(12))])[11]
-    assert tokens(first) == tokens(second)
-    if len(prompt) >= 2 * tpb:
-        assert (second[0].cached_prompt_tokens or 0) >= tpb
+    check_greedy_repeats_and_reuses_the_prefix(llm, engine_dir)
 
 
 def test_temperature_alone_samples(llm: Executor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "Write a word:")
-    reqs = [ExecRequest(50 + s, prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=s))
-            for s in range(4)]
-    assert len({tuple(tokens(ds)) for ds in run(llm, reqs).values()}) > 1
+    check_temperature_alone_samples(llm, engine_dir)
 
 
 def test_cancel_and_stats(llm: Executor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "Count to one thousand:")
-    llm.enqueue(ExecRequest(200, prompt, greedy(400, ignore_eos=True)))
-    time.sleep(0.2)
-    llm.cancel(200)
-    finals: list[TokenDelta] = []
-    deadline = time.monotonic() + 60
-    while not finals and time.monotonic() < deadline:
-        finals = [d for d in llm.poll(0.1) if d.request_id == 200 and d.finish is not None]
-    assert finals and finals[0].finish is FinishReason.CANCELLED
+    check_cancel(llm, engine_dir)
     stats = llm.stats()
     assert stats.kv_blocks_total == llm.capacity.num_kv_blocks > 0 and stats.steps > 0
 
@@ -121,7 +101,7 @@ def test_ngram_drafting_keeps_the_greedy_output(llms: OneAtATime, engine_dir: Pa
     prompt = prompt_ids(engine_dir, "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2,")
     plain = llms.get("plain", lambda: load_executor(engine_dir))
     want = tokens(run(plain, [ExecRequest(300, prompt, greedy(24))])[300])
-    model = Manifest.load(engine_dir).files["checkpoint"]
+    model = str(Manifest.load(engine_dir).checkpoint_path(engine_dir))
     spec_dir = _write(model, tmp_path / "ngram", "--speculative", "ngram")
     spec = llms.get("ngram", lambda: load_executor(spec_dir))
     got = tokens(run(spec, [ExecRequest(301, prompt, greedy(24))])[301])

@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, Executor, FinishReason, SamplingParams, TokenDelta
+from server.executor.base import ExecRequest, Executor, FinishReason, SamplingParams
 from tests.gpu.common import (
     OneAtATime,
+    check_cancel,
+    check_greedy_repeats_and_reuses_the_prefix,
+    check_streams_greedy_text,
+    check_temperature_alone_samples,
     greedy,
     prompt_ids,
     require_gpu_and_tensorrt_llm,
     run,
-    tokenizer,
     tokens,
 )
 
@@ -85,34 +87,15 @@ def plain(engines: OneAtATime, engine_dir: Path) -> Executor:
 
 
 def test_streams_greedy_tokens_and_text(plain: Executor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "The capital of France is")
-    deltas = run(plain, [ExecRequest(1, prompt, greedy(16))])[1]
-    out = tokens(deltas)
-    assert 1 <= len(out) <= 16
-    assert deltas[-1].finish in (FinishReason.LENGTH, FinishReason.STOP)
-    text = tokenizer(engine_dir).decode(out, skip_special_tokens=True)
-    assert "".join(d.text for d in deltas) == text
+    check_streams_greedy_text(plain, engine_dir)
 
 
-def test_greedy_is_deterministic_and_reuses_the_prefix(plain: Executor,
-                                                       engine_dir: Path) -> None:
-    tpb = Manifest.load(engine_dir).limits.tokens_per_block
-    base = prompt_ids(engine_dir, "Once upon a time, in a land far away, there lived " * 8)
-    prompt = base[:3 * tpb] if len(base) >= 3 * tpb else base
-    first = run(plain, [ExecRequest(10, prompt, greedy(12))])[10]
-    second = run(plain, [ExecRequest(11, prompt, greedy(12))])[11]
-    assert tokens(first) == tokens(second)
-    if len(prompt) >= 2 * tpb:
-        assert (second[0].cached_prompt_tokens or 0) >= tpb
+def test_greedy_repeats_and_reuses_the_prefix(plain: Executor, engine_dir: Path) -> None:
+    check_greedy_repeats_and_reuses_the_prefix(plain, engine_dir)
 
 
 def test_temperature_alone_samples(plain: Executor, engine_dir: Path) -> None:
-    """Unset top_k/top_p would make TensorRT-LLM decode greedily: seeds must change text."""
-    prompt = prompt_ids(engine_dir, "Write a word:")
-    reqs = [ExecRequest(50 + s, prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=s))
-            for s in range(4)]
-    out = run(plain, reqs)
-    assert len({tuple(tokens(ds)) for ds in out.values()}) > 1
+    check_temperature_alone_samples(plain, engine_dir)
 
 
 def test_batch_of_requests_all_finish(plain: Executor, engine_dir: Path) -> None:
@@ -128,15 +111,7 @@ def test_batch_of_requests_all_finish(plain: Executor, engine_dir: Path) -> None
 
 
 def test_cancel_ends_with_cancelled(plain: Executor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "Count to one thousand:")
-    plain.enqueue(ExecRequest(200, prompt, greedy(400, ignore_eos=True)))
-    time.sleep(0.2)
-    plain.cancel(200)
-    finals: list[TokenDelta] = []
-    deadline = time.monotonic() + 60
-    while not finals and time.monotonic() < deadline:
-        finals = [d for d in plain.poll(0.1) if d.request_id == 200 and d.finish is not None]
-    assert finals and finals[0].finish is FinishReason.CANCELLED
+    check_cancel(plain, engine_dir)
 
 
 def test_draft_target_counts_acceptance(engines: OneAtATime, engine_dir: Path) -> None:
