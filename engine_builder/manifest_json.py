@@ -23,6 +23,7 @@ from engine_builder.manifest import (
     Provenance,
     Quantization,
     RopeScaling,
+    SpeculativeInfo,
     TokenizerInfo,
 )
 
@@ -32,7 +33,7 @@ T = TypeVar("T")
 _SECTIONS: dict[str, type] = {
     cls.__name__: cls
     for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
-                Profile, Provenance)
+                Profile, Provenance, SpeculativeInfo)
 }
 
 
