@@ -1,8 +1,11 @@
-"""The TensorRT-LLM executor alone, on one GPU: decode throughput by concurrency, plain vs
-draft-target, in one run (ratios, not absolute goals: these machines are noisy).
+"""A TensorRT-LLM executor alone, on one GPU: decode throughput by concurrency, in one run
+(ratios, not absolute goals: these machines are noisy). A ``trtllm`` engine with a draft runs
+twice, plain (the target engine alone) and draft-target; a ``trtllm-llmapi`` engine runs as its
+manifest says (with TensorRT-LLM's drafter when it has one).
 
 Closed loop at each concurrency C: C greedy requests in flight, a new one as soon as one ends,
-until ``--requests`` have finished. Distinct prompts (no prefix reuse between requests).
+until ``--requests`` have finished. Distinct prompts (no prefix reuse between requests). One
+executor at a time: each is shut down, which frees its GPU memory, before the next opens.
 Prints a table and, with ``--json-out``, the numbers. Needs ``tensorrt_llm`` and a GPU.
 
     python -m benchmarks.bench_gpu --engine /engines/llama-int8 --concurrency 1,8,32
@@ -11,6 +14,7 @@ Prints a table and, with ``--json-out``, the numbers. Needs ``tensorrt_llm`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -23,7 +27,7 @@ from pathlib import Path
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import ExecRequest, Executor, SamplingParams
-from server.executor.trtllm import TrtllmConfig, TrtllmExecutor, load_bindings, open_engine
+from server.executor.factory import load_executor
 
 WORDS = ("river", "stone", "light", "garden", "window", "market", "paper", "silver", "engine",
          "ocean", "forest", "music", "history", "machine", "winter", "language", "number",
@@ -95,6 +99,8 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(name: str, open_executor: Callable[[], Executor], args: argparse.Namespace,
             work: list[tuple[int, ...]]) -> list[Row]:
+    """Opens one executor, runs every concurrency on it, and shuts it down (releasing its GPU
+    memory) before returning, so the next variant starts on a free GPU."""
     ex = open_executor()
     rows = []
     try:
@@ -106,6 +112,21 @@ def measure(name: str, open_executor: Callable[[], Executor], args: argparse.Nam
     finally:
         ex.shutdown()
     return rows
+
+
+def variants(engine: Path, manifest: Manifest) -> list[tuple[str, Callable[[], Executor]]]:
+    """(name, opener) per executor to measure on this engine."""
+    if manifest.backend == "trtllm-llmapi":
+        spec = manifest.speculative
+        name = "llmapi" if spec is None else f"llmapi {spec.mode} K={spec.max_draft_len}"
+        return [(name, lambda: load_executor(engine))]
+    from server.executor.trtllm.open import open_trtllm
+
+    out: list[tuple[str, Callable[[], Executor]]] = [
+        ("plain", lambda: open_trtllm(engine, dataclasses.replace(manifest, draft=None)))]
+    if manifest.draft is not None:
+        out.append((f"draft K={manifest.draft.max_draft_len}", lambda: load_executor(engine)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,27 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Manifest.load(args.engine)
     tokenizer = EngineTokenizer.load(args.engine, manifest)
     work = prompts(tokenizer, args.requests, args.prompt_tokens, args.seed)
-    b = load_bindings()
-    cfg = TrtllmConfig()
-
-    def plain() -> Executor:
-        return TrtllmExecutor(open_engine(b, args.engine, manifest, cfg), b, tokenizer,
-                              manifest, cfg)
-
-    rows = measure("plain", plain, args, work)
-    if manifest.draft is not None:
-        from server.executor.factory import load_executor
-
-        rows += measure(f"draft K={manifest.draft.max_draft_len}",
-                        lambda: load_executor(args.engine), args, work)
+    rows = [row for name, opener in variants(args.engine, manifest)
+            for row in measure(name, opener, args, work)]
     print(f"engine {args.engine} ({manifest.name}, {manifest.quantization.weights}, kv "
           f"{manifest.quantization.kv_cache_dtype}) on {platform.node()}; "
           f"{args.requests} requests, prompt {args.prompt_tokens}, output <= {args.max_tokens}")
-    print(f"{'variant':<12} {'C':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+    print(f"{'variant':<24} {'C':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9} {'accept':>7}")
     for r in rows:
         acc = "-" if r.acceptance is None else f"{r.acceptance:.2f}"
-        print(f"{r.variant:<12} {r.concurrency:>4} {r.tokens_per_s:>9.1f} {r.ttft_p50_ms:>8.1f}m"
+        print(f"{r.variant:<24} {r.concurrency:>4} {r.tokens_per_s:>9.1f} {r.ttft_p50_ms:>8.1f}m"
               f" {r.ttft_p99_ms:>8.1f}m {r.tpot_p50_ms:>8.2f}m {acc:>7}")
     if args.json_out is not None:
         args.json_out.write_text(json.dumps([asdict(r) for r in rows], indent=2))

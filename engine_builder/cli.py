@@ -28,8 +28,8 @@ from engine_builder.gguf_source import load_gguf
 from engine_builder.hf_source import SourceError, load_hf_checkpoint
 from engine_builder.manifest import (
     CPU_KV_DTYPES,
+    LLMAPI_WEIGHT_QUANTS,
     TRTLLM_KV_DTYPES,
-    TRTLLM_WEIGHT_QUANTS,
     FieldError,
     Manifest,
     ManifestError,
@@ -38,6 +38,9 @@ from engine_builder.source import SourceModel
 from engine_builder.usage import UsageError
 
 PROG = "python -m engine_builder"
+# GPU backends -> the module whose main_build(args) builds for it, imported only when used.
+GPU_BUILDERS = {"trtllm": "engine_builder.trtllm_build",
+                "trtllm-llmapi": "engine_builder.llmapi_build"}
 GGUF_MAGIC = b"GGUF"
 _OPTION_HELP = {
     "quant": "weight quantization",
@@ -52,7 +55,7 @@ _OPTION_HELP = {
 }
 # Both backends' values are accepted by the parser; each backend rejects what it cannot build.
 _OPTION_CHOICES: dict[str, list[str]] = {
-    "quant": sorted(TRTLLM_WEIGHT_QUANTS),
+    "quant": sorted(LLMAPI_WEIGHT_QUANTS),
     "kv_cache_dtype": sorted(CPU_KV_DTYPES | TRTLLM_KV_DTYPES),
 }
 
@@ -63,7 +66,7 @@ def flag_name(option: str) -> str:
 
 def _add_build_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("build", help="build an engine from a GGUF file or HF checkpoint")
-    p.add_argument("--backend", choices=["cpu", "trtllm"], default="cpu")
+    p.add_argument("--backend", choices=["cpu", *GPU_BUILDERS], default="cpu")
     p.add_argument("--model", required=True,
                    help="'default', a .gguf file, or a Hugging Face checkpoint directory")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
@@ -107,8 +110,8 @@ def open_model(model: str) -> SourceModel:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    if args.backend == "trtllm":
-        return run_trtllm_build(args)
+    if args.backend in GPU_BUILDERS:
+        return run_gpu_build(args)
     options = build_options(args)
     out: Path = args.output
     if out.exists() and not args.force:
@@ -129,19 +132,20 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_trtllm_build(args: argparse.Namespace) -> int:
-    """Hands over to engine_builder.trtllm_build.main_build(args), imported only now.
+def run_gpu_build(args: argparse.Namespace) -> int:
+    """Hands over to the backend's ``main_build(args)``, imported only now.
 
     ``args`` carries every build flag (None where not given, so that backend applies its own
     defaults) and ``args.extra_args``: flags this parser does not know, for that backend to parse.
     """
+    name = GPU_BUILDERS[args.backend]
     try:
-        module = importlib.import_module("engine_builder.trtllm_build")
+        module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name != "engine_builder.trtllm_build":
+        if exc.name != name:
             raise
-        raise UsageError("--backend", "trtllm: the TensorRT-LLM builder "
-                         "(engine_builder/trtllm_build.py) is not part of this install") from None
+        raise UsageError("--backend", f"{args.backend}: its builder ({name}) is not part of "
+                         "this install") from None
     return int(module.main_build(args))
 
 
@@ -175,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        is_trtllm_build = args.command == "build" and args.backend == "trtllm"
-        if extra and not is_trtllm_build:
+        is_gpu_build = args.command == "build" and args.backend in GPU_BUILDERS
+        if extra and not is_gpu_build:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse already printed the usage and the message
         return int(exc.code or 0)

@@ -42,10 +42,13 @@ class Footprint:
 
 
 def weight_bytes_by_dtype(manifest: Manifest, engine_dir: Path) -> dict[str, int]:
-    if manifest.backend != "cpu":
+    if manifest.backend == "trtllm":
         # TensorRT-LLM engine files hold the weights; their size is the closest measure.
         files = (Path(engine_dir) / manifest.files["engine_dir"]).glob("*.engine")
         return {"engine": sum(f.stat().st_size for f in files)}
+    if manifest.backend == "trtllm-llmapi":  # the checkpoint is served as it is
+        files = manifest.checkpoint_path(engine_dir).glob("*.safetensors")
+        return {"checkpoint": sum(f.stat().st_size for f in files)}
     counts: Counter[str] = Counter()
     for info in read_header(manifest.weights_path(engine_dir)).values():
         start, end = info["data_offsets"]

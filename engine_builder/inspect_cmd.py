@@ -32,7 +32,7 @@ def format_report(manifest: Manifest, fp: Footprint) -> str:
     lines = [f"engine {manifest.name} ({manifest.backend}, schema v{manifest.schema_version})"]
     data = manifest.to_json()
     for section in ("architecture", "quantization", "limits", "tokenizer", "files", "draft",
-                    "profile", "provenance"):
+                    "speculative", "profile", "provenance"):
         lines.extend(_lines(section, data[section]))
     lines.append("memory footprint")
     for dtype, n in fp.weight_bytes_by_dtype.items():

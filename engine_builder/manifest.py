@@ -20,11 +20,14 @@ from typing import Any
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
-BACKENDS = frozenset({"cpu", "trtllm"})
+BACKENDS = frozenset({"cpu", "trtllm", "trtllm-llmapi"})
 CPU_WEIGHT_QUANTS = frozenset({"none", "int8", "int4"})
 TRTLLM_WEIGHT_QUANTS = CPU_WEIGHT_QUANTS | {"int4_awq"}
+LLMAPI_WEIGHT_QUANTS = TRTLLM_WEIGHT_QUANTS | {"fp8"}
 CPU_KV_DTYPES = frozenset({"float32", "int8"})
 TRTLLM_KV_DTYPES = frozenset({"auto", "int8", "fp8"})
+LLMAPI_KV_DTYPES = frozenset({"auto", "fp8"})
+SPECULATIVE_MODES = ("draft_target", "ngram", "eagle3")
 
 
 class ManifestError(ValueError):
@@ -139,7 +142,7 @@ class Quantization:
     kv_cache_quant_algo: str | None = None  # trtllm only
 
     def __post_init__(self) -> None:
-        _require(self.weights in TRTLLM_WEIGHT_QUANTS, "weights",
+        _require(self.weights in LLMAPI_WEIGHT_QUANTS, "weights",
                  f"unknown weight quantization {self.weights!r}")
         per_channel_int4 = self.quant_algo == "W4A16" and self.group_size is None
         if self.weights.startswith("int4") and not per_channel_int4:
@@ -225,6 +228,30 @@ class StepCostFit:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeInfo:
+    """Speculative decoding inside a ``trtllm-llmapi`` engine (TensorRT-LLM's own drafters)."""
+
+    mode: str  # draft_target | ngram | eagle3
+    max_draft_len: int
+    model: str | None = None  # draft_target / eagle3: the drafter's checkpoint, DIR-relative
+    max_matching_ngram_size: int | None = None  # ngram only
+
+    def __post_init__(self) -> None:
+        _require(self.mode in SPECULATIVE_MODES, "mode",
+                 f"unknown mode {self.mode!r} (known: {', '.join(SPECULATIVE_MODES)})")
+        _positive(self, "max_draft_len")
+        if self.mode == "ngram":
+            _require(self.model is None, "model", "ngram drafting needs no draft model")
+            _require(self.max_matching_ngram_size is not None
+                     and self.max_matching_ngram_size >= 1, "max_matching_ngram_size",
+                     f"ngram needs it >= 1, got {self.max_matching_ngram_size}")
+        else:
+            _require(bool(self.model), "model", f"{self.mode} needs a draft model")
+            _require(self.max_matching_ngram_size is None, "max_matching_ngram_size",
+                     "only ngram takes it")
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     """Decode throughput by batch size and the step-cost fit, written by ``engine_builder
     profile``."""
@@ -273,10 +300,12 @@ class Manifest:
     quantization: Quantization
     limits: Limits
     tokenizer: TokenizerInfo
-    files: Mapping[str, str]  # cpu: {"weights": ...}; trtllm: {"engine_dir": ...}
+    # cpu: {"weights": ...}; trtllm: {"engine_dir": ...}; trtllm-llmapi: {"checkpoint": ...}
+    files: Mapping[str, str]
     provenance: Provenance
-    draft: DraftInfo | None = None
+    draft: DraftInfo | None = None  # trtllm: a second engine directory
     profile: Profile | None = None
+    speculative: SpeculativeInfo | None = None  # trtllm-llmapi
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -286,15 +315,20 @@ class Manifest:
                  f"{SCHEMA_VERSION})")
         _require(bool(self.name), "name", "must not be empty")
         _require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}")
-        if self.backend == "cpu":
-            _require("weights" in self.files, "files", "a cpu engine needs files.weights")
-            _require(self.quantization.weights in CPU_WEIGHT_QUANTS, "quantization.weights",
-                     f"{self.quantization.weights!r} is not available on the cpu backend")
-            _require(self.quantization.kv_cache_dtype in CPU_KV_DTYPES,
-                     "quantization.kv_cache_dtype",
-                     f"{self.quantization.kv_cache_dtype!r} is not available on the cpu backend")
-        else:
-            _require("engine_dir" in self.files, "files", "a trtllm engine needs files.engine_dir")
+        needs = {"cpu": ("weights", CPU_WEIGHT_QUANTS, CPU_KV_DTYPES),
+                 "trtllm": ("engine_dir", TRTLLM_WEIGHT_QUANTS, TRTLLM_KV_DTYPES),
+                 "trtllm-llmapi": ("checkpoint", LLMAPI_WEIGHT_QUANTS, LLMAPI_KV_DTYPES)}
+        file_key, weights, kv_dtypes = needs[self.backend]
+        _require(file_key in self.files, "files", f"a {self.backend} engine needs files.{file_key}")
+        _require(self.quantization.weights in weights, "quantization.weights",
+                 f"{self.quantization.weights!r} is not available on the {self.backend} backend")
+        _require(self.quantization.kv_cache_dtype in kv_dtypes, "quantization.kv_cache_dtype",
+                 f"{self.quantization.kv_cache_dtype!r} is not available on the {self.backend} "
+                 "backend")
+        _require(self.draft is None or self.backend == "trtllm", "draft",
+                 "only trtllm engines have a draft engine directory")
+        _require(self.speculative is None or self.backend == "trtllm-llmapi", "speculative",
+                 "only trtllm-llmapi engines configure TensorRT-LLM's drafters")
 
     # -- derived paths --------------------------------------------------------------------
 
@@ -303,6 +337,12 @@ class Manifest:
         if "weights" not in self.files:
             raise ManifestError(f"{engine_dir}: the {self.backend} engine has no files.weights")
         return Path(engine_dir) / self.files["weights"]
+
+    def checkpoint_path(self, engine_dir: Path) -> Path:
+        """The Hugging Face checkpoint a trtllm-llmapi engine serves (absolute, or DIR-relative)."""
+        if "checkpoint" not in self.files:
+            raise ManifestError(f"{engine_dir}: the {self.backend} engine has no files.checkpoint")
+        return Path(engine_dir) / self.files["checkpoint"]
 
     def tokenizer_path(self, engine_dir: Path) -> Path:
         return Path(engine_dir) / self.tokenizer.file
@@ -329,6 +369,7 @@ class Manifest:
             "files": dict(self.files),
             "draft": None if self.draft is None else _section_json(self.draft),
             "profile": None if self.profile is None else _section_json(self.profile),
+            "speculative": None if self.speculative is None else _section_json(self.speculative),
             "provenance": _section_json(self.provenance),
         }
 

@@ -23,6 +23,7 @@ from engine_builder.manifest import (
     Provenance,
     Quantization,
     RopeScaling,
+    SpeculativeInfo,
     StepCostFit,
     TokenizerInfo,
 )
@@ -33,7 +34,7 @@ T = TypeVar("T")
 _SECTIONS: dict[str, type] = {
     cls.__name__: cls
     for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
-                Profile, StepCostFit, Provenance)
+                Profile, StepCostFit, Provenance, SpeculativeInfo)
 }
 
 

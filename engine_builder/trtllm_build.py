@@ -45,6 +45,7 @@ from engine_builder.trtllm_manifest import (
     read_source,
     write_engine_dir,
 )
+from engine_builder.usage import backend_flags, check_positive, given
 
 DEFAULT_EXAMPLES = Path("/app/tensorrt_llm/examples")  # where the release image keeps them
 CONVERT_SCRIPT = Path("models/core/llama/convert_checkpoint.py")
@@ -89,13 +90,11 @@ class TrtllmBuildOptions:
                              f"trtllm, got {self.kv_cache_dtype!r}")
         if self.dtype not in ("float16", "bfloat16"):
             raise ValueError(f"--dtype: float16 or bfloat16, got {self.dtype!r}")
-        for flag, value in (("--max-draft-len", self.max_draft_len), ("--tp-size", self.tp_size),
-                            ("--max-batch-size", self.max_batch_size),
-                            ("--max-seq-len", self.max_seq_len),
-                            ("--max-num-tokens", self.max_num_tokens),
-                            ("--tokens-per-block", self.tokens_per_block)):
-            if value < 1:
-                raise ValueError(f"{flag}: must be >= 1, got {value}")
+        check_positive((("--max-draft-len", self.max_draft_len), ("--tp-size", self.tp_size),
+                        ("--max-batch-size", self.max_batch_size),
+                        ("--max-seq-len", self.max_seq_len),
+                        ("--max-num-tokens", self.max_num_tokens),
+                        ("--tokens-per-block", self.tokens_per_block)))
         if self.max_seq_len < 2:
             raise ValueError("--max-seq-len: must leave room for one generated token")
 
@@ -126,15 +125,7 @@ def add_trtllm_arguments(parser: argparse.ArgumentParser | Any) -> None:
 def options_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None
                       ) -> TrtllmBuildOptions:
     """Shared build flags (None = not given) + ``args.extra_args`` parsed as trtllm flags."""
-    extra_parser = argparse.ArgumentParser(prog="build --backend trtllm", add_help=False)
-    add_trtllm_arguments(extra_parser)
-    try:
-        extra = extra_parser.parse_args(list(getattr(args, "extra_args", None) or []))
-    except SystemExit:
-        raise ValueError("unrecognized trtllm build flags (see the message above)") from None
-    for name, value in vars(extra).items():  # flags the main parser already took, if it did
-        if value is None and getattr(args, name, None) is not None:
-            setattr(extra, name, getattr(args, name))
+    extra = backend_flags(args, add_trtllm_arguments, "trtllm")
     env = os.environ if environ is None else environ
     if getattr(args, "group_size", None) is not None:
         raise ValueError("--group-size: not used on trtllm (int4_awq uses 128; int4 is "
@@ -142,19 +133,14 @@ def options_from_args(args: argparse.Namespace, environ: dict[str, str] | None =
     if getattr(args, "num_kv_blocks", None) is not None:
         raise ValueError("--num-kv-blocks: not used on trtllm (the KV pool is sized from free "
                          "GPU memory when the engine starts; see BACKFILL_TRTLLM_KV_FRACTION)")
-    given = {
-        "quant": args.quant, "kv_cache_dtype": args.kv_cache_dtype,
-        "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
-        "max_num_tokens": args.max_num_tokens, "tokens_per_block": args.tokens_per_block,
-        "draft": extra.draft, "max_draft_len": extra.max_draft_len, "tp_size": extra.tp_size,
-        "dtype": extra.dtype, "calib_dataset": extra.calib_dataset,
-        "examples": extra.trtllm_examples or (Path(env["TRTLLM_EXAMPLES"])
-                                              if env.get("TRTLLM_EXAMPLES") else None),
-    }
+    values = given(args, extra, ("draft", "max_draft_len", "tp_size", "dtype", "calib_dataset"))
+    examples = extra.trtllm_examples or (Path(env["TRTLLM_EXAMPLES"])
+                                         if env.get("TRTLLM_EXAMPLES") else None)
+    if examples is not None:
+        values["examples"] = examples
     return TrtllmBuildOptions(model=Path(args.model), output=Path(args.output),
                               name=getattr(args, "name", None),
-                              force=bool(getattr(args, "force", False)),
-                              **{k: v for k, v in given.items() if v is not None})
+                              force=bool(getattr(args, "force", False)), **values)
 
 
 # -- commands -------------------------------------------------------------------------------

@@ -13,13 +13,17 @@ def load_executor(engine_dir: str | Path) -> Executor:
     (a ValueError) for a missing or corrupt manifest, ValueError for an unknown backend."""
     path = Path(engine_dir)
     manifest = Manifest.load(path)
+    # The GPU backends are imported here so that nothing else in the project needs them.
     if manifest.backend == "cpu":
         from server.executor.cpu import CpuExecutor
 
         return CpuExecutor.from_manifest(path, manifest)
     if manifest.backend == "trtllm":
-        # Imported here so that nothing else in the project needs tensorrt_llm.
-        from server.executor.trtllm import TrtllmExecutor
+        from server.executor.trtllm.open import open_trtllm
 
-        return TrtllmExecutor.from_manifest(path, manifest)
+        return open_trtllm(path, manifest)
+    if manifest.backend == "trtllm-llmapi":
+        from server.executor.trtllm.llmapi import LlmApiExecutor
+
+        return LlmApiExecutor.from_manifest(path, manifest)
     raise ValueError(f"{path}/manifest.json: unknown backend {manifest.backend!r}")

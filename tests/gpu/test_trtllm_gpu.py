@@ -4,44 +4,36 @@ Skipped without ``tensorrt_llm`` and an NVIDIA GPU. The engine comes from
 ``BACKFILL_GPU_ENGINE`` (a built engine directory, as docker/gpu-check.sh passes), or is built
 here from ``BACKFILL_GPU_MODEL`` (an HF Llama-family directory, or ``tiny`` for the project's
 random-weight model) with ``BACKFILL_GPU_QUANT`` (default int8) and optional
-``BACKFILL_GPU_DRAFT``.
+``BACKFILL_GPU_DRAFT``. One executor is open at a time (``OneAtATime``): the plain target,
+the draft-target pair and a reference never hold GPU memory together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine_builder.manifest import Manifest
-from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import ExecRequest, FinishReason, SamplingParams, TokenDelta
+from server.executor.base import ExecRequest, Executor, FinishReason, SamplingParams
+from tests.gpu.common import (
+    OneAtATime,
+    check_cancel,
+    check_greedy_repeats_and_reuses_the_prefix,
+    check_streams_greedy_text,
+    check_temperature_alone_samples,
+    greedy,
+    prompt_ids,
+    require_gpu_and_tensorrt_llm,
+    run,
+    tokens,
+)
 
 pytestmark = pytest.mark.gpu
-
-
-def _has_gpu() -> bool:
-    if shutil.which("nvidia-smi") is None:
-        return False
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
-    return out.returncode == 0 and "GPU " in out.stdout
-
-
-if not _has_gpu():
-    pytest.skip("no NVIDIA GPU", allow_module_level=True)
-pytest.importorskip("tensorrt_llm")
-
-from server.executor.trtllm import (  # noqa: E402 (after the skips: needs the GPU stack)
-    TrtllmConfig,
-    TrtllmExecutor,
-    load_bindings,
-    open_engine,
-)
+require_gpu_and_tensorrt_llm()
 
 
 def _build(out: Path) -> Path:
@@ -69,74 +61,44 @@ def _build(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("BACKFILL_GPU_ENGINE"):
-        return Path(os.environ["BACKFILL_GPU_ENGINE"])
+        path = Path(os.environ["BACKFILL_GPU_ENGINE"])
+        if Manifest.load(path).backend != "trtllm":
+            pytest.skip(f"{path} is not a trtllm engine")
+        return path
     if not os.environ.get("BACKFILL_GPU_MODEL"):
         pytest.skip("set BACKFILL_GPU_ENGINE (a built engine) or BACKFILL_GPU_MODEL (HF dir)")
     return _build(tmp_path_factory.mktemp("trtllm") / "engine")
 
 
 @pytest.fixture(scope="module")
-def plain(engine_dir: Path) -> Iterator[TrtllmExecutor]:
+def engines() -> Iterator[OneAtATime]:
+    held = OneAtATime()
+    yield held
+    held.close()
+
+
+@pytest.fixture
+def plain(engines: OneAtATime, engine_dir: Path) -> Executor:
     """The target engine alone (no draft), whatever the manifest says."""
-    manifest = Manifest.load(engine_dir)
-    cfg = TrtllmConfig()
-    b = load_bindings()
-    ex = TrtllmExecutor(open_engine(b, engine_dir, manifest, cfg), b,
-                        EngineTokenizer.load(engine_dir, manifest), manifest, cfg)
-    yield ex
-    ex.shutdown()
+    from server.executor.trtllm.open import open_trtllm
+
+    manifest = dataclasses.replace(Manifest.load(engine_dir), draft=None)
+    return engines.get("plain", lambda: open_trtllm(engine_dir, manifest))
 
 
-def run(ex: object, requests: list[ExecRequest], timeout: float = 120.0
-        ) -> dict[int, list[TokenDelta]]:
-    out: dict[int, list[TokenDelta]] = {r.request_id: [] for r in requests}
-    for r in requests:
-        ex.enqueue(r)  # type: ignore[attr-defined]
-    open_ids = set(out)
-    deadline = time.monotonic() + timeout
-    while open_ids and time.monotonic() < deadline:
-        for d in ex.poll(0.1):  # type: ignore[attr-defined]
-            assert d.request_id in open_ids, f"delta after the final: {d}"
-            out[d.request_id].append(d)
-            if d.finish is not None:
-                open_ids.discard(d.request_id)
-    assert not open_ids, f"no final within {timeout}s for {sorted(open_ids)}"
-    return out
+def test_streams_greedy_tokens_and_text(plain: Executor, engine_dir: Path) -> None:
+    check_streams_greedy_text(plain, engine_dir)
 
 
-def prompt_ids(engine_dir: Path, text: str) -> tuple[int, ...]:
-    manifest = Manifest.load(engine_dir)
-    return tuple(EngineTokenizer.load(engine_dir, manifest).encode(text))
+def test_greedy_repeats_and_reuses_the_prefix(plain: Executor, engine_dir: Path) -> None:
+    check_greedy_repeats_and_reuses_the_prefix(plain, engine_dir)
 
 
-def greedy(n: int, **kw: object) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, **kw)  # type: ignore[arg-type]
+def test_temperature_alone_samples(plain: Executor, engine_dir: Path) -> None:
+    check_temperature_alone_samples(plain, engine_dir)
 
 
-def test_streams_greedy_tokens_and_text(plain: TrtllmExecutor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "The capital of France is")
-    deltas = run(plain, [ExecRequest(1, prompt, greedy(16))])[1]
-    tokens = [t for d in deltas for t in d.token_ids]
-    assert 1 <= len(tokens) <= 16
-    assert deltas[-1].finish in (FinishReason.LENGTH, FinishReason.STOP)
-    manifest = Manifest.load(engine_dir)
-    tokenizer = EngineTokenizer.load(engine_dir, manifest)
-    assert "".join(d.text for d in deltas) == tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def test_greedy_is_deterministic_and_reuses_the_prefix(plain: TrtllmExecutor,
-                                                       engine_dir: Path) -> None:
-    tpb = Manifest.load(engine_dir).limits.tokens_per_block
-    base = prompt_ids(engine_dir, "Once upon a time, in a land far away, there lived " * 8)
-    prompt = base[:3 * tpb] if len(base) >= 3 * tpb else base
-    first = run(plain, [ExecRequest(10, prompt, greedy(12))])[10]
-    second = run(plain, [ExecRequest(11, prompt, greedy(12))])[11]
-    assert [t for d in first for t in d.token_ids] == [t for d in second for t in d.token_ids]
-    if len(prompt) >= 2 * tpb:
-        assert (second[0].cached_prompt_tokens or 0) >= tpb
-
-
-def test_batch_of_requests_all_finish(plain: TrtllmExecutor, engine_dir: Path) -> None:
+def test_batch_of_requests_all_finish(plain: Executor, engine_dir: Path) -> None:
     prompt = prompt_ids(engine_dir, "List three colors:")
     reqs = [ExecRequest(100 + i, prompt, SamplingParams(temperature=0.8, top_p=0.9, seed=i,
                                                         max_tokens=24),
@@ -148,36 +110,26 @@ def test_batch_of_requests_all_finish(plain: TrtllmExecutor, engine_dir: Path) -
     assert plain.capacity.num_kv_blocks == stats.kv_blocks_total
 
 
-def test_cancel_ends_with_cancelled(plain: TrtllmExecutor, engine_dir: Path) -> None:
-    prompt = prompt_ids(engine_dir, "Count to one thousand:")
-    plain.enqueue(ExecRequest(200, prompt, greedy(400, ignore_eos=True)))
-    time.sleep(0.2)
-    plain.cancel(200)
-    finals: list[TokenDelta] = []
-    deadline = time.monotonic() + 60
-    while not finals and time.monotonic() < deadline:
-        finals = [d for d in plain.poll(0.1) if d.request_id == 200 and d.finish is not None]
-    assert finals and finals[0].finish is FinishReason.CANCELLED
+def test_cancel_ends_with_cancelled(plain: Executor, engine_dir: Path) -> None:
+    check_cancel(plain, engine_dir)
 
 
-def test_draft_target_counts_acceptance(engine_dir: Path, plain: TrtllmExecutor) -> None:
+def test_draft_target_counts_acceptance(engines: OneAtATime, engine_dir: Path) -> None:
     manifest = Manifest.load(engine_dir)
     if manifest.draft is None:
         pytest.skip("the engine was built without --draft")
     from server.executor.factory import load_executor
+    from server.executor.trtllm.open import open_trtllm
 
-    spec = load_executor(engine_dir)
-    try:
-        prompt = prompt_ids(engine_dir, "The quick brown fox")
-        deltas = run(spec, [ExecRequest(300, prompt, greedy(32))])[300]
-        reference = run(plain, [ExecRequest(301, prompt, greedy(32))])[301]
-    finally:
-        spec.shutdown()
-    tokens = [t for d in deltas for t in d.token_ids]
-    want = [t for d in reference for t in d.token_ids]
+    prompt = prompt_ids(engine_dir, "The quick brown fox")
+    plain = engines.get("plain", lambda: open_trtllm(
+        engine_dir, dataclasses.replace(manifest, draft=None)))
+    want = tokens(run(plain, [ExecRequest(301, prompt, greedy(32))])[301])
+    spec = engines.get("spec", lambda: load_executor(engine_dir))  # plain is shut down first
+    deltas = run(spec, [ExecRequest(300, prompt, greedy(32))])[300]
     proposed = sum(d.draft_tokens_proposed for d in deltas)
     accepted = sum(d.draft_tokens_accepted for d in deltas)
     assert proposed > 0 and 0 <= accepted <= proposed
     # Greedy speculation reproduces the target's own greedy output (kernel numerics may
     # diverge late; the start must agree).
-    assert tokens[:8] == want[:8]
+    assert tokens(deltas)[:8] == want[:8]

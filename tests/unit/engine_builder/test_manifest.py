@@ -56,7 +56,8 @@ def test_save_load_round_trip_including_profile(tmp_path: Path) -> None:
     assert loaded.chat_template_path(tmp_path) == tmp_path / "chat_template.jinja"
     raw = json.loads((tmp_path / "manifest.json").read_text())
     assert list(raw) == ["schema_version", "name", "backend", "architecture", "quantization",
-                         "limits", "tokenizer", "files", "draft", "profile", "provenance"]
+                         "limits", "tokenizer", "files", "draft", "profile", "speculative",
+                         "provenance"]
     assert raw["tokenizer"]["eos_token_ids"] == [2, 0]
 
 

@@ -1,8 +1,11 @@
-"""Fixtures for the TensorRT-LLM path without a GPU: the fake bindings installed as
-``tensorrt_llm.bindings.executor``, and engine directories the adapter can open."""
+"""Fixtures for the TensorRT-LLM path without a GPU: the fakes installed as
+``tensorrt_llm.bindings.executor`` and ``tensorrt_llm.llmapi`` on a fresh fake device, and
+engine directories the adapters can open."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import types
 from collections.abc import Iterator
@@ -19,10 +22,11 @@ from engine_builder.manifest import (
     Manifest,
     Provenance,
     Quantization,
+    SpeculativeInfo,
     TokenizerInfo,
 )
 from engine_builder.tokenizer import byte_level_alphabet
-from tests.unit.trtllm import fake_bindings
+from tests.unit.trtllm import fake_bindings, fake_llmapi, fake_model
 
 EOS = 256  # "<|endoftext|>"; ids 0..255 are the bytes themselves
 VOCAB = 257
@@ -59,6 +63,47 @@ def make_manifest(*, draft: DraftInfo | None = None, max_batch_size: int = 4,
     )
 
 
+def hf_checkpoint(root: Path, *, vocab: int = 257, layers: int = 2) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+        "eos_token_id": 256, "tie_word_embeddings": False}))
+    (root / "tokenizer.json").write_text(byte_tokenizer_json())
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "chat_template": "{{ messages[0]['content'] }}"}))
+    (root / "model.safetensors").write_bytes(b"not read by the trtllm builder")
+    return root
+
+
+def write_checkpoint(root: Path, *, max_seq_len: int = 128,
+                     fake: dict[str, Any] | None = None) -> Path:
+    """A Hugging Face checkpoint as the fake LLM API reads it (config.json + a fake section)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": VOCAB, "max_position_embeddings": max_seq_len,
+        "eos_token_id": EOS, "fake": fake or {}}))
+    return root
+
+
+def make_llmapi_dir(root: Path, *, fake: dict[str, Any] | None = None,
+                    speculative: SpeculativeInfo | None = None, max_batch_size: int = 4,
+                    max_seq_len: int = 128, kv_cache_dtype: str = "auto") -> Path:
+    """DIR/manifest.json (backend trtllm-llmapi) + tokenizer.json + DIR/ckpt (+ DIR/draft)."""
+    write_checkpoint(root / "ckpt", max_seq_len=max_seq_len, fake=fake)
+    if speculative is not None and speculative.model is not None:
+        write_checkpoint(root / speculative.model, max_seq_len=max_seq_len,
+                         fake={"perturb_every": 3})
+    base = make_manifest(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    manifest = dataclasses.replace(
+        base, backend="trtllm-llmapi", files={"checkpoint": "ckpt"}, speculative=speculative,
+        quantization=Quantization(weights="none", kv_cache_dtype=kv_cache_dtype))
+    manifest.save(root)
+    (root / "tokenizer.json").write_text(byte_tokenizer_json())
+    return root
+
+
 def make_engine_dir(root: Path, *, fake: dict[str, Any] | None = None,
                     draft_fake: dict[str, Any] | None = None, max_draft_len: int = 4,
                     target_max_draft_len: int | None = None, max_batch_size: int = 4,
@@ -83,14 +128,37 @@ def make_engine_dir(root: Path, *, fake: dict[str, Any] | None = None,
     return root
 
 
-@pytest.fixture
-def bindings(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Installs the fake as ``tensorrt_llm.bindings.executor`` for the adapter's lazy import."""
+def install_fakes(monkeypatch: pytest.MonkeyPatch, device: fake_model.FakeDevice) -> None:
+    """Both fakes under ``tensorrt_llm`` for the adapters' lazy imports, on ``device``."""
     pkg = types.ModuleType("tensorrt_llm")
     sub = types.ModuleType("tensorrt_llm.bindings")
     sub.executor = fake_bindings  # type: ignore[attr-defined]
     pkg.bindings = sub  # type: ignore[attr-defined]
+    pkg.llmapi = fake_llmapi  # type: ignore[attr-defined]
+    pkg.LLM = fake_llmapi.LLM  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt_llm", pkg)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.bindings", sub)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.bindings.executor", fake_bindings)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", fake_llmapi)
+    monkeypatch.setattr(fake_model, "DEVICE", device)
+
+
+@pytest.fixture
+def device(monkeypatch: pytest.MonkeyPatch) -> fake_model.FakeDevice:
+    """A fresh fake GPU with the fakes installed on it (plenty of memory unless a test
+    makes its own)."""
+    fresh = fake_model.FakeDevice()
+    install_fakes(monkeypatch, fresh)
+    return fresh
+
+
+@pytest.fixture
+def bindings(device: fake_model.FakeDevice) -> Iterator[Any]:
+    """The fake bindings module, as ``tensorrt_llm.bindings.executor``."""
     yield fake_bindings
+
+
+@pytest.fixture
+def llmapi(device: fake_model.FakeDevice) -> Iterator[Any]:
+    """The fake LLM API module, as ``tensorrt_llm.llmapi``."""
+    yield fake_llmapi

@@ -27,13 +27,33 @@ a priority queue (higher ``priority`` first, FCFS within equal priority), at mos
 token at the end of it), one token per generation iteration, streaming deltas of only new
 tokens, non-streaming results that include the input unless ``exclude_input_from_output``,
 ``END_ID`` (the end token is not returned), ``STOP_WORDS`` (stop tokens are returned),
-``LENGTH``, ``CANCELLED`` one iteration after ``cancel_request``, ``max_queue_size`` enforced
-at enqueue, paged KV blocks with block reuse, and external draft tokens accepted by comparing
-them with the engine's own greedy tokens (plus one correction or bonus token).
+``LENGTH``, ``max_queue_size`` enforced at enqueue, paged KV blocks with block reuse, and
+external draft tokens accepted by comparing them with the engine's own tokens (plus one
+correction or bonus token). The behaviours that bite, each from the 1.2 sources:
 
-The "model" is deterministic: the next token depends only on the context (see ``model_token``),
-so tests compute expected outputs with the same function. Engine directories hold a real-shaped
-``config.json`` (``pretrained_config`` / ``build_config``) plus a test-only ``fake`` section.
+- request ids count from 1 in every ``Executor`` (``executorImpl.cpp``: ``mLastReqId = 1``), so
+  two executors hand out the same ids;
+- unset sampling is topK=0, topP=0.0, seed 0, and k=0, p=0 becomes greedy
+  (``defaultDecodingParams.h``, ``regularizeTopKTopP``); sampling otherwise draws tokens, so
+  a test tells sampling from greedy by the output (``fake_model``);
+- ``LlmRequest::validate`` at admission: a prompt over max_input_len fails, more draft tokens
+  than the engine's max_draft_len fail ("Draft tokens length (N) exceeds maximum draft tokens
+  length (K)."), and ``prompt + max_new_tokens + draft length`` is clamped to max_seq_len,
+  counting the engine's max_draft_len for a request sent without draft tokens; a request left
+  with nothing to generate ends with LENGTH and no tokens;
+- ``cancel_request`` acts at the start of an iteration, on active requests only
+  (``terminateCancelledRequests``): a queued request finishes CANCELLED only once scheduled;
+- after ``shutdown()`` every call but ``can_enqueue_requests``/``shutdown`` raises
+  ("Shutdown called"), and the KV pool goes back to the device only when the ``Executor``
+  object is destroyed (``fake_model.DEVICE``: each executor takes ``free_gpu_memory_fraction``,
+  default 0.9, of the memory free when it starts);
+- ``config.json`` ``build_config.speculative_decoding_mode`` is the IntFlag value
+  (DRAFT_TOKENS_EXTERNAL is 2; 8 is LOOKAHEAD_DECODING).
+
+The "model" is deterministic given its seed: greedy tokens depend only on the context (see
+``FakeModel.token``), so tests compute expected greedy outputs with the same function. Engine
+directories hold a real-shaped ``config.json`` (``pretrained_config`` / ``build_config``) plus
+a test-only ``fake`` section.
 """
 
 from __future__ import annotations
@@ -41,10 +61,9 @@ from __future__ import annotations
 from tests.unit.trtllm.fake_engine import (
     EngineLimits,
     Executor,
-    FakeModel,
-    model_token,
     write_engine_config,
 )
+from tests.unit.trtllm.fake_model import FakeModel, model_token
 from tests.unit.trtllm.fake_types import (
     DEFAULT_PRIORITY,
     BatchingType,

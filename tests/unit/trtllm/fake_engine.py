@@ -7,62 +7,26 @@ import itertools
 import json
 import threading
 import time
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.unit.trtllm import fake_model
+from tests.unit.trtllm.fake_engine_step import Drafter, EngineLimits, EngineSeq, Stepper
+from tests.unit.trtllm.fake_model import FakeModel, Sampling, regularize_top_k_top_p
 from tests.unit.trtllm.fake_types import (
-    CapacitySchedulerPolicy,
     ExecutorConfig,
-    FinishReason,
-    InflightBatchingStats,
     IterationStats,
-    KvCacheMetrics,
     KvCacheStats,
     ModelType,
     Request,
-    RequestPerfMetrics,
     Response,
-    Result,
-    SpecDecodingStats,
 )
 
-
-@dataclass(frozen=True)
-class FakeModel:
-    """The deterministic "weights": next token from the context alone."""
-
-    vocab_size: int
-    low: int = 97  # tokens are drawn from [low, high): printable bytes in the tests' tokenizer
-    high: int = 123
-    salt: int = 0
-    eos_every: int | None = None  # emit end_id when the context length is a multiple of this
-    perturb_every: int | None = None  # a "draft" model: differs when len % perturb_every == 0
-
-    def token(self, context: Sequence[int], end_id: int | None) -> int:
-        n = len(context)
-        if self.eos_every and end_id is not None and end_id >= 0 and n % self.eos_every == 0:
-            return end_id
-        span = self.high - self.low
-        t = self.low + (31 * context[-1] + 7 * n + self.salt) % span
-        if self.perturb_every and n % self.perturb_every == 0:
-            t = self.low + (t - self.low + 1) % span
-        return t
-
-
-def model_token(model: FakeModel, context: Sequence[int], end_id: int | None) -> int:
-    return model.token(context, end_id)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_batch_size: int
-    max_num_tokens: int
-    max_seq_len: int
-    max_draft_len: int
-    tokens_per_block: int
-    num_blocks: int
+DEFAULT_KV_FRACTION = 0.9  # KvCacheConfig::kDefaultGpuMemFraction
+SPEC_MODE_NONE = 1  # SpeculativeDecodingMode.NONE
+SPEC_MODE_DRAFT_TOKENS_EXTERNAL = 2  # an IntFlag: 1 << 1 (8 is LOOKAHEAD_DECODING)
 
 
 def write_engine_config(engine_dir: Path, *, vocab_size: int = 300, max_batch_size: int = 4,
@@ -76,8 +40,10 @@ def write_engine_config(engine_dir: Path, *, vocab_size: int = 300, max_batch_si
         "pretrained_config": {"architecture": "LlamaForCausalLM", "vocab_size": vocab_size},
         "build_config": {
             "max_batch_size": max_batch_size, "max_num_tokens": max_num_tokens,
-            "max_seq_len": max_seq_len, "max_draft_len": max_draft_len,
-            "speculative_decoding_mode": 8 if max_draft_len else 1,
+            "max_seq_len": max_seq_len, "max_input_len": max_seq_len - 1,
+            "max_draft_len": max_draft_len,
+            "speculative_decoding_mode": (SPEC_MODE_DRAFT_TOKENS_EXTERNAL if max_draft_len
+                                          else SPEC_MODE_NONE),
             "plugin_config": {"tokens_per_block": tokens_per_block,
                               "use_paged_context_fmha": True, "paged_kv_cache": True},
         },
@@ -86,26 +52,12 @@ def write_engine_config(engine_dir: Path, *, vocab_size: int = 300, max_batch_si
     (engine_dir / "config.json").write_text(json.dumps(config))
 
 
-@dataclass
-class _Seq:
-    engine_id: int
-    request: Request
-    arrival: int
-    context: list[int]  # input + generated
-    num_input: int
-    generated: list[int] = field(default_factory=list)
-    unsent: list[int] = field(default_factory=list)
-    context_done: bool = False
-    cancelled: bool = False
-    reused_blocks: int = 0
-    missed_blocks: int = 0
+def _shutdown_error(what: str = "") -> RuntimeError:
+    # TLLM_CHECK_WITH_INFO(!mShutdownCalled, "Shutdown called") in executorImpl.cpp
+    return RuntimeError(f"[TensorRT-LLM][ERROR] Assertion failed: Shutdown called{what}")
 
 
-class _RequestError(Exception):
-    """A request the engine fails; it ends with an error response, as in the real executor."""
-
-
-class Executor:
+class Executor(Stepper):
     """``Executor(model_path, model_type, executor_config)`` over a fake engine directory."""
 
     def __init__(self, model_path: str | Path, model_type: ModelType,
@@ -116,31 +68,59 @@ class Executor:
         raw = json.loads(config_path.read_text())
         build = raw["build_config"]
         fake = raw.get("fake", {})
-        self.fail_at_context_len: int | None = fake.get("fail_at_context_len")
         model_keys = {"low", "high", "salt", "eos_every", "perturb_every"}
-        self.model = FakeModel(vocab_size=raw["pretrained_config"]["vocab_size"],
-                               **{k: v for k, v in fake.items() if k in model_keys})
-        tpb = build["plugin_config"]["tokens_per_block"]
-        kv = executor_config.kv_cache_config
-        num_blocks = fake.get("num_blocks", 64)
-        if kv.max_tokens is not None:
-            num_blocks = min(num_blocks, kv.max_tokens // tpb)
-        self.limits = EngineLimits(
+        model = FakeModel(vocab_size=raw["pretrained_config"]["vocab_size"],
+                          **{k: v for k, v in fake.items() if k in model_keys})
+        limits = EngineLimits(
             max_batch_size=min(executor_config.max_batch_size or build["max_batch_size"],
                                build["max_batch_size"]),
             max_num_tokens=executor_config.max_num_tokens or build["max_num_tokens"],
-            max_seq_len=build["max_seq_len"], max_draft_len=build.get("max_draft_len", 0),
-            tokens_per_block=tpb, num_blocks=num_blocks)
+            max_seq_len=build["max_seq_len"], max_input_len=build["max_input_len"],
+            max_draft_len=build.get("max_draft_len", 0),
+            tokens_per_block=build["plugin_config"]["tokens_per_block"],
+            num_blocks=fake.get("num_blocks", 64))
+        self._start(model, limits, executor_config, model_type=model_type,
+                    weight_blocks=fake.get("weight_blocks", 0),
+                    fail_at_context_len=fake.get("fail_at_context_len"))
+
+    @classmethod
+    def for_model(cls, model: FakeModel, limits: EngineLimits, config: ExecutorConfig, *,
+                  weight_blocks: int = 0, fail_at_context_len: int | None = None,
+                  drafter: Drafter | None = None) -> Executor:
+        """Test-only constructor (the fake LLM API runs its model on this engine)."""
+        engine = cls.__new__(cls)
+        engine._start(model, limits, config, model_type=ModelType.DECODER_ONLY,
+                      weight_blocks=weight_blocks, fail_at_context_len=fail_at_context_len,
+                      drafter=drafter)
+        return engine
+
+    def _start(self, model: FakeModel, limits: EngineLimits, config: ExecutorConfig, *,
+               model_type: ModelType, weight_blocks: int, fail_at_context_len: int | None,
+               drafter: Drafter | None = None) -> None:
+        kv = config.kv_cache_config
+        cap = limits.num_blocks
+        if kv.max_tokens is not None:
+            cap = min(cap, kv.max_tokens // limits.tokens_per_block)
+        fraction = kv.free_gpu_memory_fraction
+        device = fake_model.DEVICE
+        num_blocks = device.allocate(weight_blocks, DEFAULT_KV_FRACTION if fraction is None
+                                     else fraction, cap)
+        # The KV pool and the weights go back to the device when this object is destroyed.
+        weakref.finalize(self, device.release, weight_blocks + num_blocks)
+        self.model = model
+        self.drafter = drafter
+        self.fail_at_context_len = fail_at_context_len
+        self.limits = EngineLimits(**{**limits.__dict__, "num_blocks": num_blocks})
         self.model_type = model_type
-        self.config = executor_config
+        self.config = config
         self.enqueued: list[Request] = []  # test introspection: every accepted request
         self.cancel_calls: list[int] = []
         self._lock = threading.Condition()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # executorImpl.cpp: mLastReqId = 1, per executor
         self._arrivals = itertools.count()
-        self._queue: list[_Seq] = []
-        self._active: list[_Seq] = []
-        self._known: dict[int, _Seq] = {}
+        self._queue: list[EngineSeq] = []
+        self._active: list[EngineSeq] = []
+        self._known: dict[int, EngineSeq] = {}
         self._responses: list[Response] = []
         self._stats: list[IterationStats] = []
         self._iter = 0
@@ -156,7 +136,7 @@ class Executor:
     def enqueue_request(self, request: Request) -> int:
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("[TensorRT-LLM][ERROR] Shutdown called, cannot enqueue")
+                raise _shutdown_error(", cannot enqueue requests")
             limit = self.config.max_queue_size
             if limit is not None and limit > 0 and len(self._queue) >= limit:
                 raise RuntimeError(f"[TensorRT-LLM][ERROR] Maximum queue size of {limit} "
@@ -164,8 +144,13 @@ class Executor:
             if not request.input_token_ids:
                 raise RuntimeError("[TensorRT-LLM][ERROR] Input length is 0")
             engine_id = next(self._ids)
-            seq = _Seq(engine_id, request, next(self._arrivals), request.input_token_ids,
-                       len(request.input_token_ids))
+            sc = request.sampling_config
+            k, p = regularize_top_k_top_p(sc.top_k, sc.top_p)
+            sampling = Sampling(top_k=k, top_p=p,
+                                temperature=sc.temperature or fake_model.DEFAULT_TEMPERATURE,
+                                seed=fake_model.DEFAULT_SEED if sc.seed is None else sc.seed)
+            seq = EngineSeq(engine_id, request, next(self._arrivals), request.input_token_ids,
+                       len(request.input_token_ids), sampling)
             self.enqueued.append(request)
             self._known[engine_id] = seq
             self._queue.append(seq)
@@ -187,9 +172,11 @@ class Executor:
             raise TypeError("await_responses(): timeout must be a datetime.timedelta")
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             while True:
                 ready = self._take(target)
-                if ready or self._shutdown:
+                if ready or self._shutdown:  # a waiter wakes when shutdown begins
                     return ready
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -198,10 +185,14 @@ class Executor:
 
     def get_num_responses_ready(self, id: int | None = None) -> int:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             return sum(1 for r in self._responses if id is None or r.request_id == id)
 
     def cancel_request(self, id: int) -> None:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             self.cancel_calls.append(id)
             seq = self._known.get(id)
             if seq is not None:  # unknown or finished ids are a no-op
@@ -210,10 +201,15 @@ class Executor:
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
         with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
             out, self._stats = self._stats, []
             return out
 
     def get_latest_request_stats(self) -> list[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise _shutdown_error()
         return []  # request stats are off by default (request_stats_max_iterations = 0)
 
     def can_enqueue_requests(self) -> bool:
@@ -223,7 +219,8 @@ class Executor:
         with self._lock:
             self._shutdown = True
             self._lock.notify_all()
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
     # -- test controls (not in the real API) ---------------------------------------------
 
@@ -236,6 +233,11 @@ class Executor:
         with self._lock:
             self._paused = False
             self._lock.notify_all()
+
+    @property
+    def queued_ids(self) -> list[int]:
+        with self._lock:
+            return [s.engine_id for s in self._queue]
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -256,191 +258,3 @@ class Executor:
                 self._step()
                 self._lock.notify_all()
             time.sleep(0.001)  # an "iteration" takes time, so cancels can land in between
-
-    def _step(self) -> None:
-        start = time.perf_counter()
-        self._iter += 1
-        ctx_tokens, num_ctx, num_new = self._admit()
-        num_gen = 0
-        draft_stats = SpecDecodingStats()
-        finished = 0
-        for seq in list(self._active):
-            if seq.cancelled:
-                self._finish(seq, FinishReason.CANCELLED)
-                finished += 1
-                continue
-            num_gen += seq.context_done
-            try:
-                if not seq.context_done:
-                    seq.context_done = True
-                    reason = self._generate_with_draft(seq, draft_stats)
-                else:
-                    reason = self._generate(seq, 1)
-            except _RequestError as exc:
-                self._fail(seq, str(exc))
-                finished += 1
-                continue
-            if reason is not None:
-                self._finish(seq, reason)
-                finished += 1
-            elif seq.request.streaming and seq.unsent:
-                self._respond(seq, FinishReason.NOT_FINISHED, final=False)
-        for seq in [s for s in self._queue if s.cancelled]:
-            self._queue.remove(seq)
-            self._finish(seq, FinishReason.CANCELLED)
-        self._record(start, ctx_tokens, num_ctx, num_gen, num_new, finished, draft_stats)
-
-    def _admit(self) -> tuple[int, int, int]:
-        ctx_tokens = num_ctx = num_new = 0
-        self._queue.sort(key=lambda s: (-s.request._priority, s.arrival))
-        while self._queue and len(self._active) < self.limits.max_batch_size:
-            seq = self._queue[0]
-            if seq.cancelled:
-                break
-            if ctx_tokens + seq.num_input > self.limits.max_num_tokens and num_ctx:
-                break
-            needed = self._blocks(seq.num_input + self._reserve(seq))
-            if needed > self.limits.num_blocks - self._used_blocks():
-                break
-            self._queue.pop(0)
-            self._reuse(seq)
-            self._active.append(seq)
-            ctx_tokens += seq.num_input
-            num_ctx += 1
-            num_new += 1
-        return ctx_tokens, num_ctx, num_new
-
-    def _reserve(self, seq: _Seq) -> int:
-        policy = self.config.scheduler_config.capacity_scheduler_policy
-        if policy == CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
-            return seq.request.max_tokens  # room for the whole generation up front
-        return 1
-
-    def _reuse(self, seq: _Seq) -> None:
-        tpb = self.limits.tokens_per_block
-        full = seq.num_input // tpb
-        reused = 0
-        if self.config.kv_cache_config.enable_block_reuse:
-            while reused < full and tuple(seq.context[:(reused + 1) * tpb]) in \
-                    self._cached_prefixes:
-                reused += 1
-        seq.reused_blocks = reused
-        seq.missed_blocks = self._blocks(seq.num_input) - reused
-        self._totals.reused_blocks += reused
-        self._totals.missed_blocks += seq.missed_blocks
-        self._totals.alloc_total_blocks += self._blocks(seq.num_input)
-        self._totals.alloc_new_blocks += seq.missed_blocks
-
-    def _generate(self, seq: _Seq, n: int) -> FinishReason | None:
-        for _ in range(n):
-            reason = self._append(seq, self.model.token(seq.context, seq.request.end_id))
-            if reason is not None:
-                return reason
-        return None
-
-    def _generate_with_draft(self, seq: _Seq, stats: SpecDecodingStats) -> FinishReason | None:
-        # Draft tokens ride along with the context phase: accepted ones plus one more token
-        # come out of that single iteration.
-        draft_cfg = seq.request.external_draft_tokens_config
-        if draft_cfg is None:
-            return self._generate(seq, 1)
-        draft = draft_cfg.tokens
-        if len(draft) > self.limits.max_draft_len:
-            raise _RequestError(f"Number of draft tokens ({len(draft)}) is larger than maximum "
-                                f"number of draft tokens ({self.limits.max_draft_len})")
-        stats.num_draft_tokens += len(draft)
-        stats.num_requests_with_draft_tokens += 1
-        for token in draft:
-            own = self.model.token(seq.context, seq.request.end_id)
-            if own != token:
-                return self._append(seq, own)  # the correction ends the step
-            stats.num_accepted_tokens += 1
-            reason = self._append(seq, own)
-            if reason is not None:
-                return reason
-        return self._generate(seq, 1)  # the bonus token
-
-    def _append(self, seq: _Seq, token: int) -> FinishReason | None:
-        req = seq.request
-        min_tokens = req.sampling_config.min_tokens or 0
-        if token == req.end_id and len(seq.generated) < min_tokens:
-            token = self.model.low + (token + 1) % (self.model.high - self.model.low)
-        if self.fail_at_context_len and len(seq.context) + 1 >= self.fail_at_context_len:
-            raise _RequestError("CUDA runtime error: an illegal memory access was encountered")
-        if token == req.end_id:
-            return FinishReason.END_ID  # the end token is not part of the output
-        seq.generated.append(token)
-        seq.unsent.append(token)
-        seq.context.append(token)
-        for word in req.stop_words or []:
-            if word and seq.generated[-len(word):] == list(word):
-                return FinishReason.STOP_WORDS
-        if len(seq.generated) >= req.max_tokens or len(seq.context) >= self.limits.max_seq_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _fail(self, seq: _Seq, message: str) -> None:
-        self._active.remove(seq)
-        self._known.pop(seq.engine_id, None)
-        self._responses.append(Response(seq.engine_id, f"[TensorRT-LLM][ERROR] {message}",
-                                        seq.request.client_id))
-
-    def _finish(self, seq: _Seq, reason: FinishReason) -> None:
-        if seq in self._active:
-            self._active.remove(seq)
-        self._known.pop(seq.engine_id, None)
-        if self.config.kv_cache_config.enable_block_reuse:
-            tpb = self.limits.tokens_per_block
-            for end in range(tpb, len(seq.context) + 1, tpb):
-                self._cached_prefixes.add(tuple(seq.context[:end]))
-        self._respond(seq, reason, final=True)
-
-    def _respond(self, seq: _Seq, reason: FinishReason, *, final: bool) -> None:
-        req = seq.request
-        if req.streaming and not req.return_all_generated_tokens:
-            tokens = list(seq.unsent)
-        elif req.output_config.exclude_input_from_output:
-            tokens = list(seq.generated)
-        else:
-            tokens = seq.context[:seq.num_input] + seq.generated
-        if not req.streaming and not final:
-            return
-        seq.unsent.clear()
-        metrics = None
-        if req.output_config.return_perf_metrics:
-            metrics = RequestPerfMetrics(KvCacheMetrics(
-                num_total_allocated_blocks=seq.reused_blocks + seq.missed_blocks,
-                num_new_allocated_blocks=seq.missed_blocks, num_reused_blocks=seq.reused_blocks,
-                num_missed_blocks=seq.missed_blocks))
-        result = Result(is_final=final, output_token_ids=[tokens], finish_reasons=[reason],
-                        is_sequence_final=final, decoding_iter=self._iter,
-                        request_perf_metrics=metrics)
-        self._responses.append(Response(seq.engine_id, result, req.client_id))
-
-    def _record(self, start: float, ctx_tokens: int, num_ctx: int, num_gen: int, num_new: int,
-                finished: int, spec: SpecDecodingStats) -> None:
-        used = self._used_blocks()
-        kv = KvCacheStats(max_num_blocks=self.limits.num_blocks,
-                          free_num_blocks=self.limits.num_blocks - used, used_num_blocks=used,
-                          tokens_per_block=self.limits.tokens_per_block,
-                          alloc_total_blocks=self._totals.alloc_total_blocks,
-                          alloc_new_blocks=self._totals.alloc_new_blocks,
-                          reused_blocks=self._totals.reused_blocks,
-                          missed_blocks=self._totals.missed_blocks)
-        ifb = InflightBatchingStats(num_scheduled_requests=num_ctx + num_gen,
-                                    num_context_requests=num_ctx, num_gen_requests=num_gen,
-                                    num_ctx_tokens=ctx_tokens)
-        stats = IterationStats(
-            iter=self._iter, iter_latency_ms=(time.perf_counter() - start) * 1000,
-            num_new_active_requests=num_new, num_active_requests=len(self._active),
-            num_queued_requests=len(self._queue), num_completed_requests=finished,
-            max_num_active_requests=self.limits.max_batch_size, kv_cache_stats=kv,
-            inflight_batching_stats=ifb, specdec_stats=spec)
-        self._stats.append(stats)
-        del self._stats[:-self.config.iter_stats_max_iterations]
-
-    def _used_blocks(self) -> int:
-        return sum(self._blocks(len(s.context)) for s in self._active)
-
-    def _blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.limits.tokens_per_block)

@@ -10,9 +10,17 @@ from typing import Any
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import Executor, TokenDelta
-from server.executor.trtllm import TrtllmConfig, TrtllmExecutor, open_engine
+from server.executor.trtllm.bindings import open_engine
+from server.executor.trtllm.config import TrtllmConfig
+from server.executor.trtllm.executor import TrtllmExecutor
+from server.executor.trtllm.open import engine_config
 from tests.unit.trtllm.conftest import EOS
-from tests.unit.trtllm.fake_bindings import FakeModel
+from tests.unit.trtllm.fake_model import FakeModel
+
+
+def open_fake_engine(b: Any, root: Path, cfg: TrtllmConfig, fraction: float = 0.9) -> Any:
+    manifest = Manifest.load(root)
+    return open_engine(b, root, manifest, engine_config(b, manifest, cfg, fraction))
 
 
 def open_plain(b: Any, root: Path, config: TrtllmConfig | None = None
@@ -20,7 +28,7 @@ def open_plain(b: Any, root: Path, config: TrtllmConfig | None = None
     """The adapter and the fake engine under it (the engine for assertions)."""
     cfg = config or TrtllmConfig(await_timeout_s=0.005)
     manifest = Manifest.load(root)
-    engine = open_engine(b, root, manifest, cfg)
+    engine = open_fake_engine(b, root, cfg)
     tokenizer = EngineTokenizer.load(root, manifest)
     return TrtllmExecutor(engine, b, tokenizer, manifest, cfg), engine
 

@@ -20,7 +20,7 @@ from engine_builder.trtllm_build import (
     convert_command,
     main_build,
 )
-from tests.unit.trtllm.conftest import byte_tokenizer_json
+from tests.unit.trtllm.conftest import byte_tokenizer_json, hf_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -67,20 +67,6 @@ def test_build_command_is_explicit_and_adds_draft_mode() -> None:
 
 
 # -- main_build end to end, with a fake runner -------------------------------------------
-
-
-def hf_checkpoint(root: Path, *, vocab: int = 257, layers: int = 2) -> Path:
-    root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-        "eos_token_id": 256, "tie_word_embeddings": False}))
-    (root / "tokenizer.json").write_text(byte_tokenizer_json())
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|endoftext|>", "chat_template": "{{ messages[0]['content'] }}"}))
-    (root / "model.safetensors").write_bytes(b"not read by the trtllm builder")
-    return root
 
 
 class FakeRunner:

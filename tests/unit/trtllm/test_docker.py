@@ -102,3 +102,20 @@ def test_shell_scripts_parse(script: str) -> None:
                             check=False)
     assert result.returncode == 0, result.stderr
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_the_gpu_image_builds_without_a_gpu() -> None:
+    """Importing tensorrt_llm loads CUDA: a RUN step must not, build hosts often have no GPU."""
+    runs = " ".join(line for line in (DOCKER / "Dockerfile").read_text().splitlines()
+                    if not line.lstrip().startswith("#"))
+    assert "import tensorrt_llm" not in runs
+    assert "version('tensorrt_llm')" in runs
+
+
+def test_the_gpu_check_covers_both_backends() -> None:
+    script = (DOCKER / "gpu-check.sh").read_text()
+    assert "--backend trtllm " in script and "--backend trtllm-llmapi" in script
+    assert "tests/gpu/test_trtllm_gpu.py" in script and "tests/gpu/test_llmapi_gpu.py" in script
+    assert "BACKFILL_GPU_LLMAPI_ENGINE" in script
+    for test in ("test_trtllm_gpu.py", "test_llmapi_gpu.py"):
+        assert (ROOT / "tests" / "gpu" / test).is_file()

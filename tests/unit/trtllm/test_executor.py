@@ -18,9 +18,12 @@ from server.executor.base import (
     SamplingParams,
     TokenDelta,
 )
-from server.executor.trtllm import TrtllmConfig, TrtllmExecutor, executor_config, load_bindings
+from server.executor.trtllm.bindings import load_bindings
+from server.executor.trtllm.config import TrtllmConfig
+from server.executor.trtllm.executor import TrtllmExecutor
+from server.executor.trtllm.open import engine_config
 from tests.unit.trtllm.conftest import EOS, make_engine_dir
-from tests.unit.trtllm.fake_bindings import FakeModel
+from tests.unit.trtllm.fake_model import FakeModel
 from tests.unit.trtllm.helpers import collect, expected_tokens, open_plain, text_of, tokens_of
 
 pytestmark = pytest.mark.unit
@@ -244,15 +247,15 @@ def test_stats_and_capacity_from_iteration_stats(plain: Any) -> None:
 
 def test_executor_config_is_explicit(bindings: Any, tmp_path: Path) -> None:
     manifest = Manifest.load(make_engine_dir(tmp_path))
-    cfg = executor_config(bindings, manifest, TrtllmConfig(capacity_policy="max_utilization",
-                                                           enable_chunked_context=False))
+    cfg = engine_config(bindings, manifest, TrtllmConfig(capacity_policy="max_utilization",
+                                                         enable_chunked_context=False), 0.9)
     assert cfg.scheduler_config.capacity_scheduler_policy is \
         bindings.CapacitySchedulerPolicy.MAX_UTILIZATION
     assert cfg.kv_cache_config.enable_block_reuse is True
     assert cfg.enable_chunked_context is False
     assert cfg.batching_type is bindings.BatchingType.INFLIGHT
     assert (cfg.max_batch_size, cfg.max_num_tokens) == (4, 256)
-    default = executor_config(bindings, manifest, TrtllmConfig())
+    default = engine_config(bindings, manifest, TrtllmConfig(), 0.9)
     assert default.scheduler_config.capacity_scheduler_policy is \
         bindings.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
     assert default.enable_chunked_context is True
@@ -262,7 +265,7 @@ def test_config_validation_and_env() -> None:
     with pytest.raises(ValueError):
         TrtllmConfig(capacity_policy="static_batch")
     with pytest.raises(ValueError):
-        TrtllmConfig(free_gpu_memory_fraction=0.0)
+        TrtllmConfig(kv_fraction=0.0)
     cfg = TrtllmConfig.from_env({"BACKFILL_TRTLLM_CAPACITY_POLICY": "max_utilization",
                                  "BACKFILL_TRTLLM_MAX_QUEUE_SIZE": "8"})
     assert (cfg.capacity_policy, cfg.max_queue_size) == ("max_utilization", 8)

@@ -13,11 +13,17 @@ from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import ExecRequest, FinishReason, SamplingParams, TokenDelta
 from server.executor.factory import load_executor
-from server.executor.trtllm import TrtllmConfig, open_engine
-from server.executor.trtllm_spec import SpeculativeExecutor
+from server.executor.trtllm.config import TrtllmConfig
+from server.executor.trtllm.spec import SpeculativeExecutor
 from tests.unit.trtllm.conftest import make_engine_dir
-from tests.unit.trtllm.fake_bindings import FakeModel
-from tests.unit.trtllm.helpers import collect, expected_tokens, text_of, tokens_of
+from tests.unit.trtllm.fake_model import FakeModel
+from tests.unit.trtllm.helpers import (
+    collect,
+    expected_tokens,
+    open_fake_engine,
+    text_of,
+    tokens_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -40,8 +46,8 @@ def spec(bindings: Any, tmp_path: Path) -> Any:
                                draft_fake=draft_fake or {}, max_draft_len=K, **kw)
         manifest = Manifest.load(root)
         cfg = TrtllmConfig(await_timeout_s=0.005)
-        target = open_engine(bindings, root, manifest, cfg)
-        draft = open_engine(bindings, root / "draft", Manifest.load(root / "draft"), cfg)
+        target = open_fake_engine(bindings, root, cfg, 0.5)
+        draft = open_fake_engine(bindings, root / "draft", cfg, 0.5)
         ex = SpeculativeExecutor(target, draft, bindings, EngineTokenizer.load(root, manifest),
                                  manifest, cfg)
         made.append(ex)
@@ -117,7 +123,7 @@ def test_target_without_draft_support_fails_the_request(spec: Any) -> None:
     ex.enqueue(ExecRequest(1, PROMPT, greedy(10)))
     deltas = collect(ex, [1])[1]
     assert deltas[-1].finish is FinishReason.ERROR
-    assert "larger than maximum number of draft tokens (0)" in (deltas[-1].error or "")
+    assert "exceeds maximum draft tokens length (0)" in (deltas[-1].error or "")
 
 
 def test_factory_opens_the_draft_target_executor(bindings: Any, tmp_path: Path) -> None:
@@ -132,3 +138,35 @@ def test_factory_opens_the_draft_target_executor(bindings: Any, tmp_path: Path) 
         assert out == expected_tokens(TARGET, (*PROMPT, 97), 8)
     finally:
         ex.shutdown()
+
+
+def test_a_cancel_reaches_the_engine_that_holds_the_step(spec: Any) -> None:
+    """Both engines number requests from 1: the cancel must pick the engine, not just the id."""
+    ex, target, draft = spec()
+    target.pause()  # request 1 (one token: the target alone) stays on the target as id 1
+    ex.enqueue(ExecRequest(1, PROMPT, greedy(1)))
+    draft.pause()  # request 2 starts on the draft, also as id 1
+    ex.enqueue(ExecRequest(2, PROMPT, greedy(20)))
+    assert [r.max_tokens for r in target.enqueued] == [1] and len(draft.enqueued) == 1
+    ex.cancel(2)
+    assert (draft.cancel_calls, target.cancel_calls) == ([1], [])
+    target.resume()
+    draft.resume()
+    out = collect(ex, [1, 2])
+    assert out[2] == [out[2][-1]] and out[2][-1].finish is FinishReason.CANCELLED
+    assert out[1][-1].finish is FinishReason.LENGTH
+    assert tokens_of(out[1]) == expected_tokens(TARGET, PROMPT, 1)
+
+
+def test_the_end_of_the_sequence_never_resubmits_forever(spec: Any) -> None:
+    """validate() reserves the built max_draft_len for a request without draft tokens: with
+    one token of room left that reservation leaves nothing, so the sequence ends there."""
+    ex, target, _ = spec(draft_fake={"perturb_every": 3}, max_seq_len=40)
+    ex.enqueue(ExecRequest(1, PROMPT, greedy(100)))
+    deltas = collect(ex, [1], timeout=5)[1]
+    assert deltas[-1].finish is FinishReason.LENGTH
+    assert tokens_of(deltas) == expected_tokens(TARGET, PROMPT, 40 - 1 - len(PROMPT))
+    for request in target.enqueued:  # every step fit without the engine clamping it
+        cfg = request.external_draft_tokens_config
+        drafts = len(cfg.tokens) if cfg is not None else K
+        assert len(request.input_token_ids) + request.max_tokens + drafts <= 40

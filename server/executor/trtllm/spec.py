@@ -8,6 +8,16 @@ accepted); those tokens become one ``TokenDelta`` and the next step's context. T
 engine must be built with ``--speculative_decoding_mode draft_tokens_external --max_draft_len K``
 and runs with KV block reuse, so each step re-reads the cached prefix instead of recomputing it.
 
+Two facts of the engines shape the bookkeeping:
+
+- Every executor numbers its requests from 1, so the draft's and the target's ids collide:
+  a sequence's request in flight is keyed by (phase, engine id), never by id alone.
+- ``LlmRequest::validate`` keeps ``prompt + max_new_tokens + draft length`` within the engine's
+  max_seq_len, counting the engine's built max_draft_len for a request sent without draft tokens.
+  ``_plan`` sizes each step so that no request is clamped to nothing: near the end of the
+  sequence it sends one draft token (or stops with LENGTH at one token of room) rather than
+  a request the engine would end at once, which would resubmit forever.
+
 All sequences advance concurrently: each engine batches whatever steps are in flight, and the
 two response threads move a sequence from one phase to the next.
 """
@@ -15,23 +25,16 @@ two response threads move a sequence from one phase to the next.
 from __future__ import annotations
 
 import random
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer, IncrementalDetokenizer
-from server.executor.base import Capacity, ExecRequest, ExecutorStats, FinishReason, TokenDelta
-from server.executor.trtllm import (
-    TrtllmConfig,
-    engine_capacity,
-    open_engine,
-    probe_kv_blocks,
-    token_policy,
-)
-from server.executor.trtllm_pump import Outbox, ResponsePump
-from server.executor.trtllm_request import (
+from server.executor.base import ExecRequest, FinishReason, TokenDelta
+from server.executor.trtllm.base import GpuExecutorBase
+from server.executor.trtllm.config import TrtllmConfig
+from server.executor.trtllm.pump import ResponsePump
+from server.executor.trtllm.request import (
     Remaining,
     build_request,
     finish_reason,
@@ -40,8 +43,11 @@ from server.executor.trtllm_request import (
     sampling_config,
     validate,
 )
-from server.executor.trtllm_stats import StatsAccumulator
-from server.executor.trtllm_stream import SequenceStream
+from server.executor.trtllm.stats import IterationSample, from_bindings
+from server.executor.trtllm.stream import SequenceStream
+
+TARGET = "target"
+DRAFT = "draft"
 
 
 @dataclass(eq=False, slots=True)
@@ -53,36 +59,29 @@ class _Spec:
     seed: int  # one seed for all target steps, so a seeded request is reproducible
     generated: list[int] = field(default_factory=list)
     draft: tuple[int, ...] = ()  # the proposal the target is verifying now
-    engine_id: int | None = None  # the request in flight, on whichever engine
-    cancel_requested: bool = False
+    in_flight: tuple[str, int] | None = None  # (phase, engine request id)
 
     def left(self) -> Remaining:
         return remaining(self.request, tuple(self.generated))
 
 
-class SpeculativeExecutor:
+class SpeculativeExecutor(GpuExecutorBase):
     """The Executor protocol over a target and a draft engine. Thread-safe."""
 
     def __init__(self, target: Any, draft: Any, bindings: Any, tokenizer: EngineTokenizer,
                  manifest: Manifest, config: TrtllmConfig | None = None, *,
-                 kv_blocks: int | None = None) -> None:
+                 kv_blocks: int | None = None, target_max_draft_len: int | None = None) -> None:
         if manifest.draft is None:
             raise ValueError("a speculative executor needs manifest.draft")
+        super().__init__(manifest, tokenizer, kv_blocks=kv_blocks)
         cfg = config or TrtllmConfig()
         self._b = bindings
-        self._target = target
-        self._draft = draft
-        self._tokenizer = tokenizer
-        self._manifest = manifest
+        self._engines: dict[str, Any] = {TARGET: target, DRAFT: draft}
         self._max_draft_len = manifest.draft.max_draft_len
-        self._policy = token_policy(manifest)
-        self._stats = StatsAccumulator(kv_blocks or manifest.limits.num_kv_blocks)
-        self._lock = threading.Lock()
+        # What validate() reserves on the target for a request without draft tokens.
+        self._reserved = target_max_draft_len or self._max_draft_len
         self._live: dict[int, _Spec] = {}
-        self._on_target: dict[int, _Spec] = {}  # engine request id -> sequence
-        self._on_draft: dict[int, _Spec] = {}
-        self._outbox = Outbox()
-        self._closed = False
+        self._in_flight: dict[tuple[str, int], _Spec] = {}
         self._pumps = [
             ResponsePump(target, self._target_responses, self._absorb_stats,
                          timeout_s=cfg.await_timeout_s, name="trtllm-target"),
@@ -90,144 +89,151 @@ class SpeculativeExecutor:
                          timeout_s=cfg.await_timeout_s, name="trtllm-draft"),
         ]
 
-    @classmethod
-    def open(cls, b: Any, engine_dir: Path, manifest: Manifest, tokenizer: EngineTokenizer,
-             config: TrtllmConfig) -> SpeculativeExecutor:
-        assert manifest.draft is not None
-        draft_dir = engine_dir / manifest.draft.path
-        draft_manifest = Manifest.load(draft_dir)
-        target = open_engine(b, engine_dir, manifest, config)
-        draft = open_engine(b, draft_dir, draft_manifest, config)
-        kv_blocks = probe_kv_blocks(b, target, manifest.tokenizer.eos_token_ids[0])
-        return cls(target, draft, b, tokenizer, manifest, config, kv_blocks=kv_blocks)
-
     # -- the protocol ---------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> Capacity:
-        return engine_capacity(self._manifest, self._stats.kv_blocks_total)
 
     def enqueue(self, request: ExecRequest) -> None:
         validate(request, self._policy)
         with self._lock:
-            if self._closed:
-                raise ValueError("the executor is shut down")
-            if request.request_id in self._live:
-                raise ValueError(f"duplicate request id {request.request_id}")
+            self._check_new(request.request_id, self._live)
             context = request.prompt_token_ids + request.resume_token_ids
             stream = SequenceStream(request, IncrementalDetokenizer(self._tokenizer, context))
             seed = request.sampling.seed
             spec = _Spec(request, stream, random.getrandbits(63) if seed is None else seed)
             self._live[request.request_id] = spec
-            self._start_draft(spec)
+            self._next_step(spec)
 
     def cancel(self, request_id: int) -> None:
+        """Ends the sequence now; the engine holding its current step stops that step."""
         with self._lock:
             spec = self._live.get(request_id)
-            if spec is None or spec.engine_id is None:
+            if spec is None:
                 return
-            spec.cancel_requested = True
-            engine = self._target if spec.engine_id in self._on_target else self._draft
-            engine.cancel_request(spec.engine_id)
+            if spec.in_flight is not None:
+                phase, engine_id = spec.in_flight
+                self._engines[phase].cancel_request(engine_id)
+            self._end(spec, spec.stream.cancelled())
 
-    def poll(self, timeout: float) -> list[TokenDelta]:
-        return self._outbox.take(timeout)
+    # -- GpuExecutorBase hooks ------------------------------------------------------------
 
-    def stats(self) -> ExecutorStats:
-        self._absorb_stats()
-        return self._stats.snapshot()
+    def _read_stats(self) -> list[IterationSample]:
+        # The target's iterations are the serving figures; the draft engine is overhead.
+        return [from_bindings(it) for it in self._engines[TARGET].get_latest_iteration_stats()]
 
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            finals = [s.stream.on_final((), FinishReason.CANCELLED) for s in self._live.values()]
-            self._live.clear()
-            self._on_target.clear()
-            self._on_draft.clear()
-        self._outbox.put(*finals)
+    def _end_all(self) -> list[TokenDelta]:
+        finals = [s.stream.cancelled() for s in self._live.values()]
+        self._live.clear()
+        self._in_flight.clear()
+        return finals
+
+    def _release_engines(self) -> None:
         for pump in self._pumps:
             pump.stop()
-        self._target.shutdown()
-        self._draft.shutdown()
+        for engine in self._engines.values():
+            engine.shutdown()
+        self._engines.clear()
 
     # -- phases (called with the lock held) -----------------------------------------------
 
-    def _start_draft(self, spec: _Spec) -> None:
+    def _plan(self, left: Remaining) -> int | None:
+        """Draft tokens to ask for next (0: the target alone), None when no request can
+        produce a token (one token of room: the engine's draft reservation leaves none)."""
+        room = self._room(left)
+        k = min(self._max_draft_len, left.max_tokens - 1, (room - 1) // 2)
+        if k > 0:
+            return k
+        if room > self._reserved:
+            return 0
+        return 1 if room >= 2 else None
+
+    def _next_step(self, spec: _Spec) -> None:
         left = spec.left()
-        k = min(self._max_draft_len, left.max_tokens - 1, self._room(left) - 1)
-        if k <= 0:  # only one token may still come: the target alone decides it
+        k = self._plan(left)
+        if k is None:
+            self._end(spec, spec.stream.on_final((), FinishReason.LENGTH))
+        elif k == 0:
             self._start_target(spec, ())
-            return
+        else:
+            self._start_draft(spec, left, k)
+
+    def _start_draft(self, spec: _Spec, left: Remaining, k: int) -> None:
         # Greedy drafts: the target's most likely tokens are the ones it accepts most often.
         sampling = self._b.SamplingConfig(1, top_k=1, seed=spec.seed)
         request = build_request(self._b, spec.request, left, self._policy, streaming=False,
                                 max_tokens=k, sampling=sampling)
-        self._submit(spec, self._draft, self._on_draft, request)
+        self._submit(spec, DRAFT, request)
 
     def _start_target(self, spec: _Spec, draft: tuple[int, ...]) -> None:
         left = spec.left()
-        draft = draft[:max(0, min(left.max_tokens, self._room(left)) - 1)]
+        room = self._room(left)
+        draft = draft[:max(0, min(left.max_tokens, room) - 1)]
+        max_tokens = min(len(draft) + 1, left.max_tokens, room - len(draft)) if draft else 1
         spec.draft = draft
-        params = spec.request.sampling
-        sampling = sampling_config(self._b, params, left.min_tokens)
-        sampling.seed = spec.seed
+        sampling = sampling_config(self._b, spec.request.sampling, left.min_tokens,
+                                   seed=spec.seed)
         request = build_request(self._b, spec.request, left, self._policy, streaming=False,
-                                max_tokens=len(draft) + 1, draft_tokens=draft,
-                                sampling=sampling)
-        self._submit(spec, self._target, self._on_target, request)
+                                max_tokens=max_tokens, draft_tokens=draft, sampling=sampling)
+        self._submit(spec, TARGET, request)
 
-    def _submit(self, spec: _Spec, engine: Any, owners: dict[int, _Spec], request: Any) -> None:
+    def _submit(self, spec: _Spec, phase: str, request: Any) -> None:
         try:
-            spec.engine_id = engine.enqueue_request(request)
+            engine_id = self._engines[phase].enqueue_request(request)
         except Exception as exc:  # queue full, engine shut down: the sequence ends here
             self._end(spec, spec.stream.failed(f"TensorRT-LLM refused the request: {exc}"))
             return
-        owners[spec.engine_id] = spec
+        spec.in_flight = (phase, engine_id)
+        self._in_flight[spec.in_flight] = spec
 
     def _room(self, left: Remaining) -> int:
         return self._policy.max_seq_len - len(left.context)
 
     def _end(self, spec: _Spec, delta: TokenDelta) -> None:
         self._live.pop(spec.request.request_id, None)
-        spec.engine_id = None
+        if spec.in_flight is not None:
+            self._in_flight.pop(spec.in_flight, None)
+            spec.in_flight = None
         self._outbox.put(delta)
 
     # -- the response threads -------------------------------------------------------------
 
-    def _absorb_stats(self) -> None:
-        # The target's iterations are the serving figures; the draft engine is overhead.
-        self._stats.absorb(self._target.get_latest_iteration_stats())
-
     def _draft_responses(self, responses: list[Any]) -> None:
         with self._lock:
             for response in responses:
-                spec = self._on_draft.pop(response.request_id, None)
-                if spec is None or not self._final_ok(spec, response):
+                spec = self._step_done(DRAFT, response)
+                if spec is None:
                     continue
-                tokens = tuple(response.result.output_token_ids[0])
-                self._start_target(spec, tokens)
+                self._propose(spec, response.result)
 
     def _target_responses(self, responses: list[Any]) -> None:
         with self._lock:
             for response in responses:
-                spec = self._on_target.pop(response.request_id, None)
-                if spec is None or not self._final_ok(spec, response):
-                    continue
-                self._verified(spec, response.result)
+                spec = self._step_done(TARGET, response)
+                if spec is not None:
+                    self._verified(spec, response.result)
 
-    def _final_ok(self, spec: _Spec, response: Any) -> bool:
-        """Ends the sequence on an error or a cancel; True when the step may go on."""
-        if spec.request.request_id not in self._live:
-            return False
+    def _step_done(self, phase: str, response: Any) -> _Spec | None:
+        """The sequence whose step this final response ends, or None (cancelled, failed)."""
+        spec = self._in_flight.pop((phase, response.request_id), None)
+        if spec is None:
+            return None
+        spec.in_flight = None
         if response.has_error():
             self._end(spec, spec.stream.failed(response.error_msg))
-            return False
-        if spec.cancel_requested:
-            self._end(spec, spec.stream.on_final((), FinishReason.CANCELLED))
-            return False
-        return True
+            return None
+        return spec
+
+    def _propose(self, spec: _Spec, result: Any) -> None:
+        """Sends the draft's tokens to the target. A draft that ended at once with EOS
+        proposed nothing; where the target alone cannot produce a token (see ``_plan``), its
+        EOS itself is the one-token proposal."""
+        tokens = tuple(result.output_token_ids[0]) if result.output_token_ids else ()
+        if tokens or self._room(spec.left()) > self._reserved:
+            self._start_target(spec, tokens)
+            return
+        reason, _ = finish_reason(self._b, result.finish_reasons[0])
+        if reason is FinishReason.STOP and not spec.request.sampling.ignore_eos:
+            self._start_target(spec, (self._policy.end_id,))
+        else:
+            self._end(spec, spec.stream.on_final((), FinishReason.LENGTH))
 
     def _verified(self, spec: _Spec, result: Any) -> None:
         tokens = list(result.output_token_ids[0]) if result.output_token_ids else []
@@ -236,9 +242,8 @@ class SpeculativeExecutor:
         self._count(spec, result, len(tokens), proposed, accepted)
         spec.generated.extend(tokens)
         finish, error = finish_reason(self._b, result.finish_reasons[0])
-        left = spec.left()
-        # LENGTH only means this step's max_tokens; the sequence goes on while room is left.
-        if finish is FinishReason.LENGTH and left.max_tokens > 0 and self._room(left) > 0:
+        # LENGTH only means this step's max_tokens; the sequence goes on while it may.
+        if finish is FinishReason.LENGTH and spec.left().max_tokens > 0:
             emitted = spec.stream.on_tokens(tokens, proposed=proposed, accepted=accepted)
             if emitted.stopped:
                 assert emitted.delta is not None
@@ -246,7 +251,7 @@ class SpeculativeExecutor:
                 return
             if emitted.delta is not None:
                 self._outbox.put(emitted.delta)
-            self._start_draft(spec)
+            self._next_step(spec)
             return
         self._end(spec, spec.stream.on_final(tokens, finish, error, proposed=proposed,
                                              accepted=accepted))

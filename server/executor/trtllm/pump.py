@@ -1,8 +1,8 @@
 """Threads and queues shared by the TensorRT-LLM adapters.
 
-``ResponsePump`` is the one thread per engine that calls ``await_responses``: the bindings
-deliver each response once, to whichever caller asks first, so a second reader would steal
-responses. ``Outbox`` is where finished ``TokenDelta``s wait for ``poll``.
+``ResponsePump`` is the one thread per bindings executor that calls ``await_responses``: the
+bindings deliver each response once, to whichever caller asks first, so a second reader would
+steal responses. ``Outbox`` is where finished ``TokenDelta``s wait for ``poll``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ResponsePump:
 
     def __init__(self, engine: Any, handle: Callable[[list[Any]], None],
                  on_tick: Callable[[], None], *, timeout_s: float, name: str) -> None:
-        self._engine = engine
+        self._engine: Any = engine
         self._handle = handle
         self._on_tick = on_tick
         self._timeout = datetime.timedelta(seconds=timeout_s)
@@ -63,14 +63,18 @@ class ResponsePump:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the thread and drops the engine: the caller may then destroy it (the bindings
+        free the KV pool only when the executor object goes away)."""
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
+        self._engine = None
 
     def _run(self) -> None:
+        engine = self._engine
         while not self._stop.is_set():
             try:
-                responses = self._engine.await_responses(self._timeout)
+                responses = engine.await_responses(self._timeout)
             except Exception:  # the engine is gone (shutdown) or broken: nothing more comes
                 if not self._stop.is_set():
                     log.exception("await_responses failed; the response thread stops")

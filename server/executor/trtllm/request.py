@@ -6,7 +6,7 @@ nothing here imports ``tensorrt_llm``; tests pass a fake with the same names.
 Stop handling is split on purpose:
 - stop *ids* (``stop_token_ids`` and any EOS ids after the first) go to the engine as
   single-token ``stop_words``: it stops in the same iteration and frees the slot at once;
-- stop *strings* are matched on our side after detokenization (``trtllm_stream``): a string
+- stop *strings* are matched on our side after detokenization (``stream``): a string
   has many tokenizations ("\\n\\n" is one token or two), so token-sequence stop words would
   miss some, and our match also cuts the text exactly before the stop string.
 """
@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from engine_builder.manifest import Manifest
 from server.executor.base import ExecRequest, FinishReason, SamplingParams
 
 # No end token: what TensorRT-LLM's own LLM API sends for ignore_eos
@@ -35,6 +36,12 @@ class TokenPolicy:
     @property
     def end_id(self) -> int:
         return self.eos_token_ids[0]
+
+
+def token_policy(manifest: Manifest) -> TokenPolicy:
+    return TokenPolicy(eos_token_ids=manifest.tokenizer.eos_token_ids,
+                       vocab_size=manifest.architecture.vocab_size,
+                       max_seq_len=manifest.limits.max_seq_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +78,23 @@ def validate(request: ExecRequest, policy: TokenPolicy) -> None:
         raise ValueError(f"request {request.request_id}: resume tokens already reach max_tokens")
 
 
-def sampling_config(b: Any, params: SamplingParams, min_tokens: int) -> Any:
-    """SamplingConfig for one request. Greedy is top_k=1: TensorRT-LLM samples unless told."""
+def sampling_config(b: Any, params: SamplingParams, min_tokens: int, *,
+                    seed: int | None = None) -> Any:
+    """SamplingConfig for one request, every sampling knob explicit.
+
+    Unset, TensorRT-LLM takes topK=0 and topP=0.0 (``layers/defaultDecodingParams.h``) and its
+    sampling layers turn k=0, p=0 into k=1 (``regularizeTopKTopP``): a request with only a
+    temperature would decode greedily. So sampling sends top_k=0 (off) and top_p=1.0 (off)
+    as values, and greedy is top_k=1. Unset, the seed is 0 for every request, so each request
+    gets one of its own (``seed`` overrides, for draft-target steps of one sequence).
+    """
     greedy = params.temperature == 0.0
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    if seed is None:
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
     return b.SamplingConfig(
         1,
-        top_k=1 if greedy else (params.top_k or None),
-        top_p=None if greedy or params.top_p >= 1.0 else params.top_p,
+        top_k=1 if greedy else params.top_k,
+        top_p=None if greedy else params.top_p,
         temperature=None if greedy else params.temperature,
         seed=seed,
         min_tokens=min_tokens or None,
