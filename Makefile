@@ -37,9 +37,10 @@ demo: $(STAMP)
 
 # The benchmarks of the README (several minutes each; they print tables).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m engine_builder profile $$($(PY) -c 'from engine_builder.default import ensure_default_engine as e; print(e())')
 	$(PY) -m benchmarks.bench_cpu_engine
-	$(PY) -m benchmarks.bench_scheduler --engine default --duration 60 --rounds 3 --online-rate 1.5
+	$(PY) -m benchmarks.bench_scheduler --engine default --rates 1.5,2.85 --plot bench-out/slo.png --json-out bench-out/slo.json
 	$(PY) -m benchmarks.bench_frontend
 
 clean:

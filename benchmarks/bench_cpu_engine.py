@@ -9,7 +9,7 @@ Prints three tables on the default engine (SmolLM2-135M-Instruct, built on first
     token agreement on 8 prompts, perplexity on a held-out English text;
 (c) prefix caching: time to first token of a request sharing a 1,000-token prefix with a
     previous one, against a cold request of the same length.
-Decode is timed on the Runner directly (no thread hand-off) with the same one-thread BLAS the
+Decode is timed on the CpuEngine directly (no thread hand-off) with the same one-thread BLAS the
 executor's worker uses. Machines here are shared and noisy: compare the ratios.
 """
 
@@ -26,12 +26,13 @@ import numpy as np
 
 from engine_builder.manifest import Manifest
 from server.executor.base import ExecRequest, SamplingParams
-from server.executor.cpu.attention import PagedKvCache, PrefillSegment
+from server.executor.cpu.attention import PrefillSegment
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads
 from server.executor.cpu.drive import collect
-from server.executor.cpu.executor import CpuExecutor, build_runner
+from server.executor.cpu.engine import CpuEngine
+from server.executor.cpu.executor import CpuExecutor, build_engine
 from server.executor.cpu.model import ForwardBatch
-from server.executor.cpu.runner import Runner
+from server.executor.kv import PagedKvCache
 
 HELD_OUT = """\
 The river town woke slowly in the autumn. Fishermen pulled their boats onto the gravel before
@@ -73,7 +74,7 @@ class DecodeResult:
     best_tokens_per_s: float  # from the fastest step
 
 
-def chat(runner: Runner, text: str) -> tuple[int, ...]:
+def chat(runner: CpuEngine, text: str) -> tuple[int, ...]:
     template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     return tuple(runner.tokenizer.encode(template.format(text)))
 
@@ -97,7 +98,7 @@ def measure_bandwidth_gb_s(num_bytes: int = 1 << 30) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def decode_rate(runner: Runner, batch: int, steps: int, prompt_len: int = 32) -> DecodeResult:
+def decode_rate(runner: CpuEngine, batch: int, steps: int, prompt_len: int = 32) -> DecodeResult:
     """Prefills `batch` distinct prompts, then times `steps` pure decode steps one by one.
     Reported from the median step (the best step is kept too: the machine is shared)."""
     rng = np.random.default_rng(batch)
@@ -125,7 +126,9 @@ def best_of(results: list[DecodeResult]) -> DecodeResult:
     return max(results, key=lambda r: r.tokens_per_s)
 
 
-def decode_pair(runner: Runner, steps: int, rounds: int = 2) -> tuple[DecodeResult, DecodeResult]:
+def decode_pair(
+    runner: CpuEngine, steps: int, rounds: int = 2
+) -> tuple[DecodeResult, DecodeResult]:
     """Batch 1 and batch 32, alternated `rounds` times; the better median of each is kept, so
     a burst of load from other processes does not land on one side of the ratio only."""
     ones, many = [], []
@@ -135,12 +138,13 @@ def decode_pair(runner: Runner, steps: int, rounds: int = 2) -> tuple[DecodeResu
     return best_of(ones), best_of(many)
 
 
-def greedy_tokens(runner: Runner, max_tokens: int = 16) -> list[list[int]]:
+def greedy_tokens(runner: CpuEngine, max_tokens: int = 16) -> list[list[int]]:
     out: dict[int, list[int]] = {}
     for i, text in enumerate(PROMPTS):
         runner.add(ExecRequest(i, chat(runner, text), SamplingParams(max_tokens=max_tokens)), 0)
     while runner.has_work:
-        for delta in runner.step():
+        runner.step()
+        for delta in runner.drain():
             out.setdefault(delta.request_id, []).extend(delta.token_ids)
     return [out[i] for i in range(len(PROMPTS))]
 
@@ -151,13 +155,13 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(len(ra) for ra in a)
 
 
-def perplexity(runner: Runner, text: str) -> float:
+def perplexity(runner: CpuEngine, text: str) -> float:
     """exp(mean NLL) of the text's tokens, one full-sequence forward over a private cache."""
     ids = np.asarray(runner.tokenizer.encode(text), dtype=np.int64)
     n, tpb = len(ids), 16
     model = runner.model
     cache = PagedKvCache(len(model.weights.layers), -(-n // tpb), tpb, model.num_kv_heads,
-                         model.head_dim, "int8" if runner.cache.quantized else "float32")
+                         model.head_dim, "int8" if runner.runner.cache.quantized else "float32")
     blocks = np.arange(-(-n // tpb))
     positions = np.arange(n)
     batch = ForwardBatch(ids, positions, positions, (PrefillSegment(0, n, 0, blocks),), None,
@@ -234,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = max(bw_dot, bw_gemv)
     results: dict[str, object] = {"bandwidth_gb_s": bandwidth, "bandwidth_dot_gb_s": bw_dot,
                                   "bandwidth_gemv_gb_s": bw_gemv, "blas_threads": threads}
-    runners: dict[str, Runner] = {}
+    runners: dict[str, CpuEngine] = {}
     for quant in ("none", "int8", "int4"):
         path = engine_dir(quant)
-        runners[quant] = build_runner(path, Manifest.load(path))[0]
+        runners[quant] = build_engine(path, Manifest.load(path))[0]
 
     fp32 = runners["none"]
     d1, d32 = decode_pair(fp32, args.steps)

@@ -1,30 +1,38 @@
-"""Backfill against the baselines, in one run, on one engine: online traffic replayed from the
-Azure conversation trace (sped up and length-scaled to the engine) plus an offline backlog.
+"""Backfill against the baselines, in one run, on one engine, at one or more online rates:
+online traffic replayed from a trace (the shipped Azure conversation trace by default, sped up
+and length-scaled to the engine) plus an offline backlog.
 
-Variants (a fresh server each, same online arrivals):
-  online-only   the trace alone (policy backfill; no offline work to place)
-  offline-only  the backlog alone: what the engine does when full
-  fcfs          both, one first-come-first-served queue (server --policy fcfs)
-  backfill      both, --policy backfill --offline-reserve 0.1 --preemption recompute
+Variants per rate (a fresh server each, the same online arrivals):
+  online-only       the trace alone: the latency online traffic gets on an engine of its own
+  offline-only      the backlog alone, without a TPOT budget: what the engine does when full
+  offline-only+slo  the backlog alone with the TPOT budget set (no online work: no bound)
+  backfill          both, with the TPOT SLO at 1.25x online-only's TPOT p99 (TTFT SLO at
+                    1.25x its TTFT p99): the goal variant
+  backfill-3x       both, with the TPOT SLO relaxed to 3x online-only's TPOT p99
+  sweep             both, at more SLO multipliers and with no budget at all, for the trade-off
+                    plot (offline tokens/s against online TPOT p99)
+  fcfs              both, one first-come-first-served queue (--fcfs; not part of the goals)
 
-Goals (printed PASS/FAIL): backfill occupancy >= 90%; backfill online TTFT p99 <= 1.25x
-online-only's; backfill offline tokens/s >= 80% of what online-only left unused, where unused =
-offline-only tokens/s - online-only tokens/s (the engine's full rate less what online used).
+Goals (PASS/FAIL, see slo_goals.py): online TTFT and TPOT p99 <= 1.25x online-only; >= 99% of
+online requests meet both SLOs; offline tokens/s >= 50% of what online-only left unused (>= 80%
+at 3x), unused = offline-only tokens/s - online-only tokens/s; offline-only with the budget
+within 5% of offline-only; slot occupancy >= 90%; median step-time prediction error <= 15%.
 
-The goals compare variants, so they are ratios; on a shared, noisy host a variant's throughput
-drifts by 10-20% between minutes. ``--rounds N`` runs online-only, offline-only and backfill N
-times, interleaved (fcfs once), computes each goal's ratio within a round, and judges the median
-round's ratio. Without ``--online-rate`` the online rate is ``--online-share`` of a short
-saturation probe, which moves with the host's speed; give the rate to compare runs.
+Goal variants run ``--duration`` seconds, at least long enough for ``--min-online-requests``
+online requests (a p99 of fewer is close to the maximum); offline-only and sweep variants run
+``--short-duration``. ``--rounds N`` repeats the goal variants, interleaved, and judges each
+goal by its median round (a shared host's speed drifts between minutes).
 
-    python -m benchmarks.bench_scheduler --engine tiny --duration 20      # quick
-    python -m benchmarks.bench_scheduler --duration 45 --json-out sched.json   # default engine
+    python -m benchmarks.bench_scheduler --engine tiny --rates 4 --duration 20 \\
+        --min-online-requests 0 --short-duration 10 --sweep 2          # quick
+    python -m benchmarks.bench_scheduler --rates 1.5,2.85 --plot slo.png   # the README's run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import sys
@@ -32,15 +40,18 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from benchmarks.slo_goals import Run, check_goals, format_sweep, median_round, plot_sweep
 from client.aio import AsyncClient
 from client.bench.command import TraceLoad, add_trace_argument, pick_model
-from client.bench.loadgen import LoadSpec, run_load, saturated_rate
+from client.bench.loadgen import LoadSpec, run_load
 from client.bench.local_server import LocalServer
-from client.bench.report import Summary, format_table, plot, summarize, write_json
+from client.bench.report import format_table, summarize, write_json
 from client.bench.trace import length_pool, trace_label
 from client.types import ModelInfo, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, $ per accelerator-hour
+GOAL_MULTIPLIER = 1.25
+RELAXED_MULTIPLIER = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,19 +60,8 @@ class Variant:
     server_args: tuple[str, ...]
     online: bool
     offline: bool
-
-
-VARIANTS = (
-    Variant("online-only", ("--policy", "backfill"), online=True, offline=False),
-    Variant("offline-only", ("--policy", "backfill"), online=False, offline=True),
-    Variant("fcfs", ("--policy", "fcfs"), online=True, offline=True),
-    Variant(
-        "backfill",
-        ("--policy", "backfill", "--offline-reserve", "0.1", "--preemption", "recompute"),
-        online=True,
-        offline=True,
-    ),
-)
+    long: bool  # runs --duration (goal latency figures), else --short-duration
+    multiplier: float | None = None  # TPOT SLO over online-only's TPOT p99; None: no budget
 
 
 def resolve_engine(engine: str) -> Path:
@@ -76,26 +76,56 @@ def resolve_engine(engine: str) -> Path:
     return Path(engine)
 
 
+def slo_args(base: Run | None, multiplier: float | None) -> tuple[str, ...]:
+    """Server flags for a TPOT SLO at ``multiplier`` x online-only's TPOT p99 (and a TTFT SLO
+    at 1.25x its TTFT p99, judged only); no budget at all without a multiplier."""
+    if multiplier is None or base is None:
+        return ("--tpot-slo-ms", "-1", "--ttft-slo-ms", "-1")
+    online = base.summary.tier(Tier.ONLINE)
+    tpot, ttft = online.tpot_ms[2] or 1.0, online.ttft_ms[2] or 1.0
+    return ("--tpot-slo-ms", f"{multiplier * tpot:.1f}",
+            "--ttft-slo-ms", f"{GOAL_MULTIPLIER * ttft:.1f}")
+
+
+def goal_variants(base: Run) -> list[Variant]:
+    return [
+        Variant("offline-only", slo_args(None, None), False, True, False),
+        Variant("offline-only+slo", slo_args(base, GOAL_MULTIPLIER), False, True, False,
+                GOAL_MULTIPLIER),
+        Variant("backfill", slo_args(base, GOAL_MULTIPLIER), True, True, True, GOAL_MULTIPLIER),
+        Variant("backfill-3x", slo_args(base, RELAXED_MULTIPLIER), True, True, True,
+                RELAXED_MULTIPLIER),
+    ]
+
+
+def sweep_variants(base: Run, multipliers: list[float], fcfs: bool) -> list[Variant]:
+    out = [Variant(f"backfill-{m:g}x", slo_args(base, m), True, True, False, m)
+           for m in multipliers]
+    out.append(Variant("backfill-no-budget", slo_args(None, None), True, True, False))
+    if fcfs:
+        out.append(Variant("fcfs", ("--policy", "fcfs", *slo_args(None, None)), True, True,
+                           False))
+    return out
+
+
 def server_args(variant: Variant) -> tuple[str, ...]:
-    return (*variant.server_args, "--metrics-port", "-1", "--max-online-queue", "8192",
+    policy = () if "--policy" in variant.server_args else ("--policy", "backfill")
+    return (*policy, *variant.server_args, "--metrics-port", "-1", "--max-online-queue", "8192",
             "--price-per-hour", str(PRICE_PER_HOUR))
 
 
-async def plan_load(address: str, args: argparse.Namespace) -> tuple[ModelInfo, LoadSpec, float]:
-    """The shared load: online arrivals at ``--online-share`` of the rate the engine sustains
-    for online-sized requests (a short saturation probe), and the offline backlog."""
+async def plan_load(
+    address: str, args: argparse.Namespace, rate: float, duration: float
+) -> tuple[ModelInfo, LoadSpec]:
     lengths = tuple(length_pool(args.max_prompt_tokens, args.max_output_tokens, args.trace))
     async with AsyncClient(address) as client:
         model = await pick_model(client)
-        rate = args.online_rate or args.online_share * await saturated_rate(
-            client, model.vocab_size, lengths, model.max_batch_size
-        )
-    online = TraceLoad(path=args.trace, duration_s=args.duration,
+    online = TraceLoad(path=args.trace, duration_s=duration,
                        max_prompt_tokens=args.max_prompt_tokens,
                        max_output_tokens=args.max_output_tokens, rate=rate).arrivals()
     backlog = args.offline_backlog or min(5000, 100 * model.max_batch_size)
     spec = LoadSpec(
-        duration_s=args.duration,
+        duration_s=duration,
         vocab_size=model.vocab_size,
         online=online,
         lengths=lengths,
@@ -105,56 +135,76 @@ async def plan_load(address: str, args: argparse.Namespace) -> tuple[ModelInfo, 
         ),
         seed=args.seed,
     )
-    return model, spec, rate
+    return model, spec
 
 
-async def run_variant(address: str, variant: Variant, spec: LoadSpec) -> Summary:
+async def run_variant(address: str, variant: Variant, spec: LoadSpec, duration: float,
+                      base: Run | None) -> Run:
     spec = replace(
         spec,
-        online=spec.online if variant.online else (),
+        duration_s=duration,
+        online=tuple(r for r in spec.online if r.arrival_s < duration) if variant.online else (),
         offline_backlog=spec.offline_backlog if variant.offline else 0,
     )
     async with AsyncClient(address) as client:
         result = await run_load(client, spec)
-    return summarize(variant.name, result, price_per_hour=PRICE_PER_HOUR)
+        stats = await client.stats()
+    summary = summarize(variant.name, result, price_per_hour=PRICE_PER_HOUR)
+    return Run.of(summary, result.records, stats, variant.multiplier, base)
 
 
-GOAL_VARIANTS = ("online-only", "offline-only", "backfill")
+def run_one(engine: Path, variant: Variant, spec: LoadSpec, duration: float,
+            base: Run | None, label: str) -> Run:
+    print(f"running {variant.name} ({label}) ...", file=sys.stderr, flush=True)
+    with LocalServer(engine, *server_args(variant)) as server:
+        return asyncio.run(run_variant(server.address, variant, spec, duration, base))
 
 
-def check_goals(by_name: dict[str, Summary]) -> list[tuple[str, bool, str, float]]:
-    """(goal, met, detail, score) per goal; score orders rounds from worst to best."""
-    online_only, offline_only, backfill = (by_name[name] for name in GOAL_VARIANTS)
-    occ = backfill.occupancy or 0.0
-    base_p99 = online_only.tier(Tier.ONLINE).ttft_ms[2]
-    bf_p99 = backfill.tier(Tier.ONLINE).ttft_ms[2]
-    ratio = (bf_p99 / base_p99) if bf_p99 is not None and base_p99 else float("inf")
-    unused = max(0.0, offline_only.tokens_per_s - online_only.tokens_per_s)
-    offline_tps = backfill.tier(Tier.OFFLINE).tokens_per_s
-    share = offline_tps / unused if unused > 0 else float("inf")
-    return [
-        ("backfill slot occupancy >= 90%", occ >= 0.90, f"{occ:.0%}", occ),
-        ("online TTFT p99 <= 1.25x online-only", ratio <= 1.25,
-         f"{_ms(bf_p99)} vs {_ms(base_p99)} = {ratio:.2f}x (server-timed: "
-         f"{_ms(backfill.tier(Tier.ONLINE).server_ttft_ms[2])} vs "
-         f"{_ms(online_only.tier(Tier.ONLINE).server_ttft_ms[2])})", -ratio),
-        ("offline tok/s >= 80% of unused", share >= 0.80,
-         f"{offline_tps:.0f} of {unused:.0f} tok/s unused = {share:.0%}", share),
-    ]
-
-
-def median_round(
-    checks: list[list[tuple[str, bool, str, float]]],
-) -> list[tuple[str, bool, str, float]]:
-    """Per goal, the round with the median score (the lower middle one for an even count)."""
-    return [
-        sorted(per_goal, key=lambda c: c[3])[(len(per_goal) - 1) // 2]
-        for per_goal in zip(*checks, strict=True)
-    ]
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f} ms"
+def bench_rate(
+    engine: Path, args: argparse.Namespace, rate: float
+) -> tuple[dict[str, object], list[Run], list[Run]]:
+    """Every variant at one online rate; prints the tables and goals. Returns the JSON part,
+    the first round's goal runs and the sweep."""
+    duration = max(args.duration, math.ceil(args.min_online_requests / rate))
+    online_only = Variant("online-only", slo_args(None, None), True, False, True)
+    with LocalServer(engine, *server_args(online_only)) as server:
+        model, spec = asyncio.run(plan_load(server.address, args, rate, duration))
+    print(f"rate {rate:g} req/s: {len(spec.online)} online requests over {duration:g}s, "
+          f"offline backlog {spec.offline_backlog}", file=sys.stderr)
+    rounds: list[list[Run]] = []
+    sweep: list[Run] = []
+    for index in range(args.rounds):
+        label = f"rate {rate:g}, round {index + 1}/{args.rounds}"
+        base = run_one(engine, online_only, spec, duration, None, label)
+        runs = [base]
+        for variant in goal_variants(base):
+            length = duration if variant.long else args.short_duration
+            runs.append(run_one(engine, variant, spec, length, base, label))
+        rounds.append(runs)
+        if index == 0:
+            for variant in sweep_variants(base, args.sweep, args.fcfs):
+                sweep.append(run_one(engine, variant, spec, args.short_duration, base, label))
+    print(f"\nrate {rate:g} req/s (engine {model.name}, {model.backend}, "
+          f"{model.max_batch_size} slots; goal variants {duration:g}s, others "
+          f"{args.short_duration:g}s)")
+    checks = []
+    for index, runs in enumerate(rounds):
+        if args.rounds > 1:
+            print(f"round {index + 1}:")
+        print(format_table([r.summary for r in runs]))
+        checks.append(check_goals({r.summary.name: r for r in runs}))
+        if args.rounds > 1:
+            for goal, ok, detail, _ in checks[-1]:
+                print(f"  {'pass' if ok else 'fail'}  {goal}: {detail}")
+    print(format_table([r.summary for r in sweep]))
+    print(format_sweep(rounds[0], sweep))
+    if args.rounds > 1:
+        print(f"goals, median of {len(checks)} rounds:")
+    for goal, ok, detail, _ in median_round(checks):
+        print(f"{'PASS' if ok else 'FAIL'}  {goal}: {detail}")
+    return {"rate": rate, "duration_s": duration,
+            "rounds": [[r.to_json() for r in runs] for runs in rounds],
+            "sweep": [r.to_json() for r in sweep]}, rounds[0], sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,20 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--engine", default="default", help="default | tiny | an engine directory")
     add_trace_argument(p)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds per variant")
+    p.add_argument("--rates", default="1.5", help="online rates (req/s), comma-separated")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds per goal variant (at least --min-online-requests / rate)")
+    p.add_argument("--min-online-requests", type=int, default=300)
+    p.add_argument("--short-duration", type=float, default=60.0,
+                   help="seconds per offline-only and sweep variant")
+    p.add_argument("--sweep", default="1.0,1.5,2.0,5.0",
+                   help="more TPOT SLO multipliers for the trade-off (besides 1.25 and 3)")
+    p.add_argument("--fcfs", action="store_true", help="also run the one-queue FCFS baseline")
     p.add_argument("--max-prompt-tokens", type=int, default=64)
     p.add_argument("--max-output-tokens", type=int, default=16)
     p.add_argument("--offline-output-tokens", type=int, default=32)
     p.add_argument("--offline-backlog", type=int, default=0, help="0: 100 per slot (max 5000)")
-    p.add_argument("--online-share", type=float, default=0.3,
-                   help="online rate as a share of the saturated request rate")
-    p.add_argument("--online-rate", type=float, default=None, help="or give the rate (req/s)")
-    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the goal variants, interleaved; goals use the median round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
-    p.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="PNG of the trade-off (needs matplotlib)")
     return p
 
 
@@ -183,57 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
     engine = resolve_engine(args.engine)
-    chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
-    rounds: list[list[Summary]] = []
-    spec: LoadSpec | None = None
-    model: ModelInfo | None = None
-    rate = 0.0
-    for index in range(args.rounds):
-        summaries: list[Summary] = []
-        for variant in chosen:
-            if index > 0 and variant.name not in GOAL_VARIANTS:
-                continue
-            with LocalServer(engine, *server_args(variant)) as server:
-                if spec is None:
-                    model, spec, rate = asyncio.run(plan_load(server.address, args))
-                    print(f"load: {len(spec.online)} online requests over {args.duration:g}s "
-                          f"(trace at mean {rate:.2f} req/s), offline backlog "
-                          f"{spec.offline_backlog}", file=sys.stderr)
-                print(f"running {variant.name} (round {index + 1}/{args.rounds}) ...",
-                      file=sys.stderr, flush=True)
-                summaries.append(asyncio.run(run_variant(server.address, variant, spec)))
-        rounds.append(summaries)
-    assert model is not None
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; engine {model.name} "
-          f"({model.backend}, {model.max_batch_size} slots); price ${PRICE_PER_HOUR:.2f}/h; "
-          f"{args.duration:g}s per variant; online: {trace_label(args.trace)} at {rate:.2f} "
-          "req/s, "
-          f"prompt <= {args.max_prompt_tokens}, output <= {args.max_output_tokens} tokens; "
-          f"offline output <= {args.offline_output_tokens} tokens"
-          + (f"; {args.rounds} rounds" if args.rounds > 1 else ""))
-    checks: list[list[tuple[str, bool, str, float]]] = []
-    for index, summaries in enumerate(rounds):
-        if args.rounds > 1:
-            print(f"round {index + 1}:")
-        print(format_table(summaries))
-        by_name = {s.name: s for s in summaries}
-        if set(GOAL_VARIANTS) <= by_name.keys():
-            checks.append(check_goals(by_name))
-            if args.rounds > 1:
-                for goal, ok, detail, _ in checks[-1]:
-                    print(f"  {'pass' if ok else 'fail'}  {goal}: {detail}")
-    if checks:
-        if args.rounds > 1:
-            print(f"goals, median of {len(checks)} rounds:")
-        for goal, ok, detail, _ in median_round(checks):
-            print(f"{'PASS' if ok else 'FAIL'}  {goal}: {detail}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; engine {engine}; price "
+          f"${PRICE_PER_HOUR:.2f}/h; online: {trace_label(args.trace)}, prompt <= "
+          f"{args.max_prompt_tokens}, output <= {args.max_output_tokens} tokens; offline "
+          f"output <= {args.offline_output_tokens} tokens; BLAS threads "
+          f"{os.environ.get('BACKFILL_CPU_THREADS', '1')}")
+    results: list[dict[str, object]] = []
+    curves: list[tuple[float, list[Run], list[Run]]] = []
+    for rate in rates:
+        data, goal_runs, sweep = bench_rate(engine, args, rate)
+        results.append(data)
+        curves.append((rate, goal_runs, sweep))
     if args.json_out:
-        write_json([s for summaries in rounds for s in summaries], args.json_out,
-                   engine=str(engine), rate=rate, price_per_hour=PRICE_PER_HOUR,
-                   rounds=args.rounds)
-    if args.plot and not plot(rounds[0], args.plot):
-        print("--plot skipped: matplotlib is not installed", file=sys.stderr)
+        write_json([], args.json_out, engine=str(engine), price_per_hour=PRICE_PER_HOUR,
+                   rates=results)
+    if args.plot and not plot_sweep(curves, args.plot):
+        print("--plot skipped: matplotlib is not installed (pip install '.[bench]')",
+              file=sys.stderr)
     return 0
 
 

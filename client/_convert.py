@@ -19,6 +19,7 @@ from client.types import (
     ModelInfo,
     SamplingParams,
     Stats,
+    StepBudget,
     Tier,
     TierStats,
     Timing,
@@ -185,6 +186,8 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         vocab_size=m.vocab_size,
         has_draft=m.has_draft,
         parameter_count=m.parameter_count,
+        tpot_slo_ms=m.tpot_slo_ms or None,
+        ttft_slo_ms=m.ttft_slo_ms or None,
         has_chat_template=m.has_chat_template,
     )
 
@@ -199,6 +202,10 @@ def stats_from_pb(s: pb.GetStatsResponse) -> Stats:
             generated_tokens=t.generated_tokens,
             preemptions=t.preemptions,
             tokens_per_second=t.tokens_per_second,
+            slo_judged=t.slo_judged,
+            ttft_slo_met=t.ttft_slo_met,
+            tpot_slo_met=t.tpot_slo_met,
+            both_slo_met=t.both_slo_met,
         )
         for t in s.tiers
         if t.tier in _TIER_FROM_PB
@@ -218,4 +225,17 @@ def stats_from_pb(s: pb.GetStatsResponse) -> Stats:
         uptime_s=_seconds(s.uptime),
         steps=s.steps,
         draining=s.draining,
+        step_budget=_step_budget(s.step_budget) if s.HasField("step_budget") else None,
+    )
+
+
+def _step_budget(b: pb.StepBudget) -> StepBudget:
+    return StepBudget(
+        tpot_slo_ms=b.tpot_slo_ms or None,
+        ttft_slo_ms=b.ttft_slo_ms or None,
+        online_present=b.online_present,
+        offline_held_back=b.offline_held_back,
+        predicted_step_ms=b.predicted_step_ms,
+        step_prediction_error=b.step_prediction_error,
+        steps_observed=b.steps_observed,
     )

@@ -228,6 +228,8 @@ class ModelInfo:
     vocab_size: int
     has_draft: bool = False
     parameter_count: int = 0
+    tpot_slo_ms: float | None = None  # the online SLOs it is served with; None: none
+    ttft_slo_ms: float | None = None
     has_chat_template: bool = False  # accepts chat messages (False from older servers)
 
 
@@ -242,6 +244,29 @@ class TierStats:
     generated_tokens: int
     preemptions: int
     tokens_per_second: float
+    # Completed requests judged against the SLOs, and how many met them.
+    slo_judged: int = 0
+    ttft_slo_met: int = 0
+    tpot_slo_met: int = 0
+    both_slo_met: int = 0
+
+    @property
+    def slo_attainment(self) -> float | None:
+        """Share of judged requests that met both SLOs; None when none was judged."""
+        return self.both_slo_met / self.slo_judged if self.slo_judged else None
+
+
+@dataclass(frozen=True, slots=True)
+class StepBudget:
+    """How the TPOT SLO bounds the offline work in each step."""
+
+    tpot_slo_ms: float | None
+    ttft_slo_ms: float | None
+    online_present: bool
+    offline_held_back: int
+    predicted_step_ms: float
+    step_prediction_error: float
+    steps_observed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +287,7 @@ class Stats:
     uptime_s: float
     steps: int
     draining: bool
+    step_budget: StepBudget | None = None
 
     @property
     def slots_busy(self) -> int:

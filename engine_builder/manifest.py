@@ -200,6 +200,33 @@ class DraftInfo:
         _positive(self, "max_draft_len")
 
 
+STEP_COST_VERSION = 1  # of the step-cost model's feature set (engine_builder/step_cost.py)
+
+
+@dataclass(frozen=True, slots=True)
+class StepCostFit:
+    """A fitted step-cost model (engine_builder/step_cost.py), written by ``engine_builder
+    profile``. A build that does not know ``version`` ignores the fit (and says so)."""
+
+    version: int
+    features: tuple[str, ...]  # names of the coefficients, in order
+    intercept_s: float  # seconds of a step that carries anything at all
+    coefficients_s: tuple[float, ...]  # seconds per unit of each feature
+    num_steps: int  # steps the fit was made from
+    median_error: float  # median relative error of the fit on those steps
+    blas_threads: int | None  # BLAS threads of the executor while it was measured
+
+    def __post_init__(self) -> None:
+        for name in ("features", "coefficients_s"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _require(len(self.coefficients_s) == len(self.features), "coefficients_s",
+                 f"has {len(self.coefficients_s)} entries for {len(self.features)} features")
+        _require(self.intercept_s >= 0, "intercept_s", f"must be >= 0, got {self.intercept_s}")
+        _require(all(c >= 0 for c in self.coefficients_s), "coefficients_s",
+                 "must all be >= 0")
+        _positive(self, "num_steps")
+
+
 @dataclass(frozen=True, slots=True)
 class SpeculativeInfo:
     """Speculative decoding inside a ``trtllm-llmapi`` engine (TensorRT-LLM's own drafters)."""
@@ -226,7 +253,8 @@ class SpeculativeInfo:
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """Decode throughput by batch size, written by ``engine_builder profile``."""
+    """Decode throughput by batch size and the step-cost fit, written by ``engine_builder
+    profile``."""
 
     batch_sizes: tuple[int, ...]
     decode_tokens_per_s: tuple[float, ...]
@@ -236,6 +264,7 @@ class Profile:
     peak_tokens_per_s: float  # the highest aggregate decode rate measured
     measured_at: str
     host: str
+    step_cost: StepCostFit | None = None  # absent in profiles made before the step-cost model
 
     def __post_init__(self) -> None:
         for name in ("batch_sizes", "decode_tokens_per_s", "step_latency_ms"):

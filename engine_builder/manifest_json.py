@@ -24,6 +24,7 @@ from engine_builder.manifest import (
     Quantization,
     RopeScaling,
     SpeculativeInfo,
+    StepCostFit,
     TokenizerInfo,
 )
 
@@ -33,7 +34,7 @@ T = TypeVar("T")
 _SECTIONS: dict[str, type] = {
     cls.__name__: cls
     for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
-                Profile, Provenance, SpeculativeInfo)
+                Profile, StepCostFit, Provenance, SpeculativeInfo)
 }
 
 
@@ -85,6 +86,7 @@ _CHECKERS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "str": ("a string", _check_str),
     "tuple[int, ...]": ("a list of integers", _check_list(_check_int)),
     "tuple[float, ...]": ("a list of numbers", _check_list(_check_float)),
+    "tuple[str, ...]": ("a list of strings", _check_list(_check_str)),
     "Mapping[str, str]": ("an object of strings", _check_str_map),
 }
 

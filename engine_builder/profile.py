@@ -1,5 +1,6 @@
-"""``python -m engine_builder profile DIR``: decode throughput by batch size, stored in the
-manifest's ``profile`` (the server's utilization metric divides by its peak).
+"""``python -m engine_builder profile DIR``: decode throughput by batch size and the step-cost
+model, stored in the manifest's ``profile`` (the server's utilization metric divides by the
+curve's peak; its step budget plans with the step-cost fit, see profile_steps.py).
 
 For each batch size B, B requests with short distinct prompts run with ``ignore_eos``; once
 every one of them has its first token (prefill done), the clock starts and the tokens arriving
@@ -24,7 +25,9 @@ import numpy as np
 
 from backfill.progress import progress
 from engine_builder.footprint import footprint
-from engine_builder.manifest import Manifest, ManifestError, Profile
+from engine_builder.manifest import Manifest, ManifestError, Profile, StepCostFit
+from engine_builder.profile_steps import format_fit, measure_step_cost
+from engine_builder.step_cost import StepSample
 from engine_builder.usage import UsageError
 
 PROMPT_TOKENS = 8
@@ -49,6 +52,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=16,
                    help="decode steps measured at batch 1; fewer for larger batches (min 4)")
     p.add_argument("--no-save", action="store_true", help="do not write the manifest")
+    p.add_argument("--no-step-cost", action="store_true",
+                   help="skip the step-cost workloads (batch curve only)")
     p.set_defaults(handler=run)
 
 
@@ -177,7 +182,7 @@ def format_table(points: Sequence[BatchPoint], weight_bytes: int, bandwidth_gb_s
 
 
 def make_profile(points: Sequence[BatchPoint], weight_bytes: int,
-                 bandwidth_gb_s: float) -> Profile:
+                 bandwidth_gb_s: float, step_cost: StepCostFit | None = None) -> Profile:
     return Profile(
         batch_sizes=tuple(p.batch_size for p in points),
         decode_tokens_per_s=tuple(round(p.tokens_per_s, 2) for p in points),
@@ -185,7 +190,8 @@ def make_profile(points: Sequence[BatchPoint], weight_bytes: int,
         memory_bandwidth_gb_s=round(bandwidth_gb_s, 2), weight_bytes=weight_bytes,
         peak_tokens_per_s=round(max(p.tokens_per_s for p in points), 2),
         measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        host=f"{platform.node()} ({platform.machine()}, {_cpu_count()} cpus)")
+        host=f"{platform.node()} ({platform.machine()}, {_cpu_count()} cpus)",
+        step_cost=step_cost)
 
 
 def _cpu_count() -> int:
@@ -209,14 +215,23 @@ def run(args: argparse.Namespace, executor_factory: Callable[[Path], Any] | None
 
         executor_factory = load_executor
     executor = executor_factory(args.engine_dir)
+    vocab = manifest.architecture.vocab_size
     try:
-        points = measure_curve(executor, sizes, args.steps, manifest.architecture.vocab_size)
+        points = measure_curve(executor, sizes, args.steps, vocab)
+        fit = None
+        if not args.no_step_cost:
+            curve_steps: list[StepSample] = getattr(executor, "take_step_samples", list)()
+            fit = measure_step_cost(executor, manifest.limits, vocab, curve_steps,
+                                    getattr(executor, "blas_threads", None))
     finally:
         executor.shutdown()
     print(format_table(points, weight_bytes, bandwidth))
+    if fit is not None:
+        print(format_fit(fit))
     if not args.no_save:
         # Re-read: the manifest may have been rewritten while we measured.
         latest = Manifest.load(args.engine_dir)
-        latest.with_profile(make_profile(points, weight_bytes, bandwidth)).save(args.engine_dir)
+        profile = make_profile(points, weight_bytes, bandwidth, fit)
+        latest.with_profile(profile).save(args.engine_dir)
         print(f"saved profile to {args.engine_dir / 'manifest.json'}")
     return 0

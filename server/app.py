@@ -22,6 +22,7 @@ from backfill.transport import message_options
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
+from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
 from server.config import ServerConfig
 from server.convert import ModelRegistry, ModelSpec, ServedModel
@@ -30,7 +31,9 @@ from server.jobs import JobStore
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
 from server.scheduler import BackfillScheduler
 from server.service import InferenceServicer
+from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
+from server.step_metrics import StepMetrics
 
 log = logging.getLogger("server")
 
@@ -56,6 +59,41 @@ class DrainReport:
     elapsed_seconds: float
     unfinished_offline: int  # OFFLINE requests that ended with outcome SHUTDOWN
     unfinished_by_job: tuple[tuple[str, int], ...]  # (job id, unfinished requests of it)
+
+
+def _make_scheduler(
+    config: ServerConfig, manifest: Manifest, executor: Executor
+) -> BackfillScheduler:
+    """The scheduler with the engine's step-cost model and the SLOs resolved for it."""
+    prior = engine_step_cost(manifest)
+    slos = resolve_slos(config.tpot_slo_ms, config.ttft_slo_ms, prior, executor.capacity)
+    sched_config = config.scheduler_config(slos.tpot_ms, slos.ttft_ms)
+    scheduler = BackfillScheduler(executor, sched_config, step_cost=OnlineStepCost(prior))
+    _log_slos(scheduler, slos)
+    return scheduler
+
+
+def _log_slos(scheduler: BackfillScheduler, slos: Slos) -> None:
+    config = scheduler.config
+    log.info(
+        "online SLOs: TPOT %s, TTFT %s (%s)",
+        "none" if config.tpot_slo_ms is None else f"{config.tpot_slo_ms:g} ms",
+        "none" if config.ttft_slo_ms is None else f"{config.ttft_slo_ms:g} ms",
+        slos.how,
+    )
+    planner = scheduler.planner
+    reserve = config.reserve_slots(scheduler.capacity.max_slots)
+    if planner is None or config.policy != "backfill":
+        return
+    if not planner.cost.calibrated:
+        log.info("the step budget starts once the step-cost model has seen a few steps")
+        return
+    log.info(
+        "offline reserve: %d slots progress in every step, the TPOT SLO notwithstanding "
+        "(it costs up to %.1f ms per step, predicted)",
+        reserve,
+        1000 * planner.reserve_cost_s(reserve, 128),
+    )
 
 
 def resolve_engine_dir(engine: str) -> Path:
@@ -110,7 +148,7 @@ class BackfillServer:
             from server.executor.factory import load_executor
 
             executor = await asyncio.to_thread(load_executor, engine_dir)
-        scheduler = BackfillScheduler(executor, config.scheduler_config())
+        scheduler = _make_scheduler(config, manifest, executor)
         scheduler.start()
         try:
             return await cls._serve(config, manifest, tokenizer, scheduler)
@@ -130,6 +168,7 @@ class BackfillServer:
         models = ModelRegistry([ServedModel(spec, scheduler)])
         registry = CollectorRegistry()
         request_metrics = RequestMetrics(registry)
+        scheduler.set_step_observer(StepMetrics(registry).observe)
         profile = manifest.profile
         stats = ServerStatsCollector(
             scheduler.snapshot,

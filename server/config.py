@@ -34,6 +34,10 @@ class ServerConfig:
     max_offline_queue: int = _SCHED.max_offline_queue
     price_per_hour: float = 0.0  # accelerator price, for the cost per 1M tokens
     drain_grace_s: float = 30.0  # how long a drain waits for running ONLINE requests
+    # Online SLOs (server/slo_defaults.py): > 0 in milliseconds, 0 derived from the engine's
+    # profile, < 0 none. The TPOT SLO bounds the offline work in each step.
+    tpot_slo_ms: float = 0.0
+    ttft_slo_ms: float = 0.0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # largest gRPC message received or sent
 
     def __post_init__(self) -> None:
@@ -52,10 +56,16 @@ class ServerConfig:
             raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
         if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        for name in ("tpot_slo_ms", "ttft_slo_ms"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a number of milliseconds, 0 or < 0")
         check_max_message_mb(self.max_message_mb)
 
-    def scheduler_config(self) -> SchedulerConfig:
-        """The scheduler's part of this config (ValueError when out of range)."""
+    def scheduler_config(
+        self, tpot_slo_ms: float | None = None, ttft_slo_ms: float | None = None
+    ) -> SchedulerConfig:
+        """The scheduler's part of this config (ValueError when out of range), with the SLOs
+        resolved for the engine (server/slo_defaults.py)."""
         return SchedulerConfig(
             window_ms=self.window_ms,
             offline_reserve=self.offline_reserve,
@@ -63,6 +73,8 @@ class ServerConfig:
             policy=self.policy,
             max_online_queue=self.max_online_queue,
             max_offline_queue=self.max_offline_queue,
+            tpot_slo_ms=tpot_slo_ms,
+            ttft_slo_ms=ttft_slo_ms,
         )
 
     @property
@@ -83,6 +95,10 @@ _HELP: dict[str, str] = {
     "max_offline_queue": "queued OFFLINE requests before RESOURCE_EXHAUSTED",
     "price_per_hour": "accelerator price per hour, for the cost per 1M tokens",
     "drain_grace_s": "on SIGTERM, seconds running ONLINE requests get to finish",
+    "tpot_slo_ms": "ONLINE time per output token that bounds the OFFLINE work in each step; "
+    "0 derives it from the engine's profile, < 0 turns the bound off",
+    "ttft_slo_ms": "ONLINE time to first token (attainment metrics); 0 derives it from the "
+    "engine's profile, < 0 none",
     "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
                       "message); clients should use the same limit",
 }

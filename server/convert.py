@@ -156,7 +156,8 @@ class ModelRegistry:
         return iter(self._models.values())
 
 
-def model_info(spec: ModelSpec) -> pb.ModelInfo:
+def model_info(model: ServedModel) -> pb.ModelInfo:
+    spec, config = model.spec, model.scheduler.config
     m = spec.manifest
     return pb.ModelInfo(
         name=spec.name,
@@ -169,6 +170,8 @@ def model_info(spec: ModelSpec) -> pb.ModelInfo:
         vocab_size=spec.capacity.vocab_size,
         has_draft=m.draft is not None,
         parameter_count=parameter_count(m),
+        tpot_slo_ms=config.tpot_slo_ms or 0.0,
+        ttft_slo_ms=config.ttft_slo_ms or 0.0,
         has_chat_template=spec.tokenizer.has_chat_template,
     )
 

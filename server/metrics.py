@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from server.scheduler.types import Outcome, SchedEvent, Tier
 from server.stats import ServerStats
+from server.step_metrics import step_budget_families
 
 # Latency buckets: TTFT and end-to-end span milliseconds to minutes on a CPU engine.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -232,6 +233,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
         yield from _backfill_families(s)
+        yield from step_budget_families(s.scheduler)
         yield from _triton_families(s, self._model, self._tokens_per_block)
         yield from _nvml_families()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -26,7 +27,13 @@ from server.convert import (
 )
 from server.jobs import JobStore
 from server.metrics import RequestMetrics
-from server.scheduler.types import DrainingError, SchedEvent, Tier, TierSnapshot
+from server.scheduler.types import (
+    DrainingError,
+    SchedEvent,
+    StepBudgetSnapshot,
+    Tier,
+    TierSnapshot,
+)
 from server.session import BATCH_HEADER, SessionHandler
 from server.stats import ServerStats
 from server.streams import RequestStream, submit_to_stream
@@ -155,7 +162,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m.spec) for m in self._models])
+        return pb.ListModelsResponse(models=[model_info(m) for m in self._models])
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
         # Answered while draining too: that is when an operator most wants to look.
@@ -193,6 +200,21 @@ def to_stats_response(s: ServerStats) -> pb.GetStatsResponse:
         uptime=seconds_to_duration(s.uptime_seconds),
         steps=ex.steps,
         draining=sched.draining,
+        step_budget=_step_budget(sched.step_budget),
+    )
+
+
+def _step_budget(b: StepBudgetSnapshot | None) -> pb.StepBudget | None:
+    if b is None:
+        return None
+    return pb.StepBudget(
+        tpot_slo_ms=b.tpot_slo_ms or 0.0,
+        ttft_slo_ms=b.ttft_slo_ms or 0.0,
+        online_present=b.online_present,
+        offline_held_back=b.offline_held_back,
+        predicted_step_ms=b.predicted_step_ms,
+        step_prediction_error=0.0 if math.isnan(b.prediction_error) else b.prediction_error,
+        steps_observed=b.steps_observed,
     )
 
 
@@ -205,4 +227,8 @@ def _tier_stats(tier: Tier, t: TierSnapshot, tokens_per_second: float) -> pb.Tie
         generated_tokens=t.generated_tokens,
         preemptions=t.preemptions,
         tokens_per_second=tokens_per_second,
+        slo_judged=t.slo_judged,
+        ttft_slo_met=t.ttft_met,
+        tpot_slo_met=t.tpot_met,
+        both_slo_met=t.both_met,
     )

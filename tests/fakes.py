@@ -27,6 +27,11 @@ Model of the engine (close enough to the real ones for scheduling tests):
   ``stop_after``) or a token in ``sampling.stop_token_ids`` is emitted after ``min_tokens``;
   ERROR when ``error_fn`` says so; CANCELLED after ``cancel`` or ``shutdown``.
 
+Steps are reported (``take_step_samples``) with the shape each step carried and, as its
+duration, what ``step_cost`` predicts for it (a virtual clock: nothing sleeps). Plans: the base
+class plans its own steps, like TensorRT-LLM; ``PlannedScriptedExecutor`` also follows the
+scheduler's ``StepPlan`` (a cap per request; 0 pauses it, resident), like the CPU executor.
+
 Text: each token's text is ``"<id>"`` (so a delta's text is its tokens, e.g. ``"<5><6>"``);
 ``cached_prompt_tokens`` is set on a run's first and last delta, as the protocol says.
 Construct with ``ScriptedExecutor(capacity, token_fn=..., stop_after=..., error_fn=...,
@@ -45,12 +50,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from engine_builder.step_cost import LinearStepCost, StepSample, StepShape
 from server.executor.base import (
     Capacity,
     ExecRequest,
     ExecutorStats,
     FinishReason,
     SamplingParams,
+    StepPlan,
     TokenDelta,
 )
 
@@ -97,6 +104,8 @@ class StepRecord:
     kv_blocks_used: int
     kv_blocks_cached: int
     tokens: int  # prefill + decode tokens computed in the step
+    shape: StepShape  # what the step computed
+    computed: tuple[int, ...]  # ids that computed anything in the step
 
 
 @dataclass(slots=True)
@@ -131,8 +140,12 @@ class ScriptedExecutor:
         error_fn: ErrorFn | None = None,
         reject_fn: RejectFn | None = None,
         step_hook: Callable[[int], None] | None = None,
+        step_cost: LinearStepCost | None = None,
     ) -> None:
         self._capacity = capacity
+        self._step_cost = step_cost  # the virtual duration of each step; 1 ms without one
+        self._plan = StepPlan()
+        self._samples: list[StepSample] = []
         self._token_fn = token_fn
         self._stop_after = stop_after
         self._error_fn = error_fn
@@ -254,6 +267,11 @@ class ScriptedExecutor:
                 generated_tokens=self._generated_tokens,
             )
 
+    def take_step_samples(self) -> list[StepSample]:
+        with self._cond:
+            samples, self._samples = self._samples, []
+            return samples
+
     def shutdown(self) -> None:
         with self._cond:
             for seq in [*self._running.values(), *self._queue]:
@@ -298,7 +316,9 @@ class ScriptedExecutor:
         return self._running.get(request_id) or self._queued_ids.get(request_id)
 
     def _has_work(self) -> bool:
-        return bool(self._running or self._queue)
+        if self._queue:
+            return True
+        return any(self._plan.cap(rid) != 0 for rid in self._running)
 
     def _free_blocks(self) -> int:
         return self._capacity.num_kv_blocks - self._used_blocks - len(self._cache)
@@ -312,20 +332,32 @@ class ScriptedExecutor:
 
     def _step(self) -> None:
         budget = self._capacity.max_tokens_per_step
-        decoders = [s for s in self._running.values() if s.prefill_left == 0]
+        plan = self._plan
+        decoders = [
+            s for rid, s in self._running.items() if s.prefill_left == 0 and plan.cap(rid) != 0
+        ]
         budget -= len(decoders)
         self._admit_from_queue()
-        tokens = len(decoders)
+        shape = StepShape()
+        for seq in decoders:
+            shape.add_decode(seq.num_tokens)
         emitters = list(decoders)
-        for seq in self._running.values():
-            if seq.prefill_left > 0 and budget > 0:
-                chunk = min(seq.prefill_left, budget)
+        computed = [s.request.request_id for s in decoders]
+        for rid, seq in self._running.items():
+            cap = plan.cap(rid)
+            if seq.prefill_left > 0 and budget > 0 and cap != 0:
+                chunk = min(seq.prefill_left, budget, seq.prefill_left if cap is None else cap)
+                shape.add_prefill(len(seq.context) - seq.prefill_left, chunk,
+                                  chunk == seq.prefill_left)
                 seq.prefill_left -= chunk
                 budget -= chunk
-                tokens += chunk
+                computed.append(rid)
                 if seq.prefill_left == 0:
                     emitters.append(seq)
+        tokens = shape.tokens
         running_ids = tuple(self._running)
+        seconds = self._step_cost.predict(shape) if self._step_cost is not None else 0.001
+        self._samples.append(StepSample(shape, seconds))
         self._emit(emitters)
         self._steps += 1
         self._last_step_tokens = tokens
@@ -337,6 +369,8 @@ class ScriptedExecutor:
                 kv_blocks_used=self._used_blocks,
                 kv_blocks_cached=len(self._cache),
                 tokens=tokens,
+                shape=shape,
+                computed=tuple(computed),
             )
         )
 
@@ -478,3 +512,12 @@ class ScriptedExecutor:
             self._cache.move_to_end(key)
         while self._free_blocks() < 0:  # duplicate prefixes shrink the cache, never grow it
             self._cache.popitem(last=False)
+
+
+class PlannedScriptedExecutor(ScriptedExecutor):
+    """A ScriptedExecutor that follows step plans (server.executor.base.PlanFollower)."""
+
+    def set_plan(self, plan: StepPlan) -> None:
+        with self._cond:
+            self._plan = plan
+            self._cond.notify_all()

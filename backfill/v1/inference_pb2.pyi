@@ -992,6 +992,8 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     HAS_DRAFT_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
+    TTFT_SLO_MS_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to use in GenerateRequest.model."""
@@ -1011,6 +1013,11 @@ class ModelInfo(_message.Message):
     has_draft: _builtins.bool
     """Speculative decoding with a draft model."""
     parameter_count: _builtins.int
+    tpot_slo_ms: _builtins.float
+    """The online SLOs this model is served with, in milliseconds; 0 when none. The TPOT SLO
+    bounds the offline work in each step while online requests run or wait.
+    """
+    ttft_slo_ms: _builtins.float
     has_chat_template: _builtins.bool
     """Chat messages are accepted (the engine has a chat template)."""
     def __init__(
@@ -1026,11 +1033,13 @@ class ModelInfo(_message.Message):
         vocab_size: _builtins.int = ...,
         has_draft: _builtins.bool = ...,
         parameter_count: _builtins.int = ...,
+        tpot_slo_ms: _builtins.float = ...,
+        ttft_slo_ms: _builtins.float = ...,
         has_chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1084,6 +1093,10 @@ class TierStats(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     PREEMPTIONS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    SLO_JUDGED_FIELD_NUMBER: _builtins.int
+    TTFT_SLO_MET_FIELD_NUMBER: _builtins.int
+    TPOT_SLO_MET_FIELD_NUMBER: _builtins.int
+    BOTH_SLO_MET_FIELD_NUMBER: _builtins.int
     tier: Global___Tier.ValueType
     running: _builtins.int
     """Sequences in batch slots now."""
@@ -1097,6 +1110,13 @@ class TierStats(_message.Message):
     """Since start (OFFLINE only)."""
     tokens_per_second: _builtins.float
     """Over the recent window."""
+    slo_judged: _builtins.int
+    """SLO attainment since start: completed requests judged against the SLOs, and how many met
+    the TTFT SLO, the TPOT SLO (mean time per output token after the first) and both.
+    """
+    ttft_slo_met: _builtins.int
+    tpot_slo_met: _builtins.int
+    both_slo_met: _builtins.int
     def __init__(
         self,
         *,
@@ -1107,14 +1127,64 @@ class TierStats(_message.Message):
         generated_tokens: _builtins.int = ...,
         preemptions: _builtins.int = ...,
         tokens_per_second: _builtins.float = ...,
+        slo_judged: _builtins.int = ...,
+        ttft_slo_met: _builtins.int = ...,
+        tpot_slo_met: _builtins.int = ...,
+        both_slo_met: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_tokens", b"generated_tokens", "preemptions", b"preemptions", "queued", b"queued", "requests_finished", b"requests_finished", "running", b"running", "tier", b"tier", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["both_slo_met", b"both_slo_met", "generated_tokens", b"generated_tokens", "preemptions", b"preemptions", "queued", b"queued", "requests_finished", b"requests_finished", "running", b"running", "slo_judged", b"slo_judged", "tier", b"tier", "tokens_per_second", b"tokens_per_second", "tpot_slo_met", b"tpot_slo_met", "ttft_slo_met", b"ttft_slo_met"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TierStats: _TypeAlias = TierStats  # noqa: Y015
+
+@_typing.final
+class StepBudget(_message.Message):
+    """The step budget: how the TPOT SLO bounds the offline work in each step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
+    TTFT_SLO_MS_FIELD_NUMBER: _builtins.int
+    ONLINE_PRESENT_FIELD_NUMBER: _builtins.int
+    OFFLINE_HELD_BACK_FIELD_NUMBER: _builtins.int
+    PREDICTED_STEP_MS_FIELD_NUMBER: _builtins.int
+    STEP_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
+    STEPS_OBSERVED_FIELD_NUMBER: _builtins.int
+    tpot_slo_ms: _builtins.float
+    """0: no budget, offline fills every step."""
+    ttft_slo_ms: _builtins.float
+    """0: none."""
+    online_present: _builtins.bool
+    """The last step plan bounded offline work."""
+    offline_held_back: _builtins.int
+    """Offline sequences the last plan paused or capped."""
+    predicted_step_ms: _builtins.float
+    """The last planned step's predicted time."""
+    step_prediction_error: _builtins.float
+    """Median relative error of recent step predictions."""
+    steps_observed: _builtins.int
+    """Executor steps the step-cost model has seen."""
+    def __init__(
+        self,
+        *,
+        tpot_slo_ms: _builtins.float = ...,
+        ttft_slo_ms: _builtins.float = ...,
+        online_present: _builtins.bool = ...,
+        offline_held_back: _builtins.int = ...,
+        predicted_step_ms: _builtins.float = ...,
+        step_prediction_error: _builtins.float = ...,
+        steps_observed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline_held_back", b"offline_held_back", "online_present", b"online_present", "predicted_step_ms", b"predicted_step_ms", "step_prediction_error", b"step_prediction_error", "steps_observed", b"steps_observed", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepBudget: _TypeAlias = StepBudget  # noqa: Y015
 
 @_typing.final
 class GetStatsResponse(_message.Message):
@@ -1136,6 +1206,7 @@ class GetStatsResponse(_message.Message):
     UPTIME_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    STEP_BUDGET_FIELD_NUMBER: _builtins.int
     slots_total: _builtins.int
     """Batch slots of the engine."""
     slots_free: _builtins.int
@@ -1161,6 +1232,8 @@ class GetStatsResponse(_message.Message):
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     @_builtins.property
     def uptime(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def step_budget(self) -> Global___StepBudget: ...
     def __init__(
         self,
         *,
@@ -1178,10 +1251,11 @@ class GetStatsResponse(_message.Message):
         uptime: _duration_pb2.Duration | None = ...,
         steps: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        step_budget: Global___StepBudget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["uptime", b"uptime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_budget", b"step_budget", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "step_budget", b"step_budget", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,8 +15,11 @@ without a gap or a repeat.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from engine_builder.step_cost import StepSample
 
 
 class FinishReason(enum.Enum):
@@ -160,3 +163,39 @@ class Executor(Protocol):
 
     def shutdown(self) -> None:
         """Stops the loop; live sequences end with CANCELLED. Idempotent."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """Standing per-sequence limits that a scheduler hands an executor: at most
+    ``token_caps[id]`` tokens of request ``id`` in any one step, until the next plan replaces
+    this one. A cap of 0 pauses the sequence: it keeps its slot and KV blocks (nothing to
+    recompute) but sits steps out. Requests not listed are not limited. The plan is data; the
+    executor applies it mechanically and never decides what is more important."""
+
+    token_caps: Mapping[int, int] = field(default_factory=dict)
+
+    def cap(self, request_id: int) -> int | None:
+        return self.token_caps.get(request_id)
+
+    @property
+    def paused(self) -> int:
+        return sum(1 for cap in self.token_caps.values() if cap == 0)
+
+
+@runtime_checkable
+class PlanFollower(Protocol):
+    """An executor that takes step plans (the CPU executor). Others (TensorRT-LLM) plan their
+    own steps; the scheduler then controls them by admission alone."""
+
+    def set_plan(self, plan: StepPlan) -> None:
+        """Applies from the next step on. Thread-safe."""
+
+
+@runtime_checkable
+class StepReporter(Protocol):
+    """An executor that reports what each step carried and how long it took, so the step-cost
+    model can correct itself while the server runs."""
+
+    def take_step_samples(self) -> list[StepSample]:
+        """Steps finished since the last call, oldest first. Thread-safe."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.executor.base import Capacity
-from server.scheduler.sequence import Sequence
+from server.scheduler.live import LiveRequest
 from server.scheduler.types import Tier
 
 
@@ -33,12 +33,15 @@ class PassBudget:
         self.reserve = reserve  # slots kept for offline when it has that much demand
         self.offline_demand = offline_demand  # offline running + queued
         self.offline_holding = offline_holding  # offline slots held now, admissions included
+        # Offline slots the executor may hold at most (the TPOT budget, for executors that
+        # plan their own steps); None: no bound beyond the slots.
+        self.offline_limit: int | None = None
 
-    def blocks_needed(self, seq: Sequence) -> int:
+    def blocks_needed(self, seq: LiveRequest) -> int:
         """KV blocks a (re)started run needs: its context plus the first new token."""
         return self._capacity.blocks_for(seq.num_context_tokens + 1)
 
-    def blocks_held(self, seq: Sequence) -> int:
+    def blocks_held(self, seq: LiveRequest) -> int:
         """KV blocks a running sequence is estimated to hold (what preempting it frees)."""
         return self._capacity.blocks_for(seq.num_context_tokens)
 
@@ -55,12 +58,14 @@ class PassBudget:
     def slot_for(self, tier: Tier) -> bool:
         if tier is Tier.ONLINE:
             return self.free_slots - self.reserved_slots >= 1
+        if self.offline_limit is not None and self.offline_holding >= self.offline_limit:
+            return False
         return self.free_slots >= 1
 
-    def fits(self, seq: Sequence) -> bool:
+    def fits(self, seq: LiveRequest) -> bool:
         return self.slot_for(seq.tier) and self.blocks_needed(seq) <= self.free_blocks
 
-    def try_admit(self, seq: Sequence) -> bool:
+    def try_admit(self, seq: LiveRequest) -> bool:
         """Takes a slot and the blocks for seq if they are there."""
         if not self.fits(seq):
             return False
@@ -70,7 +75,7 @@ class PassBudget:
             self.offline_holding += 1
         return True
 
-    def refund(self, seq: Sequence) -> None:
+    def refund(self, seq: LiveRequest) -> None:
         """Gives back what try_admit took: the executor refused seq, which is now gone, so
         offline demand (and with it the reserve offline may claim) shrinks."""
         self.free_slots += 1
@@ -79,7 +84,7 @@ class PassBudget:
             self.offline_holding -= 1
             self.offline_demand -= 1
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: LiveRequest) -> None:
         """Credits the slot and blocks of a running sequence that was just preempted."""
         self.free_slots += 1
         self.free_blocks += self.blocks_held(seq)

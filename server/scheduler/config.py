@@ -26,6 +26,11 @@ class SchedulerConfig:
     max_online_queue: int = 1024  # queued (not running) online requests; beyond: QueueFullError
     max_offline_queue: int = 100_000  # queued (not running) offline requests
     policy: str = "backfill"  # "backfill" | "fcfs"
+    # Online time per output token that the step budget protects (slo.py); None: no budget,
+    # offline fills every step. Also what online requests' TPOT attainment is judged by.
+    tpot_slo_ms: float | None = None
+    # Online time to first token that attainment is judged by; None: not judged.
+    ttft_slo_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window_ms) and self.window_ms > 0.0):
@@ -42,10 +47,22 @@ class SchedulerConfig:
             raise ValueError(f"max_online_queue must be >= 0, got {self.max_online_queue}")
         if self.max_offline_queue < 0:
             raise ValueError(f"max_offline_queue must be >= 0, got {self.max_offline_queue}")
+        for name in ("tpot_slo_ms", "ttft_slo_ms"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0 (or None for none), got {value}")
 
     @property
     def window_s(self) -> float:
         return self.window_ms / 1000.0
+
+    @property
+    def tpot_slo_s(self) -> float | None:
+        return None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0
+
+    @property
+    def ttft_slo_s(self) -> float | None:
+        return None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0
 
     @property
     def preempts(self) -> bool:

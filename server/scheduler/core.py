@@ -10,12 +10,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from server.executor.base import Executor, FinishReason, TokenDelta
+from server.executor.base import Executor, FinishReason, PlanFollower, StepPlan, TokenDelta
 from server.scheduler.budget import PassBudget
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.counters import TierCounters
+from server.scheduler.live import OUTCOME_OF, LiveRequest, Phase
 from server.scheduler.policy import TierQueues, WaitQueue, exec_priority
-from server.scheduler.sequence import OUTCOME_OF, Phase, Sequence
+from server.scheduler.slo import SloDecision, SloPlanner
 from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
 
 
@@ -34,6 +35,7 @@ class SchedulerCore:
         config: SchedulerConfig,
         clock: Callable[[], float],
         counters: TierCounters,
+        planner: SloPlanner | None = None,
     ) -> None:
         self._executor = executor
         self._config = config
@@ -42,17 +44,22 @@ class SchedulerCore:
         self._capacity = executor.capacity
         self._reserve = config.reserve_slots(self._capacity.max_slots)
         self._queues = TierQueues.for_config(config)
-        self._queued: dict[int, Sequence] = {}
-        self._running: dict[int, Sequence] = {}  # insertion order = run start order
-        self._by_exec: dict[int, Sequence] = {}
+        self._queued: dict[int, LiveRequest] = {}
+        self._running: dict[int, LiveRequest] = {}  # insertion order = run start order
+        self._by_exec: dict[int, LiveRequest] = {}
         self._deadlines: list[tuple[float, int]] = []  # heap of (ttft deadline, id) of queued
         self._next_exec_id = 1
         self._outbox: list[tuple[EventSink, SchedEvent]] = []
         self._stopping = False  # executor CANCELLED finishes now mean SHUTDOWN
+        self._planner = planner if config.policy == "backfill" else None
+        # Executors that take step plans get them; the others are bounded by admission.
+        self._follower = executor if isinstance(executor, PlanFollower) else None
+        self._sent_caps: dict[int, int] = {}  # the caps of the last plan sent
+        self.decision = SloDecision(StepPlan(), False, None, 0, 0.0)
 
     # ---- intake -----------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: LiveRequest) -> None:
         """A new request (already counted as queued by submit)."""
         self._queued[seq.id] = seq
         self._queues.of(seq.tier).push(seq)
@@ -93,12 +100,37 @@ class SchedulerCore:
         if self._config.policy == "fcfs":
             self._admit_in_order(self._queues.online, budget)  # the one shared queue
             return
+        if self._queues.online.peek() is not None:
+            # Online work is about to start: the offline rows it must not wait for are paused
+            # before it is enqueued, so its first step already runs within the budget.
+            self._plan_steps(budget, waiting=True)
         self._serve_online(budget)
         self._fill_offline(budget)
         if budget.free_slots:
             # Offline requests the executor refused shrank offline demand below the slots
             # kept for it; online may have those now.
             self._serve_online(budget)
+        self._plan_steps(budget, waiting=False)
+
+    def _plan_steps(self, budget: PassBudget, *, waiting: bool) -> None:
+        """The TPOT budget for the next steps (slo.py), sent to a plan-following executor
+        when it changed. ``waiting`` counts the queued online heads as running."""
+        if self._planner is None:
+            return
+        heads = self._online_heads(budget.free_slots) if waiting else []
+        self.decision = self._planner.decide(self._running.values(), heads, budget.keep_offline)
+        caps = dict(self.decision.plan.token_caps)
+        if self._follower is not None and caps != self._sent_caps:
+            self._follower.set_plan(self.decision.plan)
+            self._sent_caps = caps
+
+    def _online_heads(self, count: int) -> list[LiveRequest]:
+        heads: list[LiveRequest] = []
+        for seq in self._queues.online:
+            if len(heads) >= max(1, count):
+                break
+            heads.append(seq)
+        return heads
 
     def _serve_online(self, budget: PassBudget) -> None:
         self._admit_in_order(self._queues.online, budget)
@@ -129,6 +161,11 @@ class SchedulerCore:
         would have had), offline takes only its reserve: blocks that free up go to the online
         head instead of to newer offline work, which could otherwise starve it."""
         offline = self._queues.offline
+        rows = self._offline_row_bound()
+        if rows is not None:
+            # An executor that plans its own steps is bounded by how many offline requests
+            # it holds while online work is present (the TPOT budget's offline rows).
+            budget.offline_limit = max(budget.keep_offline, rows)
         if self._queues.online.peek() is None:
             self._admit_in_order(offline, budget)
             return
@@ -138,6 +175,12 @@ class SchedulerCore:
             and self._try_start(head, budget)
         ):
             pass
+
+    def _offline_row_bound(self) -> int | None:
+        if self._planner is None or self._follower is not None:
+            return None
+        online = self.num_running(Tier.ONLINE) or self._queues.online.peek() is not None
+        return self.decision.offline_rows if online else None
 
     def _admit_in_order(self, queue: WaitQueue, budget: PassBudget) -> None:
         """Admits from the head while it fits; a head that does not fit blocks the rest, so
@@ -155,7 +198,7 @@ class SchedulerCore:
                 self._preempt(victim, budget)
             self._admit_in_order(self._queues.online, budget)
 
-    def _victims_for(self, head: Sequence, budget: PassBudget) -> list[Sequence]:
+    def _victims_for(self, head: LiveRequest, budget: PassBudget) -> list[LiveRequest]:
         """The fewest offline runs above the reserve, newest first, whose slots and blocks let
         head start; none when even all of them would not (preempting would waste work)."""
         spare = budget.offline_holding - budget.keep_offline
@@ -167,7 +210,7 @@ class SchedulerCore:
         slots = budget.free_slots - budget.reserved_slots
         blocks = budget.free_blocks
         need = budget.blocks_needed(head)
-        chosen: list[Sequence] = []
+        chosen: list[LiveRequest] = []
         for seq in candidates:
             if slots >= 1 and blocks >= need:
                 break
@@ -176,7 +219,7 @@ class SchedulerCore:
             blocks += budget.blocks_held(seq)
         return chosen if slots >= 1 and blocks >= need else []
 
-    def _try_start(self, seq: Sequence, budget: PassBudget) -> bool:
+    def _try_start(self, seq: LiveRequest, budget: PassBudget) -> bool:
         """Starts a run of seq if the budget allows. True when seq left the queue (started,
         or refused by the executor and finished with ERROR), so admission may go on."""
         if not budget.try_admit(seq):
@@ -191,6 +234,7 @@ class SchedulerCore:
             return True
         self._dequeue(seq)
         seq.phase, seq.exec_id, seq.run_reported = Phase.RUNNING, exec_id, False
+        seq.run_tokens = 0
         self._running[seq.id] = seq
         self._by_exec[exec_id] = seq
         if seq.admitted_at is None:
@@ -198,7 +242,7 @@ class SchedulerCore:
         self._counters.add(seq.tier, running=1)
         return True
 
-    def _preempt(self, seq: Sequence, budget: PassBudget) -> None:
+    def _preempt(self, seq: LiveRequest, budget: PassBudget) -> None:
         """Cancels the run and puts seq at the head of its queue; it resumes from its tokens
         under a new executor id, and the old id's CANCELLED final is ignored (unmapped)."""
         assert seq.exec_id is not None
@@ -228,7 +272,7 @@ class SchedulerCore:
             if count:
                 self._counters.add(tier, generated_tokens=count)
 
-    def _apply_one(self, seq: Sequence, delta: TokenDelta) -> None:
+    def _apply_one(self, seq: LiveRequest, delta: TokenDelta) -> None:
         seq.run_reported = True
         if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
             seq.cached_prompt_tokens = delta.cached_prompt_tokens
@@ -239,6 +283,7 @@ class SchedulerCore:
             if seq.first_token_at is None:
                 seq.first_token_at = self._clock()
             seq.tokens.extend(delta.token_ids)
+            seq.run_tokens += len(delta.token_ids)
         if delta.finish is None:
             if delta.token_ids or delta.text:
                 self._outbox.append((seq.sink, seq.token_event(delta.token_ids, delta.text)))
@@ -251,14 +296,14 @@ class SchedulerCore:
 
     # ---- endings --------------------------------------------------------------------------
 
-    def _dequeue(self, seq: Sequence) -> None:
+    def _dequeue(self, seq: LiveRequest) -> None:
         self._queues.of(seq.tier).remove(seq)
         del self._queued[seq.id]
         self._counters.add(seq.tier, queued=-1)
 
     def _finish(
         self,
-        seq: Sequence,
+        seq: LiveRequest,
         outcome: Outcome,
         token_ids: tuple[int, ...] = (),
         text: str = "",
@@ -273,8 +318,25 @@ class SchedulerCore:
             self._counters.add(seq.tier, running=-1)
         seq.phase, seq.exec_id = Phase.FINISHED, None
         self._counters.add(seq.tier, finished=1)
-        event = seq.final_event(outcome, self._clock(), token_ids, text, error)
+        now = self._clock()
+        if outcome in (Outcome.STOP, Outcome.LENGTH):
+            self._judge(seq, now)
+        event = seq.final_event(outcome, now, token_ids, text, error)
         self._outbox.append((seq.sink, event))
+
+    def _judge(self, seq: LiveRequest, now: float) -> None:
+        """SLO attainment of a completed request: its time to first token, and its mean time
+        per output token (met trivially with fewer than two tokens)."""
+        ttft_slo, tpot_slo = self._config.ttft_slo_s, self._config.tpot_slo_s
+        if ttft_slo is None and tpot_slo is None:
+            return
+        ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
+        tpot = seq.time_per_output_token(now)
+        self._counters.judge(
+            seq.tier,
+            ttft_met=ttft_slo is None or (ttft is not None and ttft <= ttft_slo),
+            tpot_met=tpot_slo is None or tpot is None or tpot <= tpot_slo,
+        )
 
     def end_all(self, outcome: Outcome) -> list[int]:
         """Ends every live request with outcome (cancelling runs); returns the offline ids."""
@@ -295,10 +357,10 @@ class SchedulerCore:
     def num_running(self, tier: Tier) -> int:
         return sum(1 for s in self._running.values() if s.tier is tier)
 
-    def running(self) -> list[Sequence]:
+    def running(self) -> list[LiveRequest]:
         """Running sequences in run start order (oldest first)."""
         return list(self._running.values())
 
-    def queued(self, tier: Tier) -> list[Sequence]:
+    def queued(self, tier: Tier) -> list[LiveRequest]:
         """Queued sequences of a tier in admission order (fcfs: both tiers, one order)."""
         return list(self._queues.of(tier))

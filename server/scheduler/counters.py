@@ -15,6 +15,10 @@ class _Tally:
     finished: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    slo_judged: int = 0
+    ttft_met: int = 0
+    tpot_met: int = 0
+    both_met: int = 0
 
 
 class TierCounters:
@@ -51,6 +55,15 @@ class TierCounters:
             tally.generated_tokens += generated_tokens
             tally.preemptions += preemptions
 
+    def judge(self, tier: Tier, *, ttft_met: bool, tpot_met: bool) -> None:
+        """Counts one completed request against the SLOs."""
+        with self._lock:
+            tally = self._tally[tier]
+            tally.slo_judged += 1
+            tally.ttft_met += ttft_met
+            tally.tpot_met += tpot_met
+            tally.both_met += ttft_met and tpot_met
+
     def in_flight(self, tier: Tier) -> int:
         """Requests of the tier that have not finished (queued or running)."""
         with self._lock:
@@ -66,4 +79,8 @@ class TierCounters:
                 finished=t.finished,
                 generated_tokens=t.generated_tokens,
                 preemptions=t.preemptions,
+                slo_judged=t.slo_judged,
+                ttft_met=t.ttft_met,
+                tpot_met=t.tpot_met,
+                both_met=t.both_met,
             )

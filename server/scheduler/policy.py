@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from server.scheduler.config import SchedulerConfig
-from server.scheduler.sequence import Sequence
+from server.scheduler.live import LiveRequest
 from server.scheduler.types import Tier
 
 OrderKey = tuple[float, float, int]
 
 
-def online_key(seq: Sequence) -> OrderKey:
+def online_key(seq: LiveRequest) -> OrderKey:
     """Earliest TTFT deadline first (none sorts last), then arrival, then id."""
     deadline = seq.request.ttft_deadline
     return (math.inf if deadline is None else deadline, seq.arrival, seq.id)
@@ -38,16 +38,16 @@ def exec_priority(config: SchedulerConfig, tier: Tier) -> float:
 class WaitQueue(Protocol):
     """Requests waiting for a slot, iterated in admission order."""
 
-    def push(self, seq: Sequence) -> None: ...
+    def push(self, seq: LiveRequest) -> None: ...
 
-    def push_front(self, seq: Sequence) -> None:
+    def push_front(self, seq: LiveRequest) -> None:
         """Puts a preempted sequence where it is admitted next (FIFO queues only)."""
 
-    def remove(self, seq: Sequence) -> None: ...
+    def remove(self, seq: LiveRequest) -> None: ...
 
-    def peek(self) -> Sequence | None: ...
+    def peek(self) -> LiveRequest | None: ...
 
-    def __iter__(self) -> Iterator[Sequence]: ...
+    def __iter__(self) -> Iterator[LiveRequest]: ...
 
     def __len__(self) -> int: ...
 
@@ -57,22 +57,22 @@ class FifoQueue:
     and deadline drops hit arbitrary entries of a queue that may hold 100k requests)."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[int, Sequence] = OrderedDict()
+        self._items: OrderedDict[int, LiveRequest] = OrderedDict()
 
-    def push(self, seq: Sequence) -> None:
+    def push(self, seq: LiveRequest) -> None:
         self._items[seq.id] = seq
 
-    def push_front(self, seq: Sequence) -> None:
+    def push_front(self, seq: LiveRequest) -> None:
         self._items[seq.id] = seq
         self._items.move_to_end(seq.id, last=False)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: LiveRequest) -> None:
         del self._items[seq.id]
 
-    def peek(self) -> Sequence | None:
+    def peek(self) -> LiveRequest | None:
         return next(iter(self._items.values()), None)
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[LiveRequest]:
         return iter(list(self._items.values()))
 
     def __len__(self) -> int:
@@ -84,24 +84,24 @@ class DeadlineQueue:
 
     def __init__(self) -> None:
         self._keys: list[OrderKey] = []
-        self._items: dict[int, Sequence] = {}
+        self._items: dict[int, LiveRequest] = {}
 
-    def push(self, seq: Sequence) -> None:
+    def push(self, seq: LiveRequest) -> None:
         bisect.insort(self._keys, online_key(seq))
         self._items[seq.id] = seq
 
-    def push_front(self, seq: Sequence) -> None:
+    def push_front(self, seq: LiveRequest) -> None:
         self.push(seq)  # the deadline order decides, even for a preempted sequence
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: LiveRequest) -> None:
         key = online_key(seq)
         del self._keys[bisect.bisect_left(self._keys, key)]
         del self._items[seq.id]
 
-    def peek(self) -> Sequence | None:
+    def peek(self) -> LiveRequest | None:
         return self._items[self._keys[0][2]] if self._keys else None
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[LiveRequest]:
         return iter([self._items[key[2]] for key in self._keys])
 
     def __len__(self) -> int:

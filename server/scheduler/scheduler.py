@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from server.executor.base import Capacity, Executor, ExecutorStats
+from engine_builder.step_cost import OnlineStepCost, StepSample
+from server.executor.base import Capacity, Executor, ExecutorStats, StepReporter
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.core import SchedulerCore
 from server.scheduler.counters import TierCounters
-from server.scheduler.sequence import Sequence
+from server.scheduler.live import LiveRequest
+from server.scheduler.slo import SloPlanner
 from server.scheduler.types import (
     DrainingError,
     EventSink,
@@ -26,8 +28,13 @@ from server.scheduler.types import (
     SchedEvent,
     SchedRequest,
     SchedulerSnapshot,
+    StepBudgetSnapshot,
     Tier,
 )
+
+# Called on the scheduler's thread for every executor step: the sample and what the step-cost
+# model predicted for it beforehand (None while it had nothing to predict with). Must not block.
+StepObserver = Callable[[StepSample, float | None], None]
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +52,26 @@ class BackfillScheduler:
         config: SchedulerConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        step_cost: OnlineStepCost | None = None,
+        step_observer: StepObserver | None = None,
     ) -> None:
+        """``step_cost`` is the engine's step-cost model (a fresh, uncalibrated one that learns
+        from the executor's steps when None); the TPOT budget uses it when
+        ``config.tpot_slo_ms`` is set."""
         self._executor = executor
         self._config = config if config is not None else SchedulerConfig()
         self._clock = clock
         self._counters = TierCounters()
-        self._core = SchedulerCore(executor, self._config, clock, self._counters)
+        self._step_cost = step_cost if step_cost is not None else OnlineStepCost(None)
+        self._step_observer = step_observer
+        self._reporter = executor if isinstance(executor, StepReporter) else None
+        slo = self._config.tpot_slo_s
+        self._planner = (
+            None if slo is None else SloPlanner(self._step_cost, slo, executor.capacity)
+        )
+        self._core = SchedulerCore(executor, self._config, clock, self._counters, self._planner)
         self._lock = threading.Lock()  # guards the fields below up to _stopped
-        self._inbox: list[Sequence] = []
+        self._inbox: list[LiveRequest] = []
         self._cancels: list[int] = []
         self._next_id = 1
         self._draining = False
@@ -71,6 +90,18 @@ class BackfillScheduler:
     def config(self) -> SchedulerConfig:
         return self._config
 
+    @property
+    def step_cost(self) -> OnlineStepCost:
+        return self._step_cost
+
+    @property
+    def planner(self) -> SloPlanner | None:
+        return self._planner
+
+    def set_step_observer(self, observer: StepObserver | None) -> None:
+        """Called with every executor step from now on (see StepObserver)."""
+        self._step_observer = observer
+
     # ---- any thread -----------------------------------------------------------------------
 
     def submit(self, request: SchedRequest, sink: EventSink) -> int:
@@ -85,7 +116,7 @@ class BackfillScheduler:
                 raise QueueFullError(f"the {request.tier.value} queue is full")
             request_id = self._next_id
             self._next_id += 1
-            self._inbox.append(Sequence(request_id, request, sink, arrival=self._clock()))
+            self._inbox.append(LiveRequest(request_id, request, sink, arrival=self._clock()))
         return request_id
 
     def cancel(self, request_id: int) -> None:
@@ -98,12 +129,23 @@ class BackfillScheduler:
             self._draining = True
 
     def snapshot(self) -> SchedulerSnapshot:
+        decision = self._core.decision
+        error, _ = self._step_cost.error_summary()
         return SchedulerSnapshot(
             online=self._counters.snapshot(Tier.ONLINE),
             offline=self._counters.snapshot(Tier.OFFLINE),
             slots_total=self.capacity.max_slots,
             passes=self._passes,
             draining=self._draining,
+            step_budget=StepBudgetSnapshot(
+                tpot_slo_ms=self._config.tpot_slo_ms,
+                ttft_slo_ms=self._config.ttft_slo_ms,
+                online_present=decision.online_present,
+                offline_held_back=decision.held_back,
+                predicted_step_ms=1000.0 * decision.predicted_s,
+                prediction_error=error,
+                steps_observed=self._step_cost.observed_steps,
+            ),
         )
 
     def executor_stats(self) -> ExecutorStats:
@@ -121,6 +163,7 @@ class BackfillScheduler:
             if self._stopped:
                 return
             self._core.apply(self._executor.poll(poll_timeout))
+            self._learn_step_costs()
             self._take_inbox()
             self._core.drop_expired()
             self._core.schedule()
@@ -177,6 +220,18 @@ class BackfillScheduler:
         if tier is Tier.ONLINE:
             return self._config.max_online_queue
         return self._config.max_offline_queue
+
+    def _learn_step_costs(self) -> None:
+        """Feeds the executor's finished steps to the step-cost model (and the observer)."""
+        if self._reporter is None:
+            return
+        for sample in self._reporter.take_step_samples():
+            predicted = self._step_cost.observe(sample.shape, sample.seconds)
+            if self._step_observer is not None:
+                try:
+                    self._step_observer(sample, predicted)
+                except Exception:
+                    log.exception("step observer failed")
 
     def _take_inbox(self) -> None:
         with self._lock:

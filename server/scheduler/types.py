@@ -104,6 +104,25 @@ class TierSnapshot:
     finished: int  # since start, any outcome
     generated_tokens: int  # since start
     preemptions: int  # since start
+    # SLO attainment, since start, of requests that completed (STOP or LENGTH) while the
+    # scheduler had SLOs configured: how many were judged, and how many met each SLO.
+    slo_judged: int = 0
+    ttft_met: int = 0
+    tpot_met: int = 0
+    both_met: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepBudgetSnapshot:
+    """The TPOT budget's state (server/scheduler/slo.py)."""
+
+    tpot_slo_ms: float | None  # None: no budget, offline fills every step
+    ttft_slo_ms: float | None
+    online_present: bool  # the last plan bounded offline work
+    offline_held_back: int  # offline sequences the last plan paused or capped
+    predicted_step_ms: float  # the last planned step's predicted time
+    prediction_error: float  # median relative error of step predictions (NaN: none yet)
+    steps_observed: int  # executor steps the step-cost model has seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +134,4 @@ class SchedulerSnapshot:
     slots_total: int
     passes: int
     draining: bool
+    step_budget: StepBudgetSnapshot | None = None

@@ -1,57 +1,68 @@
-"""CpuExecutor: the Executor protocol over a Runner driven by one worker thread.
+"""CpuExecutor: the Executor protocol over a CpuEngine driven by one worker thread.
 
 Why a thread and not a process: every step is a few dozen large BLAS calls and NumPy releases
 the GIL inside them, so the gRPC threads stay responsive while a step runs; a thread also shares
 the weights and KV pool with no copies and no IPC per token. The Python parts of a step
 (scheduling, sampling, stops) take a few milliseconds and hold the GIL only briefly.
 
-The worker owns the Runner. Callers talk to it through an inbox (new requests, cancels) and an
-outbox of deltas, both under one lock; deltas for the same request coalesce in the outbox when
-polls are slower than steps, so a slow reader gets fewer, larger deltas instead of falling behind.
+The worker owns the engine. Callers talk to it through an inbox (new requests, cancels, the
+scheduler's step plan) and an outbox of deltas and step samples, all under one lock; deltas for
+the same request coalesce in the outbox when polls are slower than steps, so a slow reader gets
+fewer, larger deltas instead of falling behind.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
 from engine_builder.manifest import Manifest
+from engine_builder.step_cost import StepSample
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import (
     Capacity,
     ExecRequest,
     ExecutorStats,
     FinishReason,
+    StepPlan,
     TokenDelta,
 )
-from server.executor.cpu.attention import PagedKvCache
+from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads
+from server.executor.cpu.engine import CpuEngine, EngineCounters
 from server.executor.cpu.model import LlamaModel
-from server.executor.cpu.runner import Runner, RunnerCounters, RunnerLimits
+from server.executor.cpu.model_runner import ModelRunner
 from server.executor.cpu.weights import load_weights
-from server.executor.kv_cache import BlockManager
+from server.executor.kv import BlockManager, PagedKvCache
 
 log = logging.getLogger(__name__)
 
+STEP_SAMPLES_KEPT = 4096  # step samples nobody took yet are dropped oldest first beyond this
+
 
 class CpuExecutor:
-    """The NumPy reference executor. Thread-safe; see server/executor/base.py for semantics."""
+    """The NumPy reference executor. Thread-safe; see server/executor/base.py for semantics.
+    Follows step plans (``set_plan``) and reports step samples (``take_step_samples``)."""
 
     def __init__(
-        self, runner: Runner, capacity: Capacity, *, blas_threads: int | None = None
+        self, engine: CpuEngine, capacity: Capacity, *, blas_threads: int | None = None
     ) -> None:
-        self._runner = runner
+        self._engine = engine
         self._capacity = capacity
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # the worker waits for requests
+        self._work = threading.Condition(self._lock)  # the worker waits for something to do
         self._ready = threading.Condition(self._lock)  # pollers wait for deltas
         self._inbox: list[ExecRequest] = []
         self._cancels: list[int] = []
+        self._plan: StepPlan | None = None  # a new plan for the worker to take
+        self._new_input = False  # inbox, cancels or plan changed since the worker looked
+        self._runnable = False  # the last step ran: the next may run without new input
         self._outbox: list[TokenDelta] = []
+        self._samples: deque[StepSample] = deque(maxlen=STEP_SAMPLES_KEPT)
         # request id -> index in _outbox of its unfinished delta, which later deltas extend.
         # A finished delta is never extended: the id may be reused by a new request at once.
         self._open: dict[int, int] = {}
@@ -59,7 +70,7 @@ class CpuExecutor:
         # Requests taken from the inbox that the last stats snapshot does not show yet.
         self._handed_over = 0
         self._stopping = False
-        self._step_lock = threading.Lock()  # held by the worker while it touches the runner
+        self._step_lock = threading.Lock()  # held by the worker while it touches the engine
         self._blas_threads = default_threads() if blas_threads is None else blas_threads
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="cpu-executor", daemon=True)
@@ -74,7 +85,7 @@ class CpuExecutor:
 
     @classmethod
     def from_manifest(cls, engine_dir: Path, manifest: Manifest) -> CpuExecutor:
-        return cls(*build_runner(engine_dir, manifest))
+        return cls(*build_engine(engine_dir, manifest))
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -84,11 +95,15 @@ class CpuExecutor:
 
     @property
     def tokenizer(self) -> EngineTokenizer:
-        return self._runner.tokenizer
+        return self._engine.tokenizer
 
     @property
     def weight_bytes(self) -> int:
-        return self._runner.model.weights.nbytes
+        return self._engine.model.weights.nbytes
+
+    @property
+    def blas_threads(self) -> int:
+        return self._blas_threads
 
     def enqueue(self, request: ExecRequest) -> None:
         self._validate(request)
@@ -99,13 +114,18 @@ class CpuExecutor:
                 raise ValueError(f"request id {request.request_id} is already live")
             self._live.add(request.request_id)
             self._inbox.append(request)
-            self._work.notify()
+            self._wake()
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
             if request_id in self._live:
                 self._cancels.append(request_id)
-                self._work.notify()
+                self._wake()
+
+    def set_plan(self, plan: StepPlan) -> None:
+        with self._lock:
+            self._plan = plan
+            self._wake()
 
     def poll(self, timeout: float) -> list[TokenDelta]:
         with self._lock:
@@ -114,6 +134,12 @@ class CpuExecutor:
             deltas, self._outbox = self._outbox, []
             self._open.clear()
         return deltas
+
+    def take_step_samples(self) -> list[StepSample]:
+        with self._lock:
+            samples = list(self._samples)
+            self._samples.clear()
+        return samples
 
     def stats(self) -> ExecutorStats:
         with self._lock:
@@ -124,22 +150,27 @@ class CpuExecutor:
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True
-            self._work.notify()
+            self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
 
     @property
-    def counters(self) -> RunnerCounters:
-        """A copy of the runner's cumulative counters (preemptions, computed tokens...)."""
+    def counters(self) -> EngineCounters:
+        """A copy of the engine's cumulative counters (computed tokens, busy seconds...)."""
         with self._step_lock:
-            return replace(self._runner.counters)
+            return replace(self._engine.counters)
 
     def check_integrity(self) -> None:
-        """Runner and KV-pool invariants (AssertionError); for tests, between steps."""
+        """Engine and KV-pool invariants (AssertionError); for tests, between steps."""
         with self._step_lock:
-            self._runner.check_integrity()
+            self._engine.check_integrity()
 
     # -- the worker -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Under the lock: tells the worker there is new input."""
+        self._new_input = True
+        self._work.notify()
 
     def _validate(self, request: ExecRequest) -> None:
         cap = self._capacity
@@ -161,20 +192,23 @@ class CpuExecutor:
         set_thread_blas_threads(self._blas_threads)
         while True:
             with self._lock:
+                # With nothing runnable (no work, or every sequence paused) the worker waits
+                # for new input instead of spinning through empty steps.
                 self._work.wait_for(
-                    lambda: self._stopping
-                    or bool(self._inbox or self._cancels)
-                    or self._runner.has_work
+                    lambda: self._stopping or self._new_input or self._runnable
                 )
                 if self._stopping:
                     break
                 requests, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                plan, self._plan = self._plan, None
+                self._new_input = False
                 self._handed_over = len(requests)
-            self._publish(self._run_step(requests, cancels))
+            self._runnable, deltas = self._run_step(requests, cancels, plan)
+            self._publish(deltas)
         with self._step_lock:
-            self._runner.cancel_all()
-            deltas = self._runner.drain()
+            self._engine.cancel_all()
+            deltas = self._engine.drain()
         unstarted = [
             TokenDelta(r.request_id, (), "", FinishReason.CANCELLED, cached_prompt_tokens=0)
             for r in self._inbox
@@ -182,62 +216,32 @@ class CpuExecutor:
         self._inbox = []
         self._publish(deltas + unstarted)
 
-    def _run_step(self, requests: list[ExecRequest], cancels: list[int]) -> list[TokenDelta]:
+    def _run_step(
+        self, requests: list[ExecRequest], cancels: list[int], plan: StepPlan | None
+    ) -> tuple[bool, list[TokenDelta]]:
+        engine = self._engine
         with self._step_lock:
             try:
-                self._add(requests)
+                if plan is not None:
+                    engine.set_plan(plan)
+                for request in requests:
+                    seed = request.sampling.seed
+                    engine.add(request, secrets.randbits(64) if seed is None else seed)
                 for request_id in cancels:
-                    self._runner.cancel(request_id)
-                deltas = self._runner.step(self._between_layers)
-                return deltas + self._apply_late_cancels()
+                    engine.cancel(request_id)
+                ran = engine.step()
+                return ran, engine.drain()
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
-                self._runner.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
-                return self._runner.drain()
-
-    def _apply_late_cancels(self) -> list[TokenDelta]:
-        """Cancels that came during the step (preemptions whose slots an urgent prefill may
-        already use) take effect at its end, so no step boundary sees extra slots used. A
-        cancel of a request still in the inbox waits for the next round, which adds the
-        inbox first: applied now it would find nothing and be lost, leaving a zombie."""
-        runner = self._runner
-        with self._lock:
-            if not self._cancels:  # the usual case: nothing to look up
-                return []
-            late, self._cancels = self._cancels, []
-            known = {s.request_id for s in runner.running} | {s.request_id for s in runner.waiting}
-            self._cancels = [rid for rid in late if rid not in known]
-        now = [rid for rid in late if rid in known]
-        for request_id in now:
-            runner.cancel(request_id)
-        return runner.drain() if now else []
-
-    def _add(self, requests: list[ExecRequest]) -> None:
-        for request in requests:
-            seed = request.sampling.seed
-            self._runner.add(request, secrets.randbits(64) if seed is None else seed)
-
-    def _between_layers(self) -> None:
-        """Called by the worker between the layers of a step: requests that arrived since the
-        step began, with higher priority than its lowest-priority work, get their prefill now,
-        and their first tokens are published at once (cancels wait for the step to end)."""
-        floor = self._runner.step_priority
-        if floor is None or not self._inbox:  # a racy peek; the lock below decides
-            return
-        with self._lock:
-            urgent = [r for r in self._inbox if r.priority > floor]
-            if not urgent:
-                return
-            self._inbox = [r for r in self._inbox if r.priority <= floor]
-            cancelled = set(self._cancels)
-        self._add(urgent)
-        leaving = sum(1 for seq in self._runner.running if seq.request_id in cancelled)
-        self._publish(self._runner.urgent_prefill_step(leaving))
+                engine.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
+                return False, engine.drain()
 
     def _publish(self, deltas: list[TokenDelta]) -> None:
+        samples = self._engine.take_step_samples()
         with self._lock:
             self._stats = self._snapshot()
             self._handed_over = 0
+            self._samples.extend(samples)
             for delta in deltas:
                 rid = delta.request_id
                 index = self._open.pop(rid, None)
@@ -254,11 +258,11 @@ class CpuExecutor:
                 self._ready.notify_all()
 
     def _snapshot(self) -> ExecutorStats:
-        r, kv = self._runner, self._runner.blocks
-        c = r.counters
+        engine, batcher = self._engine, self._engine.batcher
+        kv, c = batcher.blocks, engine.counters
         return ExecutorStats(
-            active=len(r.running),
-            queued=len(r.waiting),
+            active=len(batcher.running),
+            queued=len(batcher.waiting),
             kv_blocks_total=kv.num_blocks,
             kv_blocks_used=kv.num_used_blocks,
             kv_blocks_free=kv.num_free_blocks,
@@ -266,16 +270,16 @@ class CpuExecutor:
             steps=c.steps,
             last_step_latency_s=c.last_step_latency_s,
             last_step_tokens=c.last_step_tokens,
-            prompt_tokens=c.prompt_tokens,
-            cached_prompt_tokens=c.cached_prompt_tokens,
+            prompt_tokens=batcher.num_prompt_tokens,
+            cached_prompt_tokens=batcher.num_cached_prompt_tokens,
             generated_tokens=c.generated_tokens,
             busy_seconds=c.busy_seconds,
-            context_requests=sum(1 for seq in r.running if seq.prefilling),
-            preemptions=c.preemptions,
+            context_requests=sum(1 for seq in batcher.running if seq.prefilling),
+            preemptions=batcher.num_preemptions,
         )
 
 
-def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity]:
+def build_engine(engine_dir: Path, manifest: Manifest) -> tuple[CpuEngine, Capacity]:
     """Loads weights, tokenizer and KV pool for a cpu engine: the synchronous core that
     CpuExecutor drives from its thread (benchmarks drive it directly)."""
     arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
@@ -292,8 +296,9 @@ def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity
     )
     blocks = BlockManager(limits.num_kv_blocks, limits.tokens_per_block)
     tokenizer = EngineTokenizer.load(engine_dir, manifest)
-    runner_limits = RunnerLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len,
-                                 background_prefill_tokens())
+    batcher = Batcher(
+        blocks, BatchLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len)
+    )
     capacity = Capacity(
         max_slots=limits.max_batch_size,
         num_kv_blocks=limits.num_kv_blocks,
@@ -302,22 +307,7 @@ def build_runner(engine_dir: Path, manifest: Manifest) -> tuple[Runner, Capacity
         max_seq_len=max_seq_len,
         vocab_size=arch.vocab_size,
     )
-    return Runner(model, cache, blocks, tokenizer, runner_limits), capacity
-
-
-def background_prefill_tokens() -> int:
-    """``BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS`` (default 64): the lower-priority prefill
-    tokens a step may carry while a higher-priority sequence decodes in it."""
-    value = os.environ.get("BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS", "64")
-    try:
-        tokens = int(value)
-    except ValueError:
-        tokens = -1
-    if tokens < 1:
-        raise ValueError(
-            f"BACKFILL_CPU_BACKGROUND_PREFILL_TOKENS must be an integer >= 1, got {value!r}"
-        )
-    return tokens
+    return CpuEngine(ModelRunner(model, cache, blocks), batcher, tokenizer), capacity
 
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:

@@ -7,7 +7,6 @@ LM head runs only on the rows that sample this step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +15,12 @@ import numpy as np
 from engine_builder.manifest import RopeScaling
 from server.executor.cpu.attention import (
     DecodeGroup,
-    PagedKvCache,
     PrefillSegment,
     decode_attention,
     prefill_attention,
 )
 from server.executor.cpu.weights import LayerWeights, ModelWeights
+from server.executor.kv.paged import PagedKvCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,25 +109,12 @@ class LlamaModel:
             max_positions, self.head_dim, arch.rope_theta, arch.rope_scaling
         )
 
-    def forward(
-        self,
-        batch: ForwardBatch,
-        cache: PagedKvCache,
-        between_layers: Callable[[], None] | None = None,
-    ) -> np.ndarray:
-        """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`.
-
-        ``between_layers`` runs after every layer, the last included (before the LM head, a
-        sizeable part of a wide step). The pass keeps its state in locals, so the hook may run
-        whole forward passes of other sequences (their own K/V slots) before this one goes
-        on: that is how an urgent prefill overtakes a long step.
-        """
+    def forward(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
+        """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`."""
         x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
         for i, layer in enumerate(self.weights.layers):
             x = self._layer(i, layer, x, cos, sin, batch, cache)
-            if between_layers is not None:
-                between_layers()
         h = rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)  # [num_samples, hidden]
         return self.weights.lm_head(h)
 

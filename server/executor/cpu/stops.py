@@ -8,8 +8,6 @@ with them, so a resumed request continues the same text stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from engine_builder.tokenizer import EngineTokenizer, IncrementalDetokenizer
 from server.executor.base import FinishReason, SamplingParams
 
@@ -22,7 +20,7 @@ class OutputTracker:
         self,
         params: SamplingParams,
         tokenizer: EngineTokenizer,
-        context_ids: Sequence[int],
+        context_ids: list[int],
         num_resumed: int,
     ) -> None:
         self.params = params
@@ -74,12 +72,12 @@ class OutputTracker:
         return text
 
 
-def _first_occurrence(text: str, stops: Sequence[str]) -> int | None:
+def _first_occurrence(text: str, stops: tuple[str, ...]) -> int | None:
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
-def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
+def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that is a proper prefix of some stop string."""
     best = 0
     for stop in stops:

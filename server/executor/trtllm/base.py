@@ -1,4 +1,5 @@
-"""What the GPU executors share: the lock, the outbox ``poll`` reads, stats, capacity, shutdown.
+"""What the GPU executors share: the lock, the outbox ``poll`` reads, stats, capacity, shutdown,
+and step samples for the step-cost model (from the engine's iteration stats).
 
 Subclasses (``TrtllmExecutor``, ``SpeculativeExecutor``, ``LlmApiExecutor``) own their engines
 and request maps and fill in three hooks: ``_read_stats`` (drain the engine's iteration stats),
@@ -13,6 +14,7 @@ from __future__ import annotations
 import threading
 
 from engine_builder.manifest import Manifest
+from engine_builder.step_cost import StepSample
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import Capacity, ExecutorStats, TokenDelta
 from server.executor.trtllm.pump import Outbox
@@ -49,6 +51,11 @@ class GpuExecutorBase:
     def stats(self) -> ExecutorStats:
         self._absorb_stats()
         return self._stats.snapshot()
+
+    def take_step_samples(self) -> list[StepSample]:
+        """The engine's iterations since the last call, as step samples (StepReporter)."""
+        self._absorb_stats()
+        return self._stats.take_step_samples()
 
     def shutdown(self) -> None:
         """Live sequences end with CANCELLED; engines stop and are released. Idempotent."""

@@ -16,11 +16,15 @@ so ``kv_blocks_cached`` is 0 here and ``kv_blocks_free`` includes them.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine_builder.step_cost import StepSample, StepShape
 from server.executor.base import ExecutorStats
+
+STEP_SAMPLES_KEPT = 4096  # step samples nobody took yet are dropped oldest first beyond this
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,21 @@ class IterationSample:
     context_requests: int
     draft_tokens: int = 0  # speculative tokens the engine itself proposed / accepted
     accepted_tokens: int = 0
+    context_tokens: int = 0
+    generation_requests: int = 0
+
+    def step_sample(self) -> StepSample | None:
+        """What the step-cost model can learn from this iteration: its decode rows and
+        prefill tokens (the engine does not report context lengths), and its latency."""
+        if self.latency_ms <= 0 or self.step_tokens <= 0:
+            return None
+        shape = StepShape(
+            decode_rows=self.generation_requests,
+            prefill_tokens=self.context_tokens,
+            prefill_segments=self.context_requests,
+            samples=self.generation_requests + self.context_requests,
+        )
+        return StepSample(shape, self.latency_ms / 1000.0)
 
 
 def from_bindings(it: Any) -> IterationSample:
@@ -57,7 +76,9 @@ def from_bindings(it: Any) -> IterationSample:
             total=int(kv.max_num_blocks), used=int(kv.used_num_blocks),
             free=int(kv.free_num_blocks), tokens_per_block=int(kv.tokens_per_block)),
         step_tokens=0 if ifb is None else int(ifb.num_ctx_tokens) + int(ifb.num_gen_requests),
-        context_requests=0 if ifb is None else int(ifb.num_context_requests))
+        context_requests=0 if ifb is None else int(ifb.num_context_requests),
+        context_tokens=0 if ifb is None else int(ifb.num_ctx_tokens),
+        generation_requests=0 if ifb is None else int(ifb.num_gen_requests))
 
 
 def from_json(it: Mapping[str, Any]) -> IterationSample:
@@ -75,7 +96,9 @@ def from_json(it: Mapping[str, Any]) -> IterationSample:
         step_tokens=int(ifb.get("numCtxTokens", 0)) + int(ifb.get("numGenRequests", 0)),
         context_requests=int(ifb.get("numContextRequests", 0)),
         draft_tokens=int(spec.get("numDraftTokens", 0)),
-        accepted_tokens=int(spec.get("numAcceptedTokens", 0)))
+        accepted_tokens=int(spec.get("numAcceptedTokens", 0)),
+        context_tokens=int(ifb.get("numCtxTokens", 0)),
+        generation_requests=int(ifb.get("numGenRequests", 0)))
 
 
 class StatsAccumulator:
@@ -93,17 +116,27 @@ class StatsAccumulator:
         self._generated = 0
         self._proposed = 0
         self._accepted = 0
+        self._steps_seen: deque[StepSample] = deque(maxlen=STEP_SAMPLES_KEPT)
 
     def absorb(self, samples: Iterable[IterationSample]) -> None:
         with self._lock:
             for it in samples:
                 self._latest = it
+                step = it.step_sample()
+                if step is not None:
+                    self._steps_seen.append(step)
                 self._steps = max(self._steps, it.iteration)
                 self._busy_s += it.latency_ms / 1000.0
                 self._proposed += it.draft_tokens
                 self._accepted += it.accepted_tokens
                 if it.kv is not None:
                     self._kv = it.kv
+
+    def take_step_samples(self) -> list[StepSample]:
+        with self._lock:
+            out = list(self._steps_seen)
+            self._steps_seen.clear()
+            return out
 
     @property
     def kv(self) -> KvSnapshot:

@@ -104,7 +104,8 @@ def test_coalesced_deltas_fall_back_to_the_whole_run() -> None:
 
 def test_run_saves_the_profile(tmp_path: Path) -> None:
     engine = build_tiny_engine(tmp_path / "e", max_batch_size=8)
-    args = argparse.Namespace(engine_dir=engine, batch_sizes="1,4", steps=8, no_save=False)
+    args = argparse.Namespace(engine_dir=engine, batch_sizes="1,4", steps=8, no_save=False,
+                              no_step_cost=False)
     assert profile.run(args, executor_factory=lambda _: StepCostExecutor()) == 0
     manifest = Manifest.load(engine)
     saved = manifest.profile
@@ -143,4 +144,8 @@ def test_profile_cli_with_the_cpu_executor(tmp_path: Path,
     saved = Manifest.load(engine).profile
     assert saved is not None and saved.batch_sizes == (1, 2)
     assert all(rate > 0 for rate in saved.decode_tokens_per_s)
+    assert "step cost model" in out
+    fit = saved.step_cost
+    assert fit is not None and fit.num_steps > 20
+    assert fit.blas_threads is not None and fit.intercept_s + sum(fit.coefficients_s) > 0
     assert main(["profile", str(engine), "--batch-sizes", "8"]) == 2

@@ -12,9 +12,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from engine_builder.manifest import Manifest
-from server.executor.cpu.attention import DecodeGroup, PagedKvCache, PrefillSegment
+from server.executor.cpu.attention import DecodeGroup, PrefillSegment
 from server.executor.cpu.model import ForwardBatch, LlamaModel
 from server.executor.cpu.weights import Int4Linear, Int8Linear, load_weights
+from server.executor.kv import PagedKvCache
 
 pytestmark = pytest.mark.unit
 TPB = 16

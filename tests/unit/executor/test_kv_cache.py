@@ -1,8 +1,6 @@
-"""BlockManager: prefix caching, LRU eviction, copy-on-write and invariants under random ops."""
+"""BlockManager: prefix caching, LRU eviction and invariants under random operations."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -15,23 +13,24 @@ from hypothesis.stateful import (
     rule,
 )
 
-from server.executor.kv_cache import BlockManager, KvCacheStats, NoFreeBlocksError
-from server.executor.prefix_hash import BlockHash, hash_block
+from server.executor.kv import BlockManager, NoFreeBlocksError
+from server.executor.kv import blocks as blocks_module
+from server.executor.kv.prefix import BlockHash, hash_block
 
 pytestmark = pytest.mark.unit
 
-Snapshot = tuple[KvCacheStats, tuple[tuple[int, tuple[int, ...], int, int], ...]]
+Snapshot = tuple[tuple[int, int, int], tuple[tuple[int, tuple[int, ...], int, int], ...]]
 
 
-def snapshot(bm: BlockManager, seq_ids: Sequence[int]) -> Snapshot:
+def snapshot(bm: BlockManager, seq_ids: list[int]) -> Snapshot:
     """Everything observable about the manager, to prove a failed call changed nothing."""
     seqs = tuple(
         (s, tuple(bm.block_table(s)), bm.num_tokens(s), bm.num_computed(s)) for s in seq_ids
     )
-    return bm.stats, seqs
+    return (bm.num_free_blocks, bm.num_cached_blocks, bm.num_used_blocks), seqs
 
 
-def computed_seq(bm: BlockManager, seq_id: int, tokens: Sequence[int]) -> int:
+def computed_seq(bm: BlockManager, seq_id: int, tokens: list[int]) -> int:
     """Allocates tokens as a prompt and marks all of it computed; returns the cached count."""
     cached = bm.allocate(seq_id, tokens)
     bm.mark_computed(seq_id, len(tokens))
@@ -65,7 +64,6 @@ def test_prefix_hit_reuses_the_same_physical_blocks() -> None:
     assert bm.block_table(2)[:2] == table[:2]
     assert bm.num_computed(2) == 8 and bm.num_tokens(2) == 13
     assert bm.num_cached_blocks == 0  # both revived: cached -> used
-    assert bm.stats.hits == 2 and bm.stats.cached_tokens_served == 8
     bm.check_integrity()
 
 
@@ -86,10 +84,8 @@ def test_never_the_whole_prompt_is_cached(tokens_per_block: int) -> None:
     prompt = list(range(3 * tokens_per_block))  # exactly 3 full blocks
     computed_seq(bm, 1, prompt)
     bm.free(1)
-    misses = bm.stats.misses
     cached = bm.allocate(2, prompt)
     assert cached == 2 * tokens_per_block  # the last block is recomputed for its logits
-    assert bm.stats.misses == misses  # the last block was never eligible, so never missed
     bm.check_integrity()
 
 
@@ -111,15 +107,15 @@ def test_prompt_differing_in_a_block_hits_only_before_it() -> None:
     assert bm.allocate(2, [1, 2, 3, 9, 5, 6, 7]) == 2
     # Same tokens at block 2 but a different parent: the chain must not match.
     assert bm.allocate(3, [9, 9, 3, 4, 5, 6, 7]) == 0
-    assert bm.stats.hits == 1 and bm.stats.misses == 3 + 2 + 3  # 3 eligible blocks each
     bm.check_integrity()
 
 
-def test_hash_collision_is_not_a_hit() -> None:
-    def colliding(parent: BlockHash | None, tokens: Sequence[int]) -> BlockHash:
+def test_hash_collision_is_not_a_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    def colliding(parent: BlockHash | None, tokens: list[int] | tuple[int, ...]) -> BlockHash:
         return b"same" if parent is None else parent + b"."
 
-    bm = BlockManager(16, 2, hasher=colliding)
+    monkeypatch.setattr(blocks_module, "hash_block", colliding)
+    bm = BlockManager(16, 2)
     computed_seq(bm, 1, [1, 2, 3, 4, 5])
     bm.free(1)
     assert bm.allocate(2, [7, 8, 3, 4, 5]) == 0  # same hash chain, different tokens
@@ -145,19 +141,6 @@ def test_duplicate_registration_keeps_one_canonical_block() -> None:
     bm.check_integrity()
 
 
-def test_prefix_caching_disabled_caches_nothing() -> None:
-    bm = BlockManager(8, 2, enable_prefix_caching=False)
-    prompt = [1, 2, 3, 4, 5]
-    computed_seq(bm, 1, prompt)
-    assert bm.allocate(2, prompt) == 0
-    bm.free(1)
-    bm.free(2)
-    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 8
-    assert bm.allocate(3, prompt) == 0
-    assert bm.stats.hits == 0
-    bm.check_integrity()
-
-
 # -- eviction ---------------------------------------------------------------------------------
 
 
@@ -170,12 +153,29 @@ def test_lru_evicts_least_recently_freed_and_tails_first() -> None:
     bm.free(1)
     bm.free(2)
     assert bm.num_cached_blocks == 4
-    assert bm.evict(1) == 1  # a's tail: a is older, and its head outlives its tail
+    _evict_one(bm)  # a's tail: a is older, and its head outlives its tail
     assert bm.allocate(3, a) == 2 and bm.block_table(3)[0] == a_table[0]
-    assert bm.evict(1) == 1  # b's tail (a's head was revived, so it is not evictable)
+    _evict_one(bm)  # b's tail (a's head was revived, so it is not evictable)
     assert bm.allocate(4, b) == 2 and bm.block_table(4)[0] == b_table[0]
-    assert bm.stats.evictions == 2
     bm.check_integrity()
+
+
+def _take_every_free_block(bm: BlockManager, seq_id: int) -> None:
+    """Leaves only cached blocks to allocate from, so the next fresh block is an eviction."""
+    if bm.num_free_blocks:
+        bm.allocate(seq_id, [7] * (bm.num_free_blocks * bm.tokens_per_block))
+    assert bm.num_free_blocks == 0
+
+
+def _evict_one(bm: BlockManager) -> None:
+    """Makes the manager evict exactly its least recently used cached block."""
+    cached = bm.num_cached_blocks
+    _take_every_free_block(bm, 1000)
+    bm.allocate(1001, [9])
+    for seq_id in (1000, 1001):
+        if seq_id in bm:
+            bm.free(seq_id)
+    assert bm.num_cached_blocks == cached - 1
 
 
 def test_revived_block_moves_to_the_most_recently_used_end() -> None:
@@ -187,7 +187,7 @@ def test_revived_block_moves_to_the_most_recently_used_end() -> None:
     bm.free(2)  # LRU order: a's head, b's head
     bm.allocate(3, a)  # revives a's head...
     bm.free(3)  # ...and returns it as the most recently used
-    assert bm.evict(1) == 1
+    _evict_one(bm)  # b's head, now the least recently used
     assert bm.allocate(4, a) == 2
     assert bm.allocate(5, b) == 0
     bm.check_integrity()
@@ -199,10 +199,13 @@ def test_cached_blocks_are_evicted_lazily_only_when_nothing_is_free() -> None:
     bm.free(1)
     assert (bm.num_free_blocks, bm.num_cached_blocks) == (3, 1)
     bm.allocate(2, [7, 7, 7, 7, 7])  # 3 blocks: all free ones, no eviction
-    assert (bm.num_free_blocks, bm.num_cached_blocks, bm.stats.evictions) == (0, 1, 0)
+    assert (bm.num_free_blocks, bm.num_cached_blocks) == (0, 1)
     assert bm.can_allocate(2) and not bm.can_allocate(3)
     bm.allocate(3, [8])  # needs the cached block
-    assert (bm.num_free_blocks, bm.num_cached_blocks, bm.stats.evictions) == (0, 0, 1)
+    assert (bm.num_free_blocks, bm.num_cached_blocks) == (0, 0)
+    bm.free(2)
+    bm.free(3)
+    assert bm.allocate(4, [1, 2, 3]) == 0  # its prefix is gone
     bm.check_integrity()
 
 
@@ -210,10 +213,10 @@ def test_blocks_of_live_sequences_are_never_evicted() -> None:
     bm = BlockManager(8, 2)
     computed_seq(bm, 1, [1, 2, 3, 4, 5])
     table = bm.block_table(1)
-    assert bm.evict(8) == 0
-    assert bm.block_table(1) == table and bm.num_used_blocks == 3
-    with pytest.raises(ValueError):
-        bm.evict(-1)
+    _take_every_free_block(bm, 2)
+    with pytest.raises(NoFreeBlocksError):
+        bm.allocate(3, [9])
+    assert bm.block_table(1) == table and bm.num_used_blocks == 8
 
 
 # -- exhaustion -------------------------------------------------------------------------------
@@ -244,51 +247,6 @@ def test_no_free_blocks_on_append_leaves_no_trace() -> None:
     bm.check_integrity()
 
 
-# -- fork and copy-on-write -------------------------------------------------------------------
-
-
-def test_fork_shares_blocks_and_copies_a_shared_partial_block_on_write() -> None:
-    bm = BlockManager(8, 4)
-    bm.allocate(1, [1, 2, 3, 4, 5, 6])
-    bm.mark_computed(1, 6)
-    bm.fork(1, 2)
-    parent = bm.block_table(1)
-    assert bm.block_table(2) == parent and bm.num_computed(2) == 6
-    assert bm.num_used_blocks == 2
-    bm.check_integrity()  # refcounts are 2
-
-    bm.append_token(1, 7)
-    new_parent = bm.block_table(1)
-    assert new_parent[0] == parent[0] and new_parent[1] != parent[1]
-    assert bm.take_pending_copies() == [(parent[1], new_parent[1])]
-    assert bm.take_pending_copies() == []
-    bm.append_token(2, 8)  # now the sole owner: writes in place
-    assert bm.block_table(2) == parent and bm.take_pending_copies() == []
-    bm.check_integrity()
-
-
-def test_fork_needs_a_block_to_copy_into() -> None:
-    bm = BlockManager(2, 4)
-    bm.allocate(1, [1, 2])
-    bm.fork(1, 2)
-    assert bm.can_append(2, 2) and not bm.can_append(2, 3)  # copy + 1 more block needed
-    bm.append_token(1, 3)  # takes the last free block for the copy
-    assert not bm.can_append(1, 3) and bm.can_append(2, 2)  # seq 2 now owns its block
-    with pytest.raises(NoFreeBlocksError):
-        bm.allocate(3, [1])
-    bm.check_integrity()
-
-
-def test_pending_copy_into_a_freed_block_is_dropped() -> None:
-    bm = BlockManager(8, 4)
-    bm.allocate(1, [1, 2])
-    bm.fork(1, 2)
-    bm.append_token(2, 3)
-    bm.free(2)
-    assert bm.take_pending_copies() == []
-    bm.check_integrity()
-
-
 # -- errors -----------------------------------------------------------------------------------
 
 
@@ -304,8 +262,6 @@ def test_invalid_calls_raise() -> None:
     with pytest.raises(ValueError):
         bm.allocate(1, [1])
     with pytest.raises(ValueError):
-        bm.fork(1, 1)
-    with pytest.raises(ValueError):
         bm.mark_computed(1, 4)  # beyond the tokens
     bm.mark_computed(1, 2)
     with pytest.raises(ValueError):
@@ -314,8 +270,6 @@ def test_invalid_calls_raise() -> None:
     for call in (bm.free, bm.block_table, bm.num_tokens, bm.num_computed):
         with pytest.raises(KeyError):
             call(1)  # double free / unknown id
-    with pytest.raises(KeyError):
-        bm.fork(1, 2)
     assert bm.num_free_blocks + bm.num_cached_blocks == 8
 
 
@@ -341,13 +295,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.computed_prefixes: set[tuple[int, ...]] = set()  # full-block prefixes with K/V
         self.next_id = 0
 
-    @initialize(
-        num_blocks=st.integers(3, 14),
-        tokens_per_block=st.integers(1, 4),
-        caching=st.booleans(),
-    )
-    def setup(self, num_blocks: int, tokens_per_block: int, caching: bool) -> None:
-        self.bm = BlockManager(num_blocks, tokens_per_block, enable_prefix_caching=caching)
+    @initialize(num_blocks=st.integers(3, 14), tokens_per_block=st.integers(1, 4))
+    def setup(self, num_blocks: int, tokens_per_block: int) -> None:
+        self.bm = BlockManager(num_blocks, tokens_per_block)
+        self.evicted = False  # once a cached block is evicted, the longest hit may be gone
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -364,7 +315,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def allocate(self, prompt: list[int]) -> None:
         seq_id, bm = self._new_id(), self.bm
         before = snapshot(bm, list(self.tokens))
-        fits, evictions = bm.can_allocate(len(prompt)), bm.stats.evictions
+        fits, cached_before = bm.can_allocate(len(prompt)), bm.num_cached_blocks
+        fresh_before = bm.num_free_blocks
         try:
             cached = bm.allocate(seq_id, prompt)
         except NoFreeBlocksError:
@@ -374,10 +326,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.tokens[seq_id] = list(prompt)
         assert cached % bm.tokens_per_block == 0 and cached < len(prompt)
         assert cached == 0 or tuple(prompt[:cached]) in self.computed_prefixes
-        if not bm.enable_prefix_caching:
-            assert cached == 0
-        elif evictions == 0:  # nothing ever left the cache: the longest prefix must be found
+        if not self.evicted:  # nothing ever left the cache: the longest prefix must be found
             assert cached == self._expected_hit(prompt)
+        fresh = bm.blocks_needed(len(prompt)) - cached // bm.tokens_per_block
+        self.evicted |= fresh > fresh_before and cached_before > 0
         assert bm.num_computed(seq_id) == cached and bm.num_tokens(seq_id) == len(prompt)
 
     @precondition(lambda self: self.tokens)
@@ -393,15 +345,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert not fits and snapshot(bm, list(self.tokens)) == before
             return
         assert fits
+        self.evicted |= len(bm.block_table(seq_id)) > len(table) and before[0][0] == 0
         self.tokens[seq_id].append(token)
         new_table = bm.block_table(seq_id)
         assert len(new_table) == bm.blocks_needed(len(self.tokens[seq_id]))
-        copies = bm.take_pending_copies()
-        if new_table[: len(table)] != table:  # only the last block may be replaced, by a copy
-            assert new_table[:-1] == table[:-1]
-            assert copies == [(table[-1], new_table[-1])]
-        else:
-            assert copies == []
+        assert new_table[: len(table)] == table  # blocks already held never move
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -416,31 +364,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
-    def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(sorted(self.tokens)))
-        child, used = self._new_id(), self.bm.num_used_blocks
-        self.bm.fork(parent, child)
-        self.tokens[child] = list(self.tokens[parent])
-        assert self.bm.block_table(child) == self.bm.block_table(parent)
-        assert self.bm.num_used_blocks == used  # shared, not copied
-
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
         seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
         self.bm.free(seq_id)
         del self.tokens[seq_id]
         with pytest.raises(KeyError):
             self.bm.free(seq_id)
-        self.bm.take_pending_copies()
-
-    @rule(num_blocks=st.integers(0, 4))
-    def evict(self, num_blocks: int) -> None:
-        bm = self.bm
-        cached, free, used = bm.num_cached_blocks, bm.num_free_blocks, bm.num_used_blocks
-        evicted = bm.evict(num_blocks)
-        assert evicted == min(num_blocks, cached)
-        assert bm.num_free_blocks == free + evicted and bm.num_used_blocks == used
 
     @invariant()
     def consistent(self) -> None:
@@ -459,9 +388,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bm.check_integrity()
         assert bm.num_used_blocks == 0  # no leak
         assert bm.num_free_blocks + bm.num_cached_blocks == bm.num_blocks
-        bm.evict(bm.num_blocks)
-        assert bm.num_free_blocks == bm.num_blocks
-        bm.check_integrity()
+        assert bm.can_allocate(bm.num_blocks * bm.tokens_per_block)  # cached ones are evictable
 
 
 BlockManagerMachine.TestCase.settings = settings(

@@ -9,8 +9,8 @@ import pytest
 from server.executor.base import SamplingParams
 from server.scheduler import SchedRequest, SchedulerConfig, Tier
 from server.scheduler.budget import PassBudget
+from server.scheduler.live import LiveRequest
 from server.scheduler.policy import DeadlineQueue, FifoQueue, TierQueues
-from server.scheduler.sequence import Sequence
 from tests.unit.scheduler.helpers import Recorder, Shape
 
 pytestmark = pytest.mark.unit
@@ -43,9 +43,9 @@ def test_config_derived_values() -> None:
 
 def seq(
     sid: int, tier: Tier = Tier.ONLINE, deadline: float | None = None, arrival: float = 0.0
-) -> Sequence:
+) -> LiveRequest:
     request = SchedRequest((1, 2, 3), SamplingParams(), tier, ttft_deadline=deadline)
-    return Sequence(sid, request, Recorder(), arrival=arrival)
+    return LiveRequest(sid, request, Recorder(), arrival=arrival)
 
 
 def test_deadline_queue_orders_by_deadline_then_arrival_then_id() -> None:

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine_builder.step_cost import FEATURES, LinearStepCost, OnlineStepCost
 from server.executor.base import ExecRequest, SamplingParams
 from server.scheduler import BackfillScheduler, Outcome, SchedRequest, SchedulerConfig, Tier
-from tests.fakes import ScriptedExecutor
+from tests.fakes import PlannedScriptedExecutor, ScriptedExecutor
 from tests.unit.scheduler.helpers import FakeClock, Recorder, Shape
 
 pytestmark = pytest.mark.unit
@@ -57,7 +58,11 @@ configs = st.builds(
     offline_reserve=st.sampled_from([0.0, 0.1, 0.3, 0.5]),
     preemption=st.sampled_from(["recompute", "off"]),
     policy=st.sampled_from(["backfill", "backfill", "fcfs"]),
+    # A TPOT budget (with the cost below, 20 ms fits 2 tokens a step, 60 ms 10), followed by
+    # plan-following executors and enforced by admission on the others.
+    tpot_slo_ms=st.sampled_from([None, None, 20.0, 60.0]),
 )
+COST = LinearStepCost(0.010, [0.005 if name == "tokens" else 0.0 for name in FEATURES])
 
 
 def stop_after(prompt: tuple[int, ...]) -> int | None:
@@ -76,7 +81,7 @@ def reject(request: ExecRequest) -> str | None:
 class Harness:
     """Drives one scheduler and checks the invariants after each pass."""
 
-    def __init__(self, slots: int, config: SchedulerConfig) -> None:
+    def __init__(self, slots: int, config: SchedulerConfig, follows_plans: bool = False) -> None:
         # A KV pool every slot can fill to max_seq_len, so only slots limit admission and the
         # invariants hold exactly (KV-limited admission has its own focused test).
         shape = Shape(
@@ -86,12 +91,16 @@ class Harness:
             max_tokens_per_step=24,
             max_seq_len=MAX_SEQ_LEN,
         )
-        self.ex = ScriptedExecutor(
-            shape.capacity(), stop_after=stop_after, error_fn=error_at, reject_fn=reject
+        kind = PlannedScriptedExecutor if follows_plans else ScriptedExecutor
+        self.ex = kind(
+            shape.capacity(), stop_after=stop_after, error_fn=error_at, reject_fn=reject,
+            step_cost=COST,
         )
         self.clock = FakeClock()
         self.config = config
-        self.sched = BackfillScheduler(self.ex, config, clock=self.clock)
+        self.sched = BackfillScheduler(
+            self.ex, config, clock=self.clock, step_cost=OnlineStepCost(COST)
+        )
         self.rec = Recorder()
         self.slots = slots
         self.reserve = config.reserve_slots(slots)
@@ -185,11 +194,12 @@ class Harness:
 
 
 @settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(slots=st.integers(1, 4), config=configs, program=st.lists(phases, min_size=1, max_size=12))
+@given(slots=st.integers(1, 4), config=configs, follows_plans=st.booleans(),
+       program=st.lists(phases, min_size=1, max_size=12))
 def test_invariants_hold_after_every_pass(
-    slots: int, config: SchedulerConfig, program: list[Phase]
+    slots: int, config: SchedulerConfig, follows_plans: bool, program: list[Phase]
 ) -> None:
-    h = Harness(slots, config)
+    h = Harness(slots, config, follows_plans)
     for phase in program:
         for submit in phase.submits:
             h.submit(submit)

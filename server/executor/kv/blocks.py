@@ -1,8 +1,8 @@
 """Paged KV-cache bookkeeping: a pool of fixed-size blocks, per-sequence block tables, prefix
-caching by chained block hashes, LRU eviction and copy-on-write after fork.
+caching by chained block hashes (``prefix.py``) and LRU eviction.
 
-No tensors live here. An executor keeps K/V arrays ``[num_blocks, tokens_per_block, kv_heads,
-head_dim]`` per layer and indexes them with ``block_table(seq_id)``.
+No tensors live here: ``paged.PagedKvCache`` holds the values, indexed with
+``block_table(seq_id)``.
 
 Every block is in exactly one of three states:
 
@@ -19,28 +19,13 @@ so a prefix hit never hands out K/V that nobody wrote.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.executor.prefix_hash import BlockHash, BlockHasher, hash_block
+from server.executor.kv.prefix import BlockHash, hash_block
 
 
 class NoFreeBlocksError(RuntimeError):
     """Not enough free or evictable blocks; the manager's state is unchanged."""
-
-
-@dataclass(frozen=True, slots=True)
-class KvCacheStats:
-    """A snapshot of the pool; the last four counters are cumulative since construction."""
-
-    total: int  # blocks in the pool
-    free: int  # neither referenced nor cached
-    cached: int  # unreferenced, registered, evictable
-    used: int  # referenced by a live sequence
-    hits: int  # prompt blocks served from the prefix cache
-    misses: int  # prompt blocks that could have been served (full, not last) but were not
-    evictions: int  # cached blocks dropped to make room or by evict()
-    cached_tokens_served: int  # hits * tokens_per_block
 
 
 @dataclass(slots=True)
@@ -55,8 +40,8 @@ class _Block:
 
 
 @dataclass(slots=True)
-class _Sequence:
-    """Per-sequence state. ``block_table[i]`` holds tokens ``[i*tpb, (i+1)*tpb)``."""
+class _Allocation:
+    """What one sequence holds. ``block_table[i]`` holds tokens ``[i*tpb, (i+1)*tpb)``."""
 
     token_ids: list[int]
     block_table: list[int]
@@ -73,21 +58,12 @@ class BlockManager:
     Not thread-safe: one executor loop owns it.
     """
 
-    def __init__(
-        self,
-        num_blocks: int,
-        tokens_per_block: int,
-        *,
-        enable_prefix_caching: bool = True,
-        hasher: BlockHasher = hash_block,
-    ) -> None:
+    def __init__(self, num_blocks: int, tokens_per_block: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if tokens_per_block < 1:
             raise ValueError(f"tokens_per_block must be >= 1, got {tokens_per_block}")
         self._tokens_per_block = tokens_per_block
-        self._enable_prefix_caching = enable_prefix_caching
-        self._hasher = hasher
         self._blocks = [_Block(block_id) for block_id in range(num_blocks)]
         # A deque: O(1) take and return; free blocks are interchangeable, so order is free.
         self._free: deque[int] = deque(range(num_blocks))
@@ -96,13 +72,7 @@ class BlockManager:
         # prompt revives a cached block.
         self._cached: OrderedDict[int, None] = OrderedDict()
         self._hash_to_block: dict[BlockHash, int] = {}
-        self._seqs: dict[int, _Sequence] = {}
-        # (src, dst) block copies owed by copy-on-write; the executor copies K/V before its
-        # next step writes anything.
-        self._pending_copies: list[tuple[int, int]] = []
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
+        self._seqs: dict[int, _Allocation] = {}
 
     # -- counts ---------------------------------------------------------------------------
 
@@ -115,10 +85,6 @@ class BlockManager:
         return self._tokens_per_block
 
     @property
-    def enable_prefix_caching(self) -> bool:
-        return self._enable_prefix_caching
-
-    @property
     def num_free_blocks(self) -> int:
         return len(self._free)
 
@@ -129,19 +95,6 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free) - len(self._cached)
-
-    @property
-    def stats(self) -> KvCacheStats:
-        return KvCacheStats(
-            total=self.num_blocks,
-            free=self.num_free_blocks,
-            cached=self.num_cached_blocks,
-            used=self.num_used_blocks,
-            hits=self._hits,
-            misses=self._misses,
-            evictions=self._evictions,
-            cached_tokens_served=self._hits * self._tokens_per_block,
-        )
 
     def blocks_needed(self, num_tokens: int) -> int:
         if num_tokens < 0:
@@ -167,7 +120,7 @@ class BlockManager:
         """Physical block ids in token order (a copy)."""
         return list(self._seq(seq_id).block_table)
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: list[int]) -> int:
         """Reserves blocks for the prompt and returns how many leading tokens are cached.
 
         Reuses the longest chain of registered blocks matching the prompt's leading full
@@ -195,27 +148,21 @@ class BlockManager:
             self._acquire(block_id)
         table = hits + [self._take_fresh_block() for _ in range(num_fresh)]
         num_cached = len(hits) * self._tokens_per_block
-        self._seqs[seq_id] = _Sequence(tokens, table, num_cached, len(hits), last_hash)
-        self._hits += len(hits)
-        self._misses += max_hits - len(hits)
+        self._seqs[seq_id] = _Allocation(tokens, table, num_cached, len(hits), last_hash)
         return num_cached
 
-    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
-        return self._fresh_blocks_to_append(self._seq(seq_id), num_tokens) <= (
-            len(self._free) + len(self._cached)
-        )
+    def can_append(self, seq_id: int) -> bool:
+        """Whether one more token fits (a new block when the last one is full)."""
+        return not self._needs_block(self._seq(seq_id)) or bool(self._free or self._cached)
 
     def append_token(self, seq_id: int, token_id: int) -> None:
-        """Adds one token (a sampled output), taking a new block when the last one is full,
-        or copying a shared partially filled last block first (copy-on-write).
+        """Adds one token (a sampled output), taking a new block when the last one is full.
         Raises NoFreeBlocksError (state unchanged)."""
         seq = self._seq(seq_id)
-        if self._fresh_blocks_to_append(seq, 1) > len(self._free) + len(self._cached):
-            raise NoFreeBlocksError(f"no block to append to sequence {seq_id}")
-        if len(seq.token_ids) % self._tokens_per_block == 0:
+        if self._needs_block(seq):
+            if not (self._free or self._cached):
+                raise NoFreeBlocksError(f"no block to append to sequence {seq_id}")
             seq.block_table.append(self._take_fresh_block())
-        elif self._blocks[seq.block_table[-1]].ref_count > 1:
-            self._copy_on_write(seq)
         seq.token_ids.append(token_id)
 
     def mark_computed(self, seq_id: int, num_computed_tokens: int) -> None:
@@ -232,30 +179,7 @@ class BlockManager:
                 f"[{seq.num_computed}, {len(seq.token_ids)}], got {num_computed_tokens}"
             )
         seq.num_computed = num_computed_tokens
-        if self._enable_prefix_caching:
-            self._register_computed_blocks(seq)
-
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """The child shares every block of the parent; shared partial blocks are copied on
-        the next append to them (see take_pending_copies)."""
-        parent = self._seq(parent_id)
-        if child_id in self._seqs:
-            raise ValueError(f"sequence {child_id} is already allocated")
-        for block_id in parent.block_table:
-            self._blocks[block_id].ref_count += 1
-        self._seqs[child_id] = _Sequence(
-            list(parent.token_ids),
-            list(parent.block_table),
-            parent.num_computed,
-            parent.num_hashed_blocks,
-            parent.last_hash,
-        )
-
-    def take_pending_copies(self) -> list[tuple[int, int]]:
-        """(src, dst) block copies owed since the last call, in order; the executor must copy
-        K/V for each before its next step writes into dst."""
-        copies, self._pending_copies = self._pending_copies, []
-        return copies
+        self._register_computed_blocks(seq)
 
     def free(self, seq_id: int) -> None:
         """Drops the sequence's references. Blocks no longer referenced become cached when
@@ -268,15 +192,6 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
 
-    def evict(self, num_blocks: int) -> int:
-        """Frees up to num_blocks least recently used cached blocks; returns how many."""
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        count = min(num_blocks, len(self._cached))
-        for _ in range(count):
-            self._free.append(self._evict_lru())
-        return count
-
     def check_integrity(self) -> None:
         """Raises AssertionError naming the first broken invariant. O(blocks + tokens)."""
         free, cached = set(self._free), set(self._cached)
@@ -285,12 +200,11 @@ class BlockManager:
         _require(not free & cached, "a block is both free and cached")
         _require(not (free | cached) & used, "a referenced block is free or cached")
         _require(len(free | cached | used) == self.num_blocks, "a block is in no state")
-        _require(self._enable_prefix_caching or not cached, "cached blocks with caching off")
         refs = [0] * self.num_blocks
         contents: dict[int, list[int]] = {}  # what the first holder of each block wrote there
         tpb = self._tokens_per_block
         for seq_id, seq in self._seqs.items():
-            self._check_sequence(seq_id, seq)
+            self._check_allocation(seq_id, seq)
             for i, block_id in enumerate(seq.block_table):
                 refs[block_id] += 1
                 held = seq.token_ids[i * tpb : (i + 1) * tpb]
@@ -309,10 +223,10 @@ class BlockManager:
             block = self._blocks[block_id]
             _require(block.block_hash == block_hash, f"hash map entry for {block_id} is stale")
             _require(len(block.token_ids) == self._tokens_per_block, "registered partial block")
-            rehash = self._hasher(block.parent_hash, block.token_ids)
+            rehash = hash_block(block.parent_hash, block.token_ids)
             _require(rehash == block_hash, f"block {block_id} tokens do not match its hash")
 
-    def _check_sequence(self, seq_id: int, seq: _Sequence) -> None:
+    def _check_allocation(self, seq_id: int, seq: _Allocation) -> None:
         tpb = self._tokens_per_block
         num_tokens = len(seq.token_ids)
         _require(seq.num_computed <= num_tokens, f"sequence {seq_id} computed > tokens")
@@ -327,7 +241,7 @@ class BlockManager:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _seq(self, seq_id: int) -> _Sequence:
+    def _seq(self, seq_id: int) -> _Allocation:
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id}")
@@ -339,12 +253,10 @@ class BlockManager:
         """The registered blocks holding the prompt's leading blocks, and the last one's hash."""
         hits: list[int] = []
         last_hash: BlockHash | None = None
-        if not self._enable_prefix_caching:
-            return hits, last_hash
         tpb = self._tokens_per_block
         for i in range(max_blocks):
             block_tokens = tuple(tokens[i * tpb : (i + 1) * tpb])
-            block_hash = self._hasher(last_hash, block_tokens)
+            block_hash = hash_block(last_hash, block_tokens)
             block_id = self._hash_to_block.get(block_hash)
             # Confirm the tokens and the parent: a hit must never rest on a hash alone.
             if block_id is None or not self._holds(block_id, last_hash, block_tokens):
@@ -357,11 +269,11 @@ class BlockManager:
         block = self._blocks[block_id]
         return block.parent_hash == parent and block.token_ids == tokens
 
-    def _register_computed_blocks(self, seq: _Sequence) -> None:
+    def _register_computed_blocks(self, seq: _Allocation) -> None:
         tpb = self._tokens_per_block
         for i in range(seq.num_hashed_blocks, seq.num_computed // tpb):
             block_tokens = tuple(seq.token_ids[i * tpb : (i + 1) * tpb])
-            block_hash = self._hasher(seq.last_hash, block_tokens)
+            block_hash = hash_block(seq.last_hash, block_tokens)
             if block_hash not in self._hash_to_block:
                 block = self._blocks[seq.block_table[i]]
                 block.block_hash = block_hash
@@ -371,22 +283,8 @@ class BlockManager:
             seq.last_hash = block_hash
             seq.num_hashed_blocks = i + 1
 
-    def _fresh_blocks_to_append(self, seq: _Sequence, num_tokens: int) -> int:
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        length = len(seq.token_ids)
-        needed = self.blocks_needed(length + num_tokens) - len(seq.block_table)
-        last_partial = length % self._tokens_per_block != 0
-        if num_tokens > 0 and last_partial and self._blocks[seq.block_table[-1]].ref_count > 1:
-            needed += 1  # the copy-on-write replacement of the shared last block
-        return needed
-
-    def _copy_on_write(self, seq: _Sequence) -> None:
-        src = seq.block_table[-1]
-        dst = self._take_fresh_block()
-        self._blocks[src].ref_count -= 1  # still >= 1: another sequence shares it
-        seq.block_table[-1] = dst
-        self._pending_copies.append((src, dst))
+    def _needs_block(self, seq: _Allocation) -> bool:
+        return len(seq.token_ids) % self._tokens_per_block == 0
 
     def _acquire(self, block_id: int) -> None:
         """One more reference to a registered block, reviving it if it was cached."""
@@ -402,8 +300,6 @@ class BlockManager:
             self._cached[block_id] = None
             return
         self._free.append(block_id)
-        # A copy into a block nobody holds is moot, and would clobber the block's next owner.
-        self._pending_copies = [c for c in self._pending_copies if c[1] != block_id]
 
     def _take_fresh_block(self) -> int:
         """A free block with one reference, evicting the LRU cached block if none is free.
@@ -420,7 +316,6 @@ class BlockManager:
         block.block_hash = None
         block.parent_hash = None
         block.token_ids = ()
-        self._evictions += 1
         return block_id
 
 

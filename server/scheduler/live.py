@@ -1,4 +1,4 @@
-"""Per-request state as the scheduler tracks it, and the events built from it."""
+"""Per-request state as the scheduler tracks it (a LiveRequest), and the events built from it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Phase(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
-class Sequence:
+class LiveRequest:
     """One request's life in the scheduler. Owned by the scheduler thread after submit.
 
     Invariants: ``tokens`` is exactly what the sink has received, in order, across all runs
@@ -54,6 +54,7 @@ class Sequence:
     # False from each (re)start until the run's first delta: until then the executor may not
     # have allocated its KV blocks yet, so its stats do not show them as used.
     run_reported: bool = False
+    run_tokens: int = 0  # tokens the current run streamed: 0 while it is in prefill
     cached_prompt_tokens: int | None = None  # reported by the first run
     draft_proposed: int = 0
     draft_accepted: int = 0
@@ -66,6 +67,12 @@ class Sequence:
     def num_context_tokens(self) -> int:
         """Prompt plus tokens produced so far: what a resumed run starts from."""
         return len(self.request.prompt_token_ids) + len(self.tokens)
+
+    def time_per_output_token(self, now: float) -> float | None:
+        """Mean seconds between this request's tokens after the first (None below two)."""
+        if self.first_token_at is None or len(self.tokens) < 2:
+            return None
+        return (now - self.first_token_at) / (len(self.tokens) - 1)
 
     def exec_request(self, exec_id: int, priority: float) -> ExecRequest:
         """The executor request of the next run; resumes after the tokens already streamed."""

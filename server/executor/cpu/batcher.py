@@ -1,0 +1,168 @@
+"""Which sequences hold slots, and what each computes in the next step.
+
+The batcher admits waiting sequences into slots while slots and KV blocks allow (higher
+priority first, FIFO within a priority: TensorRT-LLM's queue semantics), then packs a step:
+every decode, then prefill chunks, up to the engine's token budget, each sequence limited by
+the scheduler's standing ``StepPlan`` (a cap of 0 pauses it: it keeps its slot and blocks but
+sits the step out). It applies the plan; it does not decide what matters more.
+
+When a decode needs a KV block and none is left, the newest sequence of the lowest priority is
+preempted back to the head of the queue and later recomputed (mostly from the prefix cache);
+its output stream is unaffected.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.executor.base import StepPlan
+from server.executor.cpu.sequence import Chunk, Sequence
+from server.executor.kv import BlockManager, NoFreeBlocksError
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_size: int  # sequences holding a slot
+    max_num_tokens: int  # tokens computed per step
+    max_seq_len: int  # prompt + generated tokens
+
+
+class Batcher:
+    """Waiting and running sequences and their KV blocks. Single-threaded (the engine's)."""
+
+    def __init__(self, blocks: BlockManager, limits: BatchLimits) -> None:
+        self.blocks = blocks
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.plan = StepPlan()
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # of sequences admitted for the first time
+        self.num_cached_prompt_tokens = 0  # of which the prefix cache held
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a sequence behind every waiting one of its priority or higher."""
+        index = next(
+            (i for i, w in enumerate(self.waiting) if w.priority < seq.priority),
+            len(self.waiting),
+        )
+        self.waiting.insert(index, seq)
+
+    def remove(self, request_id: int) -> Sequence | None:
+        """Takes a waiting or running sequence out (freeing its blocks); None if unknown."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.release(seq)
+                return seq
+        return None
+
+    def release(self, seq: Sequence) -> None:
+        """Gives back the slot and KV blocks of a running sequence."""
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def admit(self) -> list[Sequence]:
+        """Moves waiting sequences (in queue order) into free slots while KV blocks allow.
+        Returns the sequences that can never fit the pool (none is running to free blocks):
+        the caller ends them."""
+        unfit: list[Sequence] = []
+        while self.waiting and len(self.running) < self.limits.max_batch_size:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(len(seq.token_ids)):
+                if self.running:
+                    return unfit  # blocks come back as running sequences finish
+                unfit.append(self.waiting.popleft())
+                continue
+            try:
+                cached = self.blocks.allocate(seq.request_id, seq.token_ids)
+            except NoFreeBlocksError:
+                return unfit
+            self.waiting.popleft()
+            seq.num_computed = cached
+            seq.prefilling = True
+            self.running.append(seq)
+            if seq.cached_prompt_tokens is None:  # first admission, not a re-admission
+                seq.cached_prompt_tokens = cached
+                seq.report_cached = True
+                self.num_prompt_tokens += len(seq.token_ids)
+                self.num_cached_prompt_tokens += cached
+        return unfit
+
+    # -- the step -------------------------------------------------------------------------
+
+    def schedule(self) -> list[Chunk]:
+        """The chunks of the next step: decodes first (each needs one KV slot for the token
+        sampled last), then prefill chunks by priority, within the token budget and the plan."""
+        budget = self.limits.max_num_tokens
+        chunks: list[Chunk] = []
+        for seq in [s for s in self.running if s.num_pending == 1]:
+            if budget == 0:
+                break
+            if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
+                continue
+            if self._reserve_slot(seq):
+                chunks.append(Chunk(seq, seq.num_computed, 1))
+                budget -= 1
+        prefilling = sorted(
+            (s for s in self.running if s.num_pending > 1), key=lambda s: -s.priority
+        )  # stable: admission order within a priority
+        for seq in prefilling:
+            if budget == 0:
+                break
+            cap = self._cap(seq)
+            n = min(seq.num_pending, budget, seq.num_pending if cap is None else cap)
+            if n > 0:
+                chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        return chunks
+
+    def _cap(self, seq: Sequence) -> int | None:
+        return self.plan.cap(seq.request_id)
+
+    def _reserve_slot(self, seq: Sequence) -> bool:
+        """Gives the last sampled token a KV slot, preempting if the pool is full. False when
+        seq itself had to be preempted."""
+        if self.blocks.num_tokens(seq.request_id) == len(seq.token_ids):
+            return True  # re-admitted: allocate() already covered every token
+        while not self.blocks.can_append(seq.request_id):
+            victim = self._victim()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append_token(seq.request_id, seq.token_ids[-1])
+        return True
+
+    def _victim(self) -> Sequence:
+        """The newest running sequence of the lowest priority."""
+        lowest = min(s.priority for s in self.running)
+        return next(s for s in reversed(self.running) if s.priority == lowest)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Back to the head of its priority in the queue, so it resumes first."""
+        self.release(seq)
+        seq.num_computed = 0
+        index = next(
+            (i for i, w in enumerate(self.waiting) if w.priority <= seq.priority),
+            len(self.waiting),
+        )
+        self.waiting.insert(index, seq)
+        self.num_preemptions += 1
+
+    def check_integrity(self) -> None:
+        self.blocks.check_integrity()
+        held = {seq.request_id for seq in self.running}
+        assert len(held) == len(self.running), "a sequence runs twice"
+        assert len(self.running) <= self.limits.max_batch_size, "more running than slots"
+        for seq in self.running:
+            assert seq.request_id in self.blocks, "a running sequence holds no blocks"
+            assert 0 <= seq.num_computed < len(seq.token_ids), "nothing left to compute"
+            assert self.blocks.num_computed(seq.request_id) == seq.num_computed
+        for seq in self.waiting:
+            assert seq.request_id not in self.blocks, "a waiting sequence holds blocks"

@@ -1,0 +1,175 @@
+"""The step loop of the CPU engine: in-flight batching with chunked prefill over a paged,
+prefix-cached KV pool.
+
+Each step (1) admits waiting sequences into free slots (``Batcher.admit``), (2) packs every
+decode plus prefill chunks within the token budget and the scheduler's plan
+(``Batcher.schedule``), (3) runs one packed forward pass (``ModelRunner.run``) and (4) samples,
+applies stops and frees finished sequences (``_commit``). Every step's shape and duration is
+kept as a ``StepSample`` for the step-cost model.
+
+Single-threaded: the executor's worker thread owns an engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine_builder.step_cost import StepSample, StepShape
+from engine_builder.tokenizer import EngineTokenizer
+from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta
+from server.executor.cpu.batcher import Batcher
+from server.executor.cpu.model import LlamaModel
+from server.executor.cpu.model_runner import ModelRunner
+from server.executor.cpu.sampling import sample_token
+from server.executor.cpu.sequence import Chunk, Sequence
+from server.executor.cpu.stops import OutputTracker
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    steps: int = 0
+    last_step_latency_s: float = 0.0
+    last_step_tokens: int = 0
+    generated_tokens: int = 0
+    busy_seconds: float = 0.0
+    computed_tokens: int = 0  # prefill + decode tokens run through the model
+
+
+class CpuEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        batcher: Batcher,
+        tokenizer: EngineTokenizer,
+    ) -> None:
+        self.runner = runner
+        self.batcher = batcher
+        self.tokenizer = tokenizer
+        self.counters = EngineCounters()
+        self._finished: list[Sequence] = []  # finished since the last drain
+        self._samples: list[StepSample] = []  # steps since the last take_step_samples
+
+    @property
+    def model(self) -> LlamaModel:
+        return self.runner.model
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.batcher.running
+
+    @property
+    def has_work(self) -> bool:
+        """Anything waiting, running or not yet reported (paused sequences count)."""
+        b = self.batcher
+        return bool(b.waiting or b.running or self._finished)
+
+    def set_plan(self, plan: StepPlan) -> None:
+        self.batcher.plan = plan
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add(self, request: ExecRequest, seed: int) -> None:
+        """Queues a validated request (the executor checks ids, lengths and vocabulary)."""
+        context = [*request.prompt_token_ids, *request.resume_token_ids]
+        tracker = OutputTracker(
+            request.sampling, self.tokenizer, context, len(request.resume_token_ids)
+        )
+        seq = Sequence(request, seed, tracker, context)
+        if tracker.reached_max_tokens:  # a resumed request that had already used its budget
+            seq.end(FinishReason.LENGTH)
+            self._finished.append(seq)
+            return
+        self.batcher.add(seq)
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a waiting or running sequence with CANCELLED; unknown ids are a no-op."""
+        seq = self.batcher.remove(request_id)
+        if seq is not None:
+            seq.end_early(FinishReason.CANCELLED)
+            self._finished.append(seq)
+
+    def knows(self, request_id: int) -> bool:
+        b = self.batcher
+        return any(s.request_id == request_id for s in (*b.running, *b.waiting))
+
+    def cancel_all(
+        self, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None
+    ) -> None:
+        """Ends every live sequence (shutdown, or an engine failure with ERROR)."""
+        for seq in list(self.batcher.running):
+            self.batcher.release(seq)
+            seq.end_early(reason, error)
+            self._finished.append(seq)
+        while self.batcher.waiting:
+            seq = self.batcher.waiting.popleft()
+            seq.end_early(reason, error)
+            self._finished.append(seq)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Runs one iteration if anything can run; False when nothing could (all paused, or
+        no work). Output waits in ``drain``."""
+        t0 = time.perf_counter()
+        for seq in self.batcher.admit():
+            seq.end(FinishReason.ERROR, "prompt does not fit the KV-cache pool")
+            self._finished.append(seq)
+        chunks = self.batcher.schedule()
+        if not chunks:
+            return False
+        shape = StepShape()
+        for chunk in chunks:
+            shape.add(chunk.start, chunk.num_tokens, chunk.samples)
+        logits = self.runner.run(chunks)
+        self._commit(chunks, logits)
+        self._count(shape, time.perf_counter() - t0)
+        return True
+
+    def _commit(self, chunks: list[Chunk], logits: np.ndarray) -> None:
+        sampled = 0
+        max_seq_len = self.batcher.limits.max_seq_len
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.batcher.blocks.mark_computed(seq.request_id, seq.num_computed)
+            if not chunk.samples:
+                continue
+            tracker = seq.tracker
+            token = sample_token(
+                logits[sampled], seq.request.sampling, seq.seed, tracker.num_generated,
+                tracker.banned_ids(),
+            )
+            sampled += 1
+            self.counters.generated_tokens += 1
+            finish = seq.append_sample(token, max_seq_len)
+            if finish is not None:
+                self.batcher.release(seq)
+                seq.end(finish)
+                self._finished.append(seq)
+
+    def _count(self, shape: StepShape, latency: float) -> None:
+        c = self.counters
+        c.steps += 1
+        c.last_step_latency_s = latency
+        c.last_step_tokens = shape.tokens
+        c.computed_tokens += shape.tokens
+        c.busy_seconds += latency
+        self._samples.append(StepSample(shape, latency))
+
+    # -- output ---------------------------------------------------------------------------
+
+    def drain(self) -> list[TokenDelta]:
+        """One delta per sequence with new output since the last drain."""
+        deltas = [seq.take_delta() for seq in self.batcher.running if seq.out_ids]
+        done, self._finished = self._finished, []
+        return deltas + [seq.take_delta() for seq in done]
+
+    def take_step_samples(self) -> list[StepSample]:
+        samples, self._samples = self._samples, []
+        return samples
+
+    def check_integrity(self) -> None:
+        self.batcher.check_integrity()

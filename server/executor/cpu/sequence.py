@@ -1,0 +1,96 @@
+"""Per-sequence state of the CPU engine, and the chunk of it that one step computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.executor.base import ExecRequest, FinishReason, TokenDelta
+from server.executor.cpu.stops import OutputTracker
+
+
+@dataclass(slots=True, eq=False)  # identity semantics: `in` and `remove` on lists
+class Sequence:
+    """One request's live state. ``token_ids`` = prompt + resumed + generated.
+
+    Invariant while running: ``num_computed < len(token_ids)``; the tokens in between are what
+    its next step computes (a prefill chunk, or the one token sampled last step).
+    """
+
+    request: ExecRequest
+    seed: int
+    tracker: OutputTracker
+    token_ids: list[int]
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    cached_prompt_tokens: int | None = None  # set at first admission
+    # Output since the last delta was taken.
+    out_ids: list[int] = field(default_factory=list)
+    out_text: str = ""
+    report_cached: bool = False
+    # In the context phase: admitted and not sampled from since. Not the same as
+    # num_pending > 1: a one-token prompt, or a prompt the prefix cache covers but for its
+    # last token, is in its context phase with a single pending token.
+    prefilling: bool = True
+    finish: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    @property
+    def priority(self) -> float:
+        return self.request.priority
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def append_sample(self, token: int, max_seq_len: int) -> FinishReason | None:
+        """Accounts one sampled token (output, stop rules, text); returns why the sequence
+        ends now, if it does."""
+        self.token_ids.append(token)
+        self.prefilling = False
+        self.out_ids.append(token)
+        text, finish = self.tracker.push(token)
+        self.out_text += text
+        if finish is None and len(self.token_ids) >= max_seq_len:
+            self.out_text += self.tracker.flush()
+            finish = FinishReason.LENGTH
+        return finish
+
+    def end(self, reason: FinishReason, error: str | None = None) -> None:
+        """Marks the sequence finished; its last delta reports the cached prompt tokens."""
+        self.finish, self.error = reason, error
+        self.report_cached = True
+
+    def end_early(self, reason: FinishReason, error: str | None = None) -> None:
+        """Stopped from outside (cancel, error): what stop rules held back is emitted."""
+        self.out_text += self.tracker.flush_held()
+        self.end(reason, error)
+
+    def take_delta(self) -> TokenDelta:
+        """The output since the last call, as one delta."""
+        delta = TokenDelta(
+            request_id=self.request_id,
+            token_ids=tuple(self.out_ids),
+            text=self.out_text,
+            finish=self.finish,
+            error=self.error,
+            cached_prompt_tokens=(self.cached_prompt_tokens or 0) if self.report_cached else None,
+        )
+        self.out_ids, self.out_text, self.report_cached = [], "", False
+        return delta
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Positions [start, start + num_tokens) of one sequence, computed in one step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its logits pick the next one."""
+        return self.start + self.num_tokens == len(self.seq.token_ids)

@@ -1,0 +1,157 @@
+"""How much offline work rides in each step while online work is present: the TPOT budget.
+
+Every online token waits for the step that carries it, and a step's cost grows with what it
+carries, so while any online request runs or waits, the offline work in a step is bounded so
+that the step-cost model predicts it within the TPOT SLO. Online work itself is never bounded
+(it gets what it would get on an engine of its own); with no online work, offline fills every
+step. The offline reserve is a floor that takes precedence over the SLO: the oldest
+``keep_offline`` offline sequences progress in every step, so offline never starves.
+
+The result is data for the executor: a ``StepPlan`` (a token cap per offline sequence; 0 pauses
+it, resident in KV) for executors that follow plans, and a number of offline rows for those
+that plan their own steps (the scheduler then bounds how many offline requests they hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine_builder.step_cost import OnlineStepCost, StepShape
+from server.executor.base import Capacity, StepPlan
+from server.scheduler.live import LiveRequest
+from server.scheduler.types import Tier
+
+# Prompt tokens per step that an offline sequence of the reserve always gets while it prefills.
+RESERVE_PREFILL_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SloDecision:
+    """The outcome of planning one pass."""
+
+    plan: StepPlan
+    online_present: bool
+    offline_rows: int | None  # offline sequences that fit in a step; None: no bound
+    held_back: int  # offline sequences paused or capped below what they would compute
+    predicted_s: float  # the planned step's predicted time (0 without a model)
+    caps: dict[int, int] = field(default_factory=dict)  # the plan's caps, by scheduler id
+
+
+class SloPlanner:
+    """Fits offline work under the TPOT budget, oldest first (decodes before prefill chunks:
+    a decode is a token out for a row's cost, a prefill chunk is tokens in for many)."""
+
+    def __init__(self, cost: OnlineStepCost, tpot_slo_s: float, capacity: Capacity) -> None:
+        if tpot_slo_s <= 0:
+            raise ValueError(f"tpot_slo_s must be > 0, got {tpot_slo_s}")
+        self.cost = cost
+        self.tpot_slo_s = tpot_slo_s
+        self._capacity = capacity
+
+    def decide(
+        self,
+        running: Iterable[LiveRequest],
+        online_waiting: Iterable[LiveRequest],
+        keep_offline: int,
+    ) -> SloDecision:
+        """Caps for the running offline sequences (in run start order), given the running
+        online ones and the online requests about to be admitted."""
+        running = list(running)
+        online = [r for r in running if r.tier is Tier.ONLINE]
+        waiting = list(online_waiting)
+        if (not online and not waiting) or not self.cost.calibrated:
+            return SloDecision(StepPlan(), False, None, 0, 0.0)
+        shape = StepShape()
+        budget_tokens = self._capacity.max_tokens_per_step
+        for r in [*online, *waiting]:
+            budget_tokens -= _add_whole(shape, r, budget_tokens)
+        offline = [r for r in running if r.tier is Tier.OFFLINE]
+        floor, rest = offline[:keep_offline], offline[keep_offline:]
+        caps: dict[int, int] = {}
+        for r in floor:
+            n = 1 if _decoding(r) else min(_pending(r), RESERVE_PREFILL_TOKENS)
+            _add(shape, r, n)
+            caps[r.id] = n
+        decoding = [r for r in rest if _decoding(r)]
+        for r in decoding:
+            trial = shape.copy()
+            trial.add_decode(r.num_context_tokens)
+            if self.cost.predict(trial) <= self.tpot_slo_s:
+                shape = trial
+                caps[r.id] = 1
+            else:
+                caps[r.id] = 0
+        for r in rest:
+            if not _decoding(r):
+                n = self._largest_chunk(shape, r)
+                caps[r.id] = n
+                if n:
+                    _add(shape, r, n)
+        held = sum(1 for r in rest if caps[r.id] < _pending(r))
+        plan = StepPlan({r.exec_id: caps[r.id] for r in offline if r.exec_id is not None})
+        rows = len(floor) + sum(1 for r in rest if caps[r.id] > 0)
+        predicted = self.cost.predict(shape)
+        context = sum(r.num_context_tokens for r in offline) // len(offline) if offline else 64
+        rows += self._more_decodes(shape, context)
+        return SloDecision(plan, True, rows, held, predicted, caps)
+
+    def _more_decodes(self, shape: StepShape, context: int) -> int:
+        """How many more offline decodes of ``context`` tokens would still fit: the room an
+        executor that plans its own steps may fill with new offline requests."""
+        extra, trial = 0, shape.copy()
+        while extra < self._capacity.max_slots:
+            trial.add_decode(context)
+            if self.cost.predict(trial) > self.tpot_slo_s:
+                break
+            extra += 1
+        return extra
+
+    def _largest_chunk(self, shape: StepShape, r: LiveRequest) -> int:
+        """The most prompt tokens of r that keep the step within budget (0 if none)."""
+        lo, hi = 0, min(_pending(r), self._capacity.max_tokens_per_step)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = shape.copy()
+            _add(trial, r, mid)
+            if self.cost.predict(trial) <= self.tpot_slo_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def reserve_cost_s(self, keep_offline: int, context: int) -> float:
+        """What the reserve adds to a one-online-decode step, at worst (its sequences all
+        prefilling), for the start-up message."""
+        base = StepShape()
+        base.add_decode(context)
+        with_reserve = base.copy()
+        for _ in range(keep_offline):
+            with_reserve.add_prefill(0, RESERVE_PREFILL_TOKENS, False)
+        return self.cost.predict(with_reserve) - self.cost.predict(base)
+
+
+def _decoding(r: LiveRequest) -> bool:
+    """The run has streamed a token, so the executor has its whole context in KV."""
+    return r.run_tokens > 0
+
+
+def _pending(r: LiveRequest) -> int:
+    """Tokens the next step could compute for r: one for a decode; for a prefill, its whole
+    context (the scheduler cannot see how much of it is cached or already computed, so this
+    is an upper bound)."""
+    return 1 if _decoding(r) else r.num_context_tokens
+
+
+def _add(shape: StepShape, r: LiveRequest, n: int) -> None:
+    if _decoding(r):
+        shape.add_decode(r.num_context_tokens)
+    else:
+        shape.add_prefill(0, n, n >= r.num_context_tokens)
+
+
+def _add_whole(shape: StepShape, r: LiveRequest, budget_tokens: int) -> int:
+    """Adds all a request would compute in a step (within the step's tokens); returns it."""
+    n = min(_pending(r), max(1, budget_tokens))
+    _add(shape, r, n)
+    return n

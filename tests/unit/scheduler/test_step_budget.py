@@ -1,0 +1,261 @@
+"""The step budget (server/scheduler/slo.py): while online work is present, offline work per
+step is bounded so the predicted step stays within the TPOT SLO; the reserve is a floor."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine_builder.step_cost import FEATURES, LinearStepCost, OnlineStepCost, StepShape
+from server.executor.base import SamplingParams
+from server.scheduler import BackfillScheduler, Outcome, SchedRequest, SchedulerConfig, Tier
+from server.scheduler.live import LiveRequest
+from server.scheduler.slo import RESERVE_PREFILL_TOKENS, SloPlanner
+from tests.fakes import PlannedScriptedExecutor, ScriptedExecutor
+from tests.unit.scheduler.helpers import FakeClock, Recorder, Shape, offline, online
+
+pytestmark = pytest.mark.unit
+
+# 10 ms a step plus 5 ms a token: easy arithmetic for budgets.
+COST = LinearStepCost(0.010, [0.005 if name == "tokens" else 0.0 for name in FEATURES])
+SHAPE = Shape(slots=16, kv_blocks=1024, tokens_per_block=4, max_tokens_per_step=256,
+              max_seq_len=128)
+
+
+def scheduler(
+    executor: ScriptedExecutor, tpot_ms: float, reserve: float = 0.1, **config: object
+) -> tuple[BackfillScheduler, Recorder, FakeClock]:
+    clock = FakeClock()
+    sched = BackfillScheduler(
+        executor,
+        SchedulerConfig(offline_reserve=reserve, tpot_slo_ms=tpot_ms, **config),  # type: ignore[arg-type]
+        clock=clock,
+        step_cost=OnlineStepCost(COST),
+    )
+    return sched, Recorder(), clock
+
+
+def offline_computing(executor: ScriptedExecutor, offline_ids: set[int]) -> int:
+    return sum(1 for rid in executor.step_log[-1].computed if rid in offline_ids)
+
+
+def exec_ids(executor: ScriptedExecutor, prompts: set[tuple[int, ...]]) -> set[int]:
+    return {r.request_id for r in executor.enqueued if r.prompt_token_ids in prompts}
+
+
+def test_offline_fills_every_step_while_no_online_work_is_present() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50)
+    for i in range(12):
+        sched.submit(offline((100 + i, 1), max_tokens=40), rec)
+    for _ in range(4):
+        sched.run_pass()
+    assert len(ex.step_log[-1].computed) == 12
+    assert not sched.snapshot().step_budget.online_present  # type: ignore[union-attr]
+
+
+def test_an_online_request_bounds_the_offline_rows_of_each_step() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50)  # 10 ms + 5 ms a token: 8 tokens a step
+    offline_prompts = {(100 + i, 1) for i in range(12)}
+    for prompt in offline_prompts:
+        sched.submit(offline(prompt, max_tokens=60), rec)
+    for _ in range(4):
+        sched.run_pass()
+    rid = sched.submit(online((7, 7), max_tokens=20), rec)
+    sched.run_pass()  # admits it, plans
+    sched.run_pass()  # its prefill step: 2 tokens, so 6 offline rows fit
+    offline_ids = exec_ids(ex, offline_prompts)
+    assert offline_computing(ex, offline_ids) == 6
+    for _ in range(5):
+        sched.run_pass()  # it decodes: 1 token, so 7 offline rows fit
+        assert offline_computing(ex, offline_ids) == 7
+        assert COST.predict(ex.step_log[-1].shape) <= 0.050 + 1e-9
+    budget = sched.snapshot().step_budget
+    assert budget is not None and budget.online_present and budget.offline_held_back == 5
+    while not rec.finals(rid):
+        sched.run_pass()
+    sched.run_pass()
+    sched.run_pass()  # the plan that lifts the bound reached the executor
+    assert offline_computing(ex, offline_ids) == 12
+    assert rec.final(rid).outcome is Outcome.LENGTH
+    assert len(rec.tokens(rid)) == 20
+
+
+def test_paused_offline_streams_continue_exactly() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=30)
+    ids = [sched.submit(offline((200 + i, 3), max_tokens=25), rec) for i in range(10)]
+    for _ in range(3):
+        sched.run_pass()
+    ids.append(sched.submit(online((9, 9), max_tokens=30), rec))
+    for _ in range(400):
+        if all(rec.finals(i) for i in ids):
+            break
+        sched.run_pass()
+    for rid in ids:
+        final = rec.final(rid)
+        assert final.outcome is Outcome.LENGTH
+    prompts = [(200 + i, 3) for i in range(10)] + [(9, 9)]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        expected, _ = ex.expected_output(prompt, SamplingParams(max_tokens=len(rec.tokens(rid))))
+        assert rec.tokens(rid) == expected
+    assert sched.snapshot().offline.preemptions == 0  # paused, never recomputed
+
+
+def test_the_reserve_progresses_even_when_online_work_fills_the_budget() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=20, reserve=0.25)  # 4 of 16 slots
+    offline_prompts = {(300 + i, 1) for i in range(10)}
+    for prompt in offline_prompts:
+        sched.submit(offline(prompt, max_tokens=60), rec)
+    for _ in range(3):
+        sched.run_pass()
+    sched.submit(online(tuple(range(1, 40)), max_tokens=5), rec)  # a 39-token prefill
+    sched.run_pass()
+    sched.run_pass()
+    assert offline_computing(ex, exec_ids(ex, offline_prompts)) == 4  # the floor, no more
+
+
+def test_offline_prefill_gets_the_largest_chunk_that_fits() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=62, reserve=0.0)
+    sched.submit(online((5, 5), max_tokens=50), rec)
+    for _ in range(3):
+        sched.run_pass()
+    sched.submit(offline(tuple(range(1, 60)), max_tokens=5), rec)
+    sched.run_pass()
+    sched.run_pass()
+    # 10 ms + 5 ms x (1 online decode + n) <= 62 ms: n = 9 prompt tokens a step.
+    assert ex.step_log[-1].tokens == 1 + 9
+
+
+def test_an_executor_that_plans_its_own_steps_is_bounded_by_admission() -> None:
+    ex = ScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50, reserve=0.1)
+    rid = sched.submit(online((5, 5), max_tokens=20), rec)
+    for _ in range(3):
+        sched.run_pass()
+    for i in range(14):
+        sched.submit(offline((400 + i, 1), max_tokens=100), rec)
+    for _ in range(4):
+        sched.run_pass()
+        assert sched.snapshot().offline.running <= 7  # 10 + 5 x (1 + 7) = 50 ms
+    assert sched.snapshot().offline.running == 7
+    while not rec.finals(rid):
+        sched.run_pass()
+    for _ in range(3):
+        sched.run_pass()
+    assert sched.snapshot().offline.running > 7  # no online work: offline fills the slots
+
+
+def test_without_a_tpot_slo_nothing_is_bounded() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched = BackfillScheduler(ex, SchedulerConfig(), step_cost=OnlineStepCost(COST))
+    rec = Recorder()
+    sched.submit(online((5, 5), max_tokens=50), rec)
+    for i in range(12):
+        sched.submit(offline((500 + i, 1), max_tokens=40), rec)
+    for _ in range(4):
+        sched.run_pass()
+    assert len(ex.step_log[-1].computed) == 13
+    assert sched.planner is None
+
+
+def test_slo_attainment_is_counted_per_tier() -> None:
+    ex = ScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    clock = FakeClock()
+    sched = BackfillScheduler(ex, SchedulerConfig(tpot_slo_ms=100, ttft_slo_ms=500), clock=clock)
+    rec = Recorder()
+    fast = sched.submit(online((1, 2), max_tokens=3), rec)
+    for _ in range(6):
+        clock.advance(0.05)
+        sched.run_pass()
+    slow = sched.submit(online((3, 4), max_tokens=3), rec)
+    clock.advance(0.6)  # misses the TTFT SLO
+    for _ in range(6):
+        clock.advance(0.3)  # and the TPOT SLO
+        sched.run_pass()
+    assert rec.final(fast).outcome is Outcome.LENGTH and rec.final(slow).outcome is Outcome.LENGTH
+    t = sched.snapshot().online
+    assert (t.slo_judged, t.ttft_met, t.tpot_met, t.both_met) == (2, 1, 1, 1)
+
+
+def test_the_scheduler_learns_step_costs_from_the_executor() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched = BackfillScheduler(ex, SchedulerConfig(tpot_slo_ms=50))  # no prior model
+    rec = Recorder()
+    assert not sched.step_cost.calibrated
+    for i in range(60):
+        sched.submit(offline((600 + i, 1, 2, 3, i % 5), max_tokens=4 + i % 7), rec)
+        sched.run_pass()
+    assert sched.step_cost.calibrated and sched.step_cost.observed_steps > 14
+    shape = StepShape()
+    for _ in range(5):
+        shape.add_decode(12)
+    assert sched.step_cost.predict(shape) == pytest.approx(COST.predict(shape), rel=0.05)
+    budget = sched.snapshot().step_budget
+    assert budget is not None and budget.prediction_error < 0.05
+
+
+# -- the planner alone, on random running sets ------------------------------------------------
+
+
+def _live(rid: int, tier: Tier, context: int, decoding: bool) -> LiveRequest:
+    request = SchedRequest(tuple(range(1, context + 1)), SamplingParams(), tier)
+    seq = LiveRequest(rid, request, Recorder(), arrival=0.0)
+    seq.exec_id = 1000 + rid
+    seq.run_tokens = 1 if decoding else 0
+    return seq
+
+
+entries = st.lists(
+    st.tuples(st.sampled_from(Tier), st.integers(1, 120), st.booleans()), max_size=20
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(running=entries, slo_ms=st.sampled_from([15.0, 40.0, 100.0, 400.0]),
+       keep=st.integers(0, 4))
+def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
+    running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int
+) -> None:
+    planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity())
+    seqs = [_live(i, *entry) for i, entry in enumerate(running)]
+    decision = planner.decide(seqs, [], keep)
+    online_seqs = [s for s in seqs if s.tier is Tier.ONLINE]
+    offline_seqs = [s for s in seqs if s.tier is Tier.OFFLINE]
+    if not online_seqs:
+        assert decision.plan.token_caps == {} and not decision.online_present
+        return
+    caps = decision.plan.token_caps
+    assert all(s.exec_id not in caps for s in online_seqs)  # online work is never bounded
+    assert set(caps) == {s.exec_id for s in offline_seqs}
+    floor = offline_seqs[:keep]
+    for s in floor:
+        assert caps[s.exec_id] >= 1  # the reserve always progresses
+        if s.run_tokens == 0:
+            assert caps[s.exec_id] == min(RESERVE_PREFILL_TOKENS, s.num_context_tokens)
+    # Rebuild the planned step from the caps, independently of the planner.
+    shape, base = StepShape(), StepShape()
+    budget = SHAPE.max_tokens_per_step
+    for s in online_seqs:
+        n = 1 if s.run_tokens else min(s.num_context_tokens, max(1, budget))
+        budget -= n
+        for target in (shape, base):
+            target.add(0, n, True) if n > 1 else target.add_decode(s.num_context_tokens)
+    for s in offline_seqs:
+        n = caps[s.exec_id]
+        if n:
+            targets = (shape, base) if s in floor else (shape,)
+            for target in targets:
+                if s.run_tokens:
+                    target.add_decode(s.num_context_tokens)
+                else:
+                    target.add_prefill(0, n, n >= s.num_context_tokens)
+    if COST.predict(shape) > slo_ms / 1000 + 1e-12:
+        # Over budget only when online work plus the floor alone already is, and then
+        # nothing beyond the floor runs.
+        assert COST.predict(base) > slo_ms / 1000 - 1e-12
+        assert all(caps[s.exec_id] == 0 for s in offline_seqs[keep:])
