@@ -5,7 +5,8 @@ carries, so while any online request runs or waits, the offline work in a step i
 that the step-cost model predicts it within the TPOT SLO. Online work itself is never bounded
 (it gets what it would get on an engine of its own); with no online work, offline fills every
 step. The offline reserve is a floor that takes precedence over the SLO: the oldest
-``keep_offline`` offline sequences progress in every step, so offline never starves.
+``keep_offline`` offline sequences compute at least one token in every step (more when the
+budget has room), so offline never starves.
 
 The result is data for the executor: a ``StepPlan`` (a token cap per offline sequence; 0 pauses
 it, resident in KV) for executors that follow plans, and a number of offline rows for those
@@ -22,8 +23,9 @@ from server.executor.base import Capacity, StepPlan
 from server.scheduler.live import LiveRequest
 from server.scheduler.types import Tier
 
-# Prompt tokens per step that an offline sequence of the reserve always gets while it prefills.
-RESERVE_PREFILL_TOKENS = 16
+# Tokens per step that an offline sequence of the reserve always computes: the least that is
+# progress, so the floor costs online work as little as it can.
+RESERVE_TOKENS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +72,17 @@ class SloPlanner:
         floor, rest = offline[:keep_offline], offline[keep_offline:]
         caps: dict[int, int] = {}
         for r in floor:
-            n = 1 if _decoding(r) else min(_pending(r), RESERVE_PREFILL_TOKENS)
-            _add(shape, r, n)
-            caps[r.id] = n
+            if _decoding(r):
+                caps[r.id] = 1
+                _add(shape, r, 1)
+        undecided = [r for r in floor if not _decoding(r)]
+        while undecided:  # the floor's prefills: their token each, more where the budget allows
+            r = undecided.pop(0)
+            others = shape.copy()
+            for later in undecided:
+                _add(others, later, RESERVE_TOKENS)
+            caps[r.id] = max(RESERVE_TOKENS, self._largest_chunk(others, r))
+            _add(shape, r, caps[r.id])
         decoding = [r for r in rest if _decoding(r)]
         for r in decoding:
             trial = shape.copy()
@@ -127,7 +137,7 @@ class SloPlanner:
         base.add_decode(context)
         with_reserve = base.copy()
         for _ in range(keep_offline):
-            with_reserve.add_prefill(0, RESERVE_PREFILL_TOKENS, False)
+            with_reserve.add_prefill(0, RESERVE_TOKENS, False)
         return self.cost.predict(with_reserve) - self.cost.predict(base)
 
 

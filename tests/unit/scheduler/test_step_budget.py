@@ -11,7 +11,7 @@ from engine_builder.step_cost import FEATURES, LinearStepCost, OnlineStepCost, S
 from server.executor.base import SamplingParams
 from server.scheduler import BackfillScheduler, Outcome, SchedRequest, SchedulerConfig, Tier
 from server.scheduler.live import LiveRequest
-from server.scheduler.slo import RESERVE_PREFILL_TOKENS, SloPlanner
+from server.scheduler.slo import RESERVE_TOKENS, SloPlanner
 from tests.fakes import PlannedScriptedExecutor, ScriptedExecutor
 from tests.unit.scheduler.helpers import FakeClock, Recorder, Shape, offline, online
 
@@ -105,6 +105,7 @@ def test_paused_offline_streams_continue_exactly() -> None:
 
 
 def test_the_reserve_progresses_even_when_online_work_fills_the_budget() -> None:
+    """Online work alone over budget: the reserve's sequences still decode, one row each."""
     ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
     sched, rec, _ = scheduler(ex, tpot_ms=20, reserve=0.25)  # 4 of 16 slots
     offline_prompts = {(300 + i, 1) for i in range(10)}
@@ -234,10 +235,9 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
     assert set(caps) == {s.exec_id for s in offline_seqs}
     floor = offline_seqs[:keep]
     for s in floor:
-        assert caps[s.exec_id] >= 1  # the reserve always progresses
-        if s.run_tokens == 0:
-            assert caps[s.exec_id] == min(RESERVE_PREFILL_TOKENS, s.num_context_tokens)
-    # Rebuild the planned step from the caps, independently of the planner.
+        assert caps[s.exec_id] >= RESERVE_TOKENS  # the reserve always progresses
+    # Rebuild the planned step from the caps, independently of the planner; ``base`` is what
+    # online work and the floor's minimum alone cost.
     shape, base = StepShape(), StepShape()
     budget = SHAPE.max_tokens_per_step
     for s in online_seqs:
@@ -247,13 +247,13 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
             target.add(0, n, True) if n > 1 else target.add_decode(s.num_context_tokens)
     for s in offline_seqs:
         n = caps[s.exec_id]
-        if n:
-            targets = (shape, base) if s in floor else (shape,)
-            for target in targets:
-                if s.run_tokens:
-                    target.add_decode(s.num_context_tokens)
-                else:
-                    target.add_prefill(0, n, n >= s.num_context_tokens)
+        for target, tokens in ((shape, n), (base, RESERVE_TOKENS if s in floor else 0)):
+            if not tokens:
+                continue
+            if s.run_tokens:
+                target.add_decode(s.num_context_tokens)
+            else:
+                target.add_prefill(0, tokens, tokens >= s.num_context_tokens)
     if COST.predict(shape) > slo_ms / 1000 + 1e-12:
         # Over budget only when online work plus the floor alone already is, and then
         # nothing beyond the floor runs.
