@@ -17,7 +17,7 @@ from typing import TypeVar
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import AlreadyExistsError, ModelRegistry, NotFoundError, to_sched_request
+from server.convert import AlreadyExistsError, ModelRegistry, NotFoundError
 from server.jobs.config import JobsConfig
 from server.jobs.convert import stored_to_pb
 from server.jobs.runner import JobRunner
@@ -47,12 +47,11 @@ class Jobs:
     # ---- submitting ---------------------------------------------------------------------------
 
     async def submit(self, req: pb.SubmitBatchRequest) -> JobRecord:
-        """A whole job in one message; any invalid request rejects the job before it exists."""
+        """A whole job in one message; an invalid request rejects the whole job."""
         default = self._models.resolve("")
         validate_batch(req, vocab_size=default.spec.capacity.vocab_size)
         window = self._window(req.completion_window if req.HasField("completion_window")
                               else None)
-        await self._call(self._check_runnable, req)
         digest = _digest(req)
         if req.idempotency_key and (seen := await self._keyed(req.tenant, req.idempotency_key)):
             return _same_or_conflict(seen, digest, req.idempotency_key)
@@ -110,13 +109,6 @@ class Jobs:
             return _same_or_conflict(keyed, digest, key)
         self._runner.adopt(keyed.job)
         return keyed.job
-
-    def _check_runnable(self, req: pb.SubmitBatchRequest) -> None:
-        """Tokenizes and checks every request (a worker thread)."""
-        for i, item in enumerate(req.requests):
-            prefix = f"requests[{i}]."
-            to_sched_request(item, self._models.resolve(item.model, prefix).spec,
-                             force_offline=True, prefix=prefix)
 
     def _window(self, duration: Duration | None) -> float:
         if duration is None:

@@ -186,23 +186,25 @@ class MemoryJobStore:
             return True
 
     def record_results(self, results: Sequence[ItemResult]) -> set[str]:
-        done: set[str] = set()
+        counts: dict[str, dict[str, int]] = {}
         with self._lock:
             for r in results:
-                job = self._jobs[r.job_id]
-                item = job.items[r.index]
+                item = self._jobs[r.job_id].items[r.index]
                 if item.outcome is not Outcome.PENDING:
                     continue
                 item.outcome, item.result, item.finished_at = r.outcome, r.result, r.finished_at
                 item.request = None
-                column = _COUNTER[r.outcome]
-                rec = job.record
-                self._update(job, **{column: getattr(rec, column) + 1},
-                             completion_tokens=rec.completion_tokens + r.completion_tokens)
+                c = counts.setdefault(r.job_id, dict.fromkeys(_COUNTER.values(), 0))
+                c[_COUNTER[r.outcome]] += 1
+                c["completion_tokens"] = c.get("completion_tokens", 0) + r.completion_tokens
+            done: set[str] = set()
+            for job_id, c in counts.items():
+                job = self._jobs[job_id]
+                self._update(job, **{k: getattr(job.record, k) + v for k, v in c.items()})
                 rec = job.record
                 if rec.ended >= rec.total and rec.state in (JobState.QUEUED, JobState.RUNNING):
                     self._update(job, state=JobState.FINALIZING)
-                    done.add(r.job_id)
+                    done.add(job_id)
         return done
 
     def close_pending(self, job_id: str, outcome: Outcome, at: float) -> None:

@@ -17,7 +17,7 @@ import grpc
 
 from backfill.batch_format import LineError, custom_id_of, is_request_line, parse_line
 from backfill.v1 import inference_pb2 as pb
-from server.convert import ModelRegistry, to_sched_request
+from server.convert import ModelRegistry, ServedModel, to_sched_request
 from server.jobs.convert import failed_result
 from server.jobs.store import JobStore, NewItem
 
@@ -85,13 +85,15 @@ class Upload:
         self._add(self._splitter.finish())
 
     def add_requests(self, requests: Sequence[pb.GenerateRequest]) -> None:
-        """Requests validated beforehand (SubmitBatch rejects a job with an invalid one)."""
+        """SubmitBatch's requests: the first invalid one raises InvalidArgumentError (naming
+        ``requests[i]``), which discards the whole job."""
         for start in range(0, len(requests), ITEMS_PER_WRITE):
             items = []
             for req in requests[start:start + ITEMS_PER_WRITE]:
-                model = self._models.resolve(req.model)
+                prefix = f"requests[{self.num_requests}]."
+                model = self._models.resolve(req.model, prefix)
                 items.append(NewItem(self.num_requests, req.client_request_id, "", model.name,
-                                     req.SerializeToString()))
+                                     _tokenized(req, model, prefix)))
                 self.num_requests += 1
             self._store.add_items(self._job_id, items)
 
@@ -128,11 +130,10 @@ class Upload:
             request.model = self._forced_model
         try:
             model = self._models.resolve(request.model, where)
-            to_sched_request(request, model.spec, force_offline=True, prefix=where)
+            stored = _tokenized(request, model, where)
         except ValueError as exc:
             return self._failed(index, str(exc), parsed.custom_id, parsed.url, request.model)
-        return NewItem(index, parsed.custom_id, parsed.url, model.name,
-                       request.SerializeToString())
+        return NewItem(index, parsed.custom_id, parsed.url, model.name, stored)
 
     def _failed(
         self, index: int, message: str, custom_id: str = "", url: str = "", model: str = ""
@@ -159,6 +160,15 @@ class Upload:
             seen.add(cid)
             out.append(item)
         return out
+
+
+def _tokenized(request: pb.GenerateRequest, model: ServedModel, prefix: str) -> bytes:
+    """Validates and tokenizes a request (ValueError naming the field), and returns it as the
+    store keeps it: its prompt as token ids, so it is tokenized (chat template included) once,
+    not again each time it is fed."""
+    sched = to_sched_request(request, model.spec, force_offline=True, prefix=prefix)
+    request.token_ids.ids[:] = sched.prompt_token_ids  # replaces the text or chat prompt
+    return request.SerializeToString()
 
 
 def _url_of(obj: Any) -> str:
