@@ -1,7 +1,7 @@
 """``python -m benchmarks.scripted_server``: ``python -m server`` with the ScriptedExecutor
-(``tests.fakes``: no model, one token per running sequence per poll, keeping no records) in place
-of the engine, so a benchmark measures everything but the model. Takes every ``python -m server`` flag, plus the
-fake engine's limits (defaults: roomy, so the model's limits never bind).
+(``tests.fakes``: no model, one token per running sequence per poll, keeping no records) in
+place of the engine, so a benchmark measures everything but the model. Takes every
+``python -m server`` flag, plus the fake engine's limits (roomy by default, so they never bind).
 
     python -m benchmarks.scripted_server --engine /tmp/tiny --port 0 --slots 256
 """

@@ -7,7 +7,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import fill_generate_response, status_for_outcome
+from server.convert import fill_timing, fill_usage, finish_reason, status_for_outcome
 from server.jobs.store import ItemResult, JobRecord, JobState, Outcome, StoredResult
 from server.scheduler.types import Outcome as SchedOutcome
 from server.scheduler.types import SchedEvent
@@ -102,13 +102,11 @@ def request_result(
         index=index, client_request_id=custom_id or str(index), url=url, model=model,
         text=text, token_ids=token_ids, finished_at=timestamp(at),
     )
-    final = pb.GenerateResponse()
-    fill_generate_response(final, event, client_request_id="")
-    out.finish_reason = final.finish_reason
+    out.finish_reason = finish_reason(event.outcome)
     if event.usage is not None:
-        out.usage.CopyFrom(final.usage)
+        fill_usage(out.usage, event.usage)
     if event.timing is not None:
-        out.timing.CopyFrom(final.timing)
+        fill_timing(out.timing, event.timing)
     if event.outcome in _SUCCESS:
         outcome = Outcome.COMPLETED
     else:

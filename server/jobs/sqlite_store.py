@@ -20,8 +20,19 @@ import sqlite3
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
 
+from server.jobs.sqlite_schema import (
+    COUNTER,
+    INDEX_BITS,
+    JOB_COLUMNS,
+    MAX_PARAMS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    job_record,
+    key_range,
+    lock_exclusively,
+    placeholders,
+)
 from server.jobs.store import (
     STOPPABLE_STATES,
     TERMINAL_STATES,
@@ -30,7 +41,6 @@ from server.jobs.store import (
     JobPage,
     JobRecord,
     JobState,
-    JobStoreInUseError,
     KeyedJob,
     NewItem,
     NewJob,
@@ -38,91 +48,6 @@ from server.jobs.store import (
     PendingItem,
     StoredResult,
 )
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
-SCHEMA_VERSION = 1
-_INDEX_BITS = 32
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    no INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    state TEXT NOT NULL,
-    total INTEGER NOT NULL DEFAULT 0,
-    completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    cancelled INTEGER NOT NULL DEFAULT 0,
-    expired INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT NOT NULL DEFAULT '',
-    idempotency_key TEXT,
-    digest BLOB
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (tenant, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, no);
-CREATE TABLE IF NOT EXISTS items (
-    key INTEGER PRIMARY KEY,
-    job INTEGER NOT NULL,
-    custom_id TEXT,
-    url TEXT NOT NULL,
-    model TEXT NOT NULL,
-    request BLOB,
-    outcome INTEGER NOT NULL,
-    result BLOB,
-    finished_at REAL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS items_by_custom_id ON items (job, custom_id);
-"""
-_JOB_COLUMNS = (
-    "id, tenant, labels, state, total, completed, failed, cancelled, expired, "
-    "completion_tokens, created_at, expires_at, started_at, finished_at, error"
-)
-_COUNTER = {
-    Outcome.COMPLETED: "completed",
-    Outcome.FAILED: "failed",
-    Outcome.CANCELLED: "cancelled",
-    Outcome.EXPIRED: "expired",
-}
-_MAX_PARAMS = 500  # bound parameters per IN (...) query
-
-
-def _key_range(no: int) -> tuple[int, int]:
-    low = no << _INDEX_BITS
-    return low, low + (1 << _INDEX_BITS) - 1
-
-
-def _job(row: Sequence[Any]) -> JobRecord:
-    return JobRecord(
-        id=row[0],
-        tenant=row[1],
-        labels=json.loads(row[2]),
-        state=JobState(row[3]),
-        total=row[4],
-        completed=row[5],
-        failed=row[6],
-        cancelled=row[7],
-        expired=row[8],
-        completion_tokens=row[9],
-        created_at=row[10],
-        expires_at=row[11],
-        started_at=row[12],
-        finished_at=row[13],
-        error=row[14],
-    )
-
-
-def _in(values: Collection[object]) -> str:
-    return ",".join("?" * len(values))
 
 
 class SQLiteJobStore:
@@ -132,7 +57,7 @@ class SQLiteJobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_exclusively(self.path)
+        self._lock_file = lock_exclusively(self.path)
         self._write = self._connect()
         self._write.execute("PRAGMA journal_mode=WAL")
         self._check_schema()
@@ -154,7 +79,7 @@ class SQLiteJobStore:
                 f"job store {self.path} has schema {version}, newer than this server's "
                 f"({SCHEMA_VERSION}); upgrade the server or use another --job-store"
             )
-        self._write.executescript(_SCHEMA)
+        self._write.executescript(SCHEMA)
         self._write.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -205,7 +130,7 @@ class SQLiteJobStore:
 
     def add_items(self, job_id: str, items: Sequence[NewItem]) -> None:
         no = self._need_no(job_id)
-        base = no << _INDEX_BITS
+        base = no << INDEX_BITS
         rows = []
         failed = 0
         for item in items:
@@ -225,10 +150,10 @@ class SQLiteJobStore:
         no = self._need_no(job_id)
         ids = list(custom_ids)
         found: set[str] = set()
-        for i in range(0, len(ids), _MAX_PARAMS):
-            chunk = ids[i:i + _MAX_PARAMS]
+        for i in range(0, len(ids), MAX_PARAMS):
+            chunk = ids[i:i + MAX_PARAMS]
             rows = self._read().execute(
-                f"SELECT custom_id FROM items WHERE job=? AND custom_id IN ({_in(chunk)})",
+                f"SELECT custom_id FROM items WHERE job=? AND custom_id IN ({placeholders(chunk)})",
                 (no, *chunk),
             )
             found.update(r[0] for r in rows)
@@ -242,12 +167,12 @@ class SQLiteJobStore:
             ).fetchone()
             if idempotency_key:
                 row = cur.execute(
-                    f"SELECT {_JOB_COLUMNS}, digest FROM jobs WHERE tenant=? AND "
+                    f"SELECT {JOB_COLUMNS}, digest FROM jobs WHERE tenant=? AND "
                     "idempotency_key=?", (tenant, idempotency_key),
                 ).fetchone()
                 if row is not None:
                     self._delete(cur, no)
-                    return KeyedJob(_job(row), row[-1])
+                    return KeyedJob(job_record(row), row[-1])
             everything_failed = total > 0 and failed == total
             cur.execute(
                 "UPDATE jobs SET state=?, error=?, finished_at=?, idempotency_key=?, digest=? "
@@ -259,8 +184,8 @@ class SQLiteJobStore:
                     idempotency_key or None, digest, no,
                 ),
             )
-            row = cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE no=?", (no,)).fetchone()
-        return KeyedJob(_job(row), digest)
+            row = cur.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE no=?", (no,)).fetchone()
+        return KeyedJob(job_record(row), digest)
 
     def discard_job(self, job_id: str) -> None:
         no = self._no(job_id)
@@ -270,7 +195,7 @@ class SQLiteJobStore:
 
     def _delete(self, cur: sqlite3.Cursor, no: int) -> None:
         row = cur.execute("SELECT id FROM jobs WHERE no=?", (no,)).fetchone()
-        cur.execute("DELETE FROM items WHERE key BETWEEN ? AND ?", _key_range(no))
+        cur.execute("DELETE FROM items WHERE key BETWEEN ? AND ?", key_range(no))
         cur.execute("DELETE FROM jobs WHERE no=?", (no,))
         if row is not None:
             self._numbers.pop(row[0], None)
@@ -279,10 +204,10 @@ class SQLiteJobStore:
 
     def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
         row = self._read().execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=? AND tenant=? AND state!=?",
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=? AND tenant=? AND state!=?",
             (job_id, tenant, JobState.VALIDATING.value),
         ).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_record(row)
 
     def list_jobs(self, tenant: str, limit: int, after: str) -> JobPage:
         conn = self._read()
@@ -294,23 +219,23 @@ class SQLiteJobStore:
                 return JobPage()
             below = row[0]
         rows = conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant=? AND no<? AND state!=? "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE tenant=? AND no<? AND state!=? "
             "ORDER BY no DESC LIMIT ?",
             (tenant, below, JobState.VALIDATING.value, limit + 1 if limit else -1),
         ).fetchall()
         has_more = bool(limit) and len(rows) > limit
-        return JobPage([_job(r) for r in (rows[:limit] if limit else rows)], has_more)
+        return JobPage([job_record(r) for r in (rows[:limit] if limit else rows)], has_more)
 
     def find_key(self, tenant: str, idempotency_key: str) -> KeyedJob | None:
         row = self._read().execute(
-            f"SELECT {_JOB_COLUMNS}, digest FROM jobs WHERE tenant=? AND idempotency_key=?",
+            f"SELECT {JOB_COLUMNS}, digest FROM jobs WHERE tenant=? AND idempotency_key=?",
             (tenant, idempotency_key),
         ).fetchone()
-        return None if row is None else KeyedJob(_job(row), row[-1])
+        return None if row is None else KeyedJob(job_record(row), row[-1])
 
     def results(self, job_id: str, start: int, limit: int) -> list[StoredResult]:
         no = self._need_no(job_id)
-        low, high = _key_range(no)
+        low, high = key_range(no)
         rows = self._read().execute(
             "SELECT key, custom_id, url, model, outcome, result, finished_at FROM items "
             "WHERE key BETWEEN ? AND ? ORDER BY key LIMIT ?",
@@ -331,14 +256,14 @@ class SQLiteJobStore:
                 self._delete(cur, no)
         states = [s.value for s in UNFINISHED_STATES]
         rows = self._read().execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({_in(states)}) ORDER BY no",
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({placeholders(states)}) ORDER BY no",
             states,
         )
-        return [_job(r) for r in rows]
+        return [job_record(r) for r in rows]
 
     def pending_items(self, job_id: str, start: int, limit: int) -> list[PendingItem]:
         no = self._need_no(job_id)
-        low, high = _key_range(no)
+        low, high = key_range(no)
         rows = self._read().execute(
             "SELECT key, custom_id, url, model, request FROM items "
             "WHERE key BETWEEN ? AND ? AND outcome=? ORDER BY key LIMIT ?",
@@ -356,30 +281,30 @@ class SQLiteJobStore:
         with self._tx() as cur:
             cur.execute(
                 f"UPDATE jobs SET state=?, started_at=coalesce(started_at, ?) "
-                f"WHERE no=? AND state IN ({_in(froms)})",
+                f"WHERE no=? AND state IN ({placeholders(froms)})",
                 (to.value, started, no, *froms),
             )
             return cur.rowcount == 1
 
     def record_results(self, results: Sequence[ItemResult]) -> set[str]:
-        counts: dict[int, dict[str, int]] = {}
-        ids: dict[int, str] = {}
+        by_key: dict[int, ItemResult] = {}
+        for r in results:
+            by_key.setdefault(self._need_no(r.job_id) << INDEX_BITS | r.index, r)
+        counts: dict[str, dict[str, int]] = {}
         with self._tx() as cur:
-            for r in results:
-                no = self._need_no(r.job_id)
-                cur.execute(
-                    "UPDATE items SET outcome=?, result=?, finished_at=?, request=NULL "
-                    "WHERE key=? AND outcome=?",
-                    (r.outcome, r.result, r.finished_at, no << _INDEX_BITS | r.index,
-                     Outcome.PENDING),
-                )
-                if cur.rowcount:
-                    c = counts.setdefault(no, dict.fromkeys(_COUNTER.values(), 0) | {"tokens": 0})
-                    c[_COUNTER[r.outcome]] += 1
-                    c["tokens"] += r.completion_tokens
-                    ids[no] = r.job_id
+            fresh = self._pending_keys(cur, list(by_key))
+            cur.executemany(
+                "UPDATE items SET outcome=?, result=?, finished_at=?, request=NULL WHERE key=?",
+                [(by_key[k].outcome, by_key[k].result, by_key[k].finished_at, k) for k in fresh],
+            )
+            for k in fresh:
+                r = by_key[k]
+                c = counts.setdefault(r.job_id, dict.fromkeys((*COUNTER.values(), "tokens"), 0))
+                c[COUNTER[r.outcome]] += 1
+                c["tokens"] += r.completion_tokens
             done: set[str] = set()
-            for no, c in counts.items():
+            for job_id, c in counts.items():
+                no = self._need_no(job_id)
                 cur.execute(
                     "UPDATE jobs SET completed=completed+?, failed=failed+?, "
                     "cancelled=cancelled+?, expired=expired+?, "
@@ -393,8 +318,19 @@ class SQLiteJobStore:
                      JobState.RUNNING.value),
                 )
                 if cur.rowcount:
-                    done.add(ids[no])
+                    done.add(job_id)
         return done
+
+    @staticmethod
+    def _pending_keys(cur: sqlite3.Cursor, keys: list[int]) -> list[int]:
+        """Which of keys are requests still pending (the others have their result already)."""
+        out: list[int] = []
+        for i in range(0, len(keys), MAX_PARAMS):
+            chunk = keys[i:i + MAX_PARAMS]
+            out.extend(k for (k,) in cur.execute(
+                f"SELECT key FROM items WHERE key IN ({placeholders(chunk)}) AND outcome=?",
+                (*chunk, Outcome.PENDING)))
+        return out
 
     def close_pending(self, job_id: str, outcome: Outcome, at: float) -> None:
         no = self._need_no(job_id)
@@ -406,9 +342,9 @@ class SQLiteJobStore:
             cur.execute(
                 "UPDATE items SET outcome=?, finished_at=?, request=NULL "
                 "WHERE key BETWEEN ? AND ? AND outcome=?",
-                (outcome, at, *_key_range(no), Outcome.PENDING),
+                (outcome, at, *key_range(no), Outcome.PENDING),
             )
-            column = _COUNTER[outcome]
+            column = COUNTER[outcome]
             cur.execute(
                 f"UPDATE jobs SET {column}={column}+?, state=?, finished_at=? WHERE no=?",
                 (cur.rowcount, state.value, at, no),
@@ -428,7 +364,7 @@ class SQLiteJobStore:
         states = [s.value for s in TERMINAL_STATES]
         with self._tx() as cur:
             rows = cur.execute(
-                f"SELECT no FROM jobs WHERE finished_at<? AND state IN ({_in(states)}) "
+                f"SELECT no FROM jobs WHERE finished_at<? AND state IN ({placeholders(states)}) "
                 "ORDER BY finished_at LIMIT ?",
                 (finished_before, *states, limit),
             ).fetchall()
@@ -444,17 +380,3 @@ class SQLiteJobStore:
                 self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._write.close()
         self._lock_file.close()
-
-
-def _lock_exclusively(path: Path) -> IO[str]:
-    lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 (held until close)
-    if fcntl is not None:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise JobStoreInUseError(
-                f"job store {path} is in use by another server; give each server its own "
-                "--job-store"
-            ) from None
-    return lock
