@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_cpu_engine
 	$(PY) -m benchmarks.bench_scheduler --engine default --duration 60 --rounds 3 --online-rate 1.5
 	$(PY) -m benchmarks.bench_frontend
+	$(PY) -m benchmarks.bench_jobs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

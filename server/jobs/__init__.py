@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine_builder.fetch import backfill_home
 from server.jobs.api import Jobs
 from server.jobs.config import MEMORY_STORE, JobsConfig
 from server.jobs.memory_store import MemoryJobStore
@@ -22,8 +23,6 @@ def store_path(config: JobsConfig) -> Path | None:
         return None
     if config.store:
         return Path(config.store).expanduser()
-    from engine_builder.fetch import backfill_home
-
     return backfill_home() / DEFAULT_STORE_NAME
 
 

@@ -23,6 +23,7 @@ from server.jobs.store import (
     Outcome,
     PendingItem,
     StoredResult,
+    UnknownJobError,
 )
 
 _COUNTER = {
@@ -44,6 +45,13 @@ class _Item:
     finished_at: float | None = None
 
 
+class _Jobs(dict[str, "_Job"]):
+    """Jobs by id, in creation order; a missing one is the store's UnknownJobError."""
+
+    def __missing__(self, job_id: str) -> _Job:
+        raise UnknownJobError(job_id)
+
+
 @dataclass(slots=True)
 class _Job:
     record: JobRecord
@@ -58,7 +66,7 @@ class MemoryJobStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Job] = {}  # in creation order
+        self._jobs = _Jobs()
 
     def _update(self, job: _Job, **changes: object) -> None:
         job.record = dataclasses.replace(job.record, **changes)  # type: ignore[arg-type]

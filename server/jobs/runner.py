@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PAGE = 256  # pending requests read from the store at a time, per job
 MAINTENANCE_S = 0.25  # how often expiry is checked
 PURGE_S = 60.0  # how often finished jobs past their retention are deleted
+PURGE_PAGE = 100  # jobs deleted per transaction
 RETRY_S = 0.05  # after the scheduler's offline queue was full
 
 
@@ -179,6 +180,8 @@ class JobRunner:
         job = self._jobs[record.id] = _Job(record)
         if record.state is JobState.CANCELLING:
             self.stop(job.id, Outcome.CANCELLED)
+        elif time.time() >= job.expires_at:  # it expired while the server was down
+            self.stop(job.id, Outcome.EXPIRED)
         self._wake.set()
 
     def tracks(self, job_id: str) -> asyncio.Event | None:
@@ -354,12 +357,15 @@ class JobRunner:
                     self.stop(job.id, Outcome.EXPIRED)
             if now >= next_purge:
                 next_purge = now + PURGE_S
-                try:
-                    await asyncio.to_thread(
-                        self._store.purge, now - self._config.retention_s, 100
-                    )
-                except Exception:
-                    log.exception("deleting batch jobs past their retention failed")
+                await self._purge(now - self._config.retention_s)
+
+    async def _purge(self, finished_before: float) -> None:
+        """Deletes the jobs past their retention, a page per transaction."""
+        try:
+            while await asyncio.to_thread(self._store.purge, finished_before, PURGE_PAGE):
+                pass
+        except Exception:
+            log.exception("deleting batch jobs past their retention failed")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

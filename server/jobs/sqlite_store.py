@@ -47,6 +47,7 @@ from server.jobs.store import (
     Outcome,
     PendingItem,
     StoredResult,
+    UnknownJobError,
 )
 
 
@@ -113,7 +114,7 @@ class SQLiteJobStore:
     def _need_no(self, job_id: str) -> int:
         no = self._no(job_id)
         if no is None:
-            raise KeyError(f"no job {job_id!r} in the store")
+            raise UnknownJobError(job_id)
         return no
 
     # ---- uploads ------------------------------------------------------------------------------

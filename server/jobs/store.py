@@ -22,6 +22,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.convert import NotFoundError
+
 
 class JobState(enum.Enum):
     VALIDATING = "validating"  # the upload is still arriving; invisible to readers
@@ -156,6 +158,13 @@ class KeyedJob:
 class JobPage:
     jobs: list[JobRecord] = field(default_factory=list)
     has_more: bool = False
+
+
+class UnknownJobError(NotFoundError):
+    """A store call named a job the store does not hold (e.g. deleted after its retention)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"id: no batch job {job_id!r}")
 
 
 class JobStoreInUseError(RuntimeError):

@@ -150,3 +150,57 @@ async def test_job_reads_keep_working_while_draining(
                 await client.submit_batch(lines(1, 1))
             online.cancel()
         await stopping
+
+
+async def test_the_scheduler_holds_at_most_max_in_flight_job_requests(
+    make_server: MakeServer, tiny_engine: Path
+) -> None:
+    server = await make_server(slow(tiny_engine, 0.001, max_slots=4), job_max_in_flight=6)
+    most = 0
+
+    def in_scheduler() -> int:
+        offline = server.scheduler.snapshot().offline
+        return offline.running + offline.queued
+
+    async with AsyncClient(server.address) as client:
+        job = await client.submit_batch(lines(60, 3))
+        async for _ in client.results(job.id):
+            most = max(most, in_scheduler())
+    assert 4 <= most <= 6
+
+
+async def test_finished_jobs_are_deleted_after_their_retention(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "retained.db")
+    first = await make_server(job_store=store, job_retention_s=0.3)
+    async with AsyncClient(first.address) as client:
+        job = await client.submit_batch(lines(2, 2))
+        _ = [r async for r in client.results(job.id)]
+        assert (await client.get_batch(job.id)).done
+    await first.stop(grace_s=0.0)
+    await asyncio.sleep(0.4)
+    second = await make_server(job_store=store, job_retention_s=0.3)  # purges at start
+    async with AsyncClient(second.address) as client:
+        await asyncio.sleep(0.3)
+        with pytest.raises(NotFound):
+            await client.get_batch(job.id)
+
+
+async def test_a_job_whose_window_ended_while_the_server_was_down_expires(
+    make_server: MakeServer, tiny_engine: Path, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "late.db")
+    first = await make_server(slow(tiny_engine, max_slots=1), job_store=store)
+    async with AsyncClient(first.address) as client:
+        job = await client.submit_batch([{"token_ids": [5], "max_tokens": 1}, *lines(9, 500)],
+                                        completion_window=0.6)
+        first_result = await client.results(job.id).__anext__()
+        assert first_result.error is None
+    await first.stop(grace_s=0.0)
+    await asyncio.sleep(0.7)
+    second = await make_server(slow(tiny_engine, max_slots=1), job_store=store)
+    async with AsyncClient(second.address) as client:
+        final = [s async for s in client.watch(job.id, interval_s=0.05)][-1]
+    assert final.state is JobState.EXPIRED
+    assert (final.completed, final.expired) == (1, 9)
