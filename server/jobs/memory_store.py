@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from server.jobs.store import (
+    COUNTERS,
     STOPPABLE_STATES,
     TERMINAL_STATES,
     UNFINISHED_STATES,
@@ -25,13 +26,6 @@ from server.jobs.store import (
     StoredResult,
     UnknownJobError,
 )
-
-_COUNTER = {
-    Outcome.COMPLETED: "completed",
-    Outcome.FAILED: "failed",
-    Outcome.CANCELLED: "cancelled",
-    Outcome.EXPIRED: "expired",
-}
 
 
 @dataclass(slots=True)
@@ -202,8 +196,8 @@ class MemoryJobStore:
                     continue
                 item.outcome, item.result, item.finished_at = r.outcome, r.result, r.finished_at
                 item.request = None
-                c = counts.setdefault(r.job_id, dict.fromkeys(_COUNTER.values(), 0))
-                c[_COUNTER[r.outcome]] += 1
+                c = counts.setdefault(r.job_id, dict.fromkeys(COUNTERS.values(), 0))
+                c[COUNTERS[r.outcome]] += 1
                 c["completion_tokens"] = c.get("completion_tokens", 0) + r.completion_tokens
             done: set[str] = set()
             for job_id, c in counts.items():
@@ -225,7 +219,7 @@ class MemoryJobStore:
                 if item.outcome is Outcome.PENDING:
                     item.outcome, item.finished_at, item.request = outcome, at, None
                     closed += 1
-            column = _COUNTER[outcome]
+            column = COUNTERS[outcome]
             state = JobState.CANCELLED if outcome is Outcome.CANCELLED else JobState.EXPIRED
             self._update(job, **{column: getattr(job.record, column) + closed}, state=state,
                          finished_at=at)

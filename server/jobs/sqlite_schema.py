@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from server.jobs.store import JobRecord, JobState, JobStoreInUseError, Outcome
+from server.jobs.store import JobRecord, JobState, JobStoreInUseError
 
 try:
     import fcntl
@@ -57,12 +57,6 @@ JOB_COLUMNS = (
     "id, tenant, labels, state, total, completed, failed, cancelled, expired, "
     "completion_tokens, created_at, expires_at, started_at, finished_at, error"
 )
-COUNTER = {
-    Outcome.COMPLETED: "completed",
-    Outcome.FAILED: "failed",
-    Outcome.CANCELLED: "cancelled",
-    Outcome.EXPIRED: "expired",
-}
 MAX_PARAMS = 500  # bound parameters per IN (...) query
 
 

@@ -22,7 +22,6 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from server.jobs.sqlite_schema import (
-    COUNTER,
     INDEX_BITS,
     JOB_COLUMNS,
     MAX_PARAMS,
@@ -34,6 +33,7 @@ from server.jobs.sqlite_schema import (
     placeholders,
 )
 from server.jobs.store import (
+    COUNTERS,
     STOPPABLE_STATES,
     TERMINAL_STATES,
     UNFINISHED_STATES,
@@ -300,8 +300,8 @@ class SQLiteJobStore:
             )
             for k in fresh:
                 r = by_key[k]
-                c = counts.setdefault(r.job_id, dict.fromkeys((*COUNTER.values(), "tokens"), 0))
-                c[COUNTER[r.outcome]] += 1
+                c = counts.setdefault(r.job_id, dict.fromkeys((*COUNTERS.values(), "tokens"), 0))
+                c[COUNTERS[r.outcome]] += 1
                 c["tokens"] += r.completion_tokens
             done: set[str] = set()
             for job_id, c in counts.items():
@@ -345,7 +345,7 @@ class SQLiteJobStore:
                 "WHERE key BETWEEN ? AND ? AND outcome=?",
                 (outcome, at, *key_range(no), Outcome.PENDING),
             )
-            column = COUNTER[outcome]
+            column = COUNTERS[outcome]
             cur.execute(
                 f"UPDATE jobs SET {column}={column}+?, state=?, finished_at=? WHERE no=?",
                 (cur.rowcount, state.value, at, no),

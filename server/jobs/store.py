@@ -58,6 +58,15 @@ class Outcome(enum.IntEnum):
     EXPIRED = 4
 
 
+# The job counter (a JobRecord field) each way of ending adds to.
+COUNTERS = {
+    Outcome.COMPLETED: "completed",
+    Outcome.FAILED: "failed",
+    Outcome.CANCELLED: "cancelled",
+    Outcome.EXPIRED: "expired",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class NewJob:
     id: str
