@@ -180,7 +180,6 @@ class Jobs:
                 break
         return await self.get(tenant, job_id)
 
-
     # ---- shutting down ------------------------------------------------------------------------
 
     async def unfinished(self) -> list[tuple[str, int]]:

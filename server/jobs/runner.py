@@ -44,6 +44,7 @@ MAINTENANCE_S = 0.25  # how often expiry is checked
 PURGE_S = 60.0  # how often finished jobs past their retention are deleted
 PURGE_PAGE = 100  # jobs deleted per transaction
 RETRY_S = 0.05  # after the scheduler's offline queue was full
+CLOSE_WAIT_S = 10.0  # at close, for store calls under way
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +140,8 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._feeding = True
         self._turn = 0  # round-robin offset among jobs
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # one-off store calls (finalize, close...)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -147,8 +149,8 @@ class JobRunner:
         """Picks up every unfinished job of the store (after a restart or a crash)."""
         for record in await asyncio.to_thread(self._store.unfinished_jobs):
             self.adopt(record)
-        self._spawn(self._feed_forever())
-        self._spawn(self._maintain_forever())
+        self._loops = [asyncio.ensure_future(self._feed_forever()),
+                       asyncio.ensure_future(self._maintain_forever())]
 
     def stop_feeding(self) -> None:
         """Draining: nothing more goes to the scheduler; the rest stays in the store."""
@@ -158,11 +160,13 @@ class JobRunner:
     async def close(self) -> None:
         """Writes what finished, then stops (after the scheduler has stopped)."""
         self.stop_feeding()
-        await asyncio.to_thread(self._writer.close)
-        for task in list(self._tasks):
+        for task in self._loops:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.to_thread(self._writer.close)
+        if self._tasks:  # store calls under way finish before the store closes
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
 
     async def flush(self) -> None:
         """Waits until every finished request so far is committed."""
@@ -246,7 +250,7 @@ class JobRunner:
             job.buffer.extend(loaded)
 
     def _read_pending(self, job_id: str, start: int, limit: int) -> list[_Loaded]:
-        """A worker thread: reads and converts (tokenizes) pending requests."""
+        """A worker thread: reads pending requests and converts them for the scheduler."""
         out = []
         for item in self._store.pending_items(job_id, start, limit):
             try:

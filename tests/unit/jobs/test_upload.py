@@ -164,3 +164,20 @@ async def test_idempotent_upload(server: BackfillServer, tmp_path: Path) -> None
         assert [j.id for j in await client.list_batches()] == [first.id]
         with pytest.raises(InvalidArgument, match="idempotency_key"):
             await client.submit_batch(path, idempotency_key="x" * 300)
+
+
+async def test_a_job_larger_than_a_grpc_message_submits(
+    server: BackfillServer, tmp_path: Path
+) -> None:
+    """Past gRPC's 4 MiB message limit, which a one-message submit cannot cross."""
+    ids = list(range(1, 251)) * 2
+    path = write_lines(tmp_path / "big.jsonl", [
+        {"id": f"r{i}", "token_ids": ids, "max_tokens": 1} for i in range(2500)])
+    assert path.stat().st_size > 5 * 1024 * 1024
+    async with AsyncClient(server.address) as client:
+        job = await client.submit_batch(path)
+        assert (job.total, job.failed) == (2500, 0)
+        last = None
+        async for last in client.results(job.id, start_index=2495):
+            pass
+    assert last is not None and last.request_id == "r2499" and last.usage.prompt_tokens == 500
