@@ -177,7 +177,6 @@ async def test_a_job_larger_than_a_grpc_message_submits(
     async with AsyncClient(server.address) as client:
         job = await client.submit_batch(path)
         assert (job.total, job.failed) == (2500, 0)
-        last = None
-        async for last in client.results(job.id, start_index=2495):
-            pass
-    assert last is not None and last.request_id == "r2499" and last.usage.prompt_tokens == 500
+        tail = [r async for r in client.results(job.id, start_index=2495)]
+    assert [r.request_id for r in tail] == [f"r{i}" for i in range(2495, 2500)]
+    assert all(r.usage.prompt_tokens == 500 and r.error is None for r in tail)
