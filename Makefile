@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_cpu_engine
 	$(PY) -m benchmarks.bench_scheduler --engine default --rates 1.5,2.85 --plot bench-out/slo.png --json-out bench-out/slo.json
 	$(PY) -m benchmarks.bench_frontend
+	$(PY) -m benchmarks.bench_jobs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,9 +37,14 @@ _FINISH_FROM_PB = {
     pb.FINISH_REASON_ERROR: FinishReason.ERROR,
 }
 _JOB_STATE_FROM_PB = {
+    pb.BATCH_STATE_VALIDATING: JobState.VALIDATING,
     pb.BATCH_STATE_QUEUED: JobState.QUEUED,
     pb.BATCH_STATE_RUNNING: JobState.RUNNING,
+    pb.BATCH_STATE_FINALIZING: JobState.FINALIZING,
     pb.BATCH_STATE_COMPLETED: JobState.COMPLETED,
+    pb.BATCH_STATE_FAILED: JobState.FAILED,
+    pb.BATCH_STATE_EXPIRED: JobState.EXPIRED,
+    pb.BATCH_STATE_CANCELLING: JobState.CANCELLING,
     pb.BATCH_STATE_CANCELLED: JobState.CANCELLED,
 }
 
@@ -104,6 +109,32 @@ def batch_request_to_pb(request: BatchRequest) -> pb.GenerateRequest:
     )
 
 
+_ROLE_FROM_PB = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+
+
+def batch_request_from_pb(req: pb.GenerateRequest) -> BatchRequest:
+    """The SDK's form of a parsed JSONL line (ValueError for out-of-range sampling values)."""
+    s = req.sampling
+    sampling = SamplingParams(
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        **{name: getattr(s, name)
+           for name in ("temperature", "top_k", "top_p", "seed", "max_tokens", "min_tokens",
+                        "ignore_eos")
+           if s.HasField(name)},
+    )
+    which = req.WhichOneof("prompt")
+    return BatchRequest(
+        id=req.client_request_id,
+        prompt=req.text if which == "text" else None,
+        messages=tuple(ChatMessage(_ROLE_FROM_PB[m.role], m.content) for m in req.chat.messages)
+        if which == "chat" else None,
+        token_ids=tuple(req.token_ids.ids) if which == "token_ids" else None,
+        sampling=sampling,
+        model=req.model,
+    )
+
+
 def _seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
@@ -157,6 +188,10 @@ def job_from_pb(job: pb.BatchJob) -> BatchJob:
         finished_at=_timestamp(job.finished_at, job.HasField("finished_at")),
         tenant=job.tenant,
         labels=dict(job.labels),
+        expired=job.expired,
+        expires_at=_timestamp(job.expires_at, job.HasField("expires_at")),
+        started_at=_timestamp(job.started_at, job.HasField("started_at")),
+        error=job.error,
     )
 
 
@@ -171,6 +206,9 @@ def result_from_pb(result: pb.BatchResult) -> BatchResult:
         usage=usage_from_pb(result.usage),
         timing=timing_from_pb(result.timing),
         error=error_from_status(result.error.code, result.error.message) if has_error else None,
+        url=result.url,
+        model=result.model,
+        finished_at=_timestamp(result.finished_at, result.HasField("finished_at")),
     )
 
 

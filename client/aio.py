@@ -16,9 +16,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Literal, TypeVar
 
@@ -31,7 +40,7 @@ from client import _convert
 from client._session import Session, Source, UnarySource
 from client._stream import GenerationStream, backoff_delay
 from client.errors import BackfillError, error_from_rpc
-from client.jobs import RequestLike, coerce_requests, load_jsonl
+from client.jobs import RequestLike, file_chunks, request_chunks
 from client.types import (
     BatchJob,
     BatchResult,
@@ -56,8 +65,9 @@ class AsyncClient:
     ``"unary"`` makes one ``Generate`` call per request. ``timeout`` bounds each unary RPC and
     each generation as a whole (client side); ``max_retries`` bounds the retries of requests
     that are safe to resend (UNAVAILABLE before any token). ``max_message_mb`` is the largest
-    gRPC message sent or received (a batch submit is one message): keep it equal to the
-    server's ``--max-message-mb`` (both default to 64).
+    gRPC message sent or received: keep it equal to the server's ``--max-message-mb`` (both
+    default to 64; batch jobs upload in pieces well below it). ``tenant`` is the default owner
+    of batch jobs: a job is visible to its own tenant only.
     """
 
     def __init__(
@@ -72,6 +82,7 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, object]] = (),
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        tenant: str = "",
     ) -> None:
         if transport not in ("session", "unary"):
             raise ValueError(f"transport must be 'session' or 'unary', got {transport!r}")
@@ -79,6 +90,7 @@ class AsyncClient:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.target = target
         self.transport: Transport = transport
+        self.tenant = tenant
         self._credentials = credentials
         self._timeout = timeout
         self._max_retries = max_retries
@@ -203,52 +215,79 @@ class AsyncClient:
         self,
         requests: Iterable[RequestLike] | str | os.PathLike[str],
         *,
-        tenant: str = "",
+        tenant: str | None = None,
         labels: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        completion_window: float | None = None,
+        model: str = "",
+        on_progress: Callable[[int], None] | None = None,
     ) -> BatchJob:
-        """Submits requests (or a JSONL file, see ``client.jobs``) as one OFFLINE job.
+        """Submits requests, or a JSONL file in either format (see ``backfill.batch_format``),
+        as one OFFLINE job, streamed in pieces, so a file of any size fits in bounded memory.
 
-        The submit carries an idempotency key (a fresh random one unless given), so a retry
-        after a lost reply returns the same job instead of starting a second one; pass your own
-        key to make a resubmission from another process idempotent too.
+        A line the server cannot run fails on its own (see the job's ``failed`` count and its
+        results); the job runs the rest. The submit carries an idempotency key (a fresh random
+        one unless given), so a retry after a lost reply returns the same job instead of
+        starting a second one; a file or a list is sent again on retry, a one-shot iterator is
+        not retried. ``completion_window`` (seconds) is when the job expires (server default
+        24h); ``model`` runs every request on that model; ``on_progress`` gets the size in
+        bytes of each piece as it is sent.
         """
-        if isinstance(requests, (str, os.PathLike)):
-            batch = load_jsonl(requests)
-        else:
-            batch = coerce_requests(requests)
-        message = pb.SubmitBatchRequest(
-            requests=[_convert.batch_request_to_pb(r) for r in batch],
-            tenant=tenant,
+        header = pb.UploadBatchHeader(
+            tenant=self.tenant if tenant is None else tenant,
             labels=dict(labels or {}),
             idempotency_key=uuid.uuid4().hex if idempotency_key is None else idempotency_key,
+            model=model,
         )
-        job = await self._unary(lambda stub: stub.SubmitBatch(message, **self._call_kw()))
-        return _convert.job_from_pb(job)
+        if completion_window is not None:
+            header.completion_window.FromNanoseconds(round(completion_window * 1e9))
+        pieces: Callable[[], Iterator[bytes]]
+        if isinstance(requests, (str, os.PathLike)):
+            path = requests
+            pieces, replayable = (lambda: file_chunks(path)), True
+        else:
+            replayable = isinstance(requests, Sequence)
+            pieces = functools.partial(request_chunks, requests)
+        attempt = 0
+        while True:
+            messages = _upload_messages(header, pieces(), on_progress)
+            try:
+                reply = await self._ensure_stub().UploadBatch(messages, **self._call_kw())
+                return _convert.job_from_pb(reply)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not (replayable and error.retryable and attempt < self._max_retries):
+                    raise error from None
+            await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
+            attempt += 1
 
-    async def get_batch(self, job_id: str) -> BatchJob:
+    async def get_batch(self, job_id: str, *, tenant: str | None = None) -> BatchJob:
         """The job's state and progress counts."""
-        request = pb.GetBatchRequest(id=job_id)
+        request = pb.GetBatchRequest(id=job_id, tenant=self._tenant(tenant))
         job = await self._unary(lambda stub: stub.GetBatch(request, **self._call_kw()))
         return _convert.job_from_pb(job)
 
-    async def cancel_batch(self, job_id: str) -> BatchJob:
+    async def cancel_batch(self, job_id: str, *, tenant: str | None = None) -> BatchJob:
         """Cancels the job's unfinished requests; finished results are kept."""
-        request = pb.CancelBatchRequest(id=job_id)
+        request = pb.CancelBatchRequest(id=job_id, tenant=self._tenant(tenant))
         job = await self._unary(lambda stub: stub.CancelBatch(request, **self._call_kw()))
         return _convert.job_from_pb(job)
 
-    async def list_batches(self) -> list[BatchJob]:
-        """Every job the server holds, newest first."""
-        request = pb.ListBatchesRequest()
+    async def list_batches(
+        self, *, tenant: str | None = None, limit: int = 0, after: str = ""
+    ) -> list[BatchJob]:
+        """The tenant's jobs, newest first: all of them, or ``limit`` after the job ``after``."""
+        request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=limit, after=after)
         reply = await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
         return [_convert.job_from_pb(job) for job in reply.jobs]
 
-    async def watch(self, job_id: str, *, interval_s: float = 0.5) -> AsyncIterator[BatchJob]:
+    async def watch(
+        self, job_id: str, *, interval_s: float = 0.5, tenant: str | None = None
+    ) -> AsyncIterator[BatchJob]:
         """Yields the job's state now, then whenever its progress changes, until it ends."""
         last: BatchJob | None = None
         while True:
-            job = await self.get_batch(job_id)
+            job = await self.get_batch(job_id, tenant=tenant)
             if job != last:
                 yield job
                 last = job
@@ -256,14 +295,17 @@ class AsyncClient:
                 return
             await asyncio.sleep(interval_s)
 
-    async def results(self, job_id: str, *, start_index: int = 0) -> AsyncIterator[BatchResult]:
-        """The job's results in submission order, following the job until it ends.
-
-        A dropped connection resumes after the last result received (UNAVAILABLE is retried).
-        """
+    async def results(
+        self, job_id: str, *, start_index: int = 0, tenant: str | None = None
+    ) -> AsyncIterator[BatchResult]:
+        """The job's results in submission order, from ``start_index``, following the job
+        until it ends. A dropped connection resumes after the last result received
+        (UNAVAILABLE is retried); results are sent once written to the server's job store, so
+        one received is never replaced."""
         next_index, attempt = start_index, 0
         while True:
-            request = pb.StreamBatchResultsRequest(id=job_id, start_index=next_index)
+            request = pb.StreamBatchResultsRequest(id=job_id, start_index=next_index,
+                                                   tenant=self._tenant(tenant))
             call = self._ensure_stub().StreamBatchResults(request, metadata=self._metadata or None)
             try:
                 async for message in call:
@@ -279,6 +321,9 @@ class AsyncClient:
                 call.cancel()
             await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
             attempt += 1
+
+    def _tenant(self, tenant: str | None) -> str:
+        return self.tenant if tenant is None else tenant
 
     # --- models and statistics -----------------------------------------------------------
 
@@ -326,3 +371,16 @@ class AsyncClient:
                     raise error from None
             await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
             attempt += 1
+
+
+async def _upload_messages(
+    header: pb.UploadBatchHeader,
+    pieces: Iterator[bytes],
+    on_progress: Callable[[int], None] | None,
+) -> AsyncIterator[pb.UploadBatchRequest]:
+    """The header, then each piece; pieces are read (or encoded) on a worker thread."""
+    yield pb.UploadBatchRequest(header=header)
+    while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+        yield pb.UploadBatchRequest(data=piece)
+        if on_progress is not None:
+            on_progress(len(piece))

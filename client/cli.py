@@ -2,9 +2,10 @@
 
     python -m client generate "What is the capital of France?"     # chat template applied
     python -m client generate --raw --target 127.0.0.1:50051 "Once upon a time" --max-tokens 32
-    python -m client batch submit prompts.jsonl --wait      # format: see client.jobs
+    python -m client batch submit prompts.jsonl --wait      # formats: backfill.batch_format
     python -m client batch status JOB_ID
-    python -m client batch results JOB_ID > results.jsonl
+    python -m client batch results JOB_ID --output results.jsonl   # resumable; errors apart
+    python -m client batch cancel JOB_ID | batch list
     python -m client models | stats
     python -m client bench --time-scale 10 --duration 30 --offline-backlog 200   # [--trace CSV]
 
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,10 +29,11 @@ import grpc
 from backfill.progress import progress
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB
 from client.aio import AsyncClient
+from client.batch_io import ResultFiles, errors_path_for, parse_window, upload_progress
 from client.bench.command import add_bench_arguments, run_bench
 from client.errors import BackfillError
-from client.jobs import result_to_json
-from client.types import BatchJob, Chunk, SamplingParams, Tier
+from client.jobs import result_line
+from client.types import BatchJob, Chunk, JobState, SamplingParams, Tier
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -38,7 +41,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 def _client(args: argparse.Namespace) -> AsyncClient:
     credentials = grpc.ssl_channel_credentials() if args.tls else None
     return AsyncClient(args.target, credentials=credentials, timeout=args.timeout,
-                       max_message_mb=args.max_message_mb)
+                       max_message_mb=args.max_message_mb, tenant=getattr(args, "tenant", ""))
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -109,19 +112,19 @@ def _ending(last: Chunk) -> str:
 
 
 def _print_job(job: BatchJob) -> None:
-    print(
-        json.dumps(
-            {
-                "id": job.id,
-                "state": job.state.value,
-                "total": job.total,
-                "completed": job.completed,
-                "failed": job.failed,
-                "cancelled": job.cancelled,
-                "completion_tokens": job.completion_tokens,
-            }
-        )
-    )
+    line: dict[str, object] = {
+        "id": job.id,
+        "state": job.state.value,
+        "total": job.total,
+        "completed": job.completed,
+        "failed": job.failed,
+        "cancelled": job.cancelled,
+        "expired": job.expired,
+        "completion_tokens": job.completion_tokens,
+    }
+    if job.error:
+        line["error"] = job.error
+    print(json.dumps(line))
 
 
 def job_postfix(job: BatchJob) -> str:
@@ -149,20 +152,17 @@ async def _follow(client: AsyncClient, job_id: str, interval_s: float) -> BatchJ
     return last
 
 
-async def _print_results(client: AsyncClient, job_id: str) -> None:
-    job = await client.get_batch(job_id)
-    with progress(total=job.total, desc=f"job {job_id} results", unit="result") as bar:
-        async for result in client.results(job_id):
-            print(json.dumps(result_to_json(result)), flush=True)
-            bar.update()
-
-
 async def _batch(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.batch_command == "submit":
-            job = await client.submit_batch(args.file, tenant=args.tenant,
-                                            idempotency_key=args.idempotency_key)
+            job = await _submit(client, args)
             print(job.id, flush=True)
+            if job.failed:
+                sys.stderr.write(f"{job.failed} of {job.total} requests failed validation "
+                                 f"(their errors: batch results {job.id})\n")
+            if job.state is JobState.FAILED:
+                sys.stderr.write(f"error: the job failed: {job.error}\n")
+                return 1
             if args.wait:
                 _print_job(await _follow(client, job.id, args.interval))
         elif args.batch_command == "status":
@@ -171,13 +171,50 @@ async def _batch(args: argparse.Namespace) -> int:
             else:
                 _print_job(await client.get_batch(args.job_id))
         elif args.batch_command == "results":
-            await _print_results(client, args.job_id)
+            await _results(client, args)
         elif args.batch_command == "cancel":
             _print_job(await client.cancel_batch(args.job_id))
         else:
-            for job in await client.list_batches():
+            for job in await client.list_batches(limit=args.limit):
                 _print_job(job)
     return 0
+
+
+async def _submit(client: AsyncClient, args: argparse.Namespace) -> BatchJob:
+    on_progress, close = upload_progress(os.path.getsize(args.file))
+    try:
+        return await client.submit_batch(
+            args.file, idempotency_key=args.idempotency_key, model=args.model,
+            completion_window=parse_window(args.completion_window)
+            if args.completion_window else None,
+            on_progress=on_progress,
+        )
+    finally:
+        close()
+
+
+async def _results(client: AsyncClient, args: argparse.Namespace) -> None:
+    """To stdout (every result), or to --output and its error file, resuming what they hold."""
+    job = await client.get_batch(args.job_id)
+    files = None
+    if args.output:
+        output = Path(args.output)
+        files = ResultFiles(job.id, output, Path(args.errors) if args.errors
+                            else errors_path_for(output))
+    start = files.start_index if files else 0
+    bar = progress(total=job.total, desc=f"job {job.id} results", unit="result")
+    bar.update(start)
+    try:
+        async for result in client.results(args.job_id, start_index=start):
+            if files is None:
+                print(json.dumps(result_line(job.id, result), ensure_ascii=False), flush=True)
+            else:
+                files.write(result)
+            bar.update()
+    finally:
+        bar.close()
+        if files is not None:
+            files.close()
 
 
 async def _models(args: argparse.Namespace) -> int:
@@ -247,12 +284,16 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("batch", help="offline batch jobs")
     bsub = p.add_subparsers(dest="batch_command", required=True)
-    submit = bsub.add_parser("submit", help="submit a JSONL file (see client.jobs)")
+    submit = bsub.add_parser(
+        "submit", help="submit a JSONL file, Backfill's or OpenAI's Batch format (a bad line "
+        "fails that line only)")
     submit.add_argument("file")
-    submit.add_argument("--tenant", default="")
     submit.add_argument("--idempotency-key", default=None,
                         help="resubmitting with the same key returns the first job (default: a "
                              "fresh key, so only this command's own retries are deduplicated)")
+    submit.add_argument("--completion-window", default=None,
+                        help="time the job has to finish, e.g. 24h (default: the server's, 24h)")
+    submit.add_argument("--model", default="", help="run every request on this model")
     submit.add_argument("--wait", action="store_true",
                         help="follow the job to its end (a progress bar on a terminal), then "
                              "print its final state")
@@ -262,11 +303,20 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="follow the job to its end (a progress bar on a terminal)")
     results = bsub.add_parser("results", help="results as JSONL, following the job to its end")
     results.add_argument("job_id")
+    results.add_argument("--output", default=None,
+                         help="write successful results here and resume what it holds "
+                              "(default: everything to stdout)")
+    results.add_argument("--errors", default=None,
+                         help="with --output: where failed results go (default: OUTPUT's name "
+                              "with .errors before its suffix)")
     cancel = bsub.add_parser("cancel", help="cancel a job's unfinished requests")
     cancel.add_argument("job_id")
-    listing = bsub.add_parser("list", help="every job, newest first")
+    listing = bsub.add_parser("list", help="the tenant's jobs, newest first")
+    listing.add_argument("--limit", type=int, default=0, help="at most this many (0 = all)")
     for q in (submit, status, results, cancel, listing):
         _common(q)
+        q.add_argument("--tenant", default=os.environ.get("BACKFILL_TENANT", ""),
+                       help="owner of the jobs (default: $BACKFILL_TENANT, else none)")
         q.add_argument("--interval", type=float, default=0.5, help="progress poll period (s)")
     p.set_defaults(run=_batch)
 

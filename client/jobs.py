@@ -1,93 +1,56 @@
-"""Offline batch requests: the JSONL file format and conversions of results to JSON.
-
-One JSON object per line (blank lines and lines starting with ``#`` are skipped)::
-
-    {"id": "q1", "prompt": "Translate to French: cheese"}
-    {"id": "q2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64,
-     "temperature": 0.7}
-    {"id": "q3", "token_ids": [1, 2, 3], "max_tokens": 8, "seed": 7}
-
-Exactly one of ``prompt`` (raw text), ``messages`` (chat, rendered by the model's template) or
-``token_ids`` is required. Optional: ``id`` (names the result; the line's index when absent),
-``model``, and the sampling fields ``max_tokens``, ``min_tokens``, ``temperature``, ``top_k``,
-``top_p``, ``seed``, ``stop`` (string or list), ``stop_token_ids``, ``ignore_eos``. Any other
-key is an error, so a typo does not pass silently.
+"""Offline batch jobs on the client: the JSONL input (Backfill's format or OpenAI's Batch format,
+both described in ``backfill.batch_format``) streamed in pieces, and results written as JSONL in
+either format.
 
 >>> parse_request({"id": "a", "prompt": "Hi", "max_tokens": 4}).sampling.max_tokens
 4
+>>> from client.types import Timing, Usage
+>>> result = BatchResult(0, "r1", "Bonjour", (5, 6), FinishReason.STOP, Usage(3, 2), Timing(),
+...                      url="/v1/chat/completions", model="m")
+>>> line = openai_line("job1", result)
+>>> line["response"]["body"]["choices"][0]["message"]["content"], line["error"]
+('Bonjour', None)
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Union
 
-from client.types import BatchRequest, BatchResult, ChatMessage, SamplingParams
+from backfill.batch_format import CHAT_URL, LineError, is_request_line, parse_line
+from client import _convert
+from client.types import BatchRequest, BatchResult, FinishReason, SamplingParams
 
 RequestLike = Union[BatchRequest, str, Mapping[str, Any]]  # noqa: UP007 (runtime alias, 3.10)
 
-_SAMPLING_KEYS = (
-    "max_tokens",
-    "min_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-)
-_KNOWN_KEYS = frozenset({"id", "prompt", "messages", "token_ids", "model", *_SAMPLING_KEYS})
+CHUNK_BYTES = 1 << 20  # one upload message: far below any gRPC message limit
+_OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
 def parse_request(obj: Mapping[str, Any], index: int = 0) -> BatchRequest:
-    """One JSONL object to a BatchRequest; raises ValueError naming the problem."""
-    unknown = sorted(set(obj) - _KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"request {index}: unknown keys {unknown}")
-    sampling_args = {key: obj[key] for key in _SAMPLING_KEYS if key in obj}
-    if isinstance(sampling_args.get("stop"), str):
-        sampling_args["stop"] = (sampling_args["stop"],)
-    for key in ("stop", "stop_token_ids"):
-        if key in sampling_args:
-            sampling_args[key] = tuple(sampling_args[key])
-    messages = obj.get("messages")
-    token_ids = obj.get("token_ids")
+    """One JSONL object (either format) to a BatchRequest; ValueError naming the problem."""
     try:
-        return BatchRequest(
-            id=str(obj.get("id", index)),
-            prompt=obj.get("prompt"),
-            messages=None if messages is None else tuple(map(ChatMessage.coerce, messages)),
-            token_ids=None if token_ids is None else tuple(int(t) for t in token_ids),
-            sampling=SamplingParams(**sampling_args),
-            model=str(obj.get("model", "")),
-        )
-    except (ValueError, TypeError, KeyError) as exc:
+        parsed = parse_line(obj)
+        request = _convert.batch_request_from_pb(parsed.request)
+    except (LineError, ValueError, TypeError) as exc:
         raise ValueError(f"request {index}: {exc}") from exc
+    return request if request.id else _with_id(request, str(index))
 
 
-def coerce_requests(requests: Iterable[RequestLike]) -> list[BatchRequest]:
-    """BatchRequests from BatchRequests, JSONL-shaped dicts or plain prompt strings."""
-    out: list[BatchRequest] = []
-    for index, request in enumerate(requests):
-        if isinstance(request, BatchRequest):
-            out.append(request)
-        elif isinstance(request, str):
-            out.append(BatchRequest(id=str(index), prompt=request))
-        else:
-            out.append(parse_request(request, index))
-    return out
+def _with_id(request: BatchRequest, request_id: str) -> BatchRequest:
+    return BatchRequest(request_id, request.prompt, request.messages, request.token_ids,
+                        request.sampling, request.model)
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[BatchRequest]:
-    """Reads a JSONL file of requests (format above)."""
+    """Reads a whole JSONL file of requests into memory, checking every line (for small files;
+    ``submit_batch`` streams a file of any size instead)."""
     requests: list[BatchRequest] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            if not is_request_line(line):
                 continue
             try:
                 obj = json.loads(line)
@@ -102,8 +65,72 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[BatchRequest]:
     return requests
 
 
+def request_to_json(request: RequestLike, index: int) -> Mapping[str, Any]:
+    """A request as one line of Backfill's format (a mapping passes through unchanged, so the
+    server checks it like a line of a file)."""
+    if isinstance(request, str):
+        return {"id": str(index), "prompt": request}
+    if not isinstance(request, BatchRequest):
+        return request
+    out: dict[str, Any] = {"id": request.id or str(index)}
+    if request.prompt is not None:
+        out["prompt"] = request.prompt
+    elif request.messages is not None:
+        out["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        out["token_ids"] = list(request.token_ids or ())
+    if request.model:
+        out["model"] = request.model
+    out.update(_sampling_json(request.sampling))
+    return out
+
+
+def _sampling_json(s: SamplingParams) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed",
+                 "ignore_eos"):
+        value = getattr(s, name)
+        if value is not None:
+            out[name] = value
+    if s.stop:
+        out["stop"] = list(s.stop)
+    if s.stop_token_ids:
+        out["stop_token_ids"] = list(s.stop_token_ids)
+    return out
+
+
+def file_chunks(path: str | os.PathLike[str], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """A file's bytes in pieces (lines may be split; the server joins them)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def request_chunks(requests: Iterable[RequestLike], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Requests as JSONL, in pieces of about ``size`` bytes, one request at a time."""
+    pending: list[bytes] = []
+    held = 0
+    for index, request in enumerate(requests):
+        line = json.dumps(request_to_json(request, index), ensure_ascii=False).encode() + b"\n"
+        pending.append(line)
+        held += len(line)
+        if held >= size:
+            yield b"".join(pending)
+            pending, held = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+def result_line(job_id: str, result: BatchResult) -> dict[str, Any]:
+    """A result in the format its request came in: OpenAI's for a line in OpenAI's format."""
+    return openai_line(job_id, result) if result.url else result_to_json(result)
+
+
 def result_to_json(result: BatchResult) -> dict[str, Any]:
-    """A result as one JSONL-ready object (the shape ``batch results`` prints)."""
+    """A result as one line of Backfill's output format."""
     out: dict[str, Any] = {
         "index": result.index,
         "id": result.request_id,
@@ -119,3 +146,53 @@ def result_to_json(result: BatchResult) -> dict[str, Any]:
     if result.error is not None:
         out["error"] = {"code": result.error.code.name, "message": result.error.details}
     return out
+
+
+def openai_line(job_id: str, result: BatchResult) -> dict[str, Any]:
+    """A result as one line of an OpenAI Batch output (or error) file: a chat.completion or
+    text_completion body with usage, or the error."""
+    request_id = f"{job_id}-{result.index}"
+    line: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": result.request_id,
+                            "response": None, "error": None}
+    error = result.error
+    if error is None:
+        line["response"] = {"status_code": 200, "request_id": request_id,
+                            "body": _openai_body(request_id, result)}
+    elif error.code.name in ("CANCELLED", "DEADLINE_EXCEEDED") and not result.token_ids:
+        # Requests the batch dropped (OpenAI's batch_cancelled / batch_expired) never ran.
+        code = "batch_expired" if error.code.name == "DEADLINE_EXCEEDED" else "batch_cancelled"
+        line["error"] = {"code": code, "message": error.details}
+    else:
+        invalid = error.code.name == "INVALID_ARGUMENT"
+        line["response"] = {
+            "status_code": 400 if invalid else 500,
+            "request_id": request_id,
+            "body": {"error": {"message": error.details, "param": None,
+                               "type": "invalid_request_error" if invalid else "server_error",
+                               "code": error.code.name.lower()}},
+        }
+    return line
+
+
+def _openai_body(request_id: str, result: BatchResult) -> dict[str, Any]:
+    finish = _OPENAI_FINISH.get(result.finish_reason) if result.finish_reason else None
+    usage = result.usage
+    common = {
+        "created": int(result.finished_at or 0),
+        "model": result.model,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        },
+    }
+    if result.url == CHAT_URL:
+        choice: dict[str, Any] = {"index": 0,
+                                  "message": {"role": "assistant", "content": result.text},
+                                  "logprobs": None, "finish_reason": finish}
+        return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", **common,
+                "choices": [choice]}
+    choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+    return {"id": f"cmpl-{request_id}", "object": "text_completion", **common,
+            "choices": [choice]}

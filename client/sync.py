@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -125,6 +125,7 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, object]] = (),
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        tenant: str = "",
     ) -> None:
         self._loop = _Loop()
         self._async = AsyncClient(
@@ -137,6 +138,7 @@ class Client:
             metadata=metadata,
             channel_options=channel_options,
             max_message_mb=max_message_mb,
+            tenant=tenant,
         )
 
     def __enter__(self) -> Client:
@@ -220,31 +222,44 @@ class Client:
         self,
         requests: Iterable[RequestLike] | str | os.PathLike[str],
         *,
-        tenant: str = "",
+        tenant: str | None = None,
         labels: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        completion_window: float | None = None,
+        model: str = "",
+        on_progress: Callable[[int], None] | None = None,
     ) -> BatchJob:
         """Submits an OFFLINE batch job. See ``AsyncClient.submit_batch``."""
         return self._loop.run(self._async.submit_batch(
-            requests, tenant=tenant, labels=labels, idempotency_key=idempotency_key
+            requests, tenant=tenant, labels=labels, idempotency_key=idempotency_key,
+            completion_window=completion_window, model=model, on_progress=on_progress,
         ))
 
-    def get_batch(self, job_id: str) -> BatchJob:
-        return self._loop.run(self._async.get_batch(job_id))
+    def get_batch(self, job_id: str, *, tenant: str | None = None) -> BatchJob:
+        return self._loop.run(self._async.get_batch(job_id, tenant=tenant))
 
-    def cancel_batch(self, job_id: str) -> BatchJob:
-        return self._loop.run(self._async.cancel_batch(job_id))
+    def cancel_batch(self, job_id: str, *, tenant: str | None = None) -> BatchJob:
+        return self._loop.run(self._async.cancel_batch(job_id, tenant=tenant))
 
-    def list_batches(self) -> list[BatchJob]:
-        return self._loop.run(self._async.list_batches())
+    def list_batches(
+        self, *, tenant: str | None = None, limit: int = 0, after: str = ""
+    ) -> list[BatchJob]:
+        return self._loop.run(self._async.list_batches(tenant=tenant, limit=limit, after=after))
 
-    def watch(self, job_id: str, *, interval_s: float = 0.5) -> SyncIterator[BatchJob]:
+    def watch(
+        self, job_id: str, *, interval_s: float = 0.5, tenant: str | None = None
+    ) -> SyncIterator[BatchJob]:
         """Job states until the job ends. See ``AsyncClient.watch``."""
-        return SyncIterator(self._async.watch(job_id, interval_s=interval_s), self._loop)
+        return SyncIterator(self._async.watch(job_id, interval_s=interval_s, tenant=tenant),
+                            self._loop)
 
-    def results(self, job_id: str, *, start_index: int = 0) -> SyncIterator[BatchResult]:
+    def results(
+        self, job_id: str, *, start_index: int = 0, tenant: str | None = None
+    ) -> SyncIterator[BatchResult]:
         """Results in submission order. See ``AsyncClient.results``."""
-        return SyncIterator(self._async.results(job_id, start_index=start_index), self._loop)
+        return SyncIterator(
+            self._async.results(job_id, start_index=start_index, tenant=tenant), self._loop
+        )
 
     def list_models(self) -> list[ModelInfo]:
         return self._loop.run(self._async.list_models())

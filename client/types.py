@@ -37,13 +37,25 @@ class FinishReason(str, enum.Enum):
 class JobState(str, enum.Enum):
     """State of an offline batch job; see ``TERMINAL_JOB_STATES``."""
 
+    VALIDATING = "validating"
     QUEUED = "queued"
     RUNNING = "running"
+    FINALIZING = "finalizing"
     COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
     CANCELLED = "cancelled"
 
+    @property
+    def openai_status(self) -> str:
+        """The OpenAI Batch API's name of this state (queued and running are in_progress)."""
+        return "in_progress" if self in (JobState.QUEUED, JobState.RUNNING) else self.value
 
-TERMINAL_JOB_STATES = frozenset({JobState.COMPLETED, JobState.CANCELLED})
+
+TERMINAL_JOB_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +170,7 @@ class Completion:
 class BatchRequest:
     """One request of an offline batch job; exactly one of prompt, messages, token_ids is set.
 
-    The JSONL form (one object per line) is parsed by :func:`client.jobs.parse_request`.
+    The JSONL forms (one object per line) are described in ``backfill.batch_format``.
     """
 
     id: str = ""  # names the result; the server uses the index when empty
@@ -189,6 +201,10 @@ class BatchJob:
     finished_at: float | None = None
     tenant: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    expired: int = 0  # dropped when the completion window ended
+    expires_at: float | None = None  # end of the completion window
+    started_at: float | None = None
+    error: str = ""  # why the job failed
 
     @property
     def done(self) -> bool:
@@ -197,7 +213,13 @@ class BatchJob:
     @property
     def finished(self) -> int:
         """Requests that ended, whatever the outcome."""
-        return self.completed + self.failed + self.cancelled
+        return self.completed + self.failed + self.cancelled + self.expired
+
+    @property
+    def request_counts(self) -> dict[str, int]:
+        """The OpenAI Batch API's counts (failed there includes cancelled and expired)."""
+        return {"total": self.total, "completed": self.completed,
+                "failed": self.failed + self.cancelled + self.expired}
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +234,9 @@ class BatchResult:
     usage: Usage
     timing: Timing
     error: BackfillError | None = None
+    url: str = ""  # the OpenAI endpoint its line named; "" for Backfill's format
+    model: str = ""  # the model that served it
+    finished_at: float | None = None  # seconds since the epoch
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from engine_builder.tokenizer import EngineTokenizer
 from server.config import ServerConfig
 from server.convert import ModelRegistry, ModelSpec, ServedModel
 from server.executor.base import Executor
-from server.jobs import JobStore
+from server.jobs import JobRunner, Jobs, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
 from server.scheduler import BackfillScheduler
 from server.service import InferenceServicer
@@ -58,7 +58,8 @@ class DrainReport:
 
     elapsed_seconds: float
     unfinished_offline: int  # OFFLINE requests that ended with outcome SHUTDOWN
-    unfinished_by_job: tuple[tuple[str, int], ...]  # (job id, unfinished requests of it)
+    # (job id, requests of it left in the job store): they run after the next start
+    unfinished_by_job: tuple[tuple[str, int], ...]
 
 
 def _make_scheduler(
@@ -115,7 +116,8 @@ class BackfillServer:
         grpc_server: grpc.aio.Server,
         scheduler: BackfillScheduler,
         servicer: InferenceServicer,
-        jobs: JobStore,
+        jobs: Jobs,
+        runner: JobRunner,
         health: HealthServicer,
         stats: ServerStatsCollector,
         port: int,
@@ -127,6 +129,7 @@ class BackfillServer:
         self._grpc = grpc_server
         self._servicer = servicer
         self._jobs = jobs
+        self._runner = runner
         self._health = health
         self._metrics = metrics
         self.port = port
@@ -182,37 +185,31 @@ class BackfillServer:
                 stats.stats, model=spec.name, tokens_per_block=spec.capacity.tokens_per_block
             )
         )
-        jobs = JobStore(models, request_metrics, asyncio.get_running_loop())
+        jobs_config = config.jobs_config()
+        store = await asyncio.to_thread(open_store, jobs_config)
+        runner = JobRunner(store, models, request_metrics, jobs_config,
+                           asyncio.get_running_loop())
+        jobs = Jobs(store, runner, models, jobs_config)
         servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
-        grpc_server = grpc.aio.server(
-            options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb))
-        )
-        pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
-        health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            grpc_server,
-        )
-        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
-        await grpc_server.start()
-        for service in ("", SERVICE_NAME):
-            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         metrics = None
-        if config.metrics_enabled:
-            metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
+        try:
+            await runner.start()
+            if config.metrics_enabled:
+                metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
+            grpc_server, health, port = await _start_grpc(config, servicer)
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            await runner.close()
+            await jobs.close()  # releases the store's lock for the next try
+            raise
         return cls(
             config=config,
             grpc_server=grpc_server,
             scheduler=scheduler,
             servicer=servicer,
             jobs=jobs,
+            runner=runner,
             health=health,
             stats=stats,
             port=port,
@@ -236,12 +233,17 @@ class BackfillServer:
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         started = time.monotonic()
         self._servicer.draining = True
+        self._runner.stop_feeding()
         self.scheduler.begin_drain()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining: waiting up to %.1fs for running online requests", grace)
         unfinished = await asyncio.to_thread(self.scheduler.stop, grace)
+        await self._runner.flush()  # job reads keep working until the gRPC server stops
+        left = await self._jobs.unfinished()
         await self._grpc.stop(FLUSH_GRACE_S)
+        await self._runner.close()
+        await self._jobs.close()
         self._sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sampler
@@ -250,13 +252,40 @@ class BackfillServer:
         report = DrainReport(
             elapsed_seconds=time.monotonic() - started,
             unfinished_offline=len(unfinished),
-            unfinished_by_job=tuple(sorted(self._jobs.owners(unfinished).items())),
+            unfinished_by_job=tuple(sorted(left)),
         )
         _log_report(report)
         return report
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
+
+
+async def _start_grpc(
+    config: ServerConfig, servicer: InferenceServicer
+) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """The gRPC server with the service, health and reflection, listening."""
+    grpc_server = grpc.aio.server(
+        options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb))
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        grpc_server,
+    )
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await grpc_server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return grpc_server, health, port
 
 
 def _log_report(report: DrainReport) -> None:
@@ -266,7 +295,8 @@ def _log_report(report: DrainReport) -> None:
         report.unfinished_offline,
     )
     for job_id, count in report.unfinished_by_job:
-        log.info("  batch job %s: %d requests unfinished", job_id, count)
+        log.info("  batch job %s: %d requests kept in the job store for the next start",
+                 job_id, count)
 
 
 class ServerThread:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
+from server.jobs.config import JobsConfig
 from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
 
-# The scheduler's knobs are flat fields here (one flag each) whose defaults and validation
-# come from SchedulerConfig, so they exist once.
+# The scheduler's and the job store's knobs are flat fields here (one flag each) whose defaults
+# and validation come from their own configs, so they exist once.
 _SCHED = SchedulerConfig()
+_JOBS = JobsConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,11 @@ class ServerConfig:
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # largest gRPC message received or sent
+    job_store: str = _JOBS.store  # "" = $BACKFILL_HOME/jobs.db; ":memory:" = nothing kept
+    job_max_in_flight: int = _JOBS.max_in_flight
+    job_completion_window_s: float = _JOBS.completion_window_s
+    job_retention_s: float = _JOBS.retention_s
+    job_flush_ms: float = _JOBS.flush_ms
 
     def __post_init__(self) -> None:
         if not self.engine:
@@ -48,6 +55,7 @@ class ServerConfig:
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
         self.scheduler_config()  # validates the scheduler's fields
+        self.jobs_config()  # and the job store's
         if self.max_online_queue < 1:
             raise ValueError(f"max_online_queue must be >= 1, got {self.max_online_queue}")
         if self.max_offline_queue < 1:
@@ -77,6 +85,16 @@ class ServerConfig:
             ttft_slo_ms=ttft_slo_ms,
         )
 
+    def jobs_config(self) -> JobsConfig:
+        """The job store's part of this config (ValueError when out of range)."""
+        return JobsConfig(
+            store=self.job_store,
+            max_in_flight=self.job_max_in_flight,
+            completion_window_s=self.job_completion_window_s,
+            retention_s=self.job_retention_s,
+            flush_ms=self.job_flush_ms,
+        )
+
     @property
     def metrics_enabled(self) -> bool:
         return self.metrics_port >= 0
@@ -101,6 +119,14 @@ _HELP: dict[str, str] = {
     "engine's profile, < 0 none",
     "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
                       "message); clients should use the same limit",
+    "job_store": "SQLite file of the durable batch job store ('' = $BACKFILL_HOME/jobs.db; "
+    "':memory:' keeps jobs in memory only)",
+    "job_max_in_flight": "batch job requests handed to the scheduler at once (the rest wait "
+    "in the store)",
+    "job_completion_window_s": "seconds a batch job has to finish before it expires, unless "
+    "it sets its own",
+    "job_retention_s": "seconds a finished batch job is kept before it is deleted",
+    "job_flush_ms": "finished batch results are written to the store at least this often",
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}

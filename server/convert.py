@@ -290,12 +290,12 @@ def fill_generate_response(
     if event.outcome is not None:
         out.finish_reason = _FINISH[event.outcome]
     if event.usage is not None:
-        _fill_usage(out.usage, event.usage)
+        fill_usage(out.usage, event.usage)
     if event.timing is not None:
-        _fill_timing(out.timing, event.timing)
+        fill_timing(out.timing, event.timing)
 
 
-def _fill_usage(out: pb.Usage, u: Usage) -> None:
+def fill_usage(out: pb.Usage, u: Usage) -> None:
     out.prompt_tokens = u.prompt_tokens
     out.completion_tokens = u.completion_tokens
     out.cached_prompt_tokens = u.cached_prompt_tokens
@@ -303,7 +303,7 @@ def _fill_usage(out: pb.Usage, u: Usage) -> None:
     out.draft_tokens_accepted = u.draft_tokens_accepted
 
 
-def _fill_timing(out: pb.Timing, t: Timing) -> None:
+def fill_timing(out: pb.Timing, t: Timing) -> None:
     # Writing a field marks each sub-message present, zero values included (as CopyFrom did).
     out.queue_time.FromNanoseconds(round(t.queue_seconds * 1e9))
     out.total_time.FromNanoseconds(round(t.total_seconds * 1e9))

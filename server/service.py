@@ -25,7 +25,8 @@ from server.convert import (
     to_generate_response,
     to_sched_request,
 )
-from server.jobs import JobStore
+from server.jobs import Jobs
+from server.jobs.convert import job_to_pb
 from server.metrics import RequestMetrics
 from server.scheduler.types import (
     DrainingError,
@@ -42,13 +43,16 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 R = TypeVar("R")
 
 
-def unary_rpc(
-    method: Callable[[InferenceServicer, Any, Context], Awaitable[R]],
-) -> Callable[[InferenceServicer, Any, Context], Awaitable[R]]:
+UnaryMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context], Awaitable[R]]"
+StreamMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]"
+
+
+def _unary(method: UnaryMethod[R], *, while_draining: bool) -> UnaryMethod[R]:
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: Context) -> R:
         try:
-            self.check_serving()
+            if not while_draining:
+                self.check_serving()
             return await method(self, request, context)
         except AbortError:
             raise
@@ -59,13 +63,12 @@ def unary_rpc(
     return wrapper
 
 
-def stream_rpc(
-    method: Callable[[InferenceServicer, Any, Context], AsyncIterator[R]],
-) -> Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]:
+def _stream(method: StreamMethod[R], *, while_draining: bool) -> StreamMethod[R]:
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: Context) -> AsyncIterator[R]:
         try:
-            self.check_serving()
+            if not while_draining:
+                self.check_serving()
             async for item in method(self, request, context):
                 yield item
         except AbortError:
@@ -76,11 +79,30 @@ def stream_rpc(
     return wrapper
 
 
+def unary_rpc(method: UnaryMethod[R]) -> UnaryMethod[R]:
+    """A method that takes new work: refused (UNAVAILABLE) while draining."""
+    return _unary(method, while_draining=False)
+
+
+def stream_rpc(method: StreamMethod[R]) -> StreamMethod[R]:
+    return _stream(method, while_draining=False)
+
+
+def read_rpc(method: UnaryMethod[R]) -> UnaryMethod[R]:
+    """A method that only reads: answered while draining too (finished batch results can be
+    fetched while the server shuts down)."""
+    return _unary(method, while_draining=True)
+
+
+def read_stream_rpc(method: StreamMethod[R]) -> StreamMethod[R]:
+    return _stream(method, while_draining=True)
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
         self,
         models: ModelRegistry,
-        jobs: JobStore,
+        jobs: Jobs,
         metrics: RequestMetrics,
         stats: Callable[[], ServerStats],
     ) -> None:
@@ -133,28 +155,36 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @unary_rpc
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Context) -> pb.BatchJob:
-        return self._jobs.submit(request).to_pb()
+        return job_to_pb(await self._jobs.submit(request))
 
     @unary_rpc
-    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.BatchJob:
-        return self._jobs.get(request.id).to_pb()
+    async def UploadBatch(
+        self, request_iterator: AsyncIterator[pb.UploadBatchRequest], context: Context
+    ) -> pb.BatchJob:
+        return job_to_pb(await self._jobs.upload(request_iterator))
 
-    @stream_rpc
+    @read_rpc
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.BatchJob:
+        return job_to_pb(await self._jobs.get(request.tenant, request.id))
+
+    @read_stream_rpc
     async def StreamBatchResults(
         self, request: pb.StreamBatchResultsRequest, context: Context
     ) -> AsyncIterator[pb.BatchResult]:
-        async for result in self._jobs.results(request.id, request.start_index):
+        async for result in self._jobs.results(request.tenant, request.id, request.start_index):
             yield result
 
     @unary_rpc
     async def CancelBatch(self, request: pb.CancelBatchRequest, context: Context) -> pb.BatchJob:
-        return (await self._jobs.cancel(request.id)).to_pb()
+        return job_to_pb(await self._jobs.cancel(request.tenant, request.id))
 
-    @unary_rpc
+    @read_rpc
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: Context
     ) -> pb.ListBatchesResponse:
-        return pb.ListBatchesResponse(jobs=[job.to_pb() for job in self._jobs.list()])
+        page = await self._jobs.list_jobs(request.tenant, request.limit, request.after)
+        return pb.ListBatchesResponse(jobs=[job_to_pb(j) for j in page.jobs],
+                                      has_more=page.has_more)
 
     # ---- models and stats ------------------------------------------------------------------
 

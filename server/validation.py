@@ -39,8 +39,8 @@ def validate_generate(req: pb.GenerateRequest, *, vocab_size: int, prefix: str =
             raise InvalidArgumentError(
                 f"{prefix}ttft_deadline must be positive, got {d.seconds}s {d.nanos}ns"
             )
-    _check_label(req.tenant, prefix + "tenant")
-    _check_label(req.client_request_id, prefix + "client_request_id")
+    check_label(req.tenant, prefix + "tenant")
+    check_label(req.client_request_id, prefix + "client_request_id")
 
 
 def validate_prompt_length(num_tokens: int, *, max_seq_len: int, prefix: str = "") -> None:
@@ -61,8 +61,8 @@ def validate_batch(req: pb.SubmitBatchRequest, *, vocab_size: int) -> None:
         raise InvalidArgumentError(
             f"requests: at most {MAX_BATCH_REQUESTS} per job, got {len(req.requests)}"
         )
-    _check_label(req.tenant, "tenant")
-    _check_label(req.idempotency_key, "idempotency_key")
+    check_label(req.tenant, "tenant")
+    check_label(req.idempotency_key, "idempotency_key")
     seen: set[str] = set()
     for i, item in enumerate(req.requests):
         validate_generate(item, vocab_size=vocab_size, prefix=f"requests[{i}].")
@@ -133,7 +133,7 @@ def _check_ids(ids: Sequence[int], vocab_size: int, name: str) -> None:
             raise InvalidArgumentError(f"{name}[{i}]={token} is >= vocab size {vocab_size}")
 
 
-def _check_label(value: str, name: str) -> None:
+def check_label(value: str, name: str) -> None:
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgumentError(
             f"{name} must be at most {MAX_ID_CHARS} characters, got {len(value)}"

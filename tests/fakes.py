@@ -35,7 +35,8 @@ scheduler's ``StepPlan`` (a cap per request; 0 pauses it, resident), like the CP
 Text: each token's text is ``"<id>"`` (so a delta's text is its tokens, e.g. ``"<5><6>"``);
 ``cached_prompt_tokens`` is set on a run's first and last delta, as the protocol says.
 Construct with ``ScriptedExecutor(capacity, token_fn=..., stop_after=..., error_fn=...,
-reject_fn=..., step_hook=...)``; every hook is optional (``DEFAULT_CAPACITY``: 4 slots).
+reject_fn=..., step_hook=..., record=...)``; every hook is optional (``DEFAULT_CAPACITY``: 4
+slots).
 
 Everything is recorded for assertions: ``enqueued`` (every accepted ExecRequest), ``rejected``,
 ``cancels`` (every cancel call), ``step_log`` (per-step occupancy), ``outputs`` and ``finishes``
@@ -141,11 +142,14 @@ class ScriptedExecutor:
         reject_fn: RejectFn | None = None,
         step_hook: Callable[[int], None] | None = None,
         step_cost: LinearStepCost | None = None,
+        record: bool = True,
     ) -> None:
         self._capacity = capacity
         self._step_cost = step_cost  # the virtual duration of each step; 1 ms without one
         self._plan = StepPlan()
         self._samples: list[StepSample] = []
+        # False: keep no records (a long benchmark would otherwise hold every request).
+        self._record = record
         self._token_fn = token_fn
         self._stop_after = stop_after
         self._error_fn = error_fn
@@ -223,13 +227,15 @@ class ScriptedExecutor:
             seq = _Seq(request=request, context=context)
             self._queue.append(seq)
             self._queued_ids[request.request_id] = seq
-            self.enqueued.append(request)
-            self.outputs[request.request_id] = []
+            if self._record:
+                self.enqueued.append(request)
+                self.outputs[request.request_id] = []
             self._cond.notify_all()
 
     def cancel(self, request_id: int) -> None:
         with self._cond:
-            self.cancels.append(request_id)
+            if self._record:
+                self.cancels.append(request_id)
             seq = self._find(request_id)
             if seq is not None:
                 self._finish(seq, FinishReason.CANCELLED, ())
@@ -361,6 +367,8 @@ class ScriptedExecutor:
         self._emit(emitters)
         self._steps += 1
         self._last_step_tokens = tokens
+        if not self._record:
+            return
         self.step_log.append(
             StepRecord(
                 step=self._steps,
@@ -438,7 +446,8 @@ class ScriptedExecutor:
         token = self.token_at(req.prompt_token_ids, seq.num_done)
         seq.generated.append(token)
         self._generated_tokens += 1
-        self.outputs[req.request_id].append(token)
+        if self._record:
+            self.outputs[req.request_id].append(token)
         reason = self._finish_reason(
             req.prompt_token_ids, req.sampling, seq.num_tokens, seq.num_done, token
         )
@@ -487,7 +496,8 @@ class ScriptedExecutor:
         else:
             self._queue.remove(seq)
             del self._queued_ids[rid]
-        self.finishes[rid] = reason
+        if self._record:
+            self.finishes[rid] = reason
         self._pending.append(
             TokenDelta(
                 request_id=rid,

@@ -123,11 +123,23 @@ class _BatchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchState
     """Every request finished (some may have failed)."""
     BATCH_STATE_CANCELLED: _BatchState.ValueType  # 4
     """Cancelled; unfinished requests were dropped."""
+    BATCH_STATE_VALIDATING: _BatchState.ValueType  # 5
+    """The upload is being received and checked."""
+    BATCH_STATE_FINALIZING: _BatchState.ValueType  # 6
+    """Every request finished; the job's end is being recorded."""
+    BATCH_STATE_FAILED: _BatchState.ValueType  # 7
+    """No request of the job could run (every line was invalid)."""
+    BATCH_STATE_EXPIRED: _BatchState.ValueType  # 8
+    """The completion window ended first; finished results are kept, the rest were dropped."""
+    BATCH_STATE_CANCELLING: _BatchState.ValueType  # 9
+    """Cancel requested; running requests are being stopped."""
 
 class BatchState(_BatchState, metaclass=_BatchStateEnumTypeWrapper):
     """--- Offline batch jobs ---
 
-    State of a batch job.
+    State of a batch job. The OpenAI Batch API's names: VALIDATING "validating", QUEUED and
+    RUNNING "in_progress", FINALIZING "finalizing", COMPLETED "completed", FAILED "failed",
+    EXPIRED "expired", CANCELLING "cancelling", CANCELLED "cancelled".
     """
 
 BATCH_STATE_UNSPECIFIED: BatchState.ValueType  # 0
@@ -139,6 +151,16 @@ BATCH_STATE_COMPLETED: BatchState.ValueType  # 3
 """Every request finished (some may have failed)."""
 BATCH_STATE_CANCELLED: BatchState.ValueType  # 4
 """Cancelled; unfinished requests were dropped."""
+BATCH_STATE_VALIDATING: BatchState.ValueType  # 5
+"""The upload is being received and checked."""
+BATCH_STATE_FINALIZING: BatchState.ValueType  # 6
+"""Every request finished; the job's end is being recorded."""
+BATCH_STATE_FAILED: BatchState.ValueType  # 7
+"""No request of the job could run (every line was invalid)."""
+BATCH_STATE_EXPIRED: BatchState.ValueType  # 8
+"""The completion window ended first; finished results are kept, the rest were dropped."""
+BATCH_STATE_CANCELLING: BatchState.ValueType  # 9
+"""Cancel requested; running requests are being stopped."""
 Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
 @_typing.final
@@ -688,8 +710,9 @@ class SubmitBatchRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    COMPLETION_WINDOW_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
-    """Accounting label for the whole job."""
+    """Owner of the job: only this tenant sees it."""
     idempotency_key: _builtins.str
     """Optional, at most 256 characters. A submit that repeats the key of an earlier one of the
     same tenant (a retry after a lost reply) returns the job that one created instead of
@@ -706,6 +729,10 @@ class SubmitBatchRequest(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels, echoed back."""
 
+    @_builtins.property
+    def completion_window(self) -> _duration_pb2.Duration:
+        """Time the job has to finish; past it the job expires. Unset: the server's default (24h)."""
+
     def __init__(
         self,
         *,
@@ -713,14 +740,115 @@ class SubmitBatchRequest(_message.Message):
         tenant: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
+        completion_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "labels", b"labels", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window", "idempotency_key", b"idempotency_key", "labels", b"labels", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitBatchRequest: _TypeAlias = SubmitBatchRequest  # noqa: Y015
+
+@_typing.final
+class UploadBatchRequest(_message.Message):
+    """A message of an UploadBatch stream: one header first, then the input in pieces.
+
+    The input is JSONL, one request per line, in either format (each line is recognized on its
+    own; blank lines and lines starting with '#' are skipped):
+     - Backfill's: {"id", "prompt" | "messages" | "token_ids", "model", sampling fields...}
+     - OpenAI's Batch API: {"custom_id", "method": "POST",
+       "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}.
+    Requests are numbered from 0 in input order. A line that cannot run (bad JSON, unknown key,
+    out-of-range value, a custom_id used twice) gets a failed result naming the problem.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next piece of the JSONL input; pieces may split lines anywhere."""
+    @_builtins.property
+    def header(self) -> Global___UploadBatchHeader:
+        """First message, exactly once."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadBatchHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___UploadBatchRequest: _TypeAlias = UploadBatchRequest  # noqa: Y015
+
+@_typing.final
+class UploadBatchHeader(_message.Message):
+    """What an UploadBatch is for; the fields mean what they mean in SubmitBatchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    COMPLETION_WINDOW_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    idempotency_key: _builtins.str
+    """A retry with the same key and the same input returns the first job (the input is
+    compared by digest, so a retry streams it again).
+    """
+    model: _builtins.str
+    """Run every request on this model whatever its line names ("" = what each line names; a
+    name the server does not serve fails that line).
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def completion_window(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
+        completion_window: _duration_pb2.Duration | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window", "idempotency_key", b"idempotency_key", "labels", b"labels", "model", b"model", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBatchHeader: _TypeAlias = UploadBatchHeader  # noqa: Y015
 
 @_typing.final
 class BatchJob(_message.Message):
@@ -759,6 +887,10 @@ class BatchJob(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned job id."""
     state: Global___BatchState.ValueType
@@ -768,12 +900,16 @@ class BatchJob(_message.Message):
     completed: _builtins.int
     """Finished successfully."""
     failed: _builtins.int
-    """Finished with an error."""
+    """Finished with an error (invalid lines included)."""
     cancelled: _builtins.int
     """Dropped by cancellation."""
     completion_tokens: _builtins.int
     """Tokens generated so far."""
     tenant: _builtins.str
+    expired: _builtins.int
+    """Dropped when the completion window ended."""
+    error: _builtins.str
+    """Why the job FAILED; empty otherwise."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -782,6 +918,14 @@ class BatchJob(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """End of the completion window."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """First request sent to the engine."""
+
     def __init__(
         self,
         *,
@@ -796,10 +940,14 @@ class BatchJob(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         tenant: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expired: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "completion_tokens", b"completion_tokens", "created_at", b"created_at", "failed", b"failed", "finished_at", b"finished_at", "id", b"id", "labels", b"labels", "state", b"state", "tenant", b"tenant", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "completion_tokens", b"completion_tokens", "created_at", b"created_at", "error", b"error", "expired", b"expired", "expires_at", b"expires_at", "failed", b"failed", "finished_at", b"finished_at", "id", b"id", "labels", b"labels", "started_at", b"started_at", "state", b"state", "tenant", b"tenant", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -810,16 +958,20 @@ class GetBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Job id from SubmitBatch."""
+    """Job id from SubmitBatch or UploadBatch."""
+    tenant: _builtins.str
+    """The job's tenant; any other tenant gets NOT_FOUND."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -831,19 +983,23 @@ class StreamBatchResultsRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     START_INDEX_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Job id from SubmitBatch."""
+    """Job id from SubmitBatch or UploadBatch."""
     start_index: _builtins.int
     """First result to send (resume after a disconnect)."""
+    tenant: _builtins.str
+    """The job's tenant; any other tenant gets NOT_FOUND."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         start_index: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "start_index", b"start_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "start_index", b"start_index", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -863,6 +1019,9 @@ class BatchResult(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the submitted list."""
     client_request_id: _builtins.str
@@ -870,6 +1029,12 @@ class BatchResult(_message.Message):
     text: _builtins.str
     """The whole generated text."""
     finish_reason: Global___FinishReason.ValueType
+    url: _builtins.str
+    """The OpenAI endpoint the request's line named ("/v1/chat/completions" or
+    "/v1/completions"); empty for a request in Backfill's format.
+    """
+    model: _builtins.str
+    """The model that served it (or was named, for a failure)."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The whole generated token ids."""
@@ -882,6 +1047,8 @@ class BatchResult(_message.Message):
     def error(self) -> Global___Status:
         """Set when the request failed."""
 
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -893,10 +1060,13 @@ class BatchResult(_message.Message):
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
         error: Global___Status | None = ...,
+        url: _builtins.str = ...,
+        model: _builtins.str = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "finish_reason", b"finish_reason", "index", b"index", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "finish_reason", b"finish_reason", "finished_at", b"finished_at", "index", b"index", "model", b"model", "text", b"text", "timing", b"timing", "token_ids", b"token_ids", "url", b"url", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -907,16 +1077,20 @@ class CancelBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Job id from SubmitBatch."""
+    """Job id from SubmitBatch or UploadBatch."""
+    tenant: _builtins.str
+    """The job's tenant; any other tenant gets NOT_FOUND."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -926,12 +1100,25 @@ Global___CancelBatchRequest: _TypeAlias = CancelBatchRequest  # noqa: Y015
 class ListBatchesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    TENANT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Whose jobs to list."""
+    limit: _builtins.int
+    """At most this many (0 = all)."""
+    after: _builtins.str
+    """Continue after this job id (a page's last), as OpenAI's "after"."""
     def __init__(
         self,
+        *,
+        tenant: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -942,6 +1129,9 @@ class ListBatchesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    HAS_MORE_FIELD_NUMBER: _builtins.int
+    has_more: _builtins.bool
+    """More jobs follow the last one (ask again with after)."""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchJob]:
         """Newest first."""
@@ -950,10 +1140,11 @@ class ListBatchesResponse(_message.Message):
         self,
         *,
         jobs: _abc.Iterable[Global___BatchJob] | None = ...,
+        has_more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_more", b"has_more", "jobs", b"jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ class InferenceServiceStub:
                 request_serializer=backfill_dot_v1_dot_inference__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=backfill_dot_v1_dot_inference__pb2.BatchJob.FromString,
                 _registered_method=True)
+        self.UploadBatch = channel.stream_unary(
+                '/backfill.v1.InferenceService/UploadBatch',
+                request_serializer=backfill_dot_v1_dot_inference__pb2.UploadBatchRequest.SerializeToString,
+                response_deserializer=backfill_dot_v1_dot_inference__pb2.BatchJob.FromString,
+                _registered_method=True)
         self.GetBatch = channel.unary_unary(
                 '/backfill.v1.InferenceService/GetBatch',
                 request_serializer=backfill_dot_v1_dot_inference__pb2.GetBatchRequest.SerializeToString,
@@ -106,7 +111,21 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBatch(self, request, context):
-        """Offline batch jobs: a list of requests run on the OFFLINE tier.
+        """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
+        server's durable job store: a restart keeps every finished result and resumes the rest.
+        Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
+        not exist, so job ids leak nothing across tenants.
+
+        Submits a list of requests in one message; one invalid request rejects the whole job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadBatch(self, request_iterator, context):
+        """Submits a job of any size as a stream: a header, then the JSONL input in pieces (Backfill's
+        format or OpenAI's Batch format, see UploadBatchRequest). An invalid line fails that line
+        only. The job starts when the client closes its side of the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,7 +139,9 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamBatchResults(self, request, context):
-        """The job's results in submission order; follows the job until it ends.
+        """The job's results in submission order, from start_index on; follows the job until it ends.
+        Only results already written to the job store are sent, so a result once received is
+        never replaced, even across a server crash.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +155,7 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListBatches(self, request, context):
-        """Every job the server holds, newest first.
+        """The tenant's jobs, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +191,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
             'SubmitBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitBatch,
                     request_deserializer=backfill_dot_v1_dot_inference__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=backfill_dot_v1_dot_inference__pb2.BatchJob.SerializeToString,
+            ),
+            'UploadBatch': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBatch,
+                    request_deserializer=backfill_dot_v1_dot_inference__pb2.UploadBatchRequest.FromString,
                     response_serializer=backfill_dot_v1_dot_inference__pb2.BatchJob.SerializeToString,
             ),
             'GetBatch': grpc.unary_unary_rpc_method_handler(
@@ -284,6 +310,33 @@ class InferenceService:
             target,
             '/backfill.v1.InferenceService/SubmitBatch',
             backfill_dot_v1_dot_inference__pb2.SubmitBatchRequest.SerializeToString,
+            backfill_dot_v1_dot_inference__pb2.BatchJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/backfill.v1.InferenceService/UploadBatch',
+            backfill_dot_v1_dot_inference__pb2.UploadBatchRequest.SerializeToString,
             backfill_dot_v1_dot_inference__pb2.BatchJob.FromString,
             options,
             channel_credentials,

@@ -54,15 +54,29 @@ class InferenceServiceStub:
     for that id; the stream itself stays open for the others.
     """
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SubmitBatchRequest, _inference_pb2.BatchJob]
-    """Offline batch jobs: a list of requests run on the OFFLINE tier."""
+    """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
+    server's durable job store: a restart keeps every finished result and resumes the rest.
+    Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
+    not exist, so job ids leak nothing across tenants.
+
+    Submits a list of requests in one message; one invalid request rejects the whole job.
+    """
+    UploadBatch: _grpc.StreamUnaryMultiCallable[_inference_pb2.UploadBatchRequest, _inference_pb2.BatchJob]
+    """Submits a job of any size as a stream: a header, then the JSONL input in pieces (Backfill's
+    format or OpenAI's Batch format, see UploadBatchRequest). An invalid line fails that line
+    only. The job starts when the client closes its side of the stream.
+    """
     GetBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetBatchRequest, _inference_pb2.BatchJob]
     """The job's state and progress counts."""
     StreamBatchResults: _grpc.UnaryStreamMultiCallable[_inference_pb2.StreamBatchResultsRequest, _inference_pb2.BatchResult]
-    """The job's results in submission order; follows the job until it ends."""
+    """The job's results in submission order, from start_index on; follows the job until it ends.
+    Only results already written to the job store are sent, so a result once received is
+    never replaced, even across a server crash.
+    """
     CancelBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelBatchRequest, _inference_pb2.BatchJob]
     """Cancels the job's unfinished requests; finished results are kept."""
     ListBatches: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListBatchesRequest, _inference_pb2.ListBatchesResponse]
-    """Every job the server holds, newest first."""
+    """The tenant's jobs, newest first."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """The models (engines) this server serves."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetStatsRequest, _inference_pb2.GetStatsResponse]
@@ -85,15 +99,29 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     for that id; the stream itself stays open for the others.
     """
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.SubmitBatchRequest, _inference_pb2.BatchJob]  # type: ignore[assignment]
-    """Offline batch jobs: a list of requests run on the OFFLINE tier."""
+    """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
+    server's durable job store: a restart keeps every finished result and resumes the rest.
+    Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
+    not exist, so job ids leak nothing across tenants.
+
+    Submits a list of requests in one message; one invalid request rejects the whole job.
+    """
+    UploadBatch: _aio.StreamUnaryMultiCallable[_inference_pb2.UploadBatchRequest, _inference_pb2.BatchJob]  # type: ignore[assignment]
+    """Submits a job of any size as a stream: a header, then the JSONL input in pieces (Backfill's
+    format or OpenAI's Batch format, see UploadBatchRequest). An invalid line fails that line
+    only. The job starts when the client closes its side of the stream.
+    """
     GetBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetBatchRequest, _inference_pb2.BatchJob]  # type: ignore[assignment]
     """The job's state and progress counts."""
     StreamBatchResults: _aio.UnaryStreamMultiCallable[_inference_pb2.StreamBatchResultsRequest, _inference_pb2.BatchResult]  # type: ignore[assignment]
-    """The job's results in submission order; follows the job until it ends."""
+    """The job's results in submission order, from start_index on; follows the job until it ends.
+    Only results already written to the job store are sent, so a result once received is
+    never replaced, even across a server crash.
+    """
     CancelBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelBatchRequest, _inference_pb2.BatchJob]  # type: ignore[assignment]
     """Cancels the job's unfinished requests; finished results are kept."""
     ListBatches: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListBatchesRequest, _inference_pb2.ListBatchesResponse]  # type: ignore[assignment]
-    """Every job the server holds, newest first."""
+    """The tenant's jobs, newest first."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The models (engines) this server serves."""
     GetStats: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetStatsRequest, _inference_pb2.GetStatsResponse]  # type: ignore[assignment]
@@ -131,7 +159,24 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.SubmitBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.BatchJob, _abc.Awaitable[_inference_pb2.BatchJob]]:
-        """Offline batch jobs: a list of requests run on the OFFLINE tier."""
+        """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
+        server's durable job store: a restart keeps every finished result and resumes the rest.
+        Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
+        not exist, so job ids leak nothing across tenants.
+
+        Submits a list of requests in one message; one invalid request rejects the whole job.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadBatch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.UploadBatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.BatchJob, _abc.Awaitable[_inference_pb2.BatchJob]]:
+        """Submits a job of any size as a stream: a header, then the JSONL input in pieces (Backfill's
+        format or OpenAI's Batch format, see UploadBatchRequest). An invalid line fails that line
+        only. The job starts when the client closes its side of the stream.
+        """
 
     @_abc_1.abstractmethod
     def GetBatch(
@@ -147,7 +192,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.StreamBatchResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.BatchResult], _abc.AsyncIterator[_inference_pb2.BatchResult]]:
-        """The job's results in submission order; follows the job until it ends."""
+        """The job's results in submission order, from start_index on; follows the job until it ends.
+        Only results already written to the job store are sent, so a result once received is
+        never replaced, even across a server crash.
+        """
 
     @_abc_1.abstractmethod
     def CancelBatch(
@@ -163,7 +211,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListBatchesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListBatchesResponse, _abc.Awaitable[_inference_pb2.ListBatchesResponse]]:
-        """Every job the server holds, newest first."""
+        """The tenant's jobs, newest first."""
 
     @_abc_1.abstractmethod
     def ListModels(

@@ -11,21 +11,37 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import TracebackType
 
 
 class LocalServer:
-    """Starts the server on a free port; ``address`` comes from its ``listening on`` line."""
+    """Starts the server (``python -m MODULE``, a server's command line) on a free port;
+    ``address`` comes from its ``listening on`` line.
 
-    def __init__(self, engine: str | Path, *extra_args: str, log_path: Path | None = None) -> None:
+    Its batch jobs go to a job store of its own in a temporary directory (removed on stop)
+    unless ``--job-store`` is among the arguments: a benchmark's jobs do not belong in the
+    user's store, and a server already using that store would refuse to share it."""
+
+    def __init__(
+        self,
+        engine: str | Path,
+        *extra_args: str,
+        log_path: Path | None = None,
+        module: str = "server",
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w", encoding="utf-8") if log_path else None  # noqa: SIM115
+        self._store_dir: tempfile.TemporaryDirectory[str] | None = None
+        if "--job-store" not in extra_args:
+            self._store_dir = tempfile.TemporaryDirectory(prefix="backfill-jobs-")
+            extra_args = (*extra_args, "--job-store", str(Path(self._store_dir.name) / "jobs.db"))
         # The load generator shares this host's cores with the server: one BLAS thread keeps
         # OpenBLAS's spinning workers from fighting it (BACKFILL_CPU_THREADS overrides).
         env = {**os.environ, "BACKFILL_CPU_THREADS": os.environ.get("BACKFILL_CPU_THREADS", "1")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--engine", str(engine), "--port", "0", *extra_args],
+            [sys.executable, "-m", module, "--engine", str(engine), "--port", "0", *extra_args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
@@ -63,4 +79,6 @@ class LocalServer:
                 self.proc.wait()
         if self._log is not None:
             self._log.close()
+        if self._store_dir is not None:
+            self._store_dir.cleanup()
         return self.proc.returncode

@@ -14,11 +14,13 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def server(default_engine):
+def server(default_engine, tmp_path_factory):
     from server.app import serve_in_thread
     from server.config import ServerConfig
 
-    thread = serve_in_thread(ServerConfig(engine=str(default_engine), port=0, metrics_port=-1))
+    store = tmp_path_factory.mktemp("jobs") / "jobs.db"
+    thread = serve_in_thread(ServerConfig(engine=str(default_engine), port=0, metrics_port=-1,
+                                          job_store=str(store)))
     yield thread
     thread.stop(grace_s=1.0)
 

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def running(default_engine: Path) -> Iterator[ServerThread]:
-    config = ServerConfig(engine=str(default_engine), port=0, metrics_port=-1, window_ms=5.0)
+def running(default_engine: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[ServerThread]:
+    config = ServerConfig(engine=str(default_engine), port=0, metrics_port=-1, window_ms=5.0,
+                          job_store=str(tmp_path_factory.mktemp("jobs") / "jobs.db"))
     with serve_in_thread(config) as server:
         yield server
 

@@ -137,3 +137,51 @@ def test_a_trace_path_replaces_the_shipped_one(tmp_path):
     path.write_text("when,prompt\n1,2\n")
     with pytest.raises(ValueError, match="not a trace CSV"):
         load_trace(path)
+def test_requests_become_jsonl_pieces_that_parse_back():
+    from client.jobs import request_chunks
+    from client.types import BatchRequest, ChatMessage
+
+    requests = [
+        "plain prompt",
+        {"id": "d", "token_ids": [1, 2], "max_tokens": 3},
+        BatchRequest(id="b", messages=(ChatMessage("user", "hi"),),
+                     sampling=SamplingParams(max_tokens=5, stop=("x",), seed=9)),
+    ] * 40
+    pieces = list(request_chunks(requests, size=256))
+    assert len(pieces) > 1 and all(p.endswith(b"\n") for p in pieces)
+    lines = b"".join(pieces).decode().splitlines()
+    parsed = [parse_request(json.loads(line), i) for i, line in enumerate(lines)]
+    assert len(parsed) == 120
+    assert parsed[0].prompt == "plain prompt" and parsed[0].id == "0"
+    assert parsed[1].token_ids == (1, 2) and parsed[1].sampling.max_tokens == 3
+    assert parsed[2] == requests[2]
+
+
+def test_completion_windows_and_the_quiet_progress_bar():
+    from client.batch_io import parse_window, upload_progress
+
+    assert parse_window("2h") == 7200 and parse_window("1.5d") == 129600
+    for bad in ("soon", "-1h", "0"):
+        with pytest.raises(ValueError, match="completion window"):
+            parse_window(bad)
+    on_progress, close = upload_progress(100)  # stderr is not a terminal under pytest
+    assert on_progress is None
+    close()
+
+
+def test_openai_lines_for_dropped_and_failed_requests():
+    from client.errors import error_from_status
+    from client.jobs import openai_line
+    from client.types import BatchResult, FinishReason, Timing, Usage
+
+    def result(code, tokens=()):
+        return BatchResult(4, "c4", "", tokens, FinishReason.CANCELLED, Usage(), Timing(),
+                           error_from_status(code, "why"), url="/v1/completions")
+
+    expired = openai_line("j", result(4))  # DEADLINE_EXCEEDED
+    assert expired == {"id": "batch_req_j-4", "custom_id": "c4", "response": None,
+                       "error": {"code": "batch_expired", "message": "why"}}
+    assert openai_line("j", result(1))["error"]["code"] == "batch_cancelled"
+    engine = openai_line("j", result(13))  # INTERNAL
+    assert engine["response"]["status_code"] == 500 and engine["error"] is None
+    assert engine["response"]["body"]["error"]["type"] == "server_error"

@@ -15,11 +15,13 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine):
+def server(tiny_engine, tmp_path_factory):
     from server.app import serve_in_thread
     from server.config import ServerConfig
 
-    thread = serve_in_thread(ServerConfig(engine=str(tiny_engine), port=0, metrics_port=-1))
+    store = tmp_path_factory.mktemp("jobs") / "jobs.db"
+    thread = serve_in_thread(ServerConfig(engine=str(tiny_engine), port=0, metrics_port=-1,
+                                          job_store=str(store)))
     yield thread
     thread.stop(grace_s=1.0)
 
@@ -103,11 +105,63 @@ def test_batch_wait_draws_a_progress_bar_on_a_terminal(server, tmp_path, capsys,
     assert len(capsys.readouterr().out.splitlines()) == 3  # results stay on stdout
 
 
-def test_batch_submit_rejects_a_malformed_file(server, tmp_path, capsys):
-    path = tmp_path / "bad.jsonl"
+def test_batch_submit_fails_bad_lines_alone(server, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "promt": "typo"}\n{"id": "b", "prompt": "fine", '
+                    '"max_tokens": 2}\n')
+    assert main(["batch", "submit", str(path), "--target", server.address, "--wait",
+                 "--interval", "0.05"]) == 0
+    out, err = capsys.readouterr()
+    job_id = out.splitlines()[0]
+    assert "1 of 2 requests failed validation" in err
+    assert main(["batch", "results", job_id, "--target", server.address]) == 0
+    bad, good = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "line 1: unknown keys ['promt']" in bad["error"]["message"]
+    assert good["id"] == "b" and "error" not in good
+
     path.write_text('{"id": "a", "promt": "typo"}\n')
-    assert main(["batch", "submit", str(path), "--target", server.address]) == 2
-    assert "promt" in capsys.readouterr().err
+    assert main(["batch", "submit", str(path), "--target", server.address]) == 1
+    assert "the job failed" in capsys.readouterr().err
+
+
+def test_openai_file_results_to_output_and_error_files_resumably(server, tmp_path, capsys):
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "auto", "prompt": f"count {i}", "max_tokens": 2}}
+             for i in range(6)]
+    lines[3]["body"]["n"] = 3  # fails: one completion per line
+    path = tmp_path / "openai.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    target = ["--target", server.address, "--tenant", "team-a"]
+    assert main(["batch", "submit", str(path), *target, "--wait", "--interval", "0.05",
+                 "--completion-window", "2h"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[0]
+    assert main(["batch", "status", job_id, "--target", server.address]) == 1  # another tenant
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+    output = tmp_path / "out.jsonl"
+    assert main(["batch", "results", job_id, *target, "--output", str(output)]) == 0
+    errors = tmp_path / "out.errors.jsonl"
+    ok = [json.loads(line) for line in output.read_text().splitlines()]
+    failed = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert [line["custom_id"] for line in ok] == ["c0", "c1", "c2", "c4", "c5"]
+    assert all(line["response"]["body"]["object"] == "text_completion" for line in ok)
+    assert [line["custom_id"] for line in failed] == ["c3"]
+    assert failed[0]["response"]["status_code"] == 400
+    assert "body.n" in failed[0]["response"]["body"]["error"]["message"]
+
+    # Interrupted mid-line after c1: the cut line is dropped and the rest fetched again.
+    text = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(text[:2]) + text[2][:10])
+    errors.write_text("")
+    assert main(["batch", "results", job_id, *target, "--output", str(output)]) == 0
+    assert [json.loads(line)["custom_id"] for line in output.read_text().splitlines()] == [
+        "c0", "c1", "c2", "c4", "c5"]
+    assert len(errors.read_text().splitlines()) == 1
+    # A file holding another job's results is refused.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "batch_req_someotherjob-0", "custom_id": "x"}) + "\n")
+    assert main(["batch", "results", job_id, *target, "--output", str(other)]) == 2
+    assert "not the first results of job" in capsys.readouterr().err
 
 
 def test_tiny_bench_writes_figures(server, tmp_path, capsys):

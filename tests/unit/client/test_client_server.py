@@ -28,12 +28,13 @@ LONG = SamplingParams(max_tokens=1500, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine):
+def server(tiny_engine, tmp_path_factory):
     from server.app import serve_in_thread
     from server.config import ServerConfig
 
     config = ServerConfig(
-        engine=str(tiny_engine), port=0, metrics_port=-1, max_online_queue=8192
+        engine=str(tiny_engine), port=0, metrics_port=-1, max_online_queue=8192,
+        job_store=str(tmp_path_factory.mktemp("jobs") / "jobs.db"),
     )
     thread = serve_in_thread(config)
     yield thread
@@ -233,11 +234,12 @@ def test_sync_and_async_give_the_same_outputs(server):
 
 
 async def test_submit_batch_retry_after_a_lost_reply_makes_one_job(server):
-    """The first SubmitBatch reaches the server but its reply is lost (UNAVAILABLE): the SDK
-    retries with the same idempotency key and gets the same job; only one job exists."""
+    """The first upload reaches the server but its reply is lost (UNAVAILABLE): the SDK sends
+    it again with the same idempotency key and gets the same job; only one job exists. A
+    one-shot iterator cannot be sent again, so its lost reply is an error."""
     import grpc
 
-    from client import AlreadyExists
+    from client import AlreadyExists, Unavailable
 
     class LostReply(grpc.aio.AioRpcError):
         def __init__(self) -> None:
@@ -246,23 +248,31 @@ async def test_submit_batch_retry_after_a_lost_reply_makes_one_job(server):
 
     async with AsyncClient(server.address, max_retries=2, retry_backoff_s=0.01) as client:
         stub = client._ensure_stub()
-        real = stub.SubmitBatch
+        real = stub.UploadBatch
         calls = []
 
-        async def flaky(message, **kw):
-            calls.append(message.idempotency_key)
-            reply = await real(message, **kw)
-            if len(calls) == 1:
+        async def flaky(messages, **kw):
+            async def tap():
+                async for message in messages:
+                    if message.WhichOneof("kind") == "header":
+                        calls.append(message.header.idempotency_key)
+                    yield message
+
+            reply = await real(tap(), **kw)
+            if len(calls) % 2 == 1:
                 raise LostReply()
             return reply
 
-        stub.SubmitBatch = flaky
+        stub.UploadBatch = flaky
         before = {j.id for j in await client.list_batches()}
         job = await client.submit_batch([{"token_ids": [5, 6], "max_tokens": 2}])
         assert len(calls) == 2 and calls[0] == calls[1] and calls[0]  # one key, resent
         after = {j.id for j in await client.list_batches()}
         assert after - before == {job.id}
-        stub.SubmitBatch = real
+        one_shot = iter([{"token_ids": [5, 8], "max_tokens": 2}])
+        with pytest.raises(Unavailable):
+            await client.submit_batch(one_shot)
+        stub.UploadBatch = real
         same = await client.submit_batch([{"token_ids": [5, 6], "max_tokens": 2}],
                                          idempotency_key=calls[0])
         assert same.id == job.id

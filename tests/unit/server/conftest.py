@@ -44,13 +44,16 @@ def tokenizer(tiny_engine: Path) -> EngineTokenizer:
 
 
 @pytest.fixture
-async def make_server(tiny_engine: Path) -> AsyncIterator[MakeServer]:
-    """make_server(executor=None, **config) -> a started server; stopped at teardown."""
+async def make_server(tiny_engine: Path, tmp_path: Path) -> AsyncIterator[MakeServer]:
+    """make_server(executor=None, **config) -> a started server; stopped at teardown. Each
+    server gets its own job store in tmp_path unless config names one."""
     servers: list[BackfillServer] = []
 
     async def make(executor: Any = None, **config: Any) -> BackfillServer:
         if executor is None:
             executor = ScriptedExecutor(tiny_capacity(tiny_engine))
+        config.setdefault("job_store", str(tmp_path / f"jobs-{len(servers)}.db"))
+        config.setdefault("job_flush_ms", 5.0)
         config.setdefault("port", 0)
         config.setdefault("metrics_port", -1)
         config.setdefault("window_ms", 2.0)

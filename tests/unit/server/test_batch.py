@@ -37,7 +37,8 @@ async def test_job_runs_to_completion_with_ordered_results(
     )
     assert job.total == 10 and job.tenant == "eval" and job.labels["suite"] == "smoke"
     assert job.state in (pb.BATCH_STATE_QUEUED, pb.BATCH_STATE_RUNNING)
-    results = [r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))]
+    results = [r async for r in stub.StreamBatchResults(
+        pb.StreamBatchResultsRequest(id=job.id, tenant="eval"))]
     assert [r.index for r in results] == list(range(10))
     assert [r.client_request_id for r in results] == [
         f"q{i}" if i % 2 else str(i) for i in range(10)
@@ -48,7 +49,7 @@ async def test_job_runs_to_completion_with_ordered_results(
         assert r.text == "".join(f"<{t}>" for t in expected)
         assert r.finish_reason == pb.FINISH_REASON_LENGTH and not r.HasField("error")
         assert r.usage.completion_tokens == len(expected)
-    done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+    done = await stub.GetBatch(pb.GetBatchRequest(id=job.id, tenant="eval"))
     assert done.state == pb.BATCH_STATE_COMPLETED
     assert (done.completed, done.failed, done.cancelled) == (10, 0, 0)
     assert done.completion_tokens == sum(12 - i for i in range(10))
@@ -125,17 +126,34 @@ async def test_list_batches_newest_first_and_unknown_ids(
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_batch_larger_than_the_offline_queue_is_refused_whole(
+async def test_a_job_larger_than_the_offline_queue_is_fed_gradually(
     make_server: MakeServer, executor: ScriptedExecutor
 ) -> None:
-    server = await make_server(executor, max_offline_queue=3, offline_reserve=0.0)
+    """The job's requests wait in the store and go to the scheduler a bounded number at a
+    time, so a job far larger than the scheduler's offline queue runs to the end."""
+    server = await make_server(executor, max_offline_queue=3, offline_reserve=0.0,
+                               job_max_in_flight=8)
+    most_queued = 0
+
+    def watch() -> None:
+        nonlocal most_queued
+        most_queued = max(most_queued, server.scheduler.snapshot().offline.queued)
+
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        items = [item([i + 1], 50) for i in range(executor.capacity.max_slots + 10)]
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.SubmitBatch(pb.SubmitBatchRequest(requests=items))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert (await stub.ListBatches(pb.ListBatchesRequest())).jobs == []
+        total = executor.capacity.max_slots * 10
+        items = [item([i % 250 + 1, 7], 5) for i in range(total)]
+        job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=items))
+        request = pb.StreamBatchResultsRequest(id=job.id)
+        results = []
+        async for r in stub.StreamBatchResults(request):
+            watch()
+            results.append(r)
+        done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+    assert [r.index for r in results] == list(range(total))
+    assert all(r.finish_reason == pb.FINISH_REASON_LENGTH for r in results)
+    assert done.state == pb.BATCH_STATE_COMPLETED and done.completed == total
+    assert most_queued <= 3
     await wait_until(lambda: is_idle(server))
 
 
@@ -153,8 +171,10 @@ async def test_idempotency_key_returns_the_first_job(
     assert other_tenant.id != first.id
     no_key = [await stub.SubmitBatch(pb.SubmitBatchRequest(**body)) for _ in range(2)]
     assert no_key[0].id != no_key[1].id
-    listed = await stub.ListBatches(pb.ListBatchesRequest())
-    assert len(listed.jobs) == 4
+    listed = await stub.ListBatches(pb.ListBatchesRequest(tenant="t"))
+    assert len(listed.jobs) == 3
+    listed = await stub.ListBatches(pb.ListBatchesRequest(tenant="u"))
+    assert [j.id for j in listed.jobs] == [other_tenant.id]
     for changed in ({"requests": [item([1, 2], 4), item([4], 2)]}, {"labels": {"a": "c"}}):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.SubmitBatch(pb.SubmitBatchRequest(idempotency_key="k1",

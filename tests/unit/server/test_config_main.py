@@ -60,6 +60,16 @@ def test_flags_parse_into_the_config() -> None:
             "2.5",
             "--drain-grace-s",
             "1",
+            "--job-store",
+            "/j.db",
+            "--job-max-in-flight",
+            "7",
+            "--job-completion-window-s",
+            "60",
+            "--job-retention-s",
+            "120",
+            "--job-flush-ms",
+            "10",
         ]
     )
     assert config == ServerConfig(
@@ -74,6 +84,11 @@ def test_flags_parse_into_the_config() -> None:
         max_offline_queue=9,
         price_per_hour=2.5,
         drain_grace_s=1.0,
+        job_store="/j.db",
+        job_max_in_flight=7,
+        job_completion_window_s=60.0,
+        job_retention_s=120.0,
+        job_flush_ms=10.0,
     )
 
 
@@ -84,6 +99,8 @@ def test_flags_parse_into_the_config() -> None:
         (["--offline-reserve", "1.5"], "offline_reserve must be in [0, 1]"),
         (["--port", "70000"], "port must be in [0, 65535]"),
         (["--window-ms", "0"], "window_ms must be > 0"),
+        (["--job-max-in-flight", "0"], "job_max_in_flight must be >= 1"),
+        (["--job-retention-s", "-1"], "job_retention_s must be > 0"),
     ],
 )
 def test_bad_flags_exit_with_a_message(
@@ -95,9 +112,10 @@ def test_bad_flags_exit_with_a_message(
     assert message in capsys.readouterr().err
 
 
-def test_serve_in_thread_for_sync_callers(tiny_engine: Path) -> None:
+def test_serve_in_thread_for_sync_callers(tiny_engine: Path, tmp_path: Path) -> None:
     executor = ScriptedExecutor(tiny_capacity(tiny_engine))
-    config = ServerConfig(engine=str(tiny_engine), port=0, metrics_port=0)
+    config = ServerConfig(engine=str(tiny_engine), port=0, metrics_port=0,
+                          job_store=str(tmp_path / "jobs.db"))
     with serve_in_thread(config, executor=executor) as running:
         assert running.metrics_url is not None and running.metrics_url.endswith("/metrics")
         with grpc.insecure_channel(running.address) as channel:
@@ -111,7 +129,7 @@ def test_serve_in_thread_for_sync_callers(tiny_engine: Path) -> None:
     assert report.unfinished_offline == 0
 
 
-def test_python_m_server_serves_and_drains_on_sigterm(tiny_engine: Path) -> None:
+def test_python_m_server_serves_and_drains_on_sigterm(tiny_engine: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [
         sys.executable,
@@ -125,6 +143,8 @@ def test_python_m_server_serves_and_drains_on_sigterm(tiny_engine: Path) -> None
         "-1",
         "--drain-grace-s",
         "5",
+        "--job-store",
+        str(tmp_path / "jobs.db"),
     ]
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
