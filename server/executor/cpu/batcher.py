@@ -68,23 +68,27 @@ class Batcher:
 
     # -- admission ------------------------------------------------------------------------
 
-    def admit(self) -> list[Sequence]:
-        """Moves waiting sequences (in queue order) into free slots while KV blocks allow.
-        Returns the sequences that can never fit the pool (none is running to free blocks):
-        the caller ends them."""
+    def admit(self, only: set[int] | None = None, extra_slots: int = 0) -> list[Sequence]:
+        """Moves waiting sequences (in queue order; with ``only``, just those ids) into free
+        slots while KV blocks allow. ``extra_slots``: slots that sequences already cancelled
+        give back when the step in flight ends, usable now. Returns the sequences that can
+        never fit the pool (none is running to free blocks): the caller ends them."""
         unfit: list[Sequence] = []
-        while self.waiting and len(self.running) < self.limits.max_batch_size:
-            seq = self.waiting[0]
+        candidates = [s for s in self.waiting if only is None or s.request_id in only]
+        for seq in candidates:
+            if len(self.running) >= self.limits.max_batch_size + extra_slots:
+                break
             if not self.blocks.can_allocate(len(seq.token_ids)):
                 if self.running:
-                    return unfit  # blocks come back as running sequences finish
-                unfit.append(self.waiting.popleft())
+                    break  # blocks come back as running sequences finish
+                self.waiting.remove(seq)
+                unfit.append(seq)
                 continue
             try:
                 cached = self.blocks.allocate(seq.request_id, seq.token_ids)
             except NoFreeBlocksError:
-                return unfit
-            self.waiting.popleft()
+                break
+            self.waiting.remove(seq)
             seq.num_computed = cached
             seq.prefilling = True
             self.running.append(seq)
@@ -97,12 +101,14 @@ class Batcher:
 
     # -- the step -------------------------------------------------------------------------
 
-    def schedule(self) -> list[Chunk]:
-        """The chunks of the next step: decodes first (each needs one KV slot for the token
-        sampled last), then prefill chunks by priority, within the token budget and the plan."""
+    def schedule(self, only: set[int] | None = None) -> list[Chunk]:
+        """The chunks of the next step (with ``only``, of just those ids): decodes first (each
+        needs one KV slot for the token sampled last), then prefill chunks by priority, within
+        the token budget and the plan."""
         budget = self.limits.max_num_tokens
         chunks: list[Chunk] = []
-        for seq in [s for s in self.running if s.num_pending == 1]:
+        members = [s for s in self.running if only is None or s.request_id in only]
+        for seq in [s for s in members if s.num_pending == 1]:
             if budget == 0:
                 break
             if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
@@ -111,7 +117,8 @@ class Batcher:
                 chunks.append(Chunk(seq, seq.num_computed, 1))
                 budget -= 1
         prefilling = sorted(
-            (s for s in self.running if s.num_pending > 1), key=lambda s: -s.priority
+            (s for s in members if s.num_pending > 1 and s in self.running),
+            key=lambda s: -s.priority,
         )  # stable: admission order within a priority
         for seq in prefilling:
             if budget == 0:

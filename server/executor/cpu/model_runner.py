@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.executor.cpu.attention import DecodeGroup, PrefillSegment
-from server.executor.cpu.model import ForwardBatch, LlamaModel
+from server.executor.cpu.model import ForwardBatch, ForwardPass, LlamaModel
 from server.executor.cpu.sequence import Chunk
 from server.executor.kv import BlockManager, PagedKvCache
 
@@ -19,9 +19,10 @@ class ModelRunner:
         self.cache = cache
         self.blocks = blocks
 
-    def run(self, chunks: list[Chunk]) -> np.ndarray:
-        """Writes the chunks' K/V into the cache; logits `[num_sampling_chunks, vocab]`."""
-        return self.model.forward(self.build_batch(chunks), self.cache)
+    def start(self, chunks: list[Chunk]) -> ForwardPass:
+        """The chunks' forward pass, to run a layer at a time; its ``logits`` are those of the
+        chunks that sample, `[num_sampling_chunks, vocab]`."""
+        return ForwardPass(self.model, self.build_batch(chunks), self.cache)
 
     def build_batch(self, chunks: list[Chunk]) -> ForwardBatch:
         tpb = self.blocks.tokens_per_block
