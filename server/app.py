@@ -24,13 +24,13 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
+from server.api.convert import ModelRegistry, ModelSpec, ServedModel
+from server.api.grpc.service import InferenceServicer
 from server.config import ServerConfig
-from server.convert import ModelRegistry, ModelSpec, ServedModel
 from server.executor.base import Executor
 from server.jobs import JobRunner, Jobs, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
 from server.scheduler import BackfillScheduler
-from server.service import InferenceServicer
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
 from server.step_metrics import StepMetrics

@@ -1,5 +1,4 @@
-"""Protobuf ↔ internal dataclasses, and the one mapping from internal outcomes and errors to
-gRPC status codes. Nothing here holds state or policy."""
+"""Protobuf ↔ internal dataclasses. Nothing here holds state or policy."""
 
 from __future__ import annotations
 
@@ -8,27 +7,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
+from server.api.validation import (
+    InvalidArgumentError,
+    validate_generate,
+    validate_prompt_length,
+)
 from server.executor.base import Capacity, SamplingParams
 from server.scheduler.types import (
-    DrainingError,
     Outcome,
-    QueueFullError,
     SchedEvent,
     SchedRequest,
     Tier,
     Timing,
     Usage,
-)
-from server.validation import (
-    InvalidArgumentError,
-    validate_generate,
-    validate_prompt_length,
 )
 
 if TYPE_CHECKING:
@@ -51,57 +47,6 @@ _FINISH = {
     Outcome.SHUTDOWN: pb.FINISH_REASON_CANCELLED,
 }
 TIER_TO_PB = {Tier.ONLINE: pb.TIER_ONLINE, Tier.OFFLINE: pb.TIER_OFFLINE}
-
-
-class NotFoundError(LookupError):
-    """A named object (a batch job) does not exist; the service answers NOT_FOUND."""
-
-
-class AlreadyExistsError(Exception):
-    """A key names an object that differs from the request (an idempotency key reused for
-    other requests); the service answers ALREADY_EXISTS."""
-
-
-# ---- errors and outcomes → status -------------------------------------------------------------
-
-Status = tuple[grpc.StatusCode, str]
-
-
-def status_for_exception(exc: BaseException) -> Status:
-    """The one mapping from internal errors to gRPC status codes."""
-    if isinstance(exc, InvalidArgumentError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "queue full"
-    if isinstance(exc, DrainingError):
-        return grpc.StatusCode.UNAVAILABLE, "draining: the server is shutting down"
-    if isinstance(exc, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, AlreadyExistsError):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, ValueError):
-        # The scheduler's "the engine can never run this" (e.g. prompt too long).
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
-
-
-def status_for_outcome(event: SchedEvent) -> Status | None:
-    """The error status a final event ends its request with; None for a normal finish."""
-    outcome = event.outcome
-    if outcome in (None, Outcome.STOP, Outcome.LENGTH):
-        return None
-    if outcome is Outcome.CANCELLED:
-        return grpc.StatusCode.CANCELLED, "cancelled"
-    if outcome is Outcome.DEADLINE:
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "ttft_deadline passed before the first token"
-    if outcome is Outcome.SHUTDOWN:
-        return grpc.StatusCode.UNAVAILABLE, "draining: the server stopped before it finished"
-    return grpc.StatusCode.INTERNAL, event.error or "the engine failed this request"
-
-
-def to_pb_status(status: Status) -> pb.Status:
-    code, message = status
-    return pb.Status(code=code.value[0], message=message)
 
 
 # ---- models ------------------------------------------------------------------------------------

@@ -15,16 +15,17 @@ from grpc.aio import AbortError
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
-from server.convert import (
+from server.api.convert import (
     TIER_TO_PB,
     ModelRegistry,
     model_info,
     seconds_to_duration,
-    status_for_exception,
-    status_for_outcome,
     to_generate_response,
     to_sched_request,
 )
+from server.api.errors import status_for_exception, status_for_outcome
+from server.api.grpc.session import BATCH_HEADER, SessionHandler
+from server.api.streams import RequestStream, submit_to_stream
 from server.jobs import Jobs
 from server.jobs.convert import job_to_pb
 from server.metrics import RequestMetrics
@@ -35,9 +36,7 @@ from server.scheduler.types import (
     Tier,
     TierSnapshot,
 )
-from server.session import BATCH_HEADER, SessionHandler
 from server.stats import ServerStats
-from server.streams import RequestStream, submit_to_stream
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 R = TypeVar("R")

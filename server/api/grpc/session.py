@@ -25,19 +25,17 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import (
+from server.api.convert import (
     ModelRegistry,
     ServedModel,
-    Status,
     fill_generate_response,
-    status_for_exception,
-    status_for_outcome,
     to_sched_request,
 )
+from server.api.errors import Status, status_for_exception, status_for_outcome
+from server.api.streams import RequestStream, submit_to_stream
+from server.api.validation import InvalidArgumentError
 from server.metrics import RequestMetrics
 from server.scheduler.types import SchedEvent
-from server.streams import RequestStream, submit_to_stream
-from server.validation import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
