@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -17,7 +17,7 @@ from server.api.validation import (
     validate_generate,
     validate_prompt_length,
 )
-from server.executor.base import Capacity, SamplingParams
+from server.executor.base import Capacity, SamplingParams, TokenLogprob
 from server.scheduler.types import (
     Outcome,
     SchedEvent,
@@ -200,6 +200,11 @@ def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> Samplin
         stop=tuple(s.stop),
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else False,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
     )
 
 
@@ -207,16 +212,23 @@ def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> Samplin
 
 
 def to_generate_response(
-    event: SchedEvent, *, client_request_id: str, model: str = ""
+    event: SchedEvent, *, client_request_id: str, model: str = "", index: int = 0
 ) -> pb.GenerateResponse:
     """One chunk; ``model`` is set by the caller on the first chunk only."""
     out = pb.GenerateResponse()
-    fill_generate_response(out, event, client_request_id=client_request_id, model=model)
+    fill_generate_response(
+        out, event, client_request_id=client_request_id, model=model, index=index
+    )
     return out
 
 
 def fill_generate_response(
-    out: pb.GenerateResponse, event: SchedEvent, *, client_request_id: str, model: str = ""
+    out: pb.GenerateResponse,
+    event: SchedEvent,
+    *,
+    client_request_id: str,
+    model: str = "",
+    index: int = 0,
 ) -> None:
     """Writes one chunk into ``out`` (an empty message, e.g. a SessionResponse's chunk).
 
@@ -238,6 +250,20 @@ def fill_generate_response(
         fill_usage(out.usage, event.usage)
     if event.timing is not None:
         fill_timing(out.timing, event.timing)
+    if index:
+        out.index = index
+    if event.logprobs:
+        fill_logprobs(out.logprobs, event.logprobs)
+    if event.prompt_logprobs is not None:
+        fill_logprobs(out.prompt_logprobs, event.prompt_logprobs)
+
+
+def fill_logprobs(out: Any, logprobs: list[TokenLogprob]) -> None:
+    """Appends to a repeated TokenLogprob field."""
+    for lp in logprobs:
+        item = out.add(token_id=lp.token_id, logprob=lp.logprob)
+        for token_id, logprob in lp.top:
+            item.top.add(token_id=token_id, logprob=logprob)
 
 
 def fill_usage(out: pb.Usage, u: Usage) -> None:
