@@ -43,7 +43,9 @@ class FileStore:
         self.root = root if root is not None else Path(self._temp or "")
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def create(self, tenant: str, filename: str, purpose: str, chunks: Iterator[bytes]) -> FileRecord:
+    def create(
+        self, tenant: str, filename: str, purpose: str, chunks: Iterator[bytes]
+    ) -> FileRecord:
         file_id = f"file-{uuid.uuid4().hex}"
         size = 0
         with open(self._data(file_id), "wb") as f:
