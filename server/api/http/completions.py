@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from backfill.openai_body import CHAT_URL, COMPLETIONS_URL, BodyError, OpenAIBody, parse_body
 from backfill.openai_output import (
@@ -95,7 +96,8 @@ class Generation:
         except Exception as exc:
             return exception_response(exc)
         if call.body.stream:
-            return StreamingResponse(self._stream(call), media_type="text/event-stream")
+            cancel = call.choices.cancel
+            return EventStream(self._stream(call), lambda: cancel(call.model.scheduler))
         return await self._whole(call, request)
 
     async def _start(self, request: Request, url: str) -> _Call:
@@ -124,7 +126,9 @@ class Generation:
     # ---- a whole response -------------------------------------------------------------------
 
     async def _whole(self, call: _Call, request: Request) -> Response:
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, call))
+        # A client that goes away before its whole response is ready frees what it held.
+        watcher = asyncio.ensure_future(_watch_disconnect(
+            request.receive, lambda: call.choices.cancel(call.model.scheduler)))
         try:
             while (ready := await call.choices.next()) is not None:
                 for index, event in ready:
@@ -244,11 +248,39 @@ def _collect(state: _Choice, event: SchedEvent) -> None:
         state.usage = event.usage
 
 
-async def _cancel_on_disconnect(request: Request, call: _Call) -> None:
-    """A client that goes away before its whole response is ready frees what it held."""
-    while (await request.receive())["type"] != "http.disconnect":
+
+
+class EventStream(Response):
+    """Server-sent events. Not Starlette's StreamingResponse: under ASGI 2.3 (uvicorn's) that
+    runs an anyio task group per response to watch for a disconnect, which cost more than the
+    rest of a short request; here one plain task watches and calls ``on_disconnect``."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_disconnect: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache"})
+        self._chunks = chunks
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, self._on_disconnect))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for chunk in self._chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
-    call.choices.cancel(call.model.scheduler)
+    on_disconnect()
 
 
 def _header_priority(value: str) -> str | int:
