@@ -9,6 +9,10 @@ sits the step out). It applies the plan; it does not decide what matters more.
 When a decode needs a KV block and none is left, the newest sequence of the lowest priority is
 preempted back to the head of the queue and later recomputed (mostly from the prefix cache);
 its output stream is unaffected.
+
+Sequences with the same prompt (the n choices of one request) share its KV blocks: one that
+finds its prompt being prefilled by a running sequence waits until that prefill is done, then
+starts from the prefix cache, so the prompt is computed once, not n times.
 """
 
 from __future__ import annotations
@@ -73,17 +77,30 @@ class Batcher:
         Returns the sequences that can never fit the pool (none is running to free blocks):
         the caller ends them."""
         unfit: list[Sequence] = []
+        deferred: list[Sequence] = []  # waiting for a sibling's prefill, in queue order
+        try:
+            self._admit_into(unfit, deferred)
+        finally:
+            self.waiting.extendleft(reversed(deferred))
+        return unfit
+
+    def _admit_into(self, unfit: list[Sequence], deferred: list[Sequence]) -> None:
         while self.waiting and len(self.running) < self.limits.max_batch_size:
             seq = self.waiting[0]
+            if self._prompt_in_prefill(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.blocks.can_allocate(len(seq.token_ids)):
                 if self.running:
-                    return unfit  # blocks come back as running sequences finish
+                    return  # blocks come back as running sequences finish
                 unfit.append(self.waiting.popleft())
                 continue
             try:
-                cached = self.blocks.allocate(seq.request_id, seq.token_ids)
+                cached = self.blocks.allocate(
+                    seq.request_id, seq.token_ids, reuse=not seq.scores_prompt
+                )
             except NoFreeBlocksError:
-                return unfit
+                return
             self.waiting.popleft()
             seq.num_computed = cached
             seq.prefilling = True
@@ -93,7 +110,18 @@ class Batcher:
                 seq.report_cached = True
                 self.num_prompt_tokens += len(seq.token_ids)
                 self.num_cached_prompt_tokens += cached
-        return unfit
+
+    def _prompt_in_prefill(self, seq: Sequence) -> bool:
+        """A running sequence is computing the same prompt's blocks right now: seq would find
+        them in the prefix cache a step or two later instead of computing them again."""
+        prompt = seq.request.prompt_token_ids
+        if len(prompt) <= self.blocks.tokens_per_block or seq.scores_prompt:
+            return False  # no full block to share, or it must compute every position anyway
+        return any(
+            r.prefilling and r.num_computed < len(prompt) - 1
+            and r.request.prompt_token_ids == prompt
+            for r in self.running
+        )
 
     # -- the step -------------------------------------------------------------------------
 

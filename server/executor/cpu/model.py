@@ -111,11 +111,19 @@ class LlamaModel:
 
     def forward(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
         """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`."""
+        return self.lm_head(self.hidden(batch, cache))
+
+    def hidden(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
+        """Writes this step's K/V into the cache; returns the final normed hidden states of
+        the sample rows `[num_samples, hidden]` (``lm_head`` turns them into logits)."""
         x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
         for i, layer in enumerate(self.weights.layers):
             x = self._layer(i, layer, x, cos, sin, batch, cache)
-        h = rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)  # [num_samples, hidden]
+        return rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)
+
+    def lm_head(self, h: np.ndarray) -> np.ndarray:
+        """[m, hidden] -> logits [m, vocab]."""
         return self.weights.lm_head(h)
 
     def _layer(
