@@ -13,7 +13,8 @@ Backfill's format::
 Exactly one of ``prompt`` (raw text), ``messages`` (chat, rendered by the model's template) or
 ``token_ids``. Optional: ``id`` (names the result; the line's request index when absent),
 ``model``, and the sampling fields ``max_tokens``, ``min_tokens``, ``temperature``, ``top_k``,
-``top_p``, ``seed``, ``stop`` (string or list), ``stop_token_ids``, ``ignore_eos``.
+``top_p``, ``seed``, ``stop`` (string or list), ``stop_token_ids``, ``ignore_eos``,
+``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``.
 
 OpenAI's Batch API format (what ``vllm run-batch`` also reads)::
 
@@ -22,10 +23,11 @@ OpenAI's Batch API format (what ``vllm run-batch`` also reads)::
     {"custom_id": "r2", "method": "POST", "url": "/v1/completions",
      "body": {"model": "m", "prompt": "Once upon a time", "max_tokens": 16}}
 
-The body takes the sampling fields above (``max_completion_tokens`` too); ``n`` must be 1 and
-``stream`` false; fields that would change the output in ways this engine does not implement
-(tools, logprobs, penalties, ``response_format`` other than text) fail the line, and a few that
-change nothing here (``user``, ``metadata``, ``store``, ``service_tier``) are ignored.
+The body is read as the HTTP surface reads it (``backfill/openai_body.py``: the sampling fields
+above, ``max_completion_tokens``, the penalties), except that a batch result is one choice,
+stored whole and offline: ``n`` must be 1, ``stream``, ``echo`` and ``logprobs`` false, and
+``priority`` (if given) offline. Tools, ``logit_bias`` and ``response_format`` other than text
+fail the line; ``user``, ``metadata``, ``store`` and ``service_tier`` are ignored.
 
 Any other key fails the line, naming the key, so a typo does not pass silently. Checks of values
 (ranges, vocabulary) are the server's; this module checks shapes and types.
@@ -44,55 +46,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from backfill.openai_body import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    OPENAI_URLS,
+    SAMPLING_KEYS,
+    BodyError,
+    OpenAIBody,
+    fill_messages,
+    fill_sampling,
+    parse_body,
+    string,
+    token_ids,
+)
 from backfill.v1 import inference_pb2 as pb
 
-CHAT_URL = "/v1/chat/completions"
-COMPLETIONS_URL = "/v1/completions"
-OPENAI_URLS = (CHAT_URL, COMPLETIONS_URL)
+__all__ = ["CHAT_URL", "COMPLETIONS_URL", "OPENAI_URLS", "LineError", "ParsedLine", "parse_line"]
 
-SAMPLING_KEYS = (
-    "max_tokens",
-    "min_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-)
 _BACKFILL_KEYS = frozenset({"id", "prompt", "messages", "token_ids", "model", *SAMPLING_KEYS})
 _OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"})
-_BODY_COMMON = frozenset({"model", "max_completion_tokens", *SAMPLING_KEYS})
-# Keys whose only accepted value is the one that changes nothing here.
-_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "n": (1, None),
-    "stream": (False, None),
-    "logprobs": (False, None, 0),
-    "top_logprobs": (0, None),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None,),
-    "echo": (False, None),
-    "best_of": (1, None),
-    "suffix": (None, ""),
-    "tools": (None,),
-    "tool_choice": (None, "none"),
-    "functions": (None,),
-    "function_call": (None, "none"),
-    "stream_options": (None,),
-}
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
-_ROLES = {
-    "system": pb.ROLE_SYSTEM,
-    "developer": pb.ROLE_SYSTEM,  # OpenAI's newer name for the system role
-    "user": pb.ROLE_USER,
-    "assistant": pb.ROLE_ASSISTANT,
-}
 
 
-class LineError(ValueError):
-    """A line cannot become a request; the message names the offending key."""
+# A line cannot become a request; the message names the offending key.
+LineError = BodyError
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,15 +130,15 @@ def _parse_backfill(obj: Mapping[str, Any]) -> pb.GenerateRequest:
     if "id" in obj:
         req.client_request_id = _id(obj["id"], "id")
     if "model" in obj:
-        req.model = _str(obj["model"], "model")
+        req.model = string(obj["model"], "model")
     which = prompts[0]
     if which == "prompt":
-        req.text = _str(obj["prompt"], "prompt")
+        req.text = string(obj["prompt"], "prompt")
     elif which == "messages":
-        _fill_messages(req, obj["messages"], "messages")
+        fill_messages(req, obj["messages"], "messages")
     else:
-        req.token_ids.ids.extend(_token_ids(obj["token_ids"], "token_ids"))
-    _fill_sampling(req.sampling, obj, "")
+        req.token_ids.ids.extend(token_ids(obj["token_ids"], "token_ids"))
+    fill_sampling(req.sampling, obj, "")
     return req
 
 
@@ -185,51 +161,26 @@ def _parse_openai(obj: Mapping[str, Any]) -> ParsedLine:
     body = obj["body"]
     if not isinstance(body, Mapping):
         raise LineError("body must be a JSON object")
-    req = pb.GenerateRequest(tier=pb.TIER_OFFLINE, client_request_id=custom_id)
-    if url == CHAT_URL:
-        _check_body(body, {"messages"})
-        _fill_messages(req, body.get("messages"), "body.messages")
-    else:
-        _check_body(body, {"prompt"})
-        _fill_prompt(req, body.get("prompt"))
-    if body.get("model") is not None:
-        req.model = _str(body["model"], "body.model")
-    sampling = dict(body)
-    if body.get("max_completion_tokens") is not None:
-        if body.get("max_tokens") is not None:
-            raise LineError("body: give max_tokens or max_completion_tokens, not both")
-        sampling["max_tokens"] = body["max_completion_tokens"]
-    _fill_sampling(req.sampling, sampling, "body.")
+    parsed = parse_body(url, body, "body.")
+    req = parsed.request
+    _check_batch(parsed, body)
+    req.tier = pb.TIER_OFFLINE
+    req.client_request_id = custom_id
     return ParsedLine(req, url)
 
 
-def _check_body(body: Mapping[str, Any], prompt_keys: set[str]) -> None:
-    for key, value in body.items():
-        if key in _BODY_COMMON or key in prompt_keys or key in _IGNORED:
-            continue
-        if key == "response_format":
-            if value is not None and value != {"type": "text"}:
-                raise LineError("body.response_format: only {'type': 'text'} is supported")
-            continue
-        allowed = _DEFAULT_ONLY.get(key)
-        if allowed is None:
-            raise LineError(f"body.{key}: unknown or unsupported key")
-        if value not in allowed:
-            raise LineError(f"body.{key}: {value!r} is not supported (only {allowed[0]!r})")
-
-
-def _fill_prompt(req: pb.GenerateRequest, prompt: Any) -> None:
-    """A completions prompt: a string or token ids, or a list holding exactly one of them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        req.text = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        req.token_ids.ids.extend(_token_ids(prompt, "body.prompt"))
-    elif prompt is None:
-        raise LineError("body.prompt is required")
-    else:
-        raise LineError("body.prompt must be a string or a list of token ids (one prompt per line)")
+def _check_batch(parsed: OpenAIBody, body: Mapping[str, Any]) -> None:
+    """What a batch line cannot ask for: its result is one choice, stored whole, offline."""
+    if parsed.request.n > 1:
+        raise LineError(f"body.n: {parsed.request.n} is not supported in a batch job (only 1)")
+    if parsed.stream:
+        raise LineError("body.stream: a batch job's results are not streamed (only false)")
+    if parsed.logprobs or parsed.request.sampling.HasField("prompt_logprobs"):
+        raise LineError("body.logprobs: batch job results do not carry logprobs yet")
+    if parsed.echo:
+        raise LineError("body.echo: not supported in a batch job (only false)")
+    if parsed.request.tier == pb.TIER_ONLINE:
+        raise LineError(f"body.priority: batch jobs run offline, got {body['priority']!r}")
 
 
 # ---- shared pieces -------------------------------------------------------------------------
@@ -241,88 +192,7 @@ def _check_keys(obj: Mapping[str, Any], known: frozenset[str], prefix: str) -> N
         raise LineError(f"{prefix}unknown keys {unknown}")
 
 
-def _fill_messages(req: pb.GenerateRequest, messages: Any, name: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise LineError(f"{name} must be a non-empty list of messages")
-    for i, message in enumerate(messages):
-        where = f"{name}[{i}]"
-        if not isinstance(message, Mapping):
-            raise LineError(f"{where} must be an object with role and content")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
-        if role is None:
-            raise LineError(
-                f"{where}.role must be system, developer, user or assistant, "
-                f"got {message.get('role')!r}"
-            )
-        extra = sorted(set(message) - {"role", "content", "name"})
-        if extra:
-            raise LineError(f"{where}: unsupported keys {extra}")
-        req.chat.messages.add(role=role, content=_content(message.get("content"), where))
-
-
-def _content(content: Any, where: str) -> str:
-    """A message's text: a string, or a list of text parts (joined by newlines)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not (isinstance(part, Mapping) and part.get("type") == "text"):
-                raise LineError(f"{where}.content[{j}]: only text parts are supported")
-            texts.append(_str(part.get("text"), f"{where}.content[{j}].text"))
-        return "\n".join(texts)
-    raise LineError(f"{where}.content must be a string or a list of text parts")
-
-
-def _fill_sampling(out: pb.SamplingParams, obj: Mapping[str, Any], prefix: str) -> None:
-    for key, bound in (("max_tokens", 2**32), ("min_tokens", 2**32), ("top_k", 2**32),
-                       ("seed", 2**64)):
-        if obj.get(key) is not None:
-            setattr(out, key, _uint(obj[key], prefix + key, bound))
-    for key in ("temperature", "top_p"):
-        if obj.get(key) is not None:
-            setattr(out, key, _number(obj[key], prefix + key))
-    stop = obj.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise LineError(f"{prefix}stop must be a string or a list of strings")
-        out.stop.extend(stops)
-    if obj.get("stop_token_ids") is not None:
-        out.stop_token_ids.extend(_token_ids(obj["stop_token_ids"], prefix + "stop_token_ids"))
-    if obj.get("ignore_eos") is not None:
-        if not isinstance(obj["ignore_eos"], bool):
-            raise LineError(f"{prefix}ignore_eos must be true or false")
-        out.ignore_eos = obj["ignore_eos"]
-
-
 def _id(value: Any, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise LineError(f"{name} must be a string")
     return str(value)
-
-
-def _str(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise LineError(f"{name} must be a string")
-    return value
-
-
-def _uint(value: Any, name: str, bound: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
-        raise LineError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LineError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _token_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value
-    ):
-        raise LineError(f"{name} must be a list of non-negative integers")
-    return value

@@ -3,8 +3,11 @@ when the executor is not the bottleneck (the tiny random model, few tokens per r
 slots). Client and server run on one host, in separate processes.
 
 Compares, in one run, the SDK over one multiplexed ``Session`` stream against the same load
-over one ``Generate`` call per request (``transport="unary"``), for a max-tokens-1 flood and for
-short streams. Goal: >= 3,000 req/s and >= 50,000 streamed tokens/s over Session.
+over one ``Generate`` call per request (``transport="unary"``) and over the OpenAI-compatible
+HTTP surface (``http``: streamed ``/v1/completions``, server-sent events, one keep-alive
+connection per in-flight request; see benchmarks/http_flood.py), for a max-tokens-1 flood and
+for short streams. Goals: >= 3,000 req/s and >= 50,000 streamed tokens/s over Session;
+>= 1,000 req/s and >= 15,000 tokens/s over HTTP.
 
 Two executors behind the same server: ``cpu`` (the tiny random model; at 256 slots its per-step
 Python work shares the server's GIL with the front end) and ``scripted`` (``tests.fakes``'
@@ -33,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.http_flood import HttpConnection
 from client.aio import AsyncClient
 from client.bench.local_server import LocalServer
 from client.errors import BackfillError
@@ -40,6 +44,8 @@ from client.types import SamplingParams
 
 GOAL_REQ_S = 3000.0
 GOAL_TOK_S = 50000.0
+GOAL_HTTP_REQ_S = 1000.0
+GOAL_HTTP_TOK_S = 15000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,9 @@ async def flood(
             except BackfillError:
                 errors += 1
 
+    if transport == "http":
+        return await http_flood(target, requests, max_tokens, in_flight, vocab,
+                                executor=executor, server_pid=server_pid)
     async with AsyncClient(target, transport=transport) as client:  # type: ignore[arg-type]
         await client.complete(token_ids=[1, 2], sampling=sampling)  # connect, open the stream
         start = time.perf_counter()
@@ -125,6 +134,49 @@ async def flood(
                        chunks, errors, server_cpu, client_cpu)
 
 
+async def http_flood(
+    target: str,
+    requests: int,
+    max_tokens: int,
+    in_flight: int,
+    vocab: int,
+    *,
+    executor: str = "",
+    server_pid: int | None = None,
+) -> FloodResult:
+    """The same flood over HTTP: ``target`` is the server's HTTP address."""
+    remaining = requests
+    tokens = chunks = errors = 0
+
+    async def worker(seed: int) -> None:
+        nonlocal remaining, tokens, chunks, errors
+        body = {"prompt": [1 + (seed * 7 + i) % (vocab - 1) for i in range(4)],
+                "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        connection = await HttpConnection.open(target)
+        try:
+            while remaining > 0:
+                remaining -= 1
+                status, got, events = await connection.stream_completion(body)
+                tokens += got
+                chunks += events
+                errors += status != 200
+        finally:
+            connection.close()
+
+    warm = await HttpConnection.open(target)
+    await warm.stream_completion({"prompt": [1, 2], "max_tokens": 1, "stream": True})
+    warm.close()
+    start = time.perf_counter()
+    server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
+    await asyncio.gather(*(worker(i) for i in range(in_flight)))
+    seconds = time.perf_counter() - start
+    server_cpu = process_cpu_s(server_pid) - server_cpu
+    client_cpu = time.process_time() - client_cpu
+    return FloodResult(executor, "http", max_tokens, in_flight, requests, seconds, tokens,
+                       chunks, errors, server_cpu, client_cpu)
+
+
 def build_engine(slots: int) -> Path:
     from engine_builder.tiny import build_tiny_engine
 
@@ -133,8 +185,9 @@ def build_engine(slots: int) -> Path:
 
 
 @contextmanager
-def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, int]]:
-    """A server process whose executor is the ScriptedExecutor; yields (address, pid)."""
+def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, str, int]]:
+    """A server process whose executor is the ScriptedExecutor; yields (gRPC address, HTTP
+    address, pid)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_frontend", "--serve-scripted", str(engine),
          "--max-online-queue", str(queue)],
@@ -142,10 +195,10 @@ def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, int]]:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("listening on "):
+        line, http = proc.stdout.readline(), proc.stdout.readline()
+        if not line.startswith("listening on ") or not http.startswith("http on "):
             raise RuntimeError("the scripted server exited before listening")
-        yield line.split()[-1], proc.pid
+        yield line.split()[-1], http.split()[-1], proc.pid
     finally:
         proc.terminate()
         proc.wait()
@@ -171,10 +224,11 @@ def serve_scripted(engine: Path, queue: int) -> int:
     )
 
     async def serve() -> None:
-        config = ServerConfig(engine=str(engine), port=0, metrics_port=-1,
-                              max_online_queue=queue)
+        config = ServerConfig(engine=str(engine), port=0, metrics_port=-1, http_port=0,
+                              max_online_queue=queue, job_store=":memory:")
         server = await BackfillServer.start(config, executor=ScriptedExecutor(capacity))
         print(f"listening on {server.address}", flush=True)
+        print(f"http on {server.http_address}", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(serve())
@@ -197,23 +251,41 @@ def table(results: list[FloodResult]) -> str:
 
 
 async def run_all(
-    target: str, args: argparse.Namespace, executor: str = "", server_pid: int | None = None
+    target: str, args: argparse.Namespace, executor: str = "", server_pid: int | None = None,
+    http_target: str | None = None,
 ) -> list[FloodResult]:
     async with AsyncClient(target) as client:
         vocab = (await client.list_models())[0].vocab_size
-    plans = [
-        ("session", args.requests, 1),
-        ("unary", args.unary_requests, 1),
-        ("session", args.requests, args.max_tokens),
-        ("unary", args.unary_requests, args.max_tokens),
-    ]
+    counts = {"session": args.requests, "unary": args.unary_requests, "http": args.http_requests}
+    in_flight = {"session": args.in_flight, "unary": args.in_flight,
+                 "http": args.http_in_flight}
+    transports = [t for t in args.transports if t != "http" or http_target is not None]
+    plans = [(t, max_tokens) for max_tokens in (1, args.max_tokens) for t in transports]
     results = []
-    for transport, n, max_tokens in plans:
+    for transport, max_tokens in plans:
+        n = counts[transport]
         print(f"{executor} {transport} x{n}, max_tokens {max_tokens} ...", file=sys.stderr,
               flush=True)
-        results.append(await flood(target, transport, n, max_tokens, args.in_flight, vocab,
-                                   executor=executor, server_pid=server_pid))
+        address = http_target if transport == "http" else target
+        assert address is not None
+        results.append(await flood(address, transport, n, max_tokens, in_flight[transport],
+                                   vocab, executor=executor, server_pid=server_pid))
     return results
+
+
+def ratios(results: list[FloodResult]) -> str:
+    """HTTP over Session, same executor and tokens per request, in this run."""
+    rows = ["http / session (same run):"]
+    for r in results:
+        if r.transport != "http":
+            continue
+        peer = next((s for s in results if s.transport == "session"
+                     and (s.executor, s.max_tokens) == (r.executor, r.max_tokens)), None)
+        if peer is not None:
+            rows.append(f"  {r.executor} max_tokens {r.max_tokens}: req/s "
+                        f"{r.req_per_s / peer.req_per_s:.2f}x, tokens/s "
+                        f"{r.tok_per_s / peer.tok_per_s:.2f}x")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unary-requests", type=int, default=5000, help="requests per unary run")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per streamed request")
     p.add_argument("--in-flight", type=int, default=1024, help="concurrent requests")
+    p.add_argument("--http-requests", type=int, default=5000, help="requests per HTTP run")
+    p.add_argument("--http-in-flight", type=int, default=256,
+                   help="concurrent HTTP requests (one connection each)")
+    p.add_argument("--http-target", default=None, help="the HTTP address of --target")
+    p.add_argument("--transports", nargs="+", choices=("session", "unary", "http"),
+                   default=["session", "unary", "http"], help="transports to compare")
     p.add_argument("--slots", type=int, default=256, help="batch slots of the tiny engine")
     p.add_argument("--executor", nargs="+", choices=("cpu", "scripted"),
                    default=["cpu", "scripted"], help="executors to compare (default: both)")
@@ -237,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}; client and server in separate processes")
     results: list[FloodResult] = []
     if args.target:
-        results = asyncio.run(run_all(args.target, args))
+        results = asyncio.run(run_all(args.target, args, http_target=args.http_target))
     else:
         engine = build_engine(args.slots)
         print(f"engine: tiny random Llama, {args.slots} slots ({engine})")
@@ -246,15 +324,20 @@ def main(argv: list[str] | None = None) -> int:
                              str(queue)) as server:
                 results += asyncio.run(run_all(server.address, args, "cpu", server.proc.pid))
         if "scripted" in args.executor:
-            with scripted_server(engine, queue) as (address, pid):
-                results += asyncio.run(run_all(address, args, "scripted", pid))
+            with scripted_server(engine, queue) as (address, http_address, pid):
+                results += asyncio.run(run_all(address, args, "scripted", pid, http_address))
     print(table(results))
-    best = [r for r in results if r.transport == "session"]
-    req_ok = max(r.req_per_s for r in best) >= GOAL_REQ_S
-    tok_ok = max(r.tok_per_s for r in best) >= GOAL_TOK_S
-    print(f"goal >= {GOAL_REQ_S:.0f} req/s over Session: {'PASS' if req_ok else 'FAIL'}")
-    print(f"goal >= {GOAL_TOK_S:.0f} streamed tokens/s over Session: "
-          f"{'PASS' if tok_ok else 'FAIL'}")
+    for transport, goal_req, goal_tok in (("session", GOAL_REQ_S, GOAL_TOK_S),
+                                          ("http", GOAL_HTTP_REQ_S, GOAL_HTTP_TOK_S)):
+        best = [r for r in results if r.transport == transport]
+        if not best:
+            continue
+        req_ok = max(r.req_per_s for r in best) >= goal_req
+        tok_ok = max(r.tok_per_s for r in best) >= goal_tok
+        print(f"goal >= {goal_req:.0f} req/s over {transport}: {'PASS' if req_ok else 'FAIL'}")
+        print(f"goal >= {goal_tok:.0f} streamed tokens/s over {transport}: "
+              f"{'PASS' if tok_ok else 'FAIL'}")
+    print(ratios(results))
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump([asdict(r) | {"req_per_s": r.req_per_s, "tok_per_s": r.tok_per_s,

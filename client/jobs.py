@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Union
 
-from backfill.batch_format import CHAT_URL, LineError, is_request_line, parse_line
+from backfill.batch_format import LineError, is_request_line, parse_line
+from backfill.openai_output import BatchItem, UsageCounts, batch_result_line
 from client import _convert
 from client.types import BatchRequest, BatchResult, FinishReason, SamplingParams
 
@@ -149,50 +150,14 @@ def result_to_json(result: BatchResult) -> dict[str, Any]:
 
 
 def openai_line(job_id: str, result: BatchResult) -> dict[str, Any]:
-    """A result as one line of an OpenAI Batch output (or error) file: a chat.completion or
-    text_completion body with usage, or the error."""
-    request_id = f"{job_id}-{result.index}"
-    line: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": result.request_id,
-                            "response": None, "error": None}
-    error = result.error
-    if error is None:
-        line["response"] = {"status_code": 200, "request_id": request_id,
-                            "body": _openai_body(request_id, result)}
-    elif error.code.name in ("CANCELLED", "DEADLINE_EXCEEDED") and not result.token_ids:
-        # Requests the batch dropped (OpenAI's batch_cancelled / batch_expired) never ran.
-        code = "batch_expired" if error.code.name == "DEADLINE_EXCEEDED" else "batch_cancelled"
-        line["error"] = {"code": code, "message": error.details}
-    else:
-        invalid = error.code.name == "INVALID_ARGUMENT"
-        line["response"] = {
-            "status_code": 400 if invalid else 500,
-            "request_id": request_id,
-            "body": {"error": {"message": error.details, "param": None,
-                               "type": "invalid_request_error" if invalid else "server_error",
-                               "code": error.code.name.lower()}},
-        }
-    return line
-
-
-def _openai_body(request_id: str, result: BatchResult) -> dict[str, Any]:
+    """A result as one line of an OpenAI Batch output (or error) file."""
+    u, error = result.usage, result.error
     finish = _OPENAI_FINISH.get(result.finish_reason) if result.finish_reason else None
-    usage = result.usage
-    common = {
-        "created": int(result.finished_at or 0),
-        "model": result.model,
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-        },
-    }
-    if result.url == CHAT_URL:
-        choice: dict[str, Any] = {"index": 0,
-                                  "message": {"role": "assistant", "content": result.text},
-                                  "logprobs": None, "finish_reason": finish}
-        return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", **common,
-                "choices": [choice]}
-    choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
-    return {"id": f"cmpl-{request_id}", "object": "text_completion", **common,
-            "choices": [choice]}
+    return batch_result_line(job_id, BatchItem(
+        index=result.index, custom_id=result.request_id, url=result.url, model=result.model,
+        text=result.text, finish=finish,
+        usage=UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+        finished_at=result.finished_at, ran=bool(result.token_ids),
+        error_code=None if error is None else error.code.name,
+        error_message="" if error is None else error.details,
+    ))

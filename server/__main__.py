@@ -1,4 +1,5 @@
-"""``python -m server``: serve an engine over gRPC until SIGTERM / SIGINT, then drain.
+"""``python -m server``: serve an engine over gRPC (and HTTP with ``--http-port``) until
+SIGTERM / SIGINT, then drain.
 
 Prints ``listening on HOST:PORT`` on stdout once the port is bound (a parent that passed
 ``--port 0`` reads the real port from it); everything else is logged on stderr.
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
 async def serve(config: ServerConfig) -> int:
     server = await BackfillServer.start(config)
     print(f"listening on {server.address}", flush=True)
+    if server.http_address is not None:
+        print(f"http on {server.http_address}", flush=True)
     if server.metrics_url is not None:
         log.info("metrics on %s", server.metrics_url)
     stop = asyncio.Event()

@@ -1,6 +1,7 @@
-"""Wiring: engine → executor → scheduler → servicer, health, reflection and /metrics, plus a
-graceful drain. ``BackfillServer`` runs on the caller's event loop; ``serve_in_thread`` gives
-sync code (tests, CLIs, benchmarks) a server on its own loop in a daemon thread."""
+"""Wiring: engine → executor → scheduler → the API surfaces (the gRPC servicer with health and
+reflection, and the OpenAI-compatible HTTP app), /metrics, plus a graceful drain.
+``BackfillServer`` runs on the caller's event loop; ``serve_in_thread`` gives sync code (tests,
+CLIs, benchmarks) a server on its own loop in a daemon thread."""
 
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
+from server.api.convert import ModelRegistry, ModelSpec, ServedModel
+from server.api.grpc.service import InferenceServicer
+from server.api.http.app import HttpServer, build_app
+from server.api.http.files import FileStore
 from server.config import ServerConfig
-from server.convert import ModelRegistry, ModelSpec, ServedModel
 from server.executor.base import Executor
-from server.jobs import JobRunner, Jobs, open_store
+from server.jobs import JobRunner, Jobs, files_path, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
 from server.scheduler import BackfillScheduler
-from server.service import InferenceServicer
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
 from server.step_metrics import StepMetrics
@@ -122,6 +125,8 @@ class BackfillServer:
         stats: ServerStatsCollector,
         port: int,
         metrics: MetricsEndpoint | None,
+        http: HttpServer | None = None,
+        files: FileStore | None = None,
     ) -> None:
         self.config = config
         self.scheduler = scheduler
@@ -132,8 +137,14 @@ class BackfillServer:
         self._runner = runner
         self._health = health
         self._metrics = metrics
+        self._http = http
+        self._files = files
         self.port = port
         self.address = f"{config.host}:{port}"
+        self.http_port: int | None = None if http is None else http.port
+        self.http_address: str | None = (
+            None if http is None else f"{config.host}:{http.port}"
+        )
         self.metrics_url: str | None = metrics.url if metrics is not None else None
         self._sampler = asyncio.ensure_future(self._sample_forever())
         self._stopping: asyncio.Future[DrainReport] | None = None
@@ -192,11 +203,17 @@ class BackfillServer:
         jobs = Jobs(store, runner, models, jobs_config)
         servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
         metrics = None
+        http = files = None
         try:
             await runner.start()
             if config.metrics_enabled:
                 metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
             grpc_server, health, port = await _start_grpc(config, servicer)
+            if config.http_enabled:
+                files = FileStore(files_path(jobs_config))
+                app = build_app(models, jobs, files, request_metrics,
+                                lambda: not servicer.draining)
+                http = await HttpServer.start(app, config.host, config.http_port)
         except BaseException:
             if metrics is not None:
                 metrics.close()
@@ -214,6 +231,8 @@ class BackfillServer:
             stats=stats,
             port=port,
             metrics=metrics,
+            http=http,
+            files=files,
         )
 
     async def _sample_forever(self) -> None:
@@ -242,6 +261,10 @@ class BackfillServer:
         await self._runner.flush()  # job reads keep working until the gRPC server stops
         left = await self._jobs.unfinished()
         await self._grpc.stop(FLUSH_GRACE_S)
+        if self._http is not None:
+            await self._http.stop()
+        if self._files is not None:
+            self._files.close()
         await self._runner.close()
         await self._jobs.close()
         self._sampler.cancel()
@@ -318,6 +341,7 @@ class ServerThread:
         self.server: BackfillServer = self._server
         self.address: str = self._server.address
         self.metrics_url: str | None = self._server.metrics_url
+        self.http_address: str | None = self._server.http_address
 
     def _run(self, config: ServerConfig, executor: Executor | None) -> None:
         asyncio.set_event_loop(self._loop)

@@ -28,6 +28,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     metrics_port: int = 9400  # 0 = any free port; -1 = no metrics endpoint
+    # The OpenAI-compatible HTTP surface: 0 = any free port; -1 (the default) = none. Off
+    # unless asked for, so a server opens no port it was not told to (8000 is vLLM's).
+    http_port: int = -1
     window_ms: float = _SCHED.window_ms  # the scheduler's collection window W
     offline_reserve: float = _SCHED.offline_reserve  # fraction of slots kept for OFFLINE work
     preemption: str = _SCHED.preemption  # recompute | off
@@ -54,6 +57,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port}")
         self.scheduler_config()  # validates the scheduler's fields
         self.jobs_config()  # and the job store's
         if self.max_online_queue < 1:
@@ -99,12 +104,19 @@ class ServerConfig:
     def metrics_enabled(self) -> bool:
         return self.metrics_port >= 0
 
+    @property
+    def http_enabled(self) -> bool:
+        return self.http_port >= 0
+
 
 _HELP: dict[str, str] = {
     "engine": "engine directory, or 'default' to fetch and build the default CPU engine",
-    "host": "address to bind (gRPC and metrics)",
+    "host": "address to bind (gRPC, HTTP and metrics)",
     "port": "gRPC port; 0 picks a free one (printed as 'listening on HOST:PORT')",
     "metrics_port": "Prometheus /metrics port; 0 picks a free one, -1 turns it off",
+    "http_port": "OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions, "
+    "/v1/models, /v1/files, /v1/batches, /health), e.g. 8000; 0 picks a free one (printed as "
+    "'http on HOST:PORT'), -1 turns it off",
     "window_ms": "scheduler collection window W, in milliseconds",
     "offline_reserve": "fraction of batch slots kept for OFFLINE work",
     "preemption": "preempt OFFLINE sequences for ONLINE ones by recompute, or never",

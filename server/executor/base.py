@@ -31,6 +31,9 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed this request; ``TokenDelta.error`` says why
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (vLLM's default cap)
+
+
 # Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
 # TokenDelta). Treat as immutable.
 @dataclass(slots=True)
@@ -46,6 +49,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # output ends before the first occurrence
     stop_token_ids: tuple[int, ...] = ()  # output ends at such a token (not emitted as text)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from each token the output holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # divides (multiplies if < 0) logits of prompt+output ids
+    logprobs: int | None = None  # top alternatives per generated token; None: no logprobs
+    prompt_logprobs: int | None = None  # the same for prompt tokens after the first
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
@@ -66,6 +74,22 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+
+    @property
+    def penalized(self) -> bool:
+        """Any penalty changes the logits (the sampler skips the work otherwise)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
 
 
 # Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
@@ -88,6 +112,16 @@ class ExecRequest:
     overtake: bool = False
 
 
+# Not frozen: one per generated token of the requests that ask (see TokenDelta).
+@dataclass(slots=True)
+class TokenLogprob:
+    """A token's log-probability under the model, with the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
 # Not frozen, on purpose: one is made per request per step, and a frozen dataclass's __init__
 # (object.__setattr__ per field) took 1.8 us against 0.27 us here. Treat it as immutable.
 @dataclass(slots=True)
@@ -103,6 +137,10 @@ class TokenDelta:
     cached_prompt_tokens: int | None = None
     draft_tokens_proposed: int = 0  # speculative decoding, counted per delta
     draft_tokens_accepted: int = 0
+    # One per token_ids entry when the request asked for logprobs; None otherwise.
+    logprobs: list[TokenLogprob] | None = None
+    # Prompt tokens after the first, when asked for: on the delta of the first generated token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,13 @@ def store_path(config: JobsConfig) -> Path | None:
     return backfill_home() / DEFAULT_STORE_NAME
 
 
+def files_path(config: JobsConfig) -> Path | None:
+    """Where the HTTP surface keeps uploaded files: beside the store (``jobs.files/`` for
+    ``jobs.db``); None (a temporary directory) for the in-memory store."""
+    path = store_path(config)
+    return None if path is None else path.with_suffix(".files")
+
+
 def open_store(config: JobsConfig) -> JobStore:
     """The configured store (JobStoreInUseError when another server holds the file)."""
     path = store_path(config)
@@ -41,6 +48,7 @@ __all__ = [
     "JobsConfig",
     "MemoryJobStore",
     "SQLiteJobStore",
+    "files_path",
     "open_store",
     "store_path",
 ]

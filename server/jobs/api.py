@@ -17,13 +17,14 @@ from typing import TypeVar
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import AlreadyExistsError, ModelRegistry, NotFoundError
+from server.api.convert import ModelRegistry
+from server.api.errors import AlreadyExistsError, NotFoundError
+from server.api.validation import InvalidArgumentError, check_label, validate_batch
 from server.jobs.config import JobsConfig
 from server.jobs.convert import stored_to_pb
 from server.jobs.runner import JobRunner
 from server.jobs.store import JobPage, JobRecord, JobState, JobStore, KeyedJob, NewJob, Outcome
 from server.jobs.upload import Upload
-from server.validation import InvalidArgumentError, check_label, validate_batch
 
 T = TypeVar("T")
 RESULTS_PAGE = 256  # results read from the store at a time, per stream

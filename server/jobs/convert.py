@@ -7,7 +7,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import fill_timing, fill_usage, finish_reason, status_for_outcome
+from server.api.convert import fill_timing, fill_usage, finish_reason
+from server.api.errors import status_for_outcome
 from server.jobs.store import ItemResult, JobRecord, JobState, Outcome, StoredResult
 from server.scheduler.types import Outcome as SchedOutcome
 from server.scheduler.types import SchedEvent

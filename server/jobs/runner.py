@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import ModelRegistry, ServedModel, to_sched_request
+from server.api.convert import ModelRegistry, ServedModel, to_sched_request
 from server.jobs.config import JobsConfig
 from server.jobs.convert import failed_result, request_result
 from server.jobs.store import ItemResult, JobRecord, JobState, JobStore, Outcome, PendingItem

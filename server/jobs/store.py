@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.convert import NotFoundError
+from server.api.errors import NotFoundError
 
 
 class JobState(enum.Enum):

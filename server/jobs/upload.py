@@ -17,7 +17,7 @@ import grpc
 
 from backfill.batch_format import LineError, custom_id_of, is_request_line, parse_line
 from backfill.v1 import inference_pb2 as pb
-from server.convert import ModelRegistry, ServedModel, to_sched_request
+from server.api.convert import ModelRegistry, ServedModel, to_sched_request
 from server.jobs.convert import failed_result
 from server.jobs.store import JobStore, NewItem
 

@@ -292,13 +292,13 @@ class SchedulerCore:
             seq.run_tokens += len(delta.token_ids)
         if delta.finish is None:
             if delta.token_ids or delta.text:
-                self._outbox.append((seq.sink, seq.token_event(delta.token_ids, delta.text)))
+                self._outbox.append((seq.sink, seq.token_event(delta)))
             return
         outcome = OUTCOME_OF[delta.finish]
         if self._stopping and delta.finish is FinishReason.CANCELLED:
             outcome = Outcome.SHUTDOWN
         error = (delta.error or "executor error") if outcome is Outcome.ERROR else None
-        self._finish(seq, outcome, delta.token_ids, delta.text, error)
+        self._finish(seq, outcome, delta.token_ids, delta.text, error, delta)
 
     # ---- endings --------------------------------------------------------------------------
 
@@ -314,6 +314,7 @@ class SchedulerCore:
         token_ids: tuple[int, ...] = (),
         text: str = "",
         error: str | None = None,
+        delta: TokenDelta | None = None,
     ) -> None:
         if seq.phase is Phase.QUEUED:
             self._dequeue(seq)
@@ -327,7 +328,7 @@ class SchedulerCore:
         now = self._clock()
         if outcome in (Outcome.STOP, Outcome.LENGTH):
             self._judge(seq, now)
-        event = seq.final_event(outcome, now, token_ids, text, error)
+        event = seq.final_event(outcome, now, token_ids, text, error, delta)
         self._outbox.append((seq.sink, event))
 
     def _judge(self, seq: LiveRequest, now: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from server.executor.base import ExecRequest, FinishReason
+from server.executor.base import ExecRequest, FinishReason, TokenDelta
 from server.scheduler.types import (
     EventSink,
     Outcome,
@@ -85,8 +85,14 @@ class LiveRequest:
             overtake=overtake,
         )
 
-    def token_event(self, token_ids: tuple[int, ...], text: str) -> SchedEvent:
-        return SchedEvent(request_id=self.id, token_ids=token_ids, text=text)
+    def token_event(self, delta: TokenDelta) -> SchedEvent:
+        return SchedEvent(
+            request_id=self.id,
+            token_ids=delta.token_ids,
+            text=delta.text,
+            logprobs=delta.logprobs,
+            prompt_logprobs=delta.prompt_logprobs,
+        )
 
     def final_event(
         self,
@@ -95,7 +101,9 @@ class LiveRequest:
         token_ids: tuple[int, ...] = (),
         text: str = "",
         error: str | None = None,
+        delta: TokenDelta | None = None,
     ) -> SchedEvent:
+        """``delta``: the executor's last delta, whose logprobs the event carries."""
         return SchedEvent(
             request_id=self.id,
             token_ids=token_ids,
@@ -104,6 +112,8 @@ class LiveRequest:
             error=error,
             usage=self._usage(),
             timing=self._timing(now),
+            logprobs=None if delta is None else delta.logprobs,
+            prompt_logprobs=None if delta is None else delta.prompt_logprobs,
         )
 
     def _usage(self) -> Usage:

@@ -9,7 +9,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.executor.base import SamplingParams
+from server.executor.base import SamplingParams, TokenLogprob
 
 
 class Tier(enum.Enum):
@@ -79,6 +79,8 @@ class SchedEvent:
     error: str | None = None
     usage: Usage | None = None  # final event only
     timing: Timing | None = None  # final event only
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, when asked for
 
     @property
     def is_final(self) -> bool:

@@ -72,8 +72,12 @@ def test_openai_completions_line() -> None:
         ({"token_ids": [1, "a"]}, "token_ids must be a list"),
         (openai(messages=[{"role": "user", "content": "x"}], n=2), "body.n"),
         (openai(messages=[{"role": "user", "content": "x"}], tools=[{}]), "body.tools"),
-        (openai(messages=[{"role": "user", "content": "x"}], frequency_penalty=0.5),
-         "body.frequency_penalty"),
+        (openai(messages=[{"role": "user", "content": "x"}], logprobs=True),
+         "body.logprobs"),
+        (openai(messages=[{"role": "user", "content": "x"}], frequency_penalty="a"),
+         "body.frequency_penalty must be a number"),
+        (openai(messages=[{"role": "user", "content": "x"}], priority="online"),
+         "body.priority: batch jobs run offline"),
         (openai(messages=[{"role": "user", "content": "x"}], foo=1), "body.foo: unknown"),
         (openai(messages=[{"role": "tool", "content": "x"}]), "role"),
         (openai(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "text parts"),
@@ -104,3 +108,12 @@ def test_raw_lines() -> None:
     assert is_request_line(b'{"prompt": "#"}')
     assert custom_id_of({"custom_id": "c"}) == "c" and custom_id_of({"id": 7}) == "7"
     assert custom_id_of([1]) == ""
+
+
+def test_penalties_are_read_in_both_formats() -> None:
+    line = parse_line(openai(messages=[{"role": "user", "content": "x"}], presence_penalty=0.5,
+                             frequency_penalty=-1, repetition_penalty=1.2))
+    s = line.request.sampling
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, -1.0)
+    assert s.repetition_penalty == pytest.approx(1.2)
+    assert parse_line({"prompt": "x", "presence_penalty": 1}).request.sampling.presence_penalty == 1

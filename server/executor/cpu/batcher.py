@@ -9,6 +9,10 @@ sits the step out). It applies the plan; it does not decide what matters more.
 When a decode needs a KV block and none is left, the newest sequence of the lowest priority is
 preempted back to the head of the queue and later recomputed (mostly from the prefix cache);
 its output stream is unaffected.
+
+Sequences with the same prompt (the n choices of one request) share its KV blocks: one that
+finds its prompt being prefilled by a running sequence waits until that prefill is done, then
+starts from the prefix cache, so the prompt is computed once, not n times.
 """
 
 from __future__ import annotations
@@ -74,10 +78,11 @@ class Batcher:
         give back when the step in flight ends, usable now. Returns the sequences that can
         never fit the pool (none is running to free blocks): the caller ends them."""
         unfit: list[Sequence] = []
-        candidates = [s for s in self.waiting if only is None or s.request_id in only]
-        for seq in candidates:
+        for seq in [s for s in self.waiting if only is None or s.request_id in only]:
             if len(self.running) >= self.limits.max_batch_size + extra_slots:
                 break
+            if self._prompt_in_prefill(seq):
+                continue  # waits for a sibling's prefill, keeping its place in the queue
             if not self.blocks.can_allocate(len(seq.token_ids)):
                 if self.running:
                     break  # blocks come back as running sequences finish
@@ -85,7 +90,9 @@ class Batcher:
                 unfit.append(seq)
                 continue
             try:
-                cached = self.blocks.allocate(seq.request_id, seq.token_ids)
+                cached = self.blocks.allocate(
+                    seq.request_id, seq.token_ids, reuse=not seq.scores_prompt
+                )
             except NoFreeBlocksError:
                 break
             self.waiting.remove(seq)
@@ -98,6 +105,18 @@ class Batcher:
                 self.num_prompt_tokens += len(seq.token_ids)
                 self.num_cached_prompt_tokens += cached
         return unfit
+
+    def _prompt_in_prefill(self, seq: Sequence) -> bool:
+        """A running sequence is computing the same prompt's blocks right now: seq would find
+        them in the prefix cache a step or two later instead of computing them again."""
+        prompt = seq.request.prompt_token_ids
+        if len(prompt) <= self.blocks.tokens_per_block or seq.scores_prompt:
+            return False  # no full block to share, or it must compute every position anyway
+        return any(
+            r.prefilling and r.num_computed < len(prompt) - 1
+            and r.request.prompt_token_ids == prompt
+            for r in self.running
+        )
 
     # -- the step -------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from server.executor.base import ExecRequest, Executor, FinishReason, TokenDelta
+from server.executor.base import ExecRequest, Executor, FinishReason, TokenDelta, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -20,6 +20,8 @@ class Collected:
     cached_prompt_tokens: int | None = None  # from the first delta that carried it
     num_deltas: int = 0
     first_token_s: float | None = None  # seconds from collect() start to the first token
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def add(self, delta: TokenDelta, elapsed: float) -> None:
         if delta.finish is not None and self.finish is not None:
@@ -35,6 +37,12 @@ class Collected:
         if self.cached_prompt_tokens is None:
             self.cached_prompt_tokens = delta.cached_prompt_tokens
         self.num_deltas += 1
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            if self.prompt_logprobs is not None:
+                raise AssertionError(f"request {delta.request_id} got prompt logprobs twice")
+            self.prompt_logprobs = delta.prompt_logprobs
 
 
 def collect(

@@ -17,16 +17,18 @@ Single-threaded: the executor's worker thread owns an engine.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence as PySequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine_builder.step_cost import StepSample, StepShape
 from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta
+from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta, TokenLogprob
 from server.executor.cpu.batcher import Batcher
-from server.executor.cpu.model import ForwardPass, LlamaModel
-from server.executor.cpu.model_runner import ModelRunner
+from server.executor.cpu.logprobs import SCORE_ROWS, token_logprobs
+from server.executor.cpu.model import LlamaModel
+from server.executor.cpu.model_runner import ModelRunner, StepOutput, StepPass
 from server.executor.cpu.sampling import sample_token
 from server.executor.cpu.sequence import Chunk, Sequence
 from server.executor.cpu.stops import OutputTracker
@@ -48,18 +50,18 @@ class StepRun:
 
     chunks: list[Chunk]
     shape: StepShape
-    forward: ForwardPass
+    forward: StepPass
     seconds: float = 0.0  # its own compute time so far (not that of steps run in between)
     ids: set[int] = field(default_factory=set)  # the sequences it computes
 
     @property
     def layers_done(self) -> bool:
-        return self.forward.done
+        return self.forward.forward.done
 
     def advance(self) -> None:
         """Runs its next layer."""
         t0 = time.perf_counter()
-        self.forward.advance()
+        self.forward.forward.advance()
         self.seconds += time.perf_counter() - t0
 
 
@@ -166,7 +168,9 @@ class CpuEngine:
     def finish_step(self, run: StepRun) -> None:
         """Runs what is left of the step, then samples and commits its output."""
         t0 = time.perf_counter()
-        self._commit(run.chunks, run.forward.logits())
+        output = self.runner.finish(run.forward)
+        self._score_prompts(run.chunks, output)
+        self._commit(run.chunks, output.logits)
         self._count(run.shape, run.seconds + time.perf_counter() - t0)
 
     def _commit(self, chunks: list[Chunk], logits: np.ndarray) -> None:
@@ -178,18 +182,43 @@ class CpuEngine:
             self.batcher.blocks.mark_computed(seq.request_id, seq.num_computed)
             if not chunk.samples:
                 continue
-            tracker = seq.tracker
-            token = sample_token(
-                logits[sampled], seq.request.sampling, seq.seed, tracker.num_generated,
-                tracker.banned_ids(),
-            )
+            token, logprob = self._sample(seq, logits[sampled])
             sampled += 1
             self.counters.generated_tokens += 1
-            finish = seq.append_sample(token, max_seq_len)
+            finish = seq.append_sample(token, max_seq_len, logprob)
             if finish is not None:
                 self.batcher.release(seq)
                 seq.end(finish)
                 self._finished.append(seq)
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """logits [vocab] -> the next token of seq, and its logprob when the request asked."""
+        params, tracker = seq.request.sampling, seq.tracker
+        context: tuple[PySequence[int], PySequence[int]] = ((), ())
+        if params.penalized:
+            context = (seq.request.prompt_token_ids, seq.generated_ids)
+        token = sample_token(
+            logits, params, seq.seed, tracker.num_generated, tracker.banned_ids(), context
+        )
+        if params.logprobs is None:
+            return token, None
+        return token, token_logprobs(logits[None], np.array([token]), params.logprobs)[0]
+
+    def _score_prompts(self, chunks: list[Chunk], output: StepOutput) -> None:
+        """Prompt logprobs of the positions this step computed, SCORE_ROWS at a time through
+        the LM head (a long prefill chunk never holds all its logits at once)."""
+        row = 0
+        for span in output.spans:
+            seq = chunks[span.chunk].seq
+            k = seq.request.sampling.prompt_logprobs
+            assert seq.prompt_logprobs is not None and k is not None
+            for first in range(0, span.count, SCORE_ROWS):
+                count = min(SCORE_ROWS, span.count - first)
+                h = output.scored[row + first : row + first + count]  # [count, hidden]
+                start = span.first + first + 1  # the tokens these positions predict
+                targets = np.asarray(seq.token_ids[start : start + count], dtype=np.int64)
+                seq.prompt_logprobs += token_logprobs(self.runner.model.lm_head(h), targets, k)
+            row += span.count
 
     def _count(self, shape: StepShape, latency: float) -> None:
         c = self.counters

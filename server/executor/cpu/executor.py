@@ -36,6 +36,7 @@ from server.executor.base import (
     FinishReason,
     StepPlan,
     TokenDelta,
+    TokenLogprob,
 )
 from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads
@@ -380,6 +381,14 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         else b.cached_prompt_tokens,
         draft_tokens_proposed=a.draft_tokens_proposed + b.draft_tokens_proposed,
         draft_tokens_accepted=a.draft_tokens_accepted + b.draft_tokens_accepted,
+        logprobs=concat(a.logprobs, b.logprobs),
+        prompt_logprobs=concat(a.prompt_logprobs, b.prompt_logprobs),
     )
+
+
+def concat(a: list[TokenLogprob] | None, b: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
 
 

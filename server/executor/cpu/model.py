@@ -111,7 +111,16 @@ class LlamaModel:
 
     def forward(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
         """Writes this step's K/V into the cache; returns logits `[num_samples, vocab]`."""
-        return ForwardPass(self, batch, cache).logits()
+        return self.lm_head(self.hidden(batch, cache))
+
+    def hidden(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
+        """Writes this step's K/V into the cache; returns the final normed hidden states of
+        the sample rows `[num_samples, hidden]` (``lm_head`` turns them into logits)."""
+        return ForwardPass(self, batch, cache).hidden()
+
+    def lm_head(self, h: np.ndarray) -> np.ndarray:
+        """[m, hidden] -> logits [m, vocab]."""
+        return self.weights.lm_head(h)
 
     def layer(
         self,
@@ -168,7 +177,7 @@ class ForwardPass:
 
     @property
     def done(self) -> bool:
-        """Every layer ran; what is left is the LM head (``logits``)."""
+        """Every layer ran; what is left is the final norm (``hidden``)."""
         return self._next_layer == len(self._model.weights.layers)
 
     def advance(self) -> None:
@@ -180,10 +189,10 @@ class ForwardPass:
         )
         self._next_layer += 1
 
-    def logits(self) -> np.ndarray:
-        """Runs the layers left, then the LM head: logits `[num_samples, vocab]`."""
+    def hidden(self) -> np.ndarray:
+        """Runs the layers left; the final normed hidden states of the sample rows
+        `[num_samples, hidden]`."""
         while not self.done:
             self.advance()
         model = self._model
-        h = rms_norm(self._x[self._batch.sample_rows], model.weights.norm, model.eps)
-        return model.weights.lm_head(h)  # [num_samples, vocab]
+        return rms_norm(self._x[self._batch.sample_rows], model.weights.norm, model.eps)

@@ -1,4 +1,4 @@
-"""Per-request token sampling: greedy, temperature, top-k, top-p.
+"""Per-request token sampling: penalties, then greedy, temperature, top-k, top-p.
 
 Reproducibility: the random draw for a request's n-th generated token (resumed tokens counted)
 comes from `np.random.default_rng([seed, n])`, so a token depends only on the request's own
@@ -7,7 +7,7 @@ logits, seed and index: never on batch mates, step boundaries or a preemption an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -15,10 +15,18 @@ from server.executor.base import SamplingParams
 
 
 def sample_token(
-    logits: np.ndarray, params: SamplingParams, seed: int, index: int, banned: Iterable[int] = ()
+    logits: np.ndarray,
+    params: SamplingParams,
+    seed: int,
+    index: int,
+    banned: Iterable[int] = (),
+    context: tuple[Sequence[int], Sequence[int]] = ((), ()),
 ) -> int:
-    """logits [vocab] (not modified) -> a token id; `banned` ids get probability 0 (min_tokens)."""
+    """logits [vocab] (not modified) -> a token id; `banned` ids get probability 0 (min_tokens).
+    ``context`` is (prompt ids, generated ids), which penalties look at."""
     logits = np.array(logits, dtype=np.float64)  # float64: softmax over 50k ids stays exact
+    if params.penalized:
+        apply_penalties(logits, params, *context)
     banned_ids = [i for i in banned if 0 <= i < logits.shape[0]]
     if banned_ids and len(banned_ids) < logits.shape[0]:
         logits[banned_ids] = -np.inf
@@ -54,3 +62,20 @@ def _top_p_count(probs: np.ndarray, top_p: float) -> int:
     """Smallest number of leading (sorted) candidates whose mass reaches top_p."""
     cumulative = np.cumsum(probs)
     return int(min(np.searchsorted(cumulative, top_p, side="left") + 1, len(probs)))
+
+
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt: Sequence[int], output: Sequence[int]
+) -> None:
+    """In place, logits [vocab] float64. Repetition (over prompt and output ids): positive logits
+    divided by the penalty, negative ones multiplied (Hugging Face / vLLM). Presence and
+    frequency (over output ids, OpenAI's): minus presence once, minus frequency per occurrence.
+    """
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.fromiter((*prompt, *output), dtype=np.int64))
+        values = logits[seen]
+        r = params.repetition_penalty
+        logits[seen] = np.where(values > 0, values / r, values * r)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.executor.base import ExecRequest, FinishReason, TokenDelta
+from server.executor.base import ExecRequest, FinishReason, TokenDelta, TokenLogprob
 from server.executor.cpu.stops import OutputTracker
 
 
@@ -32,6 +32,19 @@ class Sequence:
     prefilling: bool = True
     finish: FinishReason | None = None
     error: str | None = None
+    # Logprobs of out_ids, when the request asked for them (None otherwise).
+    out_logprobs: list[TokenLogprob] | None = None
+    # Prompt tokens scored so far (position 1 on), when asked for and not resumed; they go out
+    # once, with the first generated token.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        sampling = self.request.sampling
+        if sampling.logprobs is not None:
+            self.out_logprobs = []
+        if sampling.prompt_logprobs is not None and not self.request.resume_token_ids:
+            self.prompt_logprobs = []
 
     @property
     def request_id(self) -> int:
@@ -45,12 +58,31 @@ class Sequence:
     def num_pending(self) -> int:
         return len(self.token_ids) - self.num_computed
 
-    def append_sample(self, token: int, max_seq_len: int) -> FinishReason | None:
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt positions are still to be scored: computed whole, not from the prefix cache."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < self.prompt_len - 1
+
+    @property
+    def generated_ids(self) -> list[int]:
+        """Tokens generated so far, resumed ones included."""
+        return self.token_ids[self.prompt_len :]
+
+    def append_sample(
+        self, token: int, max_seq_len: int, logprob: TokenLogprob | None = None
+    ) -> FinishReason | None:
         """Accounts one sampled token (output, stop rules, text); returns why the sequence
         ends now, if it does."""
         self.token_ids.append(token)
         self.prefilling = False
         self.out_ids.append(token)
+        if self.out_logprobs is not None and logprob is not None:
+            self.out_logprobs.append(logprob)
         text, finish = self.tracker.push(token)
         self.out_text += text
         if finish is None and len(self.token_ids) >= max_seq_len:
@@ -77,9 +109,20 @@ class Sequence:
             finish=self.finish,
             error=self.error,
             cached_prompt_tokens=(self.cached_prompt_tokens or 0) if self.report_cached else None,
+            logprobs=self.out_logprobs,
+            prompt_logprobs=self._take_prompt_logprobs(),
         )
         self.out_ids, self.out_text, self.report_cached = [], "", False
+        if self.out_logprobs is not None:
+            self.out_logprobs = []
         return delta
+
+    def _take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's logprobs, once, on the delta that carries the first generated token."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent or not self.out_ids:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
 
 @dataclass(frozen=True, slots=True)

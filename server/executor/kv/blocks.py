@@ -120,13 +120,15 @@ class BlockManager:
         """Physical block ids in token order (a copy)."""
         return list(self._seq(seq_id).block_table)
 
-    def allocate(self, seq_id: int, token_ids: list[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: list[int], *, reuse: bool = True) -> int:
         """Reserves blocks for the prompt and returns how many leading tokens are cached.
 
         Reuses the longest chain of registered blocks matching the prompt's leading full
         blocks, but at most ``(len - 1) // tokens_per_block`` of them: the last prompt token is
         always left to compute, since its logits are what sampling needs. The result is a
-        multiple of tokens_per_block and the sequence's computed count starts there.
+        multiple of tokens_per_block and the sequence's computed count starts there. With
+        ``reuse`` False nothing is reused (a prompt whose every position must be computed);
+        its blocks are still offered to the cache once computed.
         Raises NoFreeBlocksError (state unchanged) or ValueError (duplicate id, empty prompt).
         """
         if seq_id in self._seqs:
@@ -134,7 +136,7 @@ class BlockManager:
         if len(token_ids) == 0:
             raise ValueError("cannot allocate an empty prompt")
         tokens = list(token_ids)
-        max_hits = (len(tokens) - 1) // self._tokens_per_block
+        max_hits = (len(tokens) - 1) // self._tokens_per_block if reuse else 0
         hits, last_hash = self._find_prefix(tokens, max_hits)
         num_fresh = self.blocks_needed(len(tokens)) - len(hits)
         num_revived = sum(1 for block_id in hits if block_id in self._cached)

@@ -76,6 +76,12 @@ def validate(request: ExecRequest, policy: TokenPolicy) -> None:
                          f"room in max_seq_len {policy.max_seq_len}")
     if len(request.resume_token_ids) >= request.sampling.max_tokens:
         raise ValueError(f"request {request.request_id}: resume tokens already reach max_tokens")
+    # OutputConfig(return_log_probs) gives the chosen tokens' logprobs only, and
+    # return_context_logits the prompt's whole logits: no top alternatives per position.
+    # Refused by name rather than answered without them.
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(request.sampling, name) is not None:
+            raise ValueError(f"sampling.{name}: not supported by the TensorRT-LLM executor")
 
 
 def sampling_config(b: Any, params: SamplingParams, min_tokens: int, *,
@@ -98,6 +104,11 @@ def sampling_config(b: Any, params: SamplingParams, min_tokens: int, *,
         temperature=None if greedy else params.temperature,
         seed=seed,
         min_tokens=min_tokens or None,
+        # SamplingConfig's penalties: the same semantics as the CPU engine's (repetition over
+        # prompt and output; presence and frequency over the output).
+        repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
     )
 
 

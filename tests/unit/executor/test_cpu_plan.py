@@ -243,9 +243,10 @@ def test_the_executor_runs_overtaking_requests_inside_a_step(
 
     def advance(self: ForwardPass) -> None:
         original_advance(self)
-        if not during_step and executor._engine.running and 99 not in executor._live:
-            if all(not s.prefilling for s in executor._engine.running):
-                executor.enqueue(urgent)  # arrives while a step of decodes is in flight
+        engine = executor._engine
+        decoding = engine.running and all(not s.prefilling for s in engine.running)
+        if not during_step and decoding and 99 not in executor._live:
+            executor.enqueue(urgent)  # arrives while a step of decodes is in flight
 
     def overtake(self: CpuExecutor, run: object) -> None:
         before = len(self._outbox)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import fill_generate_response, to_generate_response, to_pb_timing, to_pb_usage
+from server.api.convert import (
+    fill_generate_response,
+    to_generate_response,
+    to_pb_timing,
+    to_pb_usage,
+)
 from server.scheduler.types import Outcome, SchedEvent, Timing, Usage
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from server.api.streams import EventBridge, RequestStream, merge_events
 from server.scheduler.types import Outcome, SchedEvent, Usage
-from server.streams import EventBridge, RequestStream, merge_events
 
 pytestmark = pytest.mark.unit
 

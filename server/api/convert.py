@@ -1,34 +1,30 @@
-"""Protobuf ↔ internal dataclasses, and the one mapping from internal outcomes and errors to
-gRPC status codes. Nothing here holds state or policy."""
+"""Protobuf ↔ internal dataclasses. Nothing here holds state or policy."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
 from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import Capacity, SamplingParams
+from server.api.validation import (
+    InvalidArgumentError,
+    validate_generate,
+    validate_prompt_length,
+)
+from server.executor.base import Capacity, SamplingParams, TokenLogprob
 from server.scheduler.types import (
-    DrainingError,
     Outcome,
-    QueueFullError,
     SchedEvent,
     SchedRequest,
     Tier,
     Timing,
     Usage,
-)
-from server.validation import (
-    InvalidArgumentError,
-    validate_generate,
-    validate_prompt_length,
 )
 
 if TYPE_CHECKING:
@@ -51,57 +47,6 @@ _FINISH = {
     Outcome.SHUTDOWN: pb.FINISH_REASON_CANCELLED,
 }
 TIER_TO_PB = {Tier.ONLINE: pb.TIER_ONLINE, Tier.OFFLINE: pb.TIER_OFFLINE}
-
-
-class NotFoundError(LookupError):
-    """A named object (a batch job) does not exist; the service answers NOT_FOUND."""
-
-
-class AlreadyExistsError(Exception):
-    """A key names an object that differs from the request (an idempotency key reused for
-    other requests); the service answers ALREADY_EXISTS."""
-
-
-# ---- errors and outcomes → status -------------------------------------------------------------
-
-Status = tuple[grpc.StatusCode, str]
-
-
-def status_for_exception(exc: BaseException) -> Status:
-    """The one mapping from internal errors to gRPC status codes."""
-    if isinstance(exc, InvalidArgumentError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "queue full"
-    if isinstance(exc, DrainingError):
-        return grpc.StatusCode.UNAVAILABLE, "draining: the server is shutting down"
-    if isinstance(exc, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, AlreadyExistsError):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, ValueError):
-        # The scheduler's "the engine can never run this" (e.g. prompt too long).
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
-
-
-def status_for_outcome(event: SchedEvent) -> Status | None:
-    """The error status a final event ends its request with; None for a normal finish."""
-    outcome = event.outcome
-    if outcome in (None, Outcome.STOP, Outcome.LENGTH):
-        return None
-    if outcome is Outcome.CANCELLED:
-        return grpc.StatusCode.CANCELLED, "cancelled"
-    if outcome is Outcome.DEADLINE:
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "ttft_deadline passed before the first token"
-    if outcome is Outcome.SHUTDOWN:
-        return grpc.StatusCode.UNAVAILABLE, "draining: the server stopped before it finished"
-    return grpc.StatusCode.INTERNAL, event.error or "the engine failed this request"
-
-
-def to_pb_status(status: Status) -> pb.Status:
-    code, message = status
-    return pb.Status(code=code.value[0], message=message)
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -255,6 +200,11 @@ def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> Samplin
         stop=tuple(s.stop),
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else False,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
     )
 
 
@@ -262,16 +212,23 @@ def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> Samplin
 
 
 def to_generate_response(
-    event: SchedEvent, *, client_request_id: str, model: str = ""
+    event: SchedEvent, *, client_request_id: str, model: str = "", index: int = 0
 ) -> pb.GenerateResponse:
     """One chunk; ``model`` is set by the caller on the first chunk only."""
     out = pb.GenerateResponse()
-    fill_generate_response(out, event, client_request_id=client_request_id, model=model)
+    fill_generate_response(
+        out, event, client_request_id=client_request_id, model=model, index=index
+    )
     return out
 
 
 def fill_generate_response(
-    out: pb.GenerateResponse, event: SchedEvent, *, client_request_id: str, model: str = ""
+    out: pb.GenerateResponse,
+    event: SchedEvent,
+    *,
+    client_request_id: str,
+    model: str = "",
+    index: int = 0,
 ) -> None:
     """Writes one chunk into ``out`` (an empty message, e.g. a SessionResponse's chunk).
 
@@ -293,6 +250,20 @@ def fill_generate_response(
         fill_usage(out.usage, event.usage)
     if event.timing is not None:
         fill_timing(out.timing, event.timing)
+    if index:
+        out.index = index
+    if event.logprobs:
+        fill_logprobs(out.logprobs, event.logprobs)
+    if event.prompt_logprobs is not None:
+        fill_logprobs(out.prompt_logprobs, event.prompt_logprobs)
+
+
+def fill_logprobs(out: Any, logprobs: list[TokenLogprob]) -> None:
+    """Appends to a repeated TokenLogprob field."""
+    for lp in logprobs:
+        item = out.add(token_id=lp.token_id, logprob=lp.logprob)
+        for token_id, logprob in lp.top:
+            item.top.add(token_id=token_id, logprob=logprob)
 
 
 def fill_usage(out: pb.Usage, u: Usage) -> None:

@@ -4,7 +4,6 @@ applied by the two decorators below; no method chooses a status code itself."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -15,16 +14,17 @@ from grpc.aio import AbortError
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
-from server.convert import (
+from server.api.choices import Choices
+from server.api.convert import (
     TIER_TO_PB,
     ModelRegistry,
     model_info,
     seconds_to_duration,
-    status_for_exception,
-    status_for_outcome,
     to_generate_response,
     to_sched_request,
 )
+from server.api.errors import status_for_exception, status_for_outcome
+from server.api.grpc.session import BATCH_HEADER, SessionHandler
 from server.jobs import Jobs
 from server.jobs.convert import job_to_pb
 from server.metrics import RequestMetrics
@@ -35,9 +35,7 @@ from server.scheduler.types import (
     Tier,
     TierSnapshot,
 )
-from server.session import BATCH_HEADER, SessionHandler
 from server.stats import ServerStats
-from server.streams import RequestStream, submit_to_stream
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 R = TypeVar("R")
@@ -124,24 +122,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         model = self._models.resolve(request.model)
         sched_request = to_sched_request(request, model.spec)
-        stream = RequestStream(asyncio.get_running_loop())
-        submit_to_stream(model.scheduler, sched_request, stream, self._metrics)
+        choices = Choices.submit(model.scheduler, sched_request, request.n, self._metrics)
         cid, name = request.client_request_id, model.name
         try:
-            while (event := await stream.next()) is not None:
-                status = status_for_outcome(event)
-                if status is None:
-                    yield to_generate_response(event, client_request_id=cid, model=name)
-                else:
-                    if event.token_ids:
-                        yield _tokens_only(event, cid, name)
-                    await context.abort(*status)
-                name = ""
+            while (ready := await choices.next()) is not None:
+                for index, event in ready:
+                    status = status_for_outcome(event)
+                    if status is None:
+                        yield to_generate_response(
+                            event, client_request_id=cid, model=name, index=index
+                        )
+                    else:
+                        if event.token_ids:
+                            yield _tokens_only(event, cid, name, index)
+                        await context.abort(*status)
+                    name = ""
         finally:
-            # The client went away (the task is cancelled) or the handler failed mid-stream:
-            # free the slot and KV blocks.
-            if not stream.finished and stream.request_id is not None:
-                model.scheduler.cancel(stream.request_id)
+            # The client went away (the task is cancelled), a choice failed, or the handler
+            # failed mid-stream: free every slot and KV block the request still holds.
+            if not choices.finished:
+                choices.cancel(model.scheduler)
 
     @stream_rpc
     async def Session(
@@ -203,10 +203,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise
 
 
-def _tokens_only(event: SchedEvent, cid: str, model: str) -> pb.GenerateResponse:
+def _tokens_only(event: SchedEvent, cid: str, model: str, index: int) -> pb.GenerateResponse:
     """The tokens a failing final event still carries, sent before the error status."""
     return pb.GenerateResponse(
-        token_ids=event.token_ids, text=event.text, model=model, client_request_id=cid
+        token_ids=event.token_ids, text=event.text, model=model, client_request_id=cid,
+        index=index,
     )
 
 

@@ -11,11 +11,14 @@ import math
 from collections.abc import Sequence
 
 from backfill.v1 import inference_pb2 as pb
+from server.executor.base import MAX_TOP_LOGPROBS
 
 MAX_TEMPERATURE = 100.0
 MAX_ID_CHARS = 256  # client_request_id, tenant: ids and labels, not payloads
 MAX_STOP_STRINGS = 16
 MAX_BATCH_REQUESTS = 100_000
+MAX_CHOICES = 64  # GenerateRequest.n: each choice holds a batch slot
+MAX_PENALTY = 2.0
 _PROMPT_FIELDS = "text, chat, token_ids"
 # Built once: ``EnumTypeWrapper.values()`` makes a new list on every call (once per request).
 _TIERS = frozenset(pb.Tier.values())
@@ -39,6 +42,8 @@ def validate_generate(req: pb.GenerateRequest, *, vocab_size: int, prefix: str =
             raise InvalidArgumentError(
                 f"{prefix}ttft_deadline must be positive, got {d.seconds}s {d.nanos}ns"
             )
+    if req.n > MAX_CHOICES:
+        raise InvalidArgumentError(f"{prefix}n must be in [1, {MAX_CHOICES}], got {req.n}")
     check_label(req.tenant, prefix + "tenant")
     check_label(req.client_request_id, prefix + "client_request_id")
 
@@ -123,6 +128,25 @@ def _check_sampling(s: pb.SamplingParams, vocab_size: int, prefix: str) -> None:
         if not stop:
             raise InvalidArgumentError(f"{prefix}stop[{i}] must not be empty")
     _check_ids(s.stop_token_ids, vocab_size, prefix + "stop_token_ids")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if s.HasField(name):  # type: ignore[arg-type]
+            value = getattr(s, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise InvalidArgumentError(
+                    f"{prefix}{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value:g}"
+                )
+    if s.HasField("repetition_penalty") and not (
+        math.isfinite(s.repetition_penalty) and 0.0 < s.repetition_penalty <= MAX_PENALTY
+    ):
+        raise InvalidArgumentError(
+            f"{prefix}repetition_penalty must be in (0, {MAX_PENALTY:g}], "
+            f"got {s.repetition_penalty:g}"
+        )
+    for name in ("logprobs", "prompt_logprobs"):
+        if s.HasField(name) and getattr(s, name) > MAX_TOP_LOGPROBS:  # type: ignore[arg-type]
+            raise InvalidArgumentError(
+                f"{prefix}{name} must be in [0, {MAX_TOP_LOGPROBS}], got {getattr(s, name)}"
+            )
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, name: str) -> None:

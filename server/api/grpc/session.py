@@ -11,6 +11,10 @@ as one SessionResponse whose ``batch`` holds an item per request: a full stream 
 message per write, not one per chunk. Nothing waits to fill a batch; the writer drains what is
 queued. A stream whose client never sent a batch gets one response per message, as before.
 
+A request with n > 1 choices stays open until each choice's last chunk went out (chunks name
+their choice by ``index``); a choice that fails ends the whole request with its error and
+cancels the others.
+
 Errors of one request (bad field, duplicate id, queue full) become an error SessionResponse
 for that id; the stream stays up. A client that half-closes still gets every open request's
 output; a stream that breaks (the RPC is cancelled) cancels every request it owns.
@@ -25,19 +29,18 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from backfill.v1 import inference_pb2 as pb
-from server.convert import (
+from server.api.choices import choice_requests
+from server.api.convert import (
     ModelRegistry,
     ServedModel,
-    Status,
     fill_generate_response,
-    status_for_exception,
-    status_for_outcome,
     to_sched_request,
 )
+from server.api.errors import Status, status_for_exception, status_for_outcome
+from server.api.streams import RequestStream, submit_to_stream
+from server.api.validation import InvalidArgumentError
 from server.metrics import RequestMetrics
 from server.scheduler.types import SchedEvent
-from server.streams import RequestStream, submit_to_stream
-from server.validation import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class _Open:
 
     client_request_id: str
     model: ServedModel
-    stream: RequestStream
+    streams: list[RequestStream]  # one per choice
+    open_choices: int = 0  # choices submitted whose final event has not gone out
     sent_first: bool = False
 
 
@@ -63,8 +67,9 @@ class SessionHandler:
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         self._open: dict[str, _Open] = {}
-        self._by_stream: dict[int, str] = {}  # id(RequestStream) -> client_request_id
-        self._ready: deque[str] = deque()  # ids with pending output, each at most once
+        # id(RequestStream) -> (client_request_id, choice index)
+        self._by_stream: dict[int, tuple[str, int]] = {}
+        self._ready: deque[tuple[str, int]] = deque()  # choices with pending output, once each
         self._errors: deque[tuple[str, Status]] = deque()  # requests refused at the start
         self._wake = asyncio.Event()
         self._input_done = False
@@ -122,36 +127,51 @@ class SessionHandler:
                 raise InvalidArgumentError(f"{prefix}client_request_id {cid!r} is already open")
             model = self._models.resolve(req.model, prefix)
             request = to_sched_request(req, model.spec, prefix=prefix)
-            stream = RequestStream(self._loop, self._on_ready)
-            entry = _Open(cid, model, stream)
-            self._by_stream[id(stream)] = cid
+            entry = _Open(cid, model, [])
             self._open[cid] = entry
             try:
-                submit_to_stream(model.scheduler, request, stream, self._metrics)
+                for index, choice in enumerate(choice_requests(request, req.n)):
+                    stream = RequestStream(self._loop, self._on_ready)
+                    self._by_stream[id(stream)] = (cid, index)
+                    entry.streams.append(stream)
+                    submit_to_stream(model.scheduler, choice, stream, self._metrics)
+                    entry.open_choices += 1
             except BaseException:
-                del self._open[cid], self._by_stream[id(stream)]
+                self._close(entry)
                 raise
         except Exception as exc:
             self._fail(cid, status_for_exception(exc))
+
+    def _close(self, entry: _Open) -> None:
+        """Forgets a request and cancels what it still runs (later events are ignored)."""
+        del self._open[entry.client_request_id]
+        for stream in entry.streams:
+            del self._by_stream[id(stream)]
+            if stream.request_id is not None and not stream.finished:
+                entry.model.scheduler.cancel(stream.request_id)
 
     def _cancel(self, cid: str) -> None:
         """Cancels an open request; its final response (CANCELLED) follows. Unknown ids are a
         no-op: the request may have finished while the cancel was in flight."""
         entry = self._open.get(cid)
-        if entry is not None and entry.stream.request_id is not None:
-            entry.model.scheduler.cancel(entry.stream.request_id)
+        if entry is None:
+            return
+        for stream in entry.streams:
+            if stream.request_id is not None and not stream.finished:
+                entry.model.scheduler.cancel(stream.request_id)
 
     def _cancel_all(self) -> None:
         for entry in self._open.values():
-            if entry.stream.request_id is not None and not entry.stream.finished:
-                entry.model.scheduler.cancel(entry.stream.request_id)
+            for stream in entry.streams:
+                if stream.request_id is not None and not stream.finished:
+                    entry.model.scheduler.cancel(stream.request_id)
 
     # ---- writing ---------------------------------------------------------------------------
 
     def _on_ready(self, stream: RequestStream) -> None:
-        cid = self._by_stream.get(id(stream))
-        if cid is not None:
-            self._ready.append(cid)
+        key = self._by_stream.get(id(stream))
+        if key is not None:
+            self._ready.append(key)
             self._wake.set()
 
     def _fail(self, cid: str, status: Status) -> None:
@@ -197,31 +217,38 @@ class SessionHandler:
         response.error.code = status[0].value[0]
         response.error.message = status[1]
 
-    def _fill(self, response: pb.SessionResponse, cid: str) -> bool:
-        """Writes cid's pending output into ``response``; False when there was none."""
-        taken = self._take(cid)
+    def _fill(self, response: pb.SessionResponse, key: tuple[str, int]) -> bool:
+        """Writes a choice's pending output into ``response``; False when there was none."""
+        taken = self._take(key)
         if taken is None:
             return False
         self._fill_event(response, *taken)
         return True
 
-    def _take(self, cid: str) -> tuple[_Open, SchedEvent] | None:
-        """cid's open entry and its pending output merged into one event, if any."""
+    def _take(self, key: tuple[str, int]) -> tuple[_Open, int, SchedEvent] | None:
+        """The choice's open entry, index and pending output merged into one event, if any."""
+        cid, index = key
         entry = self._open.get(cid)
         if entry is None:
             return None
-        event = entry.stream.take()
-        return None if event is None else (entry, event)
+        event = entry.streams[index].take()
+        return None if event is None else (entry, index, event)
 
-    def _fill_event(self, response: pb.SessionResponse, entry: _Open, event: SchedEvent) -> None:
+    def _fill_event(
+        self, response: pb.SessionResponse, entry: _Open, index: int, event: SchedEvent
+    ) -> None:
         cid = entry.client_request_id
         model = "" if entry.sent_first else entry.model.name
         entry.sent_first = True
         response.client_request_id = cid
         # Filled in place: building a GenerateResponse and passing it as chunk= copies it.
-        fill_generate_response(response.chunk, event, client_request_id=cid, model=model)
+        fill_generate_response(
+            response.chunk, event, client_request_id=cid, model=model, index=index
+        )
         if event.is_final:
-            del self._open[cid], self._by_stream[id(entry.stream)]
+            entry.open_choices -= 1
             status = status_for_outcome(event)
+            if status is not None or entry.open_choices == 0:
+                self._close(entry)
             if status is not None:
                 self._fill_error(response, cid, status)

@@ -16,10 +16,13 @@ import contextlib
 import weakref
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 from server.metrics import RequestMetrics
 from server.scheduler import BackfillScheduler
 from server.scheduler.types import DrainingError, QueueFullError, SchedEvent, SchedRequest
+
+T = TypeVar("T")
 
 
 def merge_events(events: list[SchedEvent]) -> SchedEvent:
@@ -38,7 +41,17 @@ def merge_events(events: list[SchedEvent]) -> SchedEvent:
         error=last.error,
         usage=last.usage,
         timing=last.timing,
+        logprobs=concat_lists([e.logprobs for e in events]),
+        prompt_logprobs=concat_lists([e.prompt_logprobs for e in events]),
     )
+
+
+def concat_lists(parts: list[list[T] | None]) -> list[T] | None:
+    """The lists of ``parts`` in order as one; None when every part is None."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else [x for p in present for x in p]
 
 
 class EventBridge:

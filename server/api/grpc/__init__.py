@@ -1,0 +1,1 @@
+"""The gRPC surface: the InferenceService servicer and its multiplexed Session streams."""

@@ -1,0 +1,123 @@
+"""The OpenAI-compatible HTTP surface: routes, and the uvicorn server that runs them on the
+gRPC server's event loop, so both surfaces submit to the same scheduler.
+
+Starlette (not FastAPI): requests are checked by the one validation the gRPC surface uses
+(server/api/validation.py, after backfill/openai_body.py reads the body), so a schema layer
+would be a second, diverging copy of those rules, and each request skips its cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.api.convert import ModelRegistry, ServedModel
+from server.api.http.batches import Batches
+from server.api.http.completions import Generation
+from server.api.http.errors import not_found
+from server.api.http.files import FileStore
+from server.jobs import Jobs
+from server.metrics import RequestMetrics
+
+log = logging.getLogger(__name__)
+
+
+def build_app(
+    models: ModelRegistry,
+    jobs: Jobs,
+    files: FileStore,
+    metrics: RequestMetrics,
+    serving: Callable[[], bool],
+) -> Starlette:
+    generation = Generation(models, metrics, serving)
+    batches = Batches(jobs, files)
+
+    async def health(request: Request) -> Response:
+        # 503 while draining, so a load balancer stops sending work before the port closes.
+        return Response(status_code=200 if serving() else 503)
+
+    async def list_models(request: Request) -> Response:
+        return _json({"object": "list", "data": [_model_json(m) for m in models]})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        found = [m for m in models if m.name == name]
+        if not found:
+            return not_found(f"model: unknown model {name!r}")
+        return _json(_model_json(found[0]))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/completions", generation.completions, methods=["POST"]),
+        Route("/v1/chat/completions", generation.chat, methods=["POST"]),
+        Route("/v1/files", batches.upload_file, methods=["POST"]),
+        Route("/v1/files", batches.list_files, methods=["GET"]),
+        Route("/v1/files/{file_id}", batches.get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", batches.delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", batches.file_content, methods=["GET"]),
+        Route("/v1/batches", batches.create_batch, methods=["POST"]),
+        Route("/v1/batches", batches.list_batches, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", batches.get_batch, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", batches.cancel_batch, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _model_json(model: ServedModel) -> dict[str, object]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "backfill",
+            "max_model_len": model.spec.capacity.max_seq_len}
+
+
+def _json(obj: dict[str, object]) -> Response:
+    return Response(json.dumps(obj), media_type="application/json")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: SIGTERM belongs to the process's drain
+    (server/__main__.py), which stops this server in its turn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """uvicorn serving ``app`` on the running loop; ``port`` is the one bound."""
+
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int) -> None:
+        self._server = server
+        self._task = task
+        self.port = port
+
+    @classmethod
+    async def start(cls, app: Starlette, host: str, port: int) -> HttpServer:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, http="httptools",
+                                lifespan="off", timeout_graceful_shutdown=1)
+        server = _Uvicorn(config)
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise OSError(f"the HTTP server on {host}:{port} did not start")
+            await asyncio.sleep(0.01)
+        return cls(server, task, sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
