@@ -26,15 +26,13 @@ import numpy as np
 from backfill.progress import progress
 from engine_builder.footprint import footprint
 from engine_builder.manifest import Manifest, ManifestError, Profile, StepCostFit
-from engine_builder.profile_steps import format_fit, measure_step_cost
+from engine_builder.profile_steps import format_fit, measure_step_cost, poll_to_end
 from engine_builder.step_cost import StepSample
 from engine_builder.usage import UsageError
 
 PROMPT_TOKENS = 8
-POLL_TIMEOUT_S = 0.05
 MIN_STEPS = 4
 WARMUP_TOKENS = 2  # tokens each sequence produces before the clock starts (first one = prefill)
-STALL_TIMEOUT_S = 300.0  # a step of the largest batch on a slow, busy CPU stays well below
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,32 +110,21 @@ def measure_batch(executor: Any, batch_size: int, steps: int, vocab_size: int,
         executor.enqueue(ExecRequest(request_id=request_id, prompt_token_ids=prompt,
                                      sampling=sampling))
     produced = dict.fromkeys(ids, 0)
-    done: set[int] = set()
     start: float | None = None
     counted = 0
-    last_progress = time.perf_counter()
-    while len(done) < batch_size:
-        deltas = executor.poll(POLL_TIMEOUT_S)
-        now = time.perf_counter()
-        if deltas:
-            last_progress = now
-        elif now - last_progress > STALL_TIMEOUT_S:
-            raise RuntimeError(f"batch {batch_size}: no tokens for {STALL_TIMEOUT_S:.0f}s")
-        for delta in deltas:
-            if delta.request_id not in produced:
-                continue
-            if delta.error:
-                raise RuntimeError(f"profile request failed: {delta.error}")
-            before = produced[delta.request_id]
-            produced[delta.request_id] = before + len(delta.token_ids)
-            if on_tokens is not None:
-                on_tokens(len(delta.token_ids))
-            if start is not None:
-                counted += len(delta.token_ids)
-            if delta.finish is not None:
-                done.add(delta.request_id)
-        if start is None and min(produced.values()) >= warmup:
-            start = now  # tokens before this instant were prefill or warm-up
+
+    def on_delta(delta: Any, now: float) -> None:
+        nonlocal start, counted
+        n = len(delta.token_ids)
+        produced[delta.request_id] += n
+        if on_tokens is not None:
+            on_tokens(n)
+        if start is not None and now > start:
+            counted += n
+        elif start is None and min(produced.values()) >= warmup:
+            start = now  # tokens polled up to this instant were prefill or warm-up
+
+    poll_to_end(executor, ids, on_delta)
     end = time.perf_counter()
     if start is None or counted == 0:
         # Everything arrived in one poll (a tiny engine outruns the poller and its deltas

@@ -9,7 +9,7 @@ prefill chunks of several sizes, alone and beside decodes, and decodes over long
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from engine_builder.manifest import Limits, StepCostFit
 from engine_builder.step_cost import StepSample, fit_samples, median, relative_errors
 
 POLL_TIMEOUT_S = 0.05
-STALL_TIMEOUT_S = 300.0
+STALL_TIMEOUT_S = 300.0  # a step of the largest batch on a slow, busy CPU stays well below
 
 
 def run_requests(
@@ -28,10 +28,17 @@ def run_requests(
     from server.executor.base import ExecRequest, SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    live = set()
     for i, prompt in enumerate(prompts):
         executor.enqueue(ExecRequest(first_id + i, prompt, sampling))
-        live.add(first_id + i)
+    poll_to_end(executor, range(first_id, first_id + len(prompts)), lambda delta, now: None)
+
+
+def poll_to_end(
+    executor: Any, ids: Iterable[int], on_delta: Callable[[Any, float], object]
+) -> None:
+    """Polls until every request of ``ids`` finished, handing each of their deltas (and the
+    time it came) to ``on_delta``; a failed request or a stall raises RuntimeError."""
+    live = set(ids)
     last = time.perf_counter()
     while live:
         deltas = executor.poll(POLL_TIMEOUT_S)
@@ -39,10 +46,13 @@ def run_requests(
         if deltas:
             last = now
         elif now - last > STALL_TIMEOUT_S:
-            raise RuntimeError(f"no tokens for {STALL_TIMEOUT_S:.0f}s while profiling steps")
+            raise RuntimeError(f"no tokens for {STALL_TIMEOUT_S:.0f}s while profiling")
         for delta in deltas:
+            if delta.request_id not in live:
+                continue
             if delta.error:
                 raise RuntimeError(f"profile request failed: {delta.error}")
+            on_delta(delta, now)
             if delta.finish is not None:
                 live.discard(delta.request_id)
 

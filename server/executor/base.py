@@ -104,9 +104,12 @@ class ExecRequest:
     # Tokens this request already generated before a preemption; see the module docstring.
     resume_token_ids: tuple[int, ...] = ()
     # Float in [0, 1], higher first (TensorRT-LLM's Request.priority). The scheduler sets it
-    # from the tier. Engines order their own queue by it; the CPU executor also lets a
-    # higher-priority prefill run without lower-priority decodes in its step.
+    # from the tier; engines order their own queue by it.
     priority: float = 0.5
+    # The scheduler's word that this request's prefill should not wait for the step in
+    # flight: an executor that can (the CPU one) runs it between that step's layers and
+    # streams its first token before the step ends. Others ignore it.
+    overtake: bool = False
 
 
 # Not frozen: one per generated token of the requests that ask (see TokenDelta).

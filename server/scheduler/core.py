@@ -15,7 +15,7 @@ from server.scheduler.budget import PassBudget
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.counters import TierCounters
 from server.scheduler.live import OUTCOME_OF, LiveRequest, Phase
-from server.scheduler.policy import TierQueues, WaitQueue, exec_priority
+from server.scheduler.policy import TierQueues, WaitQueue, exec_priority, overtakes
 from server.scheduler.slo import SloDecision, SloPlanner
 from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
 
@@ -227,7 +227,13 @@ class SchedulerCore:
         exec_id = self._next_exec_id
         self._next_exec_id += 1
         try:
-            self._executor.enqueue(seq.exec_request(exec_id, exec_priority(self._config, seq.tier)))
+            self._executor.enqueue(
+                seq.exec_request(
+                    exec_id,
+                    exec_priority(self._config, seq.tier),
+                    overtakes(self._config, seq.tier),
+                )
+            )
         except ValueError as exc:
             budget.refund(seq)
             self._finish(seq, Outcome.ERROR, error=f"executor refused the request: {exc}")

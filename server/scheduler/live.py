@@ -74,7 +74,7 @@ class LiveRequest:
             return None
         return (now - self.first_token_at) / (len(self.tokens) - 1)
 
-    def exec_request(self, exec_id: int, priority: float) -> ExecRequest:
+    def exec_request(self, exec_id: int, priority: float, overtake: bool) -> ExecRequest:
         """The executor request of the next run; resumes after the tokens already streamed."""
         return ExecRequest(
             request_id=exec_id,
@@ -82,6 +82,7 @@ class LiveRequest:
             sampling=self.request.sampling,
             resume_token_ids=tuple(self.tokens),
             priority=priority,
+            overtake=overtake,
         )
 
     def token_event(self, delta: TokenDelta) -> SchedEvent:

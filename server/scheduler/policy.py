@@ -35,6 +35,12 @@ def exec_priority(config: SchedulerConfig, tier: Tier) -> float:
     return 1.0 if tier is Tier.ONLINE else 0.0
 
 
+def overtakes(config: SchedulerConfig, tier: Tier) -> bool:
+    """Whether a request's prefill may overtake the engine's step in flight: online work under
+    backfill, so that its first token waits for no offline step."""
+    return config.policy == "backfill" and tier is Tier.ONLINE
+
+
 class WaitQueue(Protocol):
     """Requests waiting for a slot, iterated in admission order."""
 

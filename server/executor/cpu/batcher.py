@@ -72,36 +72,30 @@ class Batcher:
 
     # -- admission ------------------------------------------------------------------------
 
-    def admit(self) -> list[Sequence]:
-        """Moves waiting sequences (in queue order) into free slots while KV blocks allow.
-        Returns the sequences that can never fit the pool (none is running to free blocks):
-        the caller ends them."""
+    def admit(self, only: set[int] | None = None, extra_slots: int = 0) -> list[Sequence]:
+        """Moves waiting sequences (in queue order; with ``only``, just those ids) into free
+        slots while KV blocks allow. ``extra_slots``: slots that sequences already cancelled
+        give back when the step in flight ends, usable now. Returns the sequences that can
+        never fit the pool (none is running to free blocks): the caller ends them."""
         unfit: list[Sequence] = []
-        deferred: list[Sequence] = []  # waiting for a sibling's prefill, in queue order
-        try:
-            self._admit_into(unfit, deferred)
-        finally:
-            self.waiting.extendleft(reversed(deferred))
-        return unfit
-
-    def _admit_into(self, unfit: list[Sequence], deferred: list[Sequence]) -> None:
-        while self.waiting and len(self.running) < self.limits.max_batch_size:
-            seq = self.waiting[0]
+        for seq in [s for s in self.waiting if only is None or s.request_id in only]:
+            if len(self.running) >= self.limits.max_batch_size + extra_slots:
+                break
             if self._prompt_in_prefill(seq):
-                deferred.append(self.waiting.popleft())
-                continue
+                continue  # waits for a sibling's prefill, keeping its place in the queue
             if not self.blocks.can_allocate(len(seq.token_ids)):
                 if self.running:
-                    return  # blocks come back as running sequences finish
-                unfit.append(self.waiting.popleft())
+                    break  # blocks come back as running sequences finish
+                self.waiting.remove(seq)
+                unfit.append(seq)
                 continue
             try:
                 cached = self.blocks.allocate(
                     seq.request_id, seq.token_ids, reuse=not seq.scores_prompt
                 )
             except NoFreeBlocksError:
-                return
-            self.waiting.popleft()
+                break
+            self.waiting.remove(seq)
             seq.num_computed = cached
             seq.prefilling = True
             self.running.append(seq)
@@ -110,6 +104,7 @@ class Batcher:
                 seq.report_cached = True
                 self.num_prompt_tokens += len(seq.token_ids)
                 self.num_cached_prompt_tokens += cached
+        return unfit
 
     def _prompt_in_prefill(self, seq: Sequence) -> bool:
         """A running sequence is computing the same prompt's blocks right now: seq would find
@@ -125,12 +120,14 @@ class Batcher:
 
     # -- the step -------------------------------------------------------------------------
 
-    def schedule(self) -> list[Chunk]:
-        """The chunks of the next step: decodes first (each needs one KV slot for the token
-        sampled last), then prefill chunks by priority, within the token budget and the plan."""
+    def schedule(self, only: set[int] | None = None) -> list[Chunk]:
+        """The chunks of the next step (with ``only``, of just those ids): decodes first (each
+        needs one KV slot for the token sampled last), then prefill chunks by priority, within
+        the token budget and the plan."""
         budget = self.limits.max_num_tokens
         chunks: list[Chunk] = []
-        for seq in [s for s in self.running if s.num_pending == 1]:
+        members = [s for s in self.running if only is None or s.request_id in only]
+        for seq in [s for s in members if s.num_pending == 1]:
             if budget == 0:
                 break
             if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
@@ -139,7 +136,8 @@ class Batcher:
                 chunks.append(Chunk(seq, seq.num_computed, 1))
                 budget -= 1
         prefilling = sorted(
-            (s for s in self.running if s.num_pending > 1), key=lambda s: -s.priority
+            (s for s in members if s.num_pending > 1 and s in self.running),
+            key=lambda s: -s.priority,
         )  # stable: admission order within a priority
         for seq in prefilling:
             if budget == 0:

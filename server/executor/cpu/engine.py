@@ -3,9 +3,13 @@ prefix-cached KV pool.
 
 Each step (1) admits waiting sequences into free slots (``Batcher.admit``), (2) packs every
 decode plus prefill chunks within the token budget and the scheduler's plan
-(``Batcher.schedule``), (3) runs one packed forward pass (``ModelRunner.run``) and (4) samples,
-applies stops and frees finished sequences (``_commit``). Every step's shape and duration is
-kept as a ``StepSample`` for the step-cost model.
+(``Batcher.schedule``), (3) runs one packed forward pass (``ModelRunner.start``), a layer at a
+time, and (4) samples, applies stops and frees finished sequences (``_commit``). Every step's
+shape and duration is kept as a ``StepSample`` for the step-cost model.
+
+A step is begun and finished separately (``begin_step`` / ``finish_step``) so that its driver
+can run a second, small step between two of its layers: the prefill of requests that overtake
+it (``begin_step(only=...)``: new sequences only, disjoint from the step in flight).
 
 Single-threaded: the executor's worker thread owns an engine.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as PySequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,7 +28,7 @@ from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta
 from server.executor.cpu.batcher import Batcher
 from server.executor.cpu.logprobs import SCORE_ROWS, token_logprobs
 from server.executor.cpu.model import LlamaModel
-from server.executor.cpu.model_runner import ModelRunner, StepOutput
+from server.executor.cpu.model_runner import ModelRunner, StepOutput, StepPass
 from server.executor.cpu.sampling import sample_token
 from server.executor.cpu.sequence import Chunk, Sequence
 from server.executor.cpu.stops import OutputTracker
@@ -38,6 +42,27 @@ class EngineCounters:
     generated_tokens: int = 0
     busy_seconds: float = 0.0
     computed_tokens: int = 0  # prefill + decode tokens run through the model
+
+
+@dataclass(slots=True, eq=False)
+class StepRun:
+    """A step begun and not finished: its chunks, its shape and its forward pass."""
+
+    chunks: list[Chunk]
+    shape: StepShape
+    forward: StepPass
+    seconds: float = 0.0  # its own compute time so far (not that of steps run in between)
+    ids: set[int] = field(default_factory=set)  # the sequences it computes
+
+    @property
+    def layers_done(self) -> bool:
+        return self.forward.forward.done
+
+    def advance(self) -> None:
+        """Runs its next layer."""
+        t0 = time.perf_counter()
+        self.forward.forward.advance()
+        self.seconds += time.perf_counter() - t0
 
 
 class CpuEngine:
@@ -115,21 +140,38 @@ class CpuEngine:
     def step(self) -> bool:
         """Runs one iteration if anything can run; False when nothing could (all paused, or
         no work). Output waits in ``drain``."""
+        run = self.begin_step()
+        if run is None:
+            return False
+        self.finish_step(run)
+        return True
+
+    def begin_step(self, only: set[int] | None = None, extra_slots: int = 0) -> StepRun | None:
+        """Admits, packs and starts a step (of just the ``only`` ids: the overtaking kind,
+        which may use ``extra_slots`` that cancelled sequences give back when the step in
+        flight ends); None when nothing can run."""
         t0 = time.perf_counter()
-        for seq in self.batcher.admit():
+        for seq in self.batcher.admit(only, extra_slots):
             seq.end(FinishReason.ERROR, "prompt does not fit the KV-cache pool")
             self._finished.append(seq)
-        chunks = self.batcher.schedule()
+        chunks = self.batcher.schedule(only)
         if not chunks:
-            return False
+            return None
         shape = StepShape()
         for chunk in chunks:
             shape.add(chunk.start, chunk.num_tokens, chunk.samples)
-        output = self.runner.run(chunks)
-        self._score_prompts(chunks, output)
-        self._commit(chunks, output.logits)
-        self._count(shape, time.perf_counter() - t0)
-        return True
+        run = StepRun(chunks, shape, self.runner.start(chunks))
+        run.ids = {chunk.seq.request_id for chunk in chunks}
+        run.seconds = time.perf_counter() - t0
+        return run
+
+    def finish_step(self, run: StepRun) -> None:
+        """Runs what is left of the step, then samples and commits its output."""
+        t0 = time.perf_counter()
+        output = self.runner.finish(run.forward)
+        self._score_prompts(run.chunks, output)
+        self._commit(run.chunks, output.logits)
+        self._count(run.shape, run.seconds + time.perf_counter() - t0)
 
     def _commit(self, chunks: list[Chunk], logits: np.ndarray) -> None:
         sampled = 0

@@ -9,6 +9,12 @@ The worker owns the engine. Callers talk to it through an inbox (new requests, c
 scheduler's step plan) and an outbox of deltas and step samples, all under one lock; deltas for
 the same request coalesce in the outbox when polls are slower than steps, so a slow reader gets
 fewer, larger deltas instead of falling behind.
+
+Between two layers of every step the worker checks, without taking the lock, whether a request
+marked ``overtake`` has arrived; if one has, it runs that request's prefill as a step of its
+own right there, publishes its first token, and goes on with the step in flight. On a CPU a
+step of offline work takes hundreds of milliseconds, so this is what keeps an online request's
+time to first token close to that of an idle engine without throwing the step's work away.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from server.executor.base import (
 )
 from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads
-from server.executor.cpu.engine import CpuEngine, EngineCounters
+from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
 from server.executor.cpu.model import LlamaModel
 from server.executor.cpu.model_runner import ModelRunner
 from server.executor.cpu.weights import load_weights
@@ -61,6 +67,7 @@ class CpuExecutor:
         self._cancels: list[int] = []
         self._plan: StepPlan | None = None  # a new plan for the worker to take
         self._new_input = False  # inbox, cancels or plan changed since the worker looked
+        self._overtakers = 0  # requests in the inbox marked overtake (read without the lock)
         self._runnable = False  # the last step ran: the next may run without new input
         self._outbox: list[TokenDelta] = []
         self._samples: deque[StepSample] = deque(maxlen=STEP_SAMPLES_KEPT)
@@ -115,6 +122,7 @@ class CpuExecutor:
                 raise ValueError(f"request id {request.request_id} is already live")
             self._live.add(request.request_id)
             self._inbox.append(request)
+            self._overtakers += request.overtake
             self._wake()
 
     def cancel(self, request_id: int) -> None:
@@ -204,6 +212,7 @@ class CpuExecutor:
                 cancels, self._cancels = self._cancels, []
                 plan, self._plan = self._plan, None
                 self._new_input = False
+                self._overtakers = 0
                 self._handed_over = len(requests)
             self._runnable, deltas = self._run_step(requests, cancels, plan)
             self._publish(deltas)
@@ -225,17 +234,65 @@ class CpuExecutor:
             try:
                 if plan is not None:
                     engine.set_plan(plan)
-                for request in requests:
-                    seed = request.sampling.seed
-                    engine.add(request, secrets.randbits(64) if seed is None else seed)
+                self._add(requests)
                 for request_id in cancels:
                     engine.cancel(request_id)
-                ran = engine.step()
-                return ran, engine.drain()
+                run = engine.begin_step()
+                if run is None:
+                    return False, engine.drain()
+                while not run.layers_done:
+                    run.advance()
+                    if self._overtakers:  # a racy peek: _overtake decides under the lock
+                        self._overtake(run)
+                engine.finish_step(run)
+                return True, engine.drain() + self._late_cancels()
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
                 engine.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
                 return False, engine.drain()
+
+    def _add(self, requests: list[ExecRequest]) -> None:
+        for request in requests:
+            seed = request.sampling.seed
+            self._engine.add(request, secrets.randbits(64) if seed is None else seed)
+
+    def _overtake(self, run: StepRun) -> None:
+        """Between two layers of ``run``: the prefill of the overtaking requests that arrived
+        meanwhile, as a step of its own, and their first tokens published at once. Cancels
+        that came with them (preemptions, usually, to give them slots) land when ``run``
+        ends, but the slots they free may be taken now."""
+        engine = self._engine
+        with self._lock:
+            urgent = [r for r in self._inbox if r.overtake]
+            self._inbox = [r for r in self._inbox if not r.overtake]
+            self._overtakers = 0
+            # Sequences outside the step in flight (paused ones) can go now.
+            now = [rid for rid in self._cancels if rid not in run.ids and engine.knows(rid)]
+            self._cancels = [rid for rid in self._cancels if rid not in now]
+            leaving = sum(1 for rid in self._cancels if rid in run.ids)
+        if not urgent and not now:
+            return
+        for request_id in now:
+            engine.cancel(request_id)
+        self._add(urgent)
+        nested = engine.begin_step({r.request_id for r in urgent}, extra_slots=leaving)
+        if nested is not None:
+            engine.finish_step(nested)
+        self._publish(engine.drain())
+
+    def _late_cancels(self) -> list[TokenDelta]:
+        """Cancels that came during the step, applied at its end: an overtaking step may have
+        used their slots already. A cancel of a request still in the inbox waits for the next
+        round, which adds the inbox first (applied now it would find nothing: a zombie)."""
+        with self._lock:
+            if not self._cancels:
+                return []
+            late, self._cancels = self._cancels, []
+            self._cancels = [rid for rid in late if not self._engine.knows(rid)]
+        now = [rid for rid in late if self._engine.knows(rid)]
+        for request_id in now:
+            self._engine.cancel(request_id)
+        return self._engine.drain() if now else []
 
     def _publish(self, deltas: list[TokenDelta]) -> None:
         samples = self._engine.take_step_samples()

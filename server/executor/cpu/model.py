@@ -116,17 +116,13 @@ class LlamaModel:
     def hidden(self, batch: ForwardBatch, cache: PagedKvCache) -> np.ndarray:
         """Writes this step's K/V into the cache; returns the final normed hidden states of
         the sample rows `[num_samples, hidden]` (``lm_head`` turns them into logits)."""
-        x = self.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        for i, layer in enumerate(self.weights.layers):
-            x = self._layer(i, layer, x, cos, sin, batch, cache)
-        return rms_norm(x[batch.sample_rows], self.weights.norm, self.eps)
+        return ForwardPass(self, batch, cache).hidden()
 
     def lm_head(self, h: np.ndarray) -> np.ndarray:
         """[m, hidden] -> logits [m, vocab]."""
         return self.weights.lm_head(h)
 
-    def _layer(
+    def layer(
         self,
         index: int,
         layer: LayerWeights,
@@ -163,3 +159,40 @@ class LlamaModel:
             dec = batch.decode.rows
             out[dec] = decode_attention(q[dec], cache, index, batch.decode, self.scale)
         return out
+
+
+class ForwardPass:
+    """One step's forward pass, a layer at a time, so that whoever drives it can look for
+    work that should overtake the step between two layers (``advance``) and run that first:
+    the pass keeps its state here, and other sequences' steps touch only their own K/V slots.
+    """
+
+    def __init__(self, model: LlamaModel, batch: ForwardBatch, cache: PagedKvCache) -> None:
+        self._model = model
+        self._batch = batch
+        self._cache = cache
+        self._x = model.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
+        self._cos, self._sin = model.cos[batch.positions], model.sin[batch.positions]
+        self._next_layer = 0
+
+    @property
+    def done(self) -> bool:
+        """Every layer ran; what is left is the final norm (``hidden``)."""
+        return self._next_layer == len(self._model.weights.layers)
+
+    def advance(self) -> None:
+        """Runs the next layer."""
+        i = self._next_layer
+        layer = self._model.weights.layers[i]
+        self._x = self._model.layer(
+            i, layer, self._x, self._cos, self._sin, self._batch, self._cache
+        )
+        self._next_layer += 1
+
+    def hidden(self) -> np.ndarray:
+        """Runs the layers left; the final normed hidden states of the sample rows
+        `[num_samples, hidden]`."""
+        while not self.done:
+            self.advance()
+        model = self._model
+        return rms_norm(self._x[self._batch.sample_rows], model.weights.norm, model.eps)

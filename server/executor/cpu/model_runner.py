@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.executor.cpu.attention import DecodeGroup, PrefillSegment
-from server.executor.cpu.model import ForwardBatch, LlamaModel
+from server.executor.cpu.model import ForwardBatch, ForwardPass, LlamaModel
 from server.executor.cpu.sequence import Chunk
 from server.executor.kv import BlockManager, PagedKvCache
 
@@ -20,6 +20,15 @@ class ScoreSpan:
     chunk: int
     first: int
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepPass:
+    """A step's forward pass under way, and what ``finish`` needs to split its result."""
+
+    forward: ForwardPass
+    spans: tuple[ScoreSpan, ...]
+    num_samples: int  # rows of the chunks that sample; scored prompt rows follow them
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +50,21 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk]) -> StepOutput:
         """Writes the chunks' K/V into the cache and returns what the step's sequences need."""
+        return self.finish(self.start(chunks))
+
+    def start(self, chunks: list[Chunk]) -> StepPass:
+        """The chunks' forward pass, to run a layer at a time (``StepPass.forward``) and
+        ``finish``."""
         batch, spans = self.build_batch(chunks)
-        h = self.model.hidden(batch, self.cache)  # [num_samples + num_scored, hidden]
-        num_samples = len(batch.sample_rows) - sum(span.count for span in spans)
-        return StepOutput(self.model.lm_head(h[:num_samples]), h[num_samples:], spans)
+        return StepPass(ForwardPass(self.model, batch, self.cache), spans,
+                        len(batch.sample_rows) - sum(span.count for span in spans))
+
+    def finish(self, step: StepPass) -> StepOutput:
+        """Runs the layers left; the logits of the chunks that sample, and the hidden states
+        of the prompt positions being scored."""
+        h = step.forward.hidden()  # [num_samples + num_scored, hidden]
+        n = step.num_samples
+        return StepOutput(self.model.lm_head(h[:n]), h[n:], step.spans)
 
     def build_batch(self, chunks: list[Chunk]) -> tuple[ForwardBatch, tuple[ScoreSpan, ...]]:
         tpb = self.blocks.tokens_per_block

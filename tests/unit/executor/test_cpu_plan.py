@@ -196,3 +196,73 @@ def test_a_cancel_right_after_an_enqueue_ends_the_request_without_running(
         executor.check_integrity()
     finally:
         executor.shutdown()
+
+
+def test_an_overtaking_prefill_runs_between_the_layers_of_a_step(tiny_engine: Path) -> None:
+    """Begun, a step can pause after any layer while a second step runs the prefill of new
+    sequences; both then finish, and every output equals its solo run."""
+    engine = _engine(tiny_engine)
+    background = [_req(rid, 6, priority=0.0) for rid in (1, 2, 3)]
+    for r in background:
+        engine.add(r, seed=r.request_id)
+    engine.step()  # prefills
+    tokens = {d.request_id: list(d.token_ids) for d in engine.drain()}
+    run = engine.begin_step()
+    assert run is not None and run.ids == {1, 2, 3}
+    run.advance()
+    urgent = _req(9, 30, priority=1.0)
+    engine.add(urgent, seed=9)
+    nested = engine.begin_step({9})
+    assert nested is not None and nested.ids == {9}
+    engine.finish_step(nested)
+    first = engine.drain()
+    assert [(d.request_id, len(d.token_ids)) for d in first] == [(9, 1)]  # only its token
+    engine.finish_step(run)
+    for d in engine.drain():
+        tokens.setdefault(d.request_id, []).extend(d.token_ids)
+    tokens[9] = list(first[0].token_ids)
+    for rid, more in _run(engine).items():
+        tokens[rid].extend(more)
+    for request in [*background, urgent]:
+        assert tokens[request.request_id] == _solo(tiny_engine, request)
+    outer, inner = engine.take_step_samples()[1:3][::-1]
+    assert (outer.shape.decode_rows, inner.shape.prefill_tokens) == (3, 30)
+
+
+def test_the_executor_runs_overtaking_requests_inside_a_step(
+    tiny_engine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.executor.cpu.model import ForwardPass
+
+    executor = CpuExecutor.open(tiny_engine)
+    during_step: list[int] = []
+    original_advance = ForwardPass.advance
+    original_overtake = CpuExecutor._overtake
+    urgent = ExecRequest(99, tuple(range(10, 50)), SamplingParams(max_tokens=5, ignore_eos=True),
+                         priority=1.0, overtake=True)
+
+    def advance(self: ForwardPass) -> None:
+        original_advance(self)
+        engine = executor._engine
+        decoding = engine.running and all(not s.prefilling for s in engine.running)
+        if not during_step and decoding and 99 not in executor._live:
+            executor.enqueue(urgent)  # arrives while a step of decodes is in flight
+
+    def overtake(self: CpuExecutor, run: object) -> None:
+        before = len(self._outbox)
+        original_overtake(self, run)
+        during_step.extend(d.request_id for d in self._outbox[before:] if d.token_ids)
+
+    monkeypatch.setattr(ForwardPass, "advance", advance)
+    monkeypatch.setattr(CpuExecutor, "_overtake", overtake)
+    try:
+        background = [_req(rid, 8, priority=0.0, max_tokens=12) for rid in range(1, 5)]
+        results = collect(executor, background)
+        results.setdefault(99, Collected())
+        collect(executor, results=results)
+        assert during_step == [99]  # its first token went out from inside a step
+        for request in [*background, urgent]:
+            assert results[request.request_id].token_ids == _solo(tiny_engine, request)
+        executor.check_integrity()
+    finally:
+        executor.shutdown()

@@ -259,3 +259,15 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
         # nothing beyond the floor runs.
         assert COST.predict(base) > slo_ms / 1000 - 1e-12
         assert all(caps[s.exec_id] == 0 for s in offline_seqs[keep:])
+
+
+@pytest.mark.parametrize("policy", ["backfill", "fcfs"])
+def test_online_requests_may_overtake_a_step_in_flight_under_backfill(policy: str) -> None:
+    ex = ScriptedExecutor(SHAPE.capacity())
+    sched = BackfillScheduler(ex, SchedulerConfig(policy=policy))
+    rec = Recorder()
+    sched.submit(online((1, 2)), rec)
+    sched.submit(offline((3, 4)), rec)
+    sched.run_pass()
+    flags = {r.prompt_token_ids: r.overtake for r in ex.enqueued}
+    assert flags == {(1, 2): policy == "backfill", (3, 4): False}
