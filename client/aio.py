@@ -276,10 +276,17 @@ class AsyncClient:
     async def list_batches(
         self, *, tenant: str | None = None, limit: int = 0, after: str = ""
     ) -> list[BatchJob]:
-        """The tenant's jobs, newest first: all of them, or ``limit`` after the job ``after``."""
-        request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=limit, after=after)
-        reply = await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
-        return [_convert.job_from_pb(job) for job in reply.jobs]
+        """The tenant's jobs, newest first: all of them (``limit`` 0, read a page at a time),
+        or ``limit`` after the job ``after``."""
+        jobs: list[BatchJob] = []
+        while True:
+            want = 0 if limit == 0 else limit - len(jobs)
+            request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=want, after=after)
+            reply = await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
+            jobs += [_convert.job_from_pb(job) for job in reply.jobs]
+            if not (reply.has_more and reply.jobs) or (limit and len(jobs) >= limit):
+                return jobs
+            after = reply.jobs[-1].id
 
     async def watch(
         self, job_id: str, *, interval_s: float = 0.5, tenant: str | None = None

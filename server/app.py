@@ -19,13 +19,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from backfill.transport import message_options
+from backfill.transport import check_max_message_mb, message_options
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
 from server.api.convert import ModelRegistry, ModelSpec, ServedModel
+from server.api.grpc.guard import ReflectionGuard
 from server.api.grpc.service import InferenceServicer
 from server.api.http.app import HttpServer, build_app
 from server.api.http.files import FileStore
@@ -33,10 +34,16 @@ from server.config import ServerConfig
 from server.executor.base import Executor
 from server.jobs import JobRunner, Jobs, files_path, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
+from server.quotas import TenantQuotas
 from server.scheduler import BackfillScheduler
+from server.security.auth import Authenticator
+from server.security.keys import load_keys
+from server.security.tls import ServerTls
+from server.security.watch import FileWatcher
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
 from server.step_metrics import StepMetrics
+from server.tenant_metrics import TenantMetrics
 
 log = logging.getLogger("server")
 
@@ -53,6 +60,7 @@ GRPC_SERVER_OPTIONS = (
     ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 )
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,44 @@ def resolve_engine_dir(engine: str) -> Path:
     return Path(engine)
 
 
+@dataclass(frozen=True, slots=True)
+class Security:
+    """Authentication and TLS, and the watchers that reload their files."""
+
+    auth: Authenticator
+    tls: ServerTls | None
+    watchers: tuple[FileWatcher, ...]
+
+
+def load_security(config: ServerConfig, tenants: TenantMetrics) -> Security:
+    """Reads the keys file and the certificates (ValueError / OSError naming the file when
+    one is missing or invalid: a server that was asked for them does not start without)."""
+    watchers = []
+    ring = None
+    if config.auth_enabled:
+        path = Path(config.auth_keys)
+        ring = load_keys(path)
+        tenants.register(ring.tenant_names())
+    auth = Authenticator(ring)
+    if ring is not None:
+        def reload_keys() -> None:
+            new = load_keys(path)
+            auth.update(new)
+            tenants.register(new.tenant_names())
+
+        watchers.append(FileWatcher(f"keys file {path}", [path], reload_keys, config.reload_s))
+    files = config.tls_files()
+    tls = None if files is None else ServerTls(files)
+    if tls is not None:
+        watchers.append(FileWatcher("TLS certificate", tls.files.paths, tls.reload,
+                                    config.reload_s))
+    if not auth.enabled and config.host not in LOOPBACK_HOSTS:
+        log.warning("authentication is off and the server listens on %s: anyone who can reach "
+                    "it can use it as any tenant; give --auth-keys (and --tls-cert)",
+                    config.host)
+    return Security(auth, tls, tuple(watchers))
+
+
 class BackfillServer:
     """A running server. Build it with ``await BackfillServer.start(config)``."""
 
@@ -127,6 +173,7 @@ class BackfillServer:
         metrics: MetricsEndpoint | None,
         http: HttpServer | None = None,
         files: FileStore | None = None,
+        security: Security | None = None,
     ) -> None:
         self.config = config
         self.scheduler = scheduler
@@ -139,6 +186,7 @@ class BackfillServer:
         self._metrics = metrics
         self._http = http
         self._files = files
+        self.security = security
         self.port = port
         self.address = f"{config.host}:{port}"
         self.http_port: int | None = None if http is None else http.port
@@ -182,6 +230,8 @@ class BackfillServer:
         models = ModelRegistry([ServedModel(spec, scheduler)])
         registry = CollectorRegistry()
         request_metrics = RequestMetrics(registry)
+        tenants = TenantMetrics(registry, config.metrics_max_tenants)
+        security = await asyncio.to_thread(load_security, config, tenants)
         scheduler.set_step_observer(StepMetrics(registry).observe)
         profile = manifest.profile
         stats = ServerStatsCollector(
@@ -198,22 +248,31 @@ class BackfillServer:
         )
         jobs_config = config.jobs_config()
         store = await asyncio.to_thread(open_store, jobs_config)
+        auth = security.auth
         runner = JobRunner(store, models, request_metrics, jobs_config,
-                           asyncio.get_running_loop())
-        jobs = Jobs(store, runner, models, jobs_config)
-        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
+                           asyncio.get_running_loop(), tenants=tenants,
+                           weight=lambda tenant: auth.limits(tenant).weight)
+        quotas = TenantQuotas(runner.pending)
+        jobs = Jobs(store, runner, models, jobs_config, quotas)
+        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats, auth=auth,
+                                     quotas=quotas, tenants=tenants)
         metrics = None
         http = files = None
         try:
             await runner.start()
             if config.metrics_enabled:
                 metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
-            grpc_server, health, port = await _start_grpc(config, servicer)
+            grpc_server, health, port = await _start_grpc(config, servicer, security, tenants)
             if config.http_enabled:
                 files = FileStore(files_path(jobs_config))
                 app = build_app(models, jobs, files, request_metrics,
-                                lambda: not servicer.draining)
-                http = await HttpServer.start(app, config.host, config.http_port)
+                                lambda: not servicer.draining, auth=auth, quotas=quotas,
+                                tenants=tenants,
+                                max_body_bytes=check_max_message_mb(config.max_message_mb))
+                ssl_context = None if security.tls is None else security.tls.http_context()
+                http = await HttpServer.start(app, config.host, config.http_port, ssl_context)
+            for watcher in security.watchers:
+                watcher.start()
         except BaseException:
             if metrics is not None:
                 metrics.close()
@@ -233,6 +292,7 @@ class BackfillServer:
             metrics=metrics,
             http=http,
             files=files,
+            security=security,
         )
 
     async def _sample_forever(self) -> None:
@@ -256,6 +316,9 @@ class BackfillServer:
         self.scheduler.begin_drain()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.security is not None:
+            for watcher in self.security.watchers:
+                await watcher.close()
         log.info("draining: waiting up to %.1fs for running online requests", grace)
         unfinished = await asyncio.to_thread(self.scheduler.stop, grace)
         await self._runner.flush()  # job reads keep working until the gRPC server stops
@@ -285,11 +348,15 @@ class BackfillServer:
 
 
 async def _start_grpc(
-    config: ServerConfig, servicer: InferenceServicer
+    config: ServerConfig, servicer: InferenceServicer, security: Security,
+    tenants: TenantMetrics,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    """The gRPC server with the service, health and reflection, listening."""
+    """The gRPC server with the service, health and reflection, listening (over TLS when
+    configured)."""
+    interceptors = [ReflectionGuard(security.auth, tenants)] if security.auth.enabled else []
     grpc_server = grpc.aio.server(
-        options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb))
+        interceptors=interceptors,
+        options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb)),
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
     health = HealthServicer()
@@ -302,7 +369,11 @@ async def _start_grpc(
         ),
         grpc_server,
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if security.tls is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, security.tls.grpc_credentials())
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await grpc_server.start()
