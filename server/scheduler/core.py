@@ -248,7 +248,7 @@ class SchedulerCore:
             budget.refund(seq)
             self._finish(seq, Outcome.ERROR, error=f"executor refused the request: {exc}")
             return True
-        self._dequeue(seq)
+        self._dequeue(seq, started=True)
         seq.phase, seq.exec_id, seq.run_reported = Phase.RUNNING, exec_id, False
         seq.run_tokens = 0
         self._running[seq.id] = seq
@@ -312,8 +312,12 @@ class SchedulerCore:
 
     # ---- endings --------------------------------------------------------------------------
 
-    def _dequeue(self, seq: LiveRequest) -> None:
-        self._queues.of(seq.tier).remove(seq)
+    def _dequeue(self, seq: LiveRequest, started: bool = False) -> None:
+        queue = self._queues.of(seq.tier)
+        if started:
+            queue.take(seq)
+        else:
+            queue.remove(seq)
         del self._queued[seq.id]
         self._counters.add(seq.tier, queued=-1)
 
