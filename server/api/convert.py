@@ -18,6 +18,7 @@ from engine_builder.tokenizer import EngineTokenizer
 from server.api.validation import (
     InvalidArgumentError,
     check_duration,
+    check_label,
     validate_generate,
     validate_prompt_length,
 )
@@ -95,6 +96,7 @@ class ModelRegistry:
         self._default = models[0]
 
     def resolve(self, name: str, prefix: str = "") -> ServedModel:
+        check_label(name, prefix + "model")  # before it is echoed in an error
         if name in self.AUTO:
             return self._default
         model = self._models.get(name)
