@@ -55,7 +55,7 @@ async def vocab_size(target: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_auth", description=__doc__)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="even: each arm goes first as often")
     p.add_argument("--requests", type=int, default=10000, help="requests per Session run")
     p.add_argument("--unary-requests", type=int, default=3000)
     p.add_argument("--http-requests", type=int, default=3000)
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with scripted_server(engine, queue) as plain, scripted_server(engine, queue, str(keys)) as auth:
         args.vocab = asyncio.run(vocab_size(plain[0]))
+        warm = argparse.Namespace(**{**vars(args), "requests": 500, "unary_requests": 200,
+                                     "http_requests": 200})
+        for address, api_key in ((plain, None), (auth, key)):  # both arms warm before round 1
+            for transport in args.transports:
+                asyncio.run(one(address, transport, warm, args.max_tokens, api_key))
         for round_no in range(args.rounds):
             for transport in args.transports:
                 for max_tokens in (1, args.max_tokens):

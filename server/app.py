@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from backfill.transport import check_max_message_mb, message_options
@@ -26,7 +25,7 @@ from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
 from server.api.convert import ModelRegistry, ModelSpec, ServedModel
-from server.api.grpc.guard import ReflectionGuard
+from server.api.grpc.guard import add_reflection
 from server.api.grpc.service import InferenceServicer
 from server.api.http.app import HttpServer, build_app
 from server.api.http.files import FileStore
@@ -353,21 +352,17 @@ async def _start_grpc(
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """The gRPC server with the service, health and reflection, listening (over TLS when
     configured)."""
-    interceptors = [ReflectionGuard(security.auth, tenants)] if security.auth.enabled else []
     grpc_server = grpc.aio.server(
-        interceptors=interceptors,
         options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb)),
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
+    add_reflection(
         grpc_server,
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        security.auth,
+        tenants,
     )
     address = f"{config.host}:{config.port}"
     if security.tls is None:
