@@ -292,13 +292,14 @@ class AsyncClient:
         while True:
             want = 0 if limit == 0 else limit - len(jobs)
             request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=want, after=after)
-            reply = await self._unary(
-                lambda stub, r=request: stub.ListBatches(r, **self._call_kw())  # type: ignore[misc]
-            )
+            reply = await self._list_page(request)
             jobs += [_convert.job_from_pb(job) for job in reply.jobs]
             if not (reply.has_more and reply.jobs) or (limit and len(jobs) >= limit):
                 return jobs
             after = reply.jobs[-1].id
+
+    async def _list_page(self, request: pb.ListBatchesRequest) -> pb.ListBatchesResponse:
+        return await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
 
     async def watch(
         self, job_id: str, *, interval_s: float = 0.5, tenant: str | None = None

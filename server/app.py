@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import threading
 import time
@@ -59,7 +60,6 @@ GRPC_SERVER_OPTIONS = (
     ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 )
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +147,20 @@ def load_security(config: ServerConfig, tenants: TenantMetrics) -> Security:
     if tls is not None:
         watchers.append(FileWatcher("TLS certificate", tls.files.paths, tls.reload,
                                     config.reload_s))
-    if not auth.enabled and config.host not in LOOPBACK_HOSTS:
+    if not auth.enabled and not is_loopback(config.host):
         log.warning("authentication is off and the server listens on %s: anyone who can reach "
                     "it can use it as any tenant; give --auth-keys (and --tls-cert)",
                     config.host)
     return Security(auth, tls, tuple(watchers))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BackfillServer:

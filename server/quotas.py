@@ -83,7 +83,9 @@ class TenantQuotas:
         tenant = request.tenant
         cost = len(request.prompt_token_ids) + request.sampling.max_tokens if tpm else 0
         with self._lock:
-            usage = self._usage.setdefault(tenant, _Usage())
+            usage = self._usage.get(tenant)
+            if usage is None:
+                usage = self._usage[tenant] = _Usage()
             held = usage.online if online else usage.offline
             if not online:
                 held += self._job_pending(tenant)

@@ -50,7 +50,7 @@ def validate_generate(
     req: pb.GenerateRequest, *, vocab_size: int, max_seq_len: int, prefix: str = ""
 ) -> None:
     """Every field of one GenerateRequest that can be checked without the tokenizer."""
-    _check_prompt(req, vocab_size, max_seq_len * MAX_PROMPT_BYTES_PER_TOKEN, prefix)
+    _check_prompt(req, vocab_size, max_seq_len, prefix)
     if req.HasField("sampling"):
         _check_sampling(req.sampling, vocab_size, prefix + "sampling.")
     if req.tier not in _TIERS:
@@ -115,8 +115,9 @@ def validate_batch(req: pb.SubmitBatchRequest, *, vocab_size: int, max_seq_len: 
 
 
 def _check_prompt(
-    req: pb.GenerateRequest, vocab_size: int, max_bytes: int, prefix: str
+    req: pb.GenerateRequest, vocab_size: int, max_seq_len: int, prefix: str
 ) -> None:
+    max_bytes = max_seq_len * MAX_PROMPT_BYTES_PER_TOKEN
     which = req.WhichOneof("prompt")
     if which is None:
         raise InvalidArgumentError(f"{prefix}prompt: exactly one of {_PROMPT_FIELDS} must be set")
@@ -130,6 +131,7 @@ def _check_prompt(
         ids = req.token_ids.ids
         if not ids:
             raise InvalidArgumentError(f"{prefix}token_ids.ids must not be empty")
+        validate_prompt_length(len(ids), max_seq_len=max_seq_len, prefix=prefix)  # scan after
         _check_ids(ids, vocab_size, prefix + "token_ids.ids")
 
 

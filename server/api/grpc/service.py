@@ -180,7 +180,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request_iterator: AsyncIterable[pb.SessionRequest], context: Context, caller: Caller
     ) -> AsyncIterator[pb.SessionResponse]:
         await context.send_initial_metadata((BATCH_HEADER,))
-        handler = SessionHandler(self._models, self._admission(caller), caller)
+        handler = SessionHandler(self._models, self._admission(caller), caller, self._auth,
+                                 functools.partial(self.caller, context))
         async for response in handler.run(request_iterator):
             yield response
 

@@ -30,9 +30,10 @@ meanwhile ends it with CANCELLED).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -52,7 +53,7 @@ from server.api.identity import tenant_for
 from server.api.streams import Admission, RequestStream, submit_to_stream
 from server.api.validation import InvalidArgumentError
 from server.scheduler.types import SchedEvent, SchedRequest
-from server.security.auth import Caller
+from server.security.auth import Authenticator, Caller
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,24 @@ class _Open:
 class SessionHandler:
     """Serves one Session call; ``run`` is the servicer's response iterator."""
 
-    def __init__(self, models: ModelRegistry, admission: Admission, caller: Caller) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        admission: Admission,
+        caller: Caller,
+        auth: Authenticator | None = None,
+        reauthenticate: Callable[[], Caller] | None = None,
+    ) -> None:
+        """A stream outlives reloads of the keys file: when ``auth``'s file changed since the
+        stream's credentials were last checked, the next request checks them again with
+        ``reauthenticate`` (a revoked key's new requests are UNAUTHENTICATED; its running
+        ones go on; new limits apply)."""
         self._models = models
         self._admission = admission
         self._caller = caller
+        self._auth = auth
+        self._reauthenticate = reauthenticate
+        self._keys = None if auth is None else auth.ring
         self._loop = asyncio.get_running_loop()
         self._open: dict[str, _Open] = {}
         # id(RequestStream) -> (client_request_id, choice index)
@@ -143,6 +158,7 @@ class SessionHandler:
                     f"{prefix}client_request_id {cid!r} was already open: a Session's open "
                     "requests need distinct ids, and both requests end here"
                 )
+            self._check_credentials()
             model = self._models.resolve(req.model, prefix)
             tenant = tenant_for(self._caller, req.tenant, prefix + "tenant")
             entry = _Open(cid, model, [])
@@ -156,6 +172,14 @@ class SessionHandler:
             self._submit(entry, request, req.n)
         except Exception as exc:
             self._fail(cid, status_for_exception(exc))
+
+    def _check_credentials(self) -> None:
+        if self._auth is None or self._reauthenticate is None or self._auth.ring is self._keys:
+            return
+        keys = self._auth.ring
+        self._caller = self._reauthenticate()  # raises for credentials no longer valid
+        self._keys = keys
+        self._admission = dataclasses.replace(self._admission, limits=self._caller.limits)
 
     async def _prepare(
         self, entry: _Open, req: pb.GenerateRequest, prefix: str, tenant: str

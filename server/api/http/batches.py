@@ -24,7 +24,7 @@ from server.api.http.body import read_json
 from server.api.http.errors import exception_response, invalid, not_found
 from server.api.http.files import FileRecord, FileStore
 from server.api.identity import tenant_for
-from server.api.validation import check_labels
+from server.api.validation import check_label, check_labels
 from server.jobs import Jobs
 from server.jobs.store import JobRecord, JobState
 
@@ -65,6 +65,7 @@ class Batches:
                     return invalid("file: a multipart file field is required")
                 if purpose != "batch":
                     return invalid(f"purpose: only 'batch' is supported, got {purpose!r}")
+                check_label(upload.filename or "", "file.filename")
                 source = upload.file
                 record = await asyncio.to_thread(
                     self._files.create, tenant, upload.filename or "upload.jsonl", "batch",

@@ -225,3 +225,28 @@ def test_a_server_asked_for_keys_does_not_start_without_them(tmp_path: Path) -> 
     bad.write_text('{"keys": 3}')
     with pytest.raises(ValueError, match="keys must be a list"):
         load_security(ServerConfig(auth_keys=str(bad)), TenantMetrics(None))
+
+
+async def test_a_revoked_key_cannot_start_requests_on_a_stream_it_opened(
+    server: BackfillServer, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.json"
+    outbox: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+
+    async def messages():  # type: ignore[no-untyped-def]
+        while (message := await outbox.get()) is not None:
+            yield message
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).Session(messages(), metadata=bearer(KEY_B))
+        await outbox.put(pb.SessionRequest(generate=request(client_request_id="before")))
+        while not (await call.read()).chunk.finish_reason:
+            pass
+        write_keys(keys, keys=((KEY_A, "a"),))  # b revoked while its stream is open
+        await _eventually(lambda: status_of(pb_grpc.InferenceServiceStub(channel).ListModels(
+            pb.ListModelsRequest(), metadata=bearer(KEY_B))), UNAUTH)
+        await outbox.put(pb.SessionRequest(generate=request(client_request_id="after")))
+        reply = await call.read()
+        await outbox.put(None)
+        assert reply.client_request_id == "after"
+        assert reply.error.code == UNAUTH.value[0]
