@@ -146,14 +146,20 @@ def _served_serial(port: int, ca: Ca) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-async def test_a_renewed_certificate_is_served_without_a_restart(
-    make_server: MakeServer, ca: Ca, server_cert: Issued, tmp_path: Path
-) -> None:
+def _live_copy(issued: Issued, tmp_path: Path) -> tuple[Path, Path]:
+    """The certificate and key copied where the test can replace them, as a renewal does."""
     live = tmp_path / "live"
     live.mkdir()
     cert, key = live / "server.crt", live / "server.key"
-    shutil.copy(server_cert.cert, cert)
-    shutil.copy(server_cert.key, key)
+    shutil.copy(issued.cert, cert)
+    shutil.copy(issued.key, key)
+    return cert, key
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(
+    make_server: MakeServer, ca: Ca, server_cert: Issued, tmp_path: Path
+) -> None:
+    cert, key = _live_copy(server_cert, tmp_path)
     server = await make_server(tls_cert=str(cert), tls_key=str(key), http_port=0, reload_s=0.05)
     assert server.http_port is not None
     ports = (server.port, server.http_port)
@@ -175,11 +181,7 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
 async def test_an_invalid_certificate_file_keeps_the_one_in_use(
     make_server: MakeServer, ca: Ca, server_cert: Issued, tmp_path: Path
 ) -> None:
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = live / "server.crt", live / "server.key"
-    shutil.copy(server_cert.cert, cert)
-    shutil.copy(server_cert.key, key)
+    cert, key = _live_copy(server_cert, tmp_path)
     server = await make_server(tls_cert=str(cert), tls_key=str(key), reload_s=0.05)
     other = issue(ca, tmp_path, "other")
     shutil.copy(other.cert, cert)  # its key never comes: the pair does not match
