@@ -8,15 +8,15 @@ mTLS) from PEM files, and an API key sent as ``authorization: Bearer <key>``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import warnings
 from pathlib import Path
 
 import grpc
 
+from backfill.transport import is_loopback_host
+
 PathLike = str | os.PathLike[str]
-LOOPBACK_NAMES = ("localhost",)
 
 
 def tls_credentials(
@@ -57,11 +57,11 @@ def warn_if_plaintext_key(target: str, secure: bool) -> None:
 
 
 def is_loopback(target: str) -> bool:
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    host = host.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether a channel target (``host:port``, ``[::1]:port``, ``dns:///host:port``) is
+    this machine."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+        host = host.split(":", 1)[0]
+    return is_loopback_host(host)

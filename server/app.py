@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import threading
 import time
@@ -36,10 +35,7 @@ from server.jobs import JobRunner, Jobs, files_path, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
 from server.quotas import TenantQuotas
 from server.scheduler import BackfillScheduler
-from server.security.auth import Authenticator
-from server.security.keys import load_keys
-from server.security.tls import ServerTls
-from server.security.watch import FileWatcher
+from server.security.setup import Security, load_security
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
 from server.step_metrics import StepMetrics
@@ -114,53 +110,6 @@ def resolve_engine_dir(engine: str) -> Path:
 
         return ensure_default_engine()
     return Path(engine)
-
-
-@dataclass(frozen=True, slots=True)
-class Security:
-    """Authentication and TLS, and the watchers that reload their files."""
-
-    auth: Authenticator
-    tls: ServerTls | None
-    watchers: tuple[FileWatcher, ...]
-
-
-def load_security(config: ServerConfig, tenants: TenantMetrics) -> Security:
-    """Reads the keys file and the certificates (ValueError / OSError naming the file when
-    one is missing or invalid: a server that was asked for them does not start without)."""
-    watchers = []
-    ring = None
-    if config.auth_enabled:
-        path = Path(config.auth_keys)
-        ring = load_keys(path)
-        tenants.register(ring.tenant_names())
-    auth = Authenticator(ring)
-    if ring is not None:
-        def reload_keys() -> None:
-            new = load_keys(path)
-            auth.update(new)
-            tenants.register(new.tenant_names())
-
-        watchers.append(FileWatcher(f"keys file {path}", [path], reload_keys, config.reload_s))
-    files = config.tls_files()
-    tls = None if files is None else ServerTls(files)
-    if tls is not None:
-        watchers.append(FileWatcher("TLS certificate", tls.files.paths, tls.reload,
-                                    config.reload_s))
-    if not auth.enabled and not is_loopback(config.host):
-        log.warning("authentication is off and the server listens on %s: anyone who can reach "
-                    "it can use it as any tenant; give --auth-keys (and --tls-cert)",
-                    config.host)
-    return Security(auth, tls, tuple(watchers))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BackfillServer:

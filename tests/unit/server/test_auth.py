@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
-from server.app import BackfillServer, load_security
+from server.app import BackfillServer
 from server.config import ServerConfig
 from server.security.keys import TenantLimits
+from server.security.setup import load_security
 from server.tenant_metrics import TenantMetrics
 from tests.unit.server.conftest import MakeServer, scrape
 from tests.unit.server.tenants import (
