@@ -11,6 +11,8 @@ SDK: ``max_message_mb=``; CLI: ``--max-message-mb``).
 
 from __future__ import annotations
 
+import ipaddress
+
 DEFAULT_MAX_MESSAGE_MB = 64
 MAX_MESSAGE_MB_LIMIT = 2047  # gRPC's lengths are signed 32-bit byte counts
 
@@ -31,3 +33,14 @@ def message_options(max_message_mb: int) -> tuple[tuple[str, int], ...]:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (what only local processes
+    reach): ``localhost``, 127.0.0.0/8, ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -101,6 +101,7 @@ async def flood(
     *,
     executor: str = "",
     server_pid: int | None = None,
+    api_key: str | None = None,
 ) -> FloodResult:
     """``in_flight`` workers send ``requests`` requests back to back; counts streamed tokens."""
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -121,8 +122,9 @@ async def flood(
 
     if transport == "http":
         return await http_flood(target, requests, max_tokens, in_flight, vocab,
-                                executor=executor, server_pid=server_pid)
-    async with AsyncClient(target, transport=transport) as client:  # type: ignore[arg-type]
+                                executor=executor, server_pid=server_pid, api_key=api_key)
+    async with AsyncClient(target, transport=transport,  # type: ignore[arg-type]
+                           api_key=api_key) as client:
         await client.complete(token_ids=[1, 2], sampling=sampling)  # connect, open the stream
         start = time.perf_counter()
         server_cpu, client_cpu = process_cpu_s(server_pid), time.process_time()
@@ -143,6 +145,7 @@ async def http_flood(
     *,
     executor: str = "",
     server_pid: int | None = None,
+    api_key: str | None = None,
 ) -> FloodResult:
     """The same flood over HTTP: ``target`` is the server's HTTP address."""
     remaining = requests
@@ -153,7 +156,7 @@ async def http_flood(
         body = {"prompt": [1 + (seed * 7 + i) % (vocab - 1) for i in range(4)],
                 "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
-        connection = await HttpConnection.open(target)
+        connection = await HttpConnection.open(target, api_key)
         try:
             while remaining > 0:
                 remaining -= 1
@@ -164,7 +167,7 @@ async def http_flood(
         finally:
             connection.close()
 
-    warm = await HttpConnection.open(target)
+    warm = await HttpConnection.open(target, api_key)
     await warm.stream_completion({"prompt": [1, 2], "max_tokens": 1, "stream": True})
     warm.close()
     start = time.perf_counter()
@@ -185,12 +188,13 @@ def build_engine(slots: int) -> Path:
 
 
 @contextmanager
-def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, str, int]]:
+def scripted_server(engine: Path, queue: int, auth_keys: str = ""
+                    ) -> Iterator[tuple[str, str, int]]:
     """A server process whose executor is the ScriptedExecutor; yields (gRPC address, HTTP
-    address, pid)."""
+    address, pid). ``auth_keys``: a keys file (authentication on)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_frontend", "--serve-scripted", str(engine),
-         "--max-online-queue", str(queue)],
+         "--max-online-queue", str(queue), "--auth-keys", auth_keys],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
@@ -204,7 +208,7 @@ def scripted_server(engine: Path, queue: int) -> Iterator[tuple[str, str, int]]:
         proc.wait()
 
 
-def serve_scripted(engine: Path, queue: int) -> int:
+def serve_scripted(engine: Path, queue: int, auth_keys: str = "") -> int:
     """The server side of ``scripted_server``: serves until SIGTERM."""
     from engine_builder.manifest import Manifest
     from server.app import BackfillServer
@@ -225,7 +229,8 @@ def serve_scripted(engine: Path, queue: int) -> int:
 
     async def serve() -> None:
         config = ServerConfig(engine=str(engine), port=0, metrics_port=-1, http_port=0,
-                              max_online_queue=queue, job_store=":memory:")
+                              max_online_queue=queue, job_store=":memory:",
+                              auth_keys=auth_keys)
         server = await BackfillServer.start(config, executor=ScriptedExecutor(capacity))
         print(f"listening on {server.address}", flush=True)
         print(f"http on {server.http_address}", flush=True)
@@ -307,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default=None)
     p.add_argument("--serve-scripted", default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-online-queue", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--auth-keys", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     queue = max(1024, 2 * args.in_flight)
     if args.serve_scripted:
-        return serve_scripted(Path(args.serve_scripted), args.max_online_queue or queue)
+        return serve_scripted(Path(args.serve_scripted), args.max_online_queue or queue,
+                              args.auth_keys)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; client and server in separate processes")
     results: list[FloodResult] = []

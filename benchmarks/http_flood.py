@@ -16,23 +16,24 @@ class HttpConnection:
     """One keep-alive connection; ``stream_completion`` sends a request and reads its SSE."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 host: str) -> None:
+                 host: str, api_key: str | None = None) -> None:
         self._reader = reader
         self._writer = writer
         self._host = host
+        self._auth = b"" if not api_key else f"Authorization: Bearer {api_key}\r\n".encode()
 
     @classmethod
-    async def open(cls, address: str) -> HttpConnection:
+    async def open(cls, address: str, api_key: str | None = None) -> HttpConnection:
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
-        return cls(reader, writer, host)
+        return cls(reader, writer, host, api_key)
 
     async def stream_completion(self, body: dict[str, object]) -> tuple[int, int, int]:
         """(HTTP status, completion tokens per the usage event, SSE events with choices)."""
         data = json.dumps(body).encode()
         self._writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: " + self._host.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            b"POST /v1/completions HTTP/1.1\r\nHost: " + self._host.encode() + b"\r\n"
+            + self._auth + b"Content-Type: application/json\r\nContent-Length: "
             + str(len(data)).encode() + b"\r\n\r\n" + data
         )
         status, payload = await self._response()

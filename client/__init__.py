@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from client._stream import GenerationStream
 from client.aio import AsyncClient
+from client.credentials import tls_credentials
 from client.errors import (
     AlreadyExists,
     BackfillError,
@@ -82,4 +83,5 @@ __all__ = [
     "Unimplemented",
     "Usage",
     "error_from_status",
+    "tls_credentials",
 ]

@@ -39,6 +39,7 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from client import _convert
 from client._session import Session, Source, UnarySource
 from client._stream import GenerationStream, backoff_delay
+from client.credentials import api_key_metadata, warn_if_plaintext_key
 from client.errors import BackfillError, error_from_rpc
 from client.jobs import RequestLike, file_chunks, request_chunks
 from client.types import (
@@ -68,6 +69,11 @@ class AsyncClient:
     gRPC message sent or received: keep it equal to the server's ``--max-message-mb`` (both
     default to 64; batch jobs upload in pieces well below it). ``tenant`` is the default owner
     of batch jobs: a job is visible to its own tenant only.
+
+    Security: ``credentials`` (e.g. ``client.tls_credentials(ca=..., cert=..., key=...)``)
+    makes the channel TLS (mTLS with a client certificate); ``api_key`` is sent as
+    ``authorization: Bearer <key>`` on every call to a server with ``--auth-keys``, which then
+    takes the tenant from the key (``tenant`` may be left empty).
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, object]] = (),
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         tenant: str = "",
+        api_key: str | None = None,
     ) -> None:
         if transport not in ("session", "unary"):
             raise ValueError(f"transport must be 'session' or 'unary', got {transport!r}")
@@ -96,6 +103,9 @@ class AsyncClient:
         self._max_retries = max_retries
         self._backoff_s = retry_backoff_s
         self._metadata = tuple(metadata)
+        if api_key:
+            warn_if_plaintext_key(target, credentials is not None)
+            self._metadata += api_key_metadata(api_key)
         self._options = (*message_options(max_message_mb), *channel_options)
         self._max_message_bytes = check_max_message_mb(max_message_mb)
         self._channel: grpc.aio.Channel | None = None
@@ -276,10 +286,20 @@ class AsyncClient:
     async def list_batches(
         self, *, tenant: str | None = None, limit: int = 0, after: str = ""
     ) -> list[BatchJob]:
-        """The tenant's jobs, newest first: all of them, or ``limit`` after the job ``after``."""
-        request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=limit, after=after)
-        reply = await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
-        return [_convert.job_from_pb(job) for job in reply.jobs]
+        """The tenant's jobs, newest first: all of them (``limit`` 0, read a page at a time),
+        or ``limit`` after the job ``after``."""
+        jobs: list[BatchJob] = []
+        while True:
+            want = 0 if limit == 0 else limit - len(jobs)
+            request = pb.ListBatchesRequest(tenant=self._tenant(tenant), limit=want, after=after)
+            reply = await self._list_page(request)
+            jobs += [_convert.job_from_pb(job) for job in reply.jobs]
+            if not (reply.has_more and reply.jobs) or (limit and len(jobs) >= limit):
+                return jobs
+            after = reply.jobs[-1].id
+
+    async def _list_page(self, request: pb.ListBatchesRequest) -> pb.ListBatchesResponse:
+        return await self._unary(lambda stub: stub.ListBatches(request, **self._call_kw()))
 
     async def watch(
         self, job_id: str, *, interval_s: float = 0.5, tenant: str | None = None

@@ -9,8 +9,9 @@
     python -m client models | stats
     python -m client bench --time-scale 10 --duration 30 --offline-backlog 200   # [--trace CSV]
 
-``--target`` defaults to ``$BACKFILL_TARGET``, else ``127.0.0.1:50051``. Exit status: 0 ok,
-1 the server answered an error, 2 bad usage or input.
+``--target`` defaults to ``$BACKFILL_TARGET``, else ``127.0.0.1:50051``; ``--api-key`` to
+``$BACKFILL_API_KEY``; ``--tls``, ``--tls-ca``, ``--tls-cert`` / ``--tls-key`` (mTLS) secure
+the channel. Exit status: 0 ok, 1 the server answered an error, 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from backfill.progress import progress
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB
 from client.aio import AsyncClient
 from client.batch_io import ResultFiles, errors_path_for, parse_window, upload_progress
 from client.bench.command import add_bench_arguments, run_bench
+from client.credentials import cli_credentials
 from client.errors import BackfillError
 from client.jobs import result_line
 from client.types import BatchJob, Chunk, JobState, SamplingParams, Tier
@@ -39,9 +39,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _client(args: argparse.Namespace) -> AsyncClient:
-    credentials = grpc.ssl_channel_credentials() if args.tls else None
+    credentials = cli_credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key)
     return AsyncClient(args.target, credentials=credentials, timeout=args.timeout,
-                       max_message_mb=args.max_message_mb, tenant=getattr(args, "tenant", ""))
+                       max_message_mb=args.max_message_mb, tenant=getattr(args, "tenant", ""),
+                       api_key=args.api_key or None)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -249,7 +250,15 @@ async def _stats(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("BACKFILL_TARGET", DEFAULT_TARGET))
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS (with the system's root CAs unless --tls-ca)")
+    parser.add_argument("--tls-ca", default=None,
+                        help="PEM CA certificates to trust (implies --tls)")
+    parser.add_argument("--tls-cert", default=None,
+                        help="PEM client certificate, for a server that requires one (mTLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--api-key", default=os.environ.get("BACKFILL_API_KEY", ""),
+                        help="API key of a server with --auth-keys (default: $BACKFILL_API_KEY)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
                         help="largest gRPC message sent or received, in MiB; keep it equal to "

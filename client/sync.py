@@ -126,6 +126,7 @@ class Client:
         channel_options: Sequence[tuple[str, object]] = (),
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         tenant: str = "",
+        api_key: str | None = None,
     ) -> None:
         self._loop = _Loop()
         self._async = AsyncClient(
@@ -139,6 +140,7 @@ class Client:
             channel_options=channel_options,
             max_message_mb=max_message_mb,
             tenant=tenant,
+            api_key=api_key,
         )
 
     def __enter__(self) -> Client:

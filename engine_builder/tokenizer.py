@@ -26,6 +26,9 @@ from tokenizers import Tokenizer
 
 from engine_builder.manifest import Manifest
 
+# Texts at least this long are encoded with the GIL released (see EngineTokenizer._encode).
+GIL_FREE_ENCODE_CHARS = 2048
+
 
 @lru_cache(maxsize=1)
 def byte_level_alphabet() -> dict[int, str]:
@@ -88,7 +91,7 @@ class EngineTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of text, special-token strings included as control ids; BOS first if add_bos."""
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text)
         if self.add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -112,7 +115,15 @@ class EngineTokenizer:
                     add_generation_prompt: bool = True) -> list[int]:
         """Render then encode. No BOS is added: templates that want one write ``bos_token``."""
         text = self.render_chat(messages, add_generation_prompt)
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        # ``Tokenizer.encode`` holds the GIL throughout (seconds for megabytes of text, every
+        # other thread stalled); ``encode_batch`` releases it, so a long text is encoded as a
+        # batch of one and other threads (a server's event loop) keep running meanwhile.
+        if len(text) < GIL_FREE_ENCODE_CHARS:
+            return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def _token_text(self, token_id: int | None) -> str:
         if token_id is None:

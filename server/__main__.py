@@ -1,5 +1,6 @@
 """``python -m server``: serve an engine over gRPC (and HTTP with ``--http-port``) until
-SIGTERM / SIGINT, then drain.
+SIGTERM / SIGINT, then drain. ``python -m server keys ...`` manages the keys file of
+``--auth-keys`` (server/security/keys_cli.py).
 
 Prints ``listening on HOST:PORT`` on stdout once the port is bound (a parent that passed
 ``--port 0`` reads the real port from it); everything else is logged on stderr.
@@ -50,10 +51,15 @@ async def serve(config: ServerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["keys"]:
+        from server.security import keys_cli
+
+        return keys_cli.main(args[1:])
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    config = parse_args(argv)
+    config = parse_args(args)
     return asyncio.run(serve(config))
 
 

@@ -16,16 +16,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from backfill.transport import message_options
+from backfill.transport import check_max_message_mb, message_options
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
 from server.api.convert import ModelRegistry, ModelSpec, ServedModel
+from server.api.grpc.guard import add_reflection
 from server.api.grpc.service import InferenceServicer
 from server.api.http.app import HttpServer, build_app
 from server.api.http.files import FileStore
@@ -33,10 +33,13 @@ from server.config import ServerConfig
 from server.executor.base import Executor
 from server.jobs import JobRunner, Jobs, files_path, open_store
 from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
+from server.quotas import TenantQuotas
 from server.scheduler import BackfillScheduler
+from server.security.setup import Security, load_security
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
 from server.stats import ServerStatsCollector
 from server.step_metrics import StepMetrics
+from server.tenant_metrics import TenantMetrics
 
 log = logging.getLogger("server")
 
@@ -127,6 +130,7 @@ class BackfillServer:
         metrics: MetricsEndpoint | None,
         http: HttpServer | None = None,
         files: FileStore | None = None,
+        security: Security | None = None,
     ) -> None:
         self.config = config
         self.scheduler = scheduler
@@ -139,6 +143,7 @@ class BackfillServer:
         self._metrics = metrics
         self._http = http
         self._files = files
+        self.security = security
         self.port = port
         self.address = f"{config.host}:{port}"
         self.http_port: int | None = None if http is None else http.port
@@ -182,6 +187,8 @@ class BackfillServer:
         models = ModelRegistry([ServedModel(spec, scheduler)])
         registry = CollectorRegistry()
         request_metrics = RequestMetrics(registry)
+        tenants = TenantMetrics(registry, config.metrics_max_tenants)
+        security = await asyncio.to_thread(load_security, config, tenants)
         scheduler.set_step_observer(StepMetrics(registry).observe)
         profile = manifest.profile
         stats = ServerStatsCollector(
@@ -198,22 +205,31 @@ class BackfillServer:
         )
         jobs_config = config.jobs_config()
         store = await asyncio.to_thread(open_store, jobs_config)
+        auth = security.auth
         runner = JobRunner(store, models, request_metrics, jobs_config,
-                           asyncio.get_running_loop())
-        jobs = Jobs(store, runner, models, jobs_config)
-        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats)
+                           asyncio.get_running_loop(), tenants=tenants,
+                           weight=lambda tenant: auth.limits(tenant).weight)
+        quotas = TenantQuotas(runner.pending)
+        jobs = Jobs(store, runner, models, jobs_config, quotas)
+        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats, auth=auth,
+                                     quotas=quotas, tenants=tenants)
         metrics = None
         http = files = None
         try:
             await runner.start()
             if config.metrics_enabled:
                 metrics = MetricsEndpoint(registry, config.host, config.metrics_port)
-            grpc_server, health, port = await _start_grpc(config, servicer)
+            grpc_server, health, port = await _start_grpc(config, servicer, security, tenants)
             if config.http_enabled:
                 files = FileStore(files_path(jobs_config))
                 app = build_app(models, jobs, files, request_metrics,
-                                lambda: not servicer.draining)
-                http = await HttpServer.start(app, config.host, config.http_port)
+                                lambda: not servicer.draining, auth=auth, quotas=quotas,
+                                tenants=tenants,
+                                max_body_bytes=check_max_message_mb(config.max_message_mb))
+                ssl_context = None if security.tls is None else security.tls.http_context()
+                http = await HttpServer.start(app, config.host, config.http_port, ssl_context)
+            for watcher in security.watchers:
+                watcher.start()
         except BaseException:
             if metrics is not None:
                 metrics.close()
@@ -233,6 +249,7 @@ class BackfillServer:
             metrics=metrics,
             http=http,
             files=files,
+            security=security,
         )
 
     async def _sample_forever(self) -> None:
@@ -256,6 +273,9 @@ class BackfillServer:
         self.scheduler.begin_drain()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.security is not None:
+            for watcher in self.security.watchers:
+                await watcher.close()
         log.info("draining: waiting up to %.1fs for running online requests", grace)
         unfinished = await asyncio.to_thread(self.scheduler.stop, grace)
         await self._runner.flush()  # job reads keep working until the gRPC server stops
@@ -285,24 +305,28 @@ class BackfillServer:
 
 
 async def _start_grpc(
-    config: ServerConfig, servicer: InferenceServicer
+    config: ServerConfig, servicer: InferenceServicer, security: Security,
+    tenants: TenantMetrics,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    """The gRPC server with the service, health and reflection, listening."""
+    """The gRPC server with the service, health and reflection, listening (over TLS when
+    configured)."""
     grpc_server = grpc.aio.server(
-        options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb))
+        options=(*GRPC_SERVER_OPTIONS, *message_options(config.max_message_mb)),
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, grpc_server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
+    add_reflection(
         grpc_server,
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        security.auth,
+        tenants,
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if security.tls is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, security.tls.grpc_credentials())
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await grpc_server.start()

@@ -7,11 +7,14 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
 from server.jobs.config import JobsConfig
 from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
+from server.security.tls import TlsFiles
+from server.tenant_metrics import DEFAULT_MAX_TENANTS
 
 # The scheduler's and the job store's knobs are flat fields here (one flag each) whose defaults
 # and validation come from their own configs, so they exist once.
@@ -49,6 +52,16 @@ class ServerConfig:
     job_completion_window_s: float = _JOBS.completion_window_s
     job_retention_s: float = _JOBS.retention_s
     job_flush_ms: float = _JOBS.flush_ms
+    # TLS (both surfaces) from PEM files; with tls_client_ca, clients must present a
+    # certificate signed by it (mTLS). All "" = plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # The keys file (server/security/keys.py); set = authentication on: every call but
+    # health needs an API key or a mapped client certificate, whose tenant it acts for.
+    auth_keys: str = ""
+    reload_s: float = 2.0  # how often the keys and certificate files are checked for changes
+    metrics_max_tenants: int = DEFAULT_MAX_TENANTS  # tenants with a metrics label of their own
 
     def __post_init__(self) -> None:
         if not self.engine:
@@ -73,6 +86,14 @@ class ServerConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a number of milliseconds, 0 or < 0")
         check_max_message_mb(self.max_message_mb)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if not (math.isfinite(self.reload_s) and self.reload_s > 0):
+            raise ValueError(f"reload_s must be > 0, got {self.reload_s}")
+        if self.metrics_max_tenants < 0:
+            raise ValueError(f"metrics_max_tenants must be >= 0, got {self.metrics_max_tenants}")
 
     def scheduler_config(
         self, tpot_slo_ms: float | None = None, ttft_slo_ms: float | None = None
@@ -99,6 +120,16 @@ class ServerConfig:
             retention_s=self.job_retention_s,
             flush_ms=self.job_flush_ms,
         )
+
+    def tls_files(self) -> TlsFiles | None:
+        if not self.tls_cert:
+            return None
+        return TlsFiles(Path(self.tls_cert), Path(self.tls_key),
+                        Path(self.tls_client_ca) if self.tls_client_ca else None)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_keys)
 
     @property
     def metrics_enabled(self) -> bool:
@@ -139,6 +170,16 @@ _HELP: dict[str, str] = {
     "it sets its own",
     "job_retention_s": "seconds a finished batch job is kept before it is deleted",
     "job_flush_ms": "finished batch results are written to the store at least this often",
+    "tls_cert": "PEM certificate chain: serve gRPC and HTTP over TLS (reloaded when it changes)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA certificates: clients must present a certificate signed by one "
+    "(mTLS); its name may map to a tenant in --auth-keys",
+    "auth_keys": "keys file (create it with 'python -m server keys add'): authentication on, "
+    "API keys and client certificates map to tenants with weights and quotas; reloaded when "
+    "it changes. Unset: no authentication (the request names its tenant)",
+    "reload_s": "seconds between checks of the keys and certificate files for changes",
+    "metrics_max_tenants": "tenants that get a metrics label of their own; the rest are "
+    "counted as '(other)'",
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"preemption": PREEMPTION_MODES, "policy": POLICIES}

@@ -461,10 +461,14 @@ class GenerateRequest(_message.Message):
     tier: Global___Tier.ValueType
     """ONLINE (default) or OFFLINE."""
     tenant: _builtins.str
-    """Accounting label (metrics, fairness); free text, may be empty."""
+    """Who the request runs for (metrics, quotas, fair share of the offline tier), at most 256
+    characters. With authentication on it is the caller's tenant: empty, or that tenant.
+    """
     client_request_id: _builtins.str
-    """The caller's id for this request, echoed in responses and logs. In a
-    Session it routes responses and must be unique among the stream's open requests.
+    """The caller's id for this request, echoed in responses and logs (at most 256
+    characters). In a Session it routes responses and must be unique among the stream's
+    open requests: a request reusing the id of an open one ends both (the open one is
+    cancelled) with one INVALID_ARGUMENT error, the id's last message.
     """
     n: _builtins.int
     """Independent completions of the prompt (0 or 1: one; at most 64). Each runs as its own
@@ -486,8 +490,8 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def ttft_deadline(self) -> _duration_pb2.Duration:
-        """Time allowed until the first token. Past it, a request that has not yet
-        started ends with DEADLINE_EXCEEDED. Unset: no deadline.
+        """Time allowed until the first token, at most 24 hours. Past it, a request that has not
+        yet started ends with DEADLINE_EXCEEDED. Unset: no deadline.
         """
 
     def __init__(
@@ -859,7 +863,9 @@ class SubmitBatchRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels, echoed back."""
+        """Free-form labels, echoed back: at most 16, keys of 1-64 characters, values of at most
+        512 (OpenAI's metadata limits).
+        """
 
     @_builtins.property
     def completion_window(self) -> _duration_pb2.Duration:
@@ -1238,7 +1244,9 @@ class ListBatchesRequest(_message.Message):
     tenant: _builtins.str
     """Whose jobs to list."""
     limit: _builtins.int
-    """At most this many (0 = all)."""
+    """At most this many, and never more than a page of 100 (0 = a page of 100): a listing
+    stays far below every client's message size limit; has_more says whether more follow.
+    """
     after: _builtins.str
     """Continue after this job id (a page's last), as OpenAI's "after"."""
     def __init__(

@@ -104,7 +104,7 @@ class InferenceServiceServicer:
         carries a client-chosen id, every response chunk names it. A cancel
         message, or closing/breaking the stream, cancels the requests it owns.
         A request that fails ends with a SessionResponse carrying an error status
-        for that id; the stream itself stays open for the others.
+        for that id (its last message); the stream itself stays open for the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +114,9 @@ class InferenceServiceServicer:
         """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
         server's durable job store: a restart keeps every finished result and resumes the rest.
         Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
-        not exist, so job ids leak nothing across tenants.
+        not exist, so job ids leak nothing across tenants. With authentication on, the tenant is
+        the caller's (its API key or client certificate); a request naming another tenant is
+        PERMISSION_DENIED, and an empty tenant field means the caller's.
 
         Submits a list of requests in one message; one invalid request rejects the whole job.
         """

@@ -51,13 +51,15 @@ class InferenceServiceStub:
     carries a client-chosen id, every response chunk names it. A cancel
     message, or closing/breaking the stream, cancels the requests it owns.
     A request that fails ends with a SessionResponse carrying an error status
-    for that id; the stream itself stays open for the others.
+    for that id (its last message); the stream itself stays open for the others.
     """
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SubmitBatchRequest, _inference_pb2.BatchJob]
     """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
     server's durable job store: a restart keeps every finished result and resumes the rest.
     Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
-    not exist, so job ids leak nothing across tenants.
+    not exist, so job ids leak nothing across tenants. With authentication on, the tenant is
+    the caller's (its API key or client certificate); a request naming another tenant is
+    PERMISSION_DENIED, and an empty tenant field means the caller's.
 
     Submits a list of requests in one message; one invalid request rejects the whole job.
     """
@@ -96,13 +98,15 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     carries a client-chosen id, every response chunk names it. A cancel
     message, or closing/breaking the stream, cancels the requests it owns.
     A request that fails ends with a SessionResponse carrying an error status
-    for that id; the stream itself stays open for the others.
+    for that id (its last message); the stream itself stays open for the others.
     """
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.SubmitBatchRequest, _inference_pb2.BatchJob]  # type: ignore[assignment]
     """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
     server's durable job store: a restart keeps every finished result and resumes the rest.
     Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
-    not exist, so job ids leak nothing across tenants.
+    not exist, so job ids leak nothing across tenants. With authentication on, the tenant is
+    the caller's (its API key or client certificate); a request naming another tenant is
+    PERMISSION_DENIED, and an empty tenant field means the caller's.
 
     Submits a list of requests in one message; one invalid request rejects the whole job.
     """
@@ -150,7 +154,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         carries a client-chosen id, every response chunk names it. A cancel
         message, or closing/breaking the stream, cancels the requests it owns.
         A request that fails ends with a SessionResponse carrying an error status
-        for that id; the stream itself stays open for the others.
+        for that id (its last message); the stream itself stays open for the others.
         """
 
     @_abc_1.abstractmethod
@@ -162,7 +166,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Offline batch jobs: a list of requests run on the OFFLINE tier. Jobs live in the
         server's durable job store: a restart keeps every finished result and resumes the rest.
         Every job call is scoped by tenant: a job of another tenant is NOT_FOUND, as if it did
-        not exist, so job ids leak nothing across tenants.
+        not exist, so job ids leak nothing across tenants. With authentication on, the tenant is
+        the caller's (its API key or client certificate); a request naming another tenant is
+        PERMISSION_DENIED, and an empty tenant field means the caller's.
 
         Submits a list of requests in one message; one invalid request rejects the whole job.
         """

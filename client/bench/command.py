@@ -12,8 +12,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-import grpc
-
 from client.aio import AsyncClient
 from client.bench.loadgen import LoadSpec, run_load
 from client.bench.report import Summary, format_table, plot, summarize, write_json
@@ -27,6 +25,7 @@ from client.bench.trace import (
     scale_trace,
     time_scale_for_rate,
 )
+from client.credentials import cli_credentials
 from client.types import ModelInfo
 
 DEFAULT_PRICE_PER_HOUR = 2.0  # a stated price, $ per accelerator-hour, for cost per 1M tokens
@@ -140,11 +139,11 @@ async def pick_model(client: AsyncClient, name: str = "") -> ModelInfo:
 
 
 async def run_bench(args: argparse.Namespace) -> int:
-    credentials = grpc.ssl_channel_credentials() if args.tls else None
+    credentials = cli_credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key)
     summaries: list[Summary] = []
     async with AsyncClient(
         args.target, credentials=credentials, timeout=args.timeout, transport=args.transport,
-        max_message_mb=args.max_message_mb,
+        max_message_mb=args.max_message_mb, api_key=args.api_key or None,
     ) as client:
         model = await pick_model(client, args.model)
         for name, spec in _runs(args, model):

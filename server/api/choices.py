@@ -14,8 +14,7 @@ import asyncio
 import dataclasses
 from collections import deque
 
-from server.api.streams import RequestStream, submit_to_stream
-from server.metrics import RequestMetrics
+from server.api.streams import Admission, RequestStream, submit_to_stream
 from server.scheduler import BackfillScheduler
 from server.scheduler.types import SchedEvent, SchedRequest, Usage
 
@@ -70,7 +69,7 @@ class Choices:
         scheduler: BackfillScheduler,
         request: SchedRequest,
         n: int,
-        metrics: RequestMetrics,
+        admission: Admission,
     ) -> Choices:
         """Submits every choice; when one is refused (queue full, draining), the ones already
         submitted are cancelled and the error raised."""
@@ -80,7 +79,7 @@ class Choices:
                 stream = RequestStream(choices._loop, choices._on_ready)
                 choices._index[id(stream)] = index
                 choices.streams.append(stream)
-                submit_to_stream(scheduler, choice, stream, metrics)
+                submit_to_stream(scheduler, choice, stream, admission)
                 choices._open += 1
         except BaseException:
             choices.cancel(scheduler)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +17,8 @@ from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
 from server.api.validation import (
     InvalidArgumentError,
+    check_duration,
+    check_label,
     validate_generate,
     validate_prompt_length,
 )
@@ -31,6 +36,10 @@ if TYPE_CHECKING:
     from server.scheduler import BackfillScheduler
 
 DEFAULT_MAX_TOKENS = 256
+# Prompts with more text than this are tokenized on the tokenizer pool, not on the event loop
+# that every stream shares; shorter ones take microseconds, less than the hand-off would.
+POOL_PROMPT_CHARS = 4096
+TOKENIZER_THREADS = 2
 
 _ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 _TIERS = {
@@ -87,6 +96,7 @@ class ModelRegistry:
         self._default = models[0]
 
     def resolve(self, name: str, prefix: str = "") -> ServedModel:
+        check_label(name, prefix + "model")  # before it is echoed in an error
         if name in self.AUTO:
             return self._default
         model = self._models.get(name)
@@ -144,26 +154,90 @@ def to_sched_request(
     force_offline: bool = False,
     prefix: str = "",
     now: float | None = None,
+    tenant: str | None = None,
+    weight: float = 1.0,
 ) -> SchedRequest:
-    """Validates, tokenizes and converts one request. ``force_offline`` (batch jobs) forces the
-    OFFLINE tier and ignores the TTFT deadline. Raises InvalidArgumentError naming the field."""
+    """Validates, tokenizes and converts one request, on the calling thread. ``force_offline``
+    (batch jobs) forces the OFFLINE tier and ignores the TTFT deadline; ``tenant`` (default:
+    the request's own field) and ``weight`` are who it runs for and that tenant's fair share.
+    Raises InvalidArgumentError naming the field."""
     cap = model.capacity
-    validate_generate(req, vocab_size=cap.vocab_size, prefix=prefix)
+    validate_generate(req, vocab_size=cap.vocab_size, max_seq_len=cap.max_seq_len, prefix=prefix)
     prompt = prompt_token_ids(req, model.tokenizer, prefix)
+    return _build(req, model, prompt, force_offline, prefix, now,
+                  req.tenant if tenant is None else tenant, weight)
+
+
+async def to_sched_request_async(
+    req: pb.GenerateRequest,
+    model: ModelSpec,
+    *,
+    prefix: str = "",
+    tenant: str,
+    weight: float = 1.0,
+) -> SchedRequest:
+    """``to_sched_request`` for the event loop: every check runs first, on the loop (a prompt
+    over its size bound is refused before any tokenizing), and a long prompt is tokenized on
+    the tokenizer pool, with the GIL released, so other streams and health checks go on."""
+    cap = model.capacity
+    validate_generate(req, vocab_size=cap.vocab_size, max_seq_len=cap.max_seq_len, prefix=prefix)
+    now = time.monotonic()
+    if not needs_tokenizer_pool(req):
+        prompt = prompt_token_ids(req, model.tokenizer, prefix)
+    else:
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            _tokenizer_pool(), prompt_token_ids, req, model.tokenizer, prefix
+        )
+    return _build(req, model, prompt, False, prefix, now, tenant, weight)
+
+
+def _build(
+    req: pb.GenerateRequest,
+    model: ModelSpec,
+    prompt: list[int],
+    force_offline: bool,
+    prefix: str,
+    now: float | None,
+    tenant: str,
+    weight: float,
+) -> SchedRequest:
+    cap = model.capacity
     validate_prompt_length(len(prompt), max_seq_len=cap.max_seq_len, prefix=prefix)
     sampling = to_sampling(req.sampling, room=cap.max_seq_len - len(prompt), prefix=prefix)
     tier = Tier.OFFLINE if force_offline else _TIERS[req.tier]
     deadline = None
     if req.HasField("ttft_deadline") and not force_offline:
         start = time.monotonic() if now is None else now
-        deadline = start + req.ttft_deadline.ToTimedelta().total_seconds()
+        deadline = start + check_duration(req.ttft_deadline, prefix + "ttft_deadline", math.inf)
     return SchedRequest(
         prompt_token_ids=tuple(prompt),
         sampling=sampling,
         tier=tier,
         ttft_deadline=deadline,
-        tenant=req.tenant,
+        tenant=tenant,
+        weight=weight,
     )
+
+
+def needs_tokenizer_pool(req: pb.GenerateRequest) -> bool:
+    """Whether the request's prompt is text long enough to tokenize off the event loop."""
+    which = req.WhichOneof("prompt")
+    if which == "text":
+        return len(req.text) >= POOL_PROMPT_CHARS
+    if which == "chat":
+        return sum(len(m.content) for m in req.chat.messages) >= POOL_PROMPT_CHARS
+    return False
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _tokenizer_pool() -> ThreadPoolExecutor:
+    """The process's tokenizer threads (made on first use; daemon-like, never shut down)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+    return _POOL
 
 
 def prompt_token_ids(req: pb.GenerateRequest, tokenizer: EngineTokenizer, prefix: str) -> list[int]:

@@ -7,7 +7,9 @@ import grpc
 
 from backfill.v1 import inference_pb2 as pb
 from server.api.validation import InvalidArgumentError
+from server.quotas import QuotaExceededError
 from server.scheduler.types import DrainingError, Outcome, QueueFullError, SchedEvent
+from server.security.auth import Refusal
 
 
 class NotFoundError(LookupError):
@@ -19,6 +21,18 @@ class AlreadyExistsError(Exception):
     other requests); the service answers ALREADY_EXISTS."""
 
 
+class UnauthenticatedError(Exception):
+    """Missing or invalid credentials; the service answers UNAUTHENTICATED."""
+
+    def __init__(self, message: str, refusal: Refusal) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+class PermissionDeniedError(Exception):
+    """Valid credentials acting outside their tenant; the service answers PERMISSION_DENIED."""
+
+
 # ---- errors and outcomes → status -------------------------------------------------------------
 
 Status = tuple[grpc.StatusCode, str]
@@ -28,6 +42,12 @@ def status_for_exception(exc: BaseException) -> Status:
     """The one mapping from internal errors to gRPC status codes."""
     if isinstance(exc, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QuotaExceededError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "queue full"
     if isinstance(exc, DrainingError):
@@ -64,6 +84,8 @@ def to_pb_status(status: Status) -> pb.Status:
 # gRPC status → (HTTP status, OpenAI error type). 429 and 503 are what OpenAI's clients retry.
 _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),

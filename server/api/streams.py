@@ -16,11 +16,15 @@ import contextlib
 import weakref
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from server.metrics import RequestMetrics
+from server.quotas import QuotaExceededError, TenantQuotas
 from server.scheduler import BackfillScheduler
 from server.scheduler.types import DrainingError, QueueFullError, SchedEvent, SchedRequest
+from server.security.keys import UNLIMITED, TenantLimits
+from server.tenant_metrics import TenantMetrics
 
 T = TypeVar("T")
 
@@ -169,23 +173,52 @@ class RequestStream:
         return self._done
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What accepting a request needs besides the request: the server's metrics and quotas,
+    and the limits of the tenant it runs for (UNLIMITED with authentication off)."""
+
+    metrics: RequestMetrics
+    tenants: TenantMetrics
+    quotas: TenantQuotas
+    limits: TenantLimits = UNLIMITED
+
+
 def submit_to_stream(
     scheduler: BackfillScheduler,
     request: SchedRequest,
     stream: RequestStream,
-    metrics: RequestMetrics,
+    admission: Admission,
 ) -> int:
-    """Submits request with a sink that meters each event, then hands it to stream. Refusals
-    (QueueFullError, DrainingError) are counted as rejected and re-raised."""
-    observe, post = metrics.meter(request.tier).observe, stream.sink
+    """Submits request, held against its tenant's quotas until its final event, with a sink
+    that meters each event, then hands it to stream. Refusals (QuotaExceededError,
+    QueueFullError, DrainingError) are counted as rejected and re-raised."""
+    tier, tenant, tenants = request.tier, request.tenant, admission.tenants
+    try:
+        ticket = admission.quotas.admit(request, admission.limits)
+    except QuotaExceededError as exc:
+        admission.metrics.rejected(tier)
+        tenants.rejected(tenant, tier, exc.quota)
+        raise
+    observe, post, quotas = admission.metrics.meter(tier).observe, stream.sink, admission.quotas
+    prompt = len(request.prompt_token_ids)
 
     def sink(event: SchedEvent) -> None:  # the scheduler's thread, once per event
         observe(event)
+        if event.outcome is not None:
+            generated = 0 if event.usage is None else event.usage.completion_tokens
+            tenants.finished(tenant, tier, event.outcome, prompt, generated)
+            if ticket is not None:
+                quotas.release(ticket, generated)
         post(event)
 
     try:
         stream.request_id = scheduler.submit(request, sink)
-    except (QueueFullError, DrainingError):
-        metrics.rejected(request.tier)
+    except BaseException as exc:
+        if ticket is not None:
+            quotas.release(ticket, 0)
+        if isinstance(exc, (QueueFullError, DrainingError)):
+            admission.metrics.rejected(tier)
+            tenants.rejected(tenant, tier)
         raise
     return stream.request_id

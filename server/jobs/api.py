@@ -19,44 +19,61 @@ from google.protobuf.duration_pb2 import Duration
 from backfill.v1 import inference_pb2 as pb
 from server.api.convert import ModelRegistry
 from server.api.errors import AlreadyExistsError, NotFoundError
-from server.api.validation import InvalidArgumentError, check_label, validate_batch
+from server.api.validation import (
+    SURFACE_LABELS,
+    InvalidArgumentError,
+    check_duration,
+    check_label,
+    check_labels,
+    validate_batch,
+)
 from server.jobs.config import JobsConfig
 from server.jobs.convert import stored_to_pb
 from server.jobs.runner import JobRunner
 from server.jobs.store import JobPage, JobRecord, JobState, JobStore, KeyedJob, NewJob, Outcome
 from server.jobs.upload import Upload
+from server.quotas import TenantQuotas
+from server.security.keys import UNLIMITED, TenantLimits
 
 T = TypeVar("T")
 RESULTS_PAGE = 256  # results read from the store at a time, per stream
 CANCEL_SETTLE_S = 5.0  # how long CancelBatch waits for running requests to stop
 MAX_WINDOW_S = 366 * 24 * 3600.0
+MAX_PAGE = 100  # jobs listed per page at most (OpenAI's limit), whatever the request asks
 POLL_S = 0.5  # results of a job the runner does not track are looked for this often
 
 
 class Jobs:
     def __init__(
-        self, store: JobStore, runner: JobRunner, models: ModelRegistry, config: JobsConfig
+        self, store: JobStore, runner: JobRunner, models: ModelRegistry, config: JobsConfig,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
         self._models = models
         self._config = config
+        self._quotas = quotas if quotas is not None else TenantQuotas(runner.pending)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(fn, *args)
 
     # ---- submitting ---------------------------------------------------------------------------
 
-    async def submit(self, req: pb.SubmitBatchRequest) -> JobRecord:
-        """A whole job in one message; an invalid request rejects the whole job."""
-        default = self._models.resolve("")
-        validate_batch(req, vocab_size=default.spec.capacity.vocab_size)
+    async def submit(
+        self, req: pb.SubmitBatchRequest, tenant: str, limits: TenantLimits = UNLIMITED
+    ) -> JobRecord:
+        """A whole job in one message for ``tenant`` (the caller's, resolved by the surface);
+        an invalid request rejects the whole job, and so does one that would take the tenant
+        past its ``max_queued_offline`` quota (``limits``)."""
+        cap = self._models.resolve("").spec.capacity
+        validate_batch(req, vocab_size=cap.vocab_size, max_seq_len=cap.max_seq_len)
         window = self._window(req.completion_window if req.HasField("completion_window")
                               else None)
         digest = _digest(req)
-        if req.idempotency_key and (seen := await self._keyed(req.tenant, req.idempotency_key)):
+        if req.idempotency_key and (seen := await self._keyed(tenant, req.idempotency_key)):
             return _same_or_conflict(seen, digest, req.idempotency_key)
-        job = self._new_job(req.tenant, dict(req.labels), window)
+        self._quotas.check_job(tenant, limits, len(req.requests))
+        job = self._new_job(tenant, dict(req.labels), window)
 
         async def fill() -> bytes:
             upload = Upload(self._store, self._models, job.id)
@@ -65,22 +82,31 @@ class Jobs:
 
         return await self._ingest(job, req.idempotency_key, fill)
 
-    async def upload(self, messages: AsyncIterator[pb.UploadBatchRequest]) -> JobRecord:
-        """A job streamed as a header and JSONL pieces; invalid lines fail one by one."""
+    async def upload(
+        self, messages: AsyncIterator[pb.UploadBatchRequest], owner: Callable[[str, str], str],
+        limits: TenantLimits = UNLIMITED,
+    ) -> JobRecord:
+        """A job streamed as a header and JSONL pieces; invalid lines fail one by one.
+        ``owner(claimed, field)`` is the tenant the job belongs to, given the header's
+        ``tenant`` (the surface decides: the claim, or the caller's identity). A job that would
+        take the tenant past its ``max_queued_offline`` quota is refused (before the input when
+        the tenant is at it already, else once the input is counted)."""
         header = await _header(messages)
-        check_label(header.tenant, "header.tenant")
+        tenant = owner(header.tenant, "header.tenant")
         check_label(header.idempotency_key, "header.idempotency_key")
+        check_labels(header.labels, "header.labels", surface_labels=SURFACE_LABELS)
         if header.model:
             self._models.resolve(header.model, "header.")
         window = self._window(header.completion_window
                               if header.HasField("completion_window") else None)
         digest = hashlib.sha256(_header_digest(header))
         key = header.idempotency_key
-        if key and (seen := await self._keyed(header.tenant, key)):
+        if key and (seen := await self._keyed(tenant, key)):
             async for data in _data(messages):
                 digest.update(data)
             return _same_or_conflict(seen, digest.digest(), key)
-        job = self._new_job(header.tenant, dict(header.labels), window)
+        self._quotas.check_job(tenant, limits, 1)
+        job = self._new_job(tenant, dict(header.labels), window)
 
         async def fill() -> bytes:
             upload = Upload(self._store, self._models, job.id, header.model)
@@ -90,6 +116,7 @@ class Jobs:
             await self._call(upload.finish)
             if upload.num_requests == 0:
                 raise InvalidArgumentError("data: the upload holds no requests")
+            self._quotas.check_job(tenant, limits, upload.num_requests - upload.num_failed)
             return digest.digest()
 
         return await self._ingest(job, key, fill)
@@ -114,12 +141,7 @@ class Jobs:
     def _window(self, duration: Duration | None) -> float:
         if duration is None:
             return self._config.completion_window_s
-        seconds = duration.ToTimedelta().total_seconds()
-        if not 0 < seconds <= MAX_WINDOW_S:
-            raise InvalidArgumentError(
-                f"completion_window must be in (0, {MAX_WINDOW_S:.0f}] seconds, got {seconds}"
-            )
-        return seconds
+        return check_duration(duration, "completion_window", MAX_WINDOW_S)
 
     def _new_job(self, tenant: str, labels: dict[str, str], window_s: float) -> NewJob:
         now = time.time()
@@ -131,13 +153,20 @@ class Jobs:
     # ---- reading ------------------------------------------------------------------------------
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
+        check_label(job_id, "id")
         job = await self._call(self._store.get_job, tenant, job_id)
         if job is None:
             raise NotFoundError(f"id: no batch job {job_id!r}")
         return job
 
     async def list_jobs(self, tenant: str, limit: int, after: str) -> JobPage:
-        return await self._call(self._store.list_jobs, tenant, limit, after)
+        """A page of the tenant's jobs: ``limit`` of them (0, or more than MAX_PAGE: MAX_PAGE),
+        so a listing stays far below any client's message size limit."""
+        check_label(after, "after")
+        if limit < 0:
+            raise InvalidArgumentError(f"limit must be >= 0, got {limit}")
+        page = MAX_PAGE if limit == 0 else min(limit, MAX_PAGE)
+        return await self._call(self._store.list_jobs, tenant, page, after)
 
     async def results(self, tenant: str, job_id: str, start: int) -> AsyncIterator[pb.BatchResult]:
         """Results from index ``start`` on, in order, as they are committed, until the job's

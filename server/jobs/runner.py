@@ -20,8 +20,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from server.jobs.writer import Finish, ResultWriter
 from server.metrics import RequestMetrics
 from server.scheduler.types import DrainingError, QueueFullError, SchedEvent, SchedRequest, Tier
 from server.scheduler.types import Outcome as SchedOutcome
+from server.tenant_metrics import TenantMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ class _Job:
     """An unfinished job as the runner tracks it (the loop's thread only)."""
 
     __slots__ = ("buffer", "changed", "cursor", "ending", "exhausted", "expires_at", "id",
-                 "in_flight", "started", "stopping", "tenant")
+                 "in_flight", "remaining", "started", "stopping", "tenant")
 
     def __init__(self, record: JobRecord) -> None:
         self.id = record.id
         self.tenant = record.tenant
+        self.remaining = record.total - record.ended  # requests that have not ended
         self.expires_at = record.expires_at
         self.started = record.state is not JobState.QUEUED
         self.cursor = 0  # requests below this index were loaded already
@@ -89,13 +91,15 @@ class _Job:
 class _Flight:
     """One job request in the scheduler: gathers its output on the scheduler's thread."""
 
-    __slots__ = ("job", "loaded", "observe", "text", "token_ids", "writer")
+    __slots__ = ("job", "loaded", "observe", "tenants", "text", "token_ids", "writer")
 
-    def __init__(self, job: _Job, loaded: _Loaded, writer: ResultWriter, metrics: RequestMetrics):
+    def __init__(self, job: _Job, loaded: _Loaded, writer: ResultWriter, metrics: RequestMetrics,
+                 tenants: TenantMetrics):
         self.job = job
         self.loaded = loaded
         self.writer = writer
         self.observe = metrics.meter(Tier.OFFLINE).observe
+        self.tenants = tenants
         self.token_ids: list[int] = []
         self.text: list[str] = []
 
@@ -105,6 +109,9 @@ class _Flight:
             self.token_ids.extend(event.token_ids)
             self.text.append(event.text)
         if event.outcome is not None:
+            prompt = 0 if event.usage is None else event.usage.prompt_tokens
+            self.tenants.finished(self.job.tenant, Tier.OFFLINE, event.outcome, prompt,
+                                  len(self.token_ids))
             make = functools.partial(self._result, event)
             self.writer.put(Finish(self.job.id, self.loaded.item.index, make))
 
@@ -128,14 +135,22 @@ class JobRunner:
         metrics: RequestMetrics,
         config: JobsConfig,
         loop: asyncio.AbstractEventLoop,
+        *,
+        tenants: TenantMetrics | None = None,
+        weight: Callable[[str], float] = lambda tenant: 1.0,
     ) -> None:
+        """``weight(tenant)``: the tenant's share of the offline tier (its requests carry it
+        to the scheduler's fair queue)."""
         self._store = store
         self._models = models
         self._metrics = metrics
+        self._tenants = tenants if tenants is not None else TenantMetrics(None)
+        self._weight = weight
         self._config = config
         self._loop = loop
         self._writer = ResultWriter(store, self._on_commit, config.flush_s)
         self._jobs: dict[str, _Job] = {}
+        self._pending: Counter[str] = Counter()  # tenant -> its jobs' requests not ended
         self._in_flight = 0
         self._wake = asyncio.Event()
         self._feeding = True
@@ -182,6 +197,7 @@ class JobRunner:
         if record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING):
             return
         job = self._jobs[record.id] = _Job(record)
+        self._pending[job.tenant] += job.remaining
         if record.state is JobState.CANCELLING:
             self.stop(job.id, Outcome.CANCELLED)
         elif time.time() >= job.expires_at:  # it expired while the server was down
@@ -206,6 +222,10 @@ class JobRunner:
             if model is not None and request_id is not None:
                 model.scheduler.cancel(request_id)
         self._maybe_close(job)
+
+    def pending(self, tenant: str) -> int:
+        """The tenant's batch job requests that have not ended (its offline quota's share)."""
+        return self._pending.get(tenant, 0)
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(tenant, job id) of every job with requests left."""
@@ -240,7 +260,8 @@ class JobRunner:
 
     async def _load(self, job: _Job, want: int) -> None:
         limit = min(PAGE, max(want, 16))
-        loaded = await asyncio.to_thread(self._read_pending, job.id, job.cursor, limit)
+        loaded = await asyncio.to_thread(self._read_pending, job.id, job.tenant, job.cursor,
+                                         limit)
         if job.stopping is not None:
             return
         if len(loaded) < limit:
@@ -249,15 +270,18 @@ class JobRunner:
             job.cursor = loaded[-1].item.index + 1
             job.buffer.extend(loaded)
 
-    def _read_pending(self, job_id: str, start: int, limit: int) -> list[_Loaded]:
-        """A worker thread: reads pending requests and converts them for the scheduler."""
+    def _read_pending(self, job_id: str, tenant: str, start: int,
+                      limit: int) -> list[_Loaded]:
+        """A worker thread: reads pending requests and converts them for the scheduler, as
+        requests of the job's tenant."""
         out = []
         for item in self._store.pending_items(job_id, start, limit):
             try:
                 model = self._models.resolve(item.model)
                 request = pb.GenerateRequest.FromString(item.request)
-                out.append(_Loaded(item, model, to_sched_request(request, model.spec,
-                                                                 force_offline=True)))
+                out.append(_Loaded(item, model, to_sched_request(
+                    request, model.spec, force_offline=True, tenant=tenant,
+                    weight=self._weight(tenant))))
             except ValueError as exc:
                 out.append(_Loaded(item, None, None, str(exc)))
         return out
@@ -271,7 +295,7 @@ class JobRunner:
             if loaded.request is None or loaded.model is None:
                 self._fail(job, loaded.item, loaded.error)
             else:
-                flight = _Flight(job, loaded, self._writer, self._metrics)
+                flight = _Flight(job, loaded, self._writer, self._metrics, self._tenants)
                 try:
                     request_id = loaded.model.scheduler.submit(loaded.request, flight.sink)
                 except QueueFullError:
@@ -320,6 +344,8 @@ class JobRunner:
             job = self._jobs.get(finish.job_id)
             if job is not None:
                 job.in_flight.pop(finish.index, None)
+                job.remaining -= 1
+                self._pending[job.tenant] -= 1
                 touched[job.id] = job
         for job_id in finished:  # first: a job whose every request ended is not closed
             if (job := self._jobs.get(job_id)) is not None:
@@ -346,6 +372,9 @@ class JobRunner:
     def _forget(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
         if job is not None:
+            self._pending[job.tenant] -= job.remaining
+            if self._pending[job.tenant] <= 0:
+                del self._pending[job.tenant]
             job.notify()
 
     # ---- expiry and retention -----------------------------------------------------------------

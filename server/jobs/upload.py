@@ -77,6 +77,7 @@ class Upload:
         self._splitter = LineSplitter()
         self._line_no = 0
         self.num_requests = 0
+        self.num_failed = 0  # of num_requests, those that cannot run (failed on arrival)
 
     def add_data(self, data: bytes) -> None:
         self._add(self._splitter.feed(data))
@@ -138,6 +139,7 @@ class Upload:
     def _failed(
         self, index: int, message: str, custom_id: str = "", url: str = "", model: str = ""
     ) -> NewItem:
+        self.num_failed += 1
         result = failed_result(
             job_id=self._job_id, index=index, custom_id=custom_id, url=url, model=model,
             code=grpc.StatusCode.INVALID_ARGUMENT, message=message, at=time.time(),

@@ -51,6 +51,8 @@ class SchedulerCore:
         self._next_exec_id = 1
         self._outbox: list[tuple[EventSink, SchedEvent]] = []
         self._stopping = False  # executor CANCELLED finishes now mean SHUTDOWN
+        self._offline_open = True  # False once draining: no offline request starts again
+        self._shut_offline: list[int] = []  # offline ids ended by close_offline
         self._planner = planner if config.policy == "backfill" else None
         # Executors that take step plans get them; the others are bounded by admission.
         self._follower = executor if isinstance(executor, PlanFollower) else None
@@ -76,6 +78,17 @@ class SchedulerCore:
         if running is not None and not running.cancel_requested and running.exec_id is not None:
             running.cancel_requested = True
             self._executor.cancel(running.exec_id)
+
+    def close_offline(self) -> None:
+        """Draining: offline requests are admitted no more. Queued ones end now with SHUTDOWN
+        (batch job requests stay pending in the job store for the next start) instead of
+        running into the grace period only to be ended at stop; running ones go on."""
+        if not self._offline_open:
+            return
+        self._offline_open = False
+        for seq in [s for s in self._queued.values() if s.tier is Tier.OFFLINE]:
+            self._finish(seq, Outcome.SHUTDOWN)
+            self._shut_offline.append(seq.id)
 
     # ---- step 1: drop the dead ------------------------------------------------------------
 
@@ -152,7 +165,8 @@ class SchedulerCore:
             free_slots=self._capacity.max_slots - len(self._running),
             free_blocks=stats.kv_blocks_free + stats.kv_blocks_cached - unreported,
             reserve=self._reserve,
-            offline_demand=offline_running + len(self._queues.offline),
+            offline_demand=offline_running
+            + (len(self._queues.offline) if self._offline_open else 0),
             offline_holding=offline_running,
         )
 
@@ -160,6 +174,8 @@ class SchedulerCore:
         """Step 4. While an online request still waits (then for KV blocks, as slots it
         would have had), offline takes only its reserve: blocks that free up go to the online
         head instead of to newer offline work, which could otherwise starve it."""
+        if not self._offline_open:
+            return
         offline = self._queues.offline
         rows = self._offline_row_bound()
         if rows is not None:
@@ -238,7 +254,7 @@ class SchedulerCore:
             budget.refund(seq)
             self._finish(seq, Outcome.ERROR, error=f"executor refused the request: {exc}")
             return True
-        self._dequeue(seq)
+        self._dequeue(seq, started=True)
         seq.phase, seq.exec_id, seq.run_reported = Phase.RUNNING, exec_id, False
         seq.run_tokens = 0
         self._running[seq.id] = seq
@@ -302,8 +318,12 @@ class SchedulerCore:
 
     # ---- endings --------------------------------------------------------------------------
 
-    def _dequeue(self, seq: LiveRequest) -> None:
-        self._queues.of(seq.tier).remove(seq)
+    def _dequeue(self, seq: LiveRequest, started: bool = False) -> None:
+        queue = self._queues.of(seq.tier)
+        if started:
+            queue.take(seq)
+        else:
+            queue.remove(seq)
         del self._queued[seq.id]
         self._counters.add(seq.tier, queued=-1)
 
@@ -353,7 +373,7 @@ class SchedulerCore:
             if seq.exec_id is not None:
                 self._executor.cancel(seq.exec_id)
             self._finish(seq, outcome)
-        return sorted(seq.id for seq in live if seq.tier is Tier.OFFLINE)
+        return sorted([*self._shut_offline, *(s.id for s in live if s.tier is Tier.OFFLINE)])
 
     # ---- views ----------------------------------------------------------------------------
 

@@ -125,6 +125,8 @@ class BackfillScheduler:
             self._cancels.append(request_id)
 
     def begin_drain(self) -> None:
+        """Refuses new work from now on; the next pass also ends every queued offline
+        request (SHUTDOWN) and admits no offline request again (SchedulerCore.close_offline)."""
         with self._lock:
             self._draining = True
 
@@ -165,6 +167,8 @@ class BackfillScheduler:
             self._core.apply(self._executor.poll(poll_timeout))
             self._learn_step_costs()
             self._take_inbox()
+            if self._draining:
+                self._core.close_offline()
             self._core.drop_expired()
             self._core.schedule()
             self._passes += 1

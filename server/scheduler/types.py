@@ -42,7 +42,8 @@ class SchedRequest:
     # Absolute time (the scheduler's clock, time.monotonic by default) by which the first
     # token must be produced; None for no deadline. Queued requests past it are dropped.
     ttft_deadline: float | None = None
-    tenant: str = ""
+    tenant: str = ""  # who it runs for: the offline tier shares capacity fairly among tenants
+    weight: float = 1.0  # the tenant's share of the offline tier relative to others (> 0)
 
 
 # Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see

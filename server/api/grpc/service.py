@@ -1,6 +1,8 @@
 """The InferenceService servicer: thin methods (validate → convert → await the engine → convert
 back). Every error an RPC raises is mapped to a status in one place, ``status_for_exception``,
-applied by the two decorators below; no method chooses a status code itself."""
+applied by the decorators below; no method chooses a status code itself. The decorators also
+establish the caller (server/api/identity.py) before anything else, so with authentication on
+no method runs for a call without valid credentials, and hand it to the method."""
 
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from server.api.convert import (
     model_info,
     seconds_to_duration,
     to_generate_response,
-    to_sched_request,
+    to_sched_request_async,
 )
-from server.api.errors import status_for_exception, status_for_outcome
+from server.api.errors import UnauthenticatedError, status_for_exception, status_for_outcome
 from server.api.grpc.session import BATCH_HEADER, SessionHandler
+from server.api.identity import grpc_caller, tenant_for
+from server.api.streams import Admission
 from server.jobs import Jobs
 from server.jobs.convert import job_to_pb
 from server.metrics import RequestMetrics
+from server.quotas import TenantQuotas
 from server.scheduler.types import (
     DrainingError,
     SchedEvent,
@@ -35,23 +40,28 @@ from server.scheduler.types import (
     Tier,
     TierSnapshot,
 )
+from server.security.auth import Authenticator, Caller
 from server.stats import ServerStats
+from server.tenant_metrics import TenantMetrics
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 R = TypeVar("R")
 
 
-UnaryMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context], Awaitable[R]]"
-StreamMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]"
+UnaryMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context, Caller], Awaitable[R]]"
+StreamMethod: TypeAlias = "Callable[[InferenceServicer, Any, Context, Caller], AsyncIterator[R]]"
+GrpcUnary: TypeAlias = "Callable[[InferenceServicer, Any, Context], Awaitable[R]]"
+GrpcStream: TypeAlias = "Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]"
 
 
-def _unary(method: UnaryMethod[R], *, while_draining: bool) -> UnaryMethod[R]:
+def _unary(method: UnaryMethod[R], *, while_draining: bool) -> GrpcUnary[R]:
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: Context) -> R:
         try:
+            caller = self.caller(context)
             if not while_draining:
                 self.check_serving()
-            return await method(self, request, context)
+            return await method(self, request, context, caller)
         except AbortError:
             raise
         except Exception as exc:
@@ -61,13 +71,14 @@ def _unary(method: UnaryMethod[R], *, while_draining: bool) -> UnaryMethod[R]:
     return wrapper
 
 
-def _stream(method: StreamMethod[R], *, while_draining: bool) -> StreamMethod[R]:
+def _stream(method: StreamMethod[R], *, while_draining: bool) -> GrpcStream[R]:
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: Context) -> AsyncIterator[R]:
         try:
+            caller = self.caller(context)
             if not while_draining:
                 self.check_serving()
-            async for item in method(self, request, context):
+            async for item in method(self, request, context, caller):
                 yield item
         except AbortError:
             raise
@@ -77,22 +88,22 @@ def _stream(method: StreamMethod[R], *, while_draining: bool) -> StreamMethod[R]
     return wrapper
 
 
-def unary_rpc(method: UnaryMethod[R]) -> UnaryMethod[R]:
+def unary_rpc(method: UnaryMethod[R]) -> GrpcUnary[R]:
     """A method that takes new work: refused (UNAVAILABLE) while draining."""
     return _unary(method, while_draining=False)
 
 
-def stream_rpc(method: StreamMethod[R]) -> StreamMethod[R]:
+def stream_rpc(method: StreamMethod[R]) -> GrpcStream[R]:
     return _stream(method, while_draining=False)
 
 
-def read_rpc(method: UnaryMethod[R]) -> UnaryMethod[R]:
+def read_rpc(method: UnaryMethod[R]) -> GrpcUnary[R]:
     """A method that only reads: answered while draining too (finished batch results can be
-    fetched while the server shuts down)."""
+    fetched while the server shuts down, and an operator looks at stats)."""
     return _unary(method, while_draining=True)
 
 
-def read_stream_rpc(method: StreamMethod[R]) -> StreamMethod[R]:
+def read_stream_rpc(method: StreamMethod[R]) -> GrpcStream[R]:
     return _stream(method, while_draining=True)
 
 
@@ -103,26 +114,47 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         jobs: Jobs,
         metrics: RequestMetrics,
         stats: Callable[[], ServerStats],
+        *,
+        auth: Authenticator,
+        quotas: TenantQuotas,
+        tenants: TenantMetrics,
     ) -> None:
         self._models = models
         self._jobs = jobs
         self._metrics = metrics
         self._stats = stats
+        self._auth = auth
+        self._quotas = quotas
+        self._tenants = tenants
         self.draining = False
 
     def check_serving(self) -> None:
         if self.draining:
             raise DrainingError()
 
+    def caller(self, context: Context) -> Caller:
+        try:
+            return grpc_caller(self._auth, context)
+        except UnauthenticatedError as exc:
+            self._tenants.auth_failure("grpc", exc.refusal.value)
+            raise
+
+    def _admission(self, caller: Caller) -> Admission:
+        return Admission(self._metrics, self._tenants, self._quotas, caller.limits)
+
     # ---- generation ------------------------------------------------------------------------
 
     @stream_rpc
     async def Generate(
-        self, request: pb.GenerateRequest, context: Context
+        self, request: pb.GenerateRequest, context: Context, caller: Caller
     ) -> AsyncIterator[pb.GenerateResponse]:
         model = self._models.resolve(request.model)
-        sched_request = to_sched_request(request, model.spec)
-        choices = Choices.submit(model.scheduler, sched_request, request.n, self._metrics)
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        sched_request = await to_sched_request_async(
+            request, model.spec, tenant=tenant, weight=caller.limits.weight
+        )
+        choices = Choices.submit(model.scheduler, sched_request, request.n,
+                                 self._admission(caller))
         cid, name = request.client_request_id, model.name
         try:
             while (ready := await choices.next()) is not None:
@@ -145,44 +177,62 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @stream_rpc
     async def Session(
-        self, request_iterator: AsyncIterable[pb.SessionRequest], context: Context
+        self, request_iterator: AsyncIterable[pb.SessionRequest], context: Context, caller: Caller
     ) -> AsyncIterator[pb.SessionResponse]:
         await context.send_initial_metadata((BATCH_HEADER,))
-        async for response in SessionHandler(self._models, self._metrics).run(request_iterator):
+        handler = SessionHandler(self._models, self._admission(caller), caller, self._auth,
+                                 functools.partial(self.caller, context))
+        async for response in handler.run(request_iterator):
             yield response
 
     # ---- batch jobs ------------------------------------------------------------------------
 
+    # Another tenant's job is NOT_FOUND, exactly like a job that does not exist (the store is
+    # asked for this tenant's job only), so job ids reveal nothing across tenants.
+
     @unary_rpc
-    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Context) -> pb.BatchJob:
-        return job_to_pb(await self._jobs.submit(request))
+    async def SubmitBatch(
+        self, request: pb.SubmitBatchRequest, context: Context, caller: Caller
+    ) -> pb.BatchJob:
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        return job_to_pb(await self._jobs.submit(request, tenant, caller.limits))
 
     @unary_rpc
     async def UploadBatch(
-        self, request_iterator: AsyncIterator[pb.UploadBatchRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.UploadBatchRequest], context: Context,
+        caller: Caller,
     ) -> pb.BatchJob:
-        return job_to_pb(await self._jobs.upload(request_iterator))
+        owner = functools.partial(tenant_for, caller)
+        return job_to_pb(await self._jobs.upload(request_iterator, owner, caller.limits))
 
     @read_rpc
-    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.BatchJob:
-        return job_to_pb(await self._jobs.get(request.tenant, request.id))
+    async def GetBatch(
+        self, request: pb.GetBatchRequest, context: Context, caller: Caller
+    ) -> pb.BatchJob:
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        return job_to_pb(await self._jobs.get(tenant, request.id))
 
     @read_stream_rpc
     async def StreamBatchResults(
-        self, request: pb.StreamBatchResultsRequest, context: Context
+        self, request: pb.StreamBatchResultsRequest, context: Context, caller: Caller
     ) -> AsyncIterator[pb.BatchResult]:
-        async for result in self._jobs.results(request.tenant, request.id, request.start_index):
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        async for result in self._jobs.results(tenant, request.id, request.start_index):
             yield result
 
     @unary_rpc
-    async def CancelBatch(self, request: pb.CancelBatchRequest, context: Context) -> pb.BatchJob:
-        return job_to_pb(await self._jobs.cancel(request.tenant, request.id))
+    async def CancelBatch(
+        self, request: pb.CancelBatchRequest, context: Context, caller: Caller
+    ) -> pb.BatchJob:
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        return job_to_pb(await self._jobs.cancel(tenant, request.id))
 
     @read_rpc
     async def ListBatches(
-        self, request: pb.ListBatchesRequest, context: Context
+        self, request: pb.ListBatchesRequest, context: Context, caller: Caller
     ) -> pb.ListBatchesResponse:
-        page = await self._jobs.list_jobs(request.tenant, request.limit, request.after)
+        tenant = tenant_for(caller, request.tenant, "tenant")
+        page = await self._jobs.list_jobs(tenant, request.limit, request.after)
         return pb.ListBatchesResponse(jobs=[job_to_pb(j) for j in page.jobs],
                                       has_more=page.has_more)
 
@@ -190,17 +240,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @unary_rpc
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: Context
+        self, request: pb.ListModelsRequest, context: Context, caller: Caller
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_info(m) for m in self._models])
 
-    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
+    @read_rpc
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: Context, caller: Caller
+    ) -> pb.GetStatsResponse:
         # Answered while draining too: that is when an operator most wants to look.
-        try:
-            return to_stats_response(self._stats())
-        except Exception as exc:
-            await context.abort(*status_for_exception(exc))
-            raise
+        return to_stats_response(self._stats())
 
 
 def _tokens_only(event: SchedEvent, cid: str, model: str, index: int) -> pb.GenerateResponse:

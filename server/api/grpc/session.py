@@ -15,18 +15,28 @@ A request with n > 1 choices stays open until each choice's last chunk went out 
 their choice by ``index``); a choice that fails ends the whole request with its error and
 cancels the others.
 
-Errors of one request (bad field, duplicate id, queue full) become an error SessionResponse
-for that id; the stream stays up. A client that half-closes still gets every open request's
-output; a stream that breaks (the RPC is cancelled) cancels every request it owns.
+Errors of one request (bad field, queue full) become an error SessionResponse for that id;
+the stream stays up. An error response is the last message for its id, so a request that
+reuses the id of an open one ends both: the open one is cancelled (whatever it still had to
+send is dropped) and the id gets one INVALID_ARGUMENT error. A client that half-closes still
+gets every open request's output; a stream that breaks (the RPC is cancelled) cancels every
+request it owns.
+
+A prompt with a lot of text is tokenized on the tokenizer pool (server/api/convert.py) while
+the stream goes on reading; the request is submitted when its tokens are ready (a cancel
+meanwhile ends it with CANCELLED).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+
+import grpc
 
 from backfill.v1 import inference_pb2 as pb
 from server.api.choices import choice_requests
@@ -34,13 +44,16 @@ from server.api.convert import (
     ModelRegistry,
     ServedModel,
     fill_generate_response,
+    needs_tokenizer_pool,
     to_sched_request,
+    to_sched_request_async,
 )
 from server.api.errors import Status, status_for_exception, status_for_outcome
-from server.api.streams import RequestStream, submit_to_stream
+from server.api.identity import tenant_for
+from server.api.streams import Admission, RequestStream, submit_to_stream
 from server.api.validation import InvalidArgumentError
-from server.metrics import RequestMetrics
-from server.scheduler.types import SchedEvent
+from server.scheduler.types import SchedEvent, SchedRequest
+from server.security.auth import Authenticator, Caller
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +70,30 @@ class _Open:
     streams: list[RequestStream]  # one per choice
     open_choices: int = 0  # choices submitted whose final event has not gone out
     sent_first: bool = False
+    preparing: asyncio.Task[None] | None = None  # tokenizing on the pool, not submitted yet
 
 
 class SessionHandler:
     """Serves one Session call; ``run`` is the servicer's response iterator."""
 
-    def __init__(self, models: ModelRegistry, metrics: RequestMetrics) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        admission: Admission,
+        caller: Caller,
+        auth: Authenticator | None = None,
+        reauthenticate: Callable[[], Caller] | None = None,
+    ) -> None:
+        """A stream outlives reloads of the keys file: when ``auth``'s file changed since the
+        stream's credentials were last checked, the next request checks them again with
+        ``reauthenticate`` (a revoked key's new requests are UNAUTHENTICATED; its running
+        ones go on; new limits apply)."""
         self._models = models
-        self._metrics = metrics
+        self._admission = admission
+        self._caller = caller
+        self._auth = auth
+        self._reauthenticate = reauthenticate
+        self._keys = None if auth is None else auth.ring
         self._loop = asyncio.get_running_loop()
         self._open: dict[str, _Open] = {}
         # id(RequestStream) -> (client_request_id, choice index)
@@ -123,28 +152,76 @@ class SessionHandler:
         try:
             if not cid:
                 raise InvalidArgumentError(f"{prefix}client_request_id must be set in a Session")
-            if cid in self._open:
-                raise InvalidArgumentError(f"{prefix}client_request_id {cid!r} is already open")
+            if (open_entry := self._open.get(cid)) is not None:
+                self._close(open_entry)
+                raise InvalidArgumentError(
+                    f"{prefix}client_request_id {cid!r} was already open: a Session's open "
+                    "requests need distinct ids, and both requests end here"
+                )
+            self._check_credentials()
             model = self._models.resolve(req.model, prefix)
-            request = to_sched_request(req, model.spec, prefix=prefix)
+            tenant = tenant_for(self._caller, req.tenant, prefix + "tenant")
             entry = _Open(cid, model, [])
+            if needs_tokenizer_pool(req):
+                self._open[cid] = entry
+                entry.preparing = asyncio.ensure_future(self._prepare(entry, req, prefix, tenant))
+                return
+            request = to_sched_request(req, model.spec, prefix=prefix, tenant=tenant,
+                                       weight=self._admission.limits.weight)
             self._open[cid] = entry
-            try:
-                for index, choice in enumerate(choice_requests(request, req.n)):
-                    stream = RequestStream(self._loop, self._on_ready)
-                    self._by_stream[id(stream)] = (cid, index)
-                    entry.streams.append(stream)
-                    submit_to_stream(model.scheduler, choice, stream, self._metrics)
-                    entry.open_choices += 1
-            except BaseException:
-                self._close(entry)
-                raise
+            self._submit(entry, request, req.n)
         except Exception as exc:
             self._fail(cid, status_for_exception(exc))
+
+    def _check_credentials(self) -> None:
+        if self._auth is None or self._reauthenticate is None or self._auth.ring is self._keys:
+            return
+        keys = self._auth.ring
+        self._caller = self._reauthenticate()  # raises for credentials no longer valid
+        self._keys = keys
+        self._admission = dataclasses.replace(self._admission, limits=self._caller.limits)
+
+    async def _prepare(
+        self, entry: _Open, req: pb.GenerateRequest, prefix: str, tenant: str
+    ) -> None:
+        """Converts a long prompt off the loop, then submits it (unless it ended meanwhile)."""
+        cid = entry.client_request_id
+        try:
+            request = await to_sched_request_async(
+                req, entry.model.spec, prefix=prefix, tenant=tenant,
+                weight=self._admission.limits.weight,
+            )
+        except Exception as exc:
+            if self._open.get(cid) is entry:
+                del self._open[cid]
+                self._fail(cid, status_for_exception(exc))
+            return
+        if self._open.get(cid) is entry:
+            entry.preparing = None
+            try:
+                self._submit(entry, request, req.n)
+            except Exception as exc:
+                self._fail(cid, status_for_exception(exc))
+
+    def _submit(self, entry: _Open, request: SchedRequest, n: int) -> None:
+        """Submits every choice of an entry already in ``_open``; on a refusal, cancels what
+        was submitted, forgets the entry and raises."""
+        try:
+            for index, choice in enumerate(choice_requests(request, n)):
+                stream = RequestStream(self._loop, self._on_ready)
+                self._by_stream[id(stream)] = (entry.client_request_id, index)
+                entry.streams.append(stream)
+                submit_to_stream(entry.model.scheduler, choice, stream, self._admission)
+                entry.open_choices += 1
+        except BaseException:
+            self._close(entry)
+            raise
 
     def _close(self, entry: _Open) -> None:
         """Forgets a request and cancels what it still runs (later events are ignored)."""
         del self._open[entry.client_request_id]
+        if entry.preparing is not None:
+            entry.preparing.cancel()
         for stream in entry.streams:
             del self._by_stream[id(stream)]
             if stream.request_id is not None and not stream.finished:
@@ -156,12 +233,18 @@ class SessionHandler:
         entry = self._open.get(cid)
         if entry is None:
             return
+        if entry.preparing is not None:  # never submitted: it ends here
+            self._close(entry)
+            self._fail(cid, (grpc.StatusCode.CANCELLED, "cancelled"))
+            return
         for stream in entry.streams:
             if stream.request_id is not None and not stream.finished:
                 entry.model.scheduler.cancel(stream.request_id)
 
     def _cancel_all(self) -> None:
         for entry in self._open.values():
+            if entry.preparing is not None:
+                entry.preparing.cancel()
             for stream in entry.streams:
                 if stream.request_id is not None and not stream.finished:
                     entry.model.scheduler.cancel(stream.request_id)

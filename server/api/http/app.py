@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 
 import uvicorn
@@ -20,14 +21,21 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.api.convert import ModelRegistry, ServedModel
+from server.api.http.auth import AuthGate
 from server.api.http.batches import Batches
 from server.api.http.completions import Generation
 from server.api.http.errors import not_found
 from server.api.http.files import FileStore
 from server.jobs import Jobs
 from server.metrics import RequestMetrics
+from server.quotas import TenantQuotas
+from server.security.auth import Authenticator
+from server.security.tls import CLIENT_NAMES, TLS_EXTENSION, certificate_names
+from server.tenant_metrics import TenantMetrics
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +46,15 @@ def build_app(
     files: FileStore,
     metrics: RequestMetrics,
     serving: Callable[[], bool],
-) -> Starlette:
-    generation = Generation(models, metrics, serving)
-    batches = Batches(jobs, files)
+    *,
+    auth: Authenticator,
+    quotas: TenantQuotas,
+    tenants: TenantMetrics,
+    max_body_bytes: int,
+) -> ASGIApp:
+    generation = Generation(models, metrics, serving, quotas=quotas, tenants=tenants,
+                            max_body_bytes=max_body_bytes)
+    batches = Batches(jobs, files, max_body_bytes)
 
     async def health(request: Request) -> Response:
         # 503 while draining, so a load balancer stops sending work before the port closes.
@@ -72,7 +86,8 @@ def build_app(
         Route("/v1/batches/{batch_id}", batches.get_batch, methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", batches.cancel_batch, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    return AuthGate(app, auth, tenants) if auth.enabled else app
 
 
 def _model_json(model: ServedModel) -> dict[str, object]:
@@ -93,8 +108,27 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+class ClientCertProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, adding the verified client certificate's names to each
+    request's scope (ASGI's TLS extension, under ``client_cert_names``), read once per
+    connection, so the HTTP surface can map a certificate to a tenant as gRPC does."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        self._client_names = certificate_names(cert) if cert else []
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+        extensions[TLS_EXTENSION] = {CLIENT_NAMES: self._client_names}
+
+
+
 class HttpServer:
-    """uvicorn serving ``app`` on the running loop; ``port`` is the one bound."""
+    """uvicorn serving ``app`` on the running loop; ``port`` is the one bound. With
+    ``ssl_context``, HTTPS (the context's certificate is reloaded in place by ServerTls)."""
 
     def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int) -> None:
         self._server = server
@@ -102,12 +136,17 @@ class HttpServer:
         self.port = port
 
     @classmethod
-    async def start(cls, app: Starlette, host: str, port: int) -> HttpServer:
+    async def start(cls, app: ASGIApp, host: str, port: int,
+                    ssl_context: ssl.SSLContext | None = None) -> HttpServer:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        config = uvicorn.Config(app, log_level="warning", access_log=False, http="httptools",
+        client_certs = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
+        config = uvicorn.Config(app, log_level="warning", access_log=False,
+                                http=ClientCertProtocol if client_certs else "httptools",
                                 lifespan="off", timeout_graceful_shutdown=1)
+        config.load()
+        config.ssl = ssl_context  # ours, not one uvicorn builds: reloads update it in place
         server = _Uvicorn(config)
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started:

@@ -5,6 +5,7 @@ the job's results as they are written."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -18,9 +19,12 @@ from starlette.responses import Response, StreamingResponse
 from backfill.openai_body import OPENAI_URLS
 from backfill.openai_output import BatchItem, UsageCounts, batch_result_line
 from backfill.v1 import inference_pb2 as pb
+from server.api.http.auth import caller_of, request_tenant
+from server.api.http.body import read_json
 from server.api.http.errors import exception_response, invalid, not_found
 from server.api.http.files import FileRecord, FileStore
-from server.api.identity import http_tenant
+from server.api.identity import tenant_for
+from server.api.validation import check_label, check_labels
 from server.jobs import Jobs
 from server.jobs.store import JobRecord, JobState
 
@@ -45,21 +49,23 @@ _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class Batches:
-    def __init__(self, jobs: Jobs, files: FileStore) -> None:
+    def __init__(self, jobs: Jobs, files: FileStore, max_body_bytes: int) -> None:
         self._jobs = jobs
         self._files = files
+        self._max_body = max_body_bytes
 
     # ---- files ------------------------------------------------------------------------------
 
     async def upload_file(self, request: Request) -> Response:
         try:
-            tenant = http_tenant(request.headers)
+            tenant = request_tenant(request)
             async with request.form() as form:
                 upload, purpose = form.get("file"), form.get("purpose")
                 if upload is None or isinstance(upload, str):
                     return invalid("file: a multipart file field is required")
                 if purpose != "batch":
                     return invalid(f"purpose: only 'batch' is supported, got {purpose!r}")
+                check_label(upload.filename or "", "file.filename")
                 source = upload.file
                 record = await asyncio.to_thread(
                     self._files.create, tenant, upload.filename or "upload.jsonl", "batch",
@@ -71,7 +77,7 @@ class Batches:
 
     async def list_files(self, request: Request) -> Response:
         try:
-            records = await asyncio.to_thread(self._files.list, http_tenant(request.headers))
+            records = await asyncio.to_thread(self._files.list, request_tenant(request))
         except Exception as exc:
             return exception_response(exc)
         return _json({"object": "list", "data": [r.to_json() for r in records],
@@ -107,7 +113,7 @@ class Batches:
         return _json({"id": record.id, "object": "file", "deleted": True})
 
     async def _file(self, request: Request) -> FileRecord | None:
-        tenant = http_tenant(request.headers)
+        tenant = request_tenant(request)
         return await asyncio.to_thread(self._files.get, tenant, request.path_params["file_id"])
 
     async def _batch_file(self, request: Request, *, content: bool) -> Response:
@@ -118,7 +124,7 @@ class Batches:
         if job_id == file_id:
             return not_found(f"file_id: no file {file_id!r}")
         try:
-            tenant = http_tenant(request.headers)
+            tenant = request_tenant(request)
             job = await self._jobs.get(tenant, job_id)
         except Exception:
             return not_found(f"file_id: no file {file_id!r}")
@@ -140,10 +146,10 @@ class Batches:
 
     async def create_batch(self, request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = await read_json(request, self._max_body)
             if not isinstance(body, dict):
                 return invalid("body must be a JSON object")
-            tenant = http_tenant(request.headers)
+            tenant = request_tenant(request)
             endpoint = body.get("endpoint")
             if endpoint not in OPENAI_URLS:
                 return invalid(f"endpoint must be one of {', '.join(OPENAI_URLS)}, "
@@ -158,10 +164,11 @@ class Batches:
             labels = _labels(body.get("metadata"))
             if labels is None:
                 return invalid("metadata must be an object of strings")
+            check_labels(labels, "metadata")
             labels |= {ENDPOINT_LABEL: endpoint, INPUT_LABEL: record.id}
-            job = await self._jobs.upload(self._messages(tenant, labels, window, record))
-        except json.JSONDecodeError as exc:
-            return invalid(f"body: not JSON: {exc}")
+            caller = caller_of(request)
+            job = await self._jobs.upload(self._messages(tenant, labels, window, record),
+                                          functools.partial(tenant_for, caller), caller.limits)
         except Exception as exc:
             return exception_response(exc)
         return _json(batch_json(job))
@@ -177,7 +184,7 @@ class Batches:
 
     async def get_batch(self, request: Request) -> Response:
         try:
-            job = await self._jobs.get(http_tenant(request.headers),
+            job = await self._jobs.get(request_tenant(request),
                                        request.path_params["batch_id"])
         except Exception as exc:
             return exception_response(exc)
@@ -185,7 +192,7 @@ class Batches:
 
     async def cancel_batch(self, request: Request) -> Response:
         try:
-            job = await self._jobs.cancel(http_tenant(request.headers),
+            job = await self._jobs.cancel(request_tenant(request),
                                           request.path_params["batch_id"])
         except Exception as exc:
             return exception_response(exc)
@@ -194,7 +201,7 @@ class Batches:
     async def list_batches(self, request: Request) -> Response:
         try:
             limit = int(request.query_params.get("limit", "20"))
-            page = await self._jobs.list_jobs(http_tenant(request.headers), limit,
+            page = await self._jobs.list_jobs(request_tenant(request), limit,
                                               request.query_params.get("after", ""))
         except ValueError as exc:
             return exception_response(exc)

@@ -27,8 +27,10 @@ from backfill.openai_output import (
     usage_json,
 )
 from server.api.choices import Choices, combined_usage
-from server.api.convert import ModelRegistry, ServedModel, to_sched_request
+from server.api.convert import ModelRegistry, ServedModel, to_sched_request_async
 from server.api.errors import Status, http_status, status_for_outcome
+from server.api.http.auth import caller_of
+from server.api.http.body import BodyTooLargeError, read_json
 from server.api.http.errors import error_response, exception_response, invalid
 from server.api.http.format import (
     FINISH,
@@ -38,9 +40,12 @@ from server.api.http.format import (
     usage_counts,
 )
 from server.api.identity import http_tenant
+from server.api.streams import Admission
 from server.executor.base import TokenLogprob
 from server.metrics import RequestMetrics
+from server.quotas import TenantQuotas
 from server.scheduler.types import DrainingError, SchedEvent, SchedRequest, Usage
+from server.tenant_metrics import TenantMetrics
 
 PRIORITY_HEADER = "x-backfill-priority"  # the tier, when the body has no "priority"
 _DONE = b"data: [DONE]\n\n"
@@ -76,10 +81,14 @@ class _Call:
 
 class Generation:
     def __init__(self, models: ModelRegistry, metrics: RequestMetrics,
-                 serving: Callable[[], bool]) -> None:
+                 serving: Callable[[], bool], *, quotas: TenantQuotas, tenants: TenantMetrics,
+                 max_body_bytes: int) -> None:
         self._models = models
         self._metrics = metrics
         self._serving = serving
+        self._quotas = quotas
+        self._tenants = tenants
+        self._max_body = max_body_bytes
         self._texts = {m.name: TokenTexts(m.spec.tokenizer) for m in models}
 
     async def completions(self, request: Request) -> Response:
@@ -91,6 +100,8 @@ class Generation:
     async def _handle(self, request: Request, url: str) -> Response:
         try:
             call = await self._start(request, url)
+        except BodyTooLargeError as exc:
+            return exception_response(exc)
         except BodyError as exc:
             return invalid(str(exc))
         except Exception as exc:
@@ -103,21 +114,21 @@ class Generation:
     async def _start(self, request: Request, url: str) -> _Call:
         if not self._serving():
             raise DrainingError()
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BodyError(f"body: not JSON: {exc}") from None
+        caller = caller_of(request)
+        tenant = http_tenant(caller, request.headers)
+        body = await read_json(request, self._max_body)
         if not isinstance(body, dict):
             raise BodyError("body must be a JSON object")
         parsed = parse_body(url, body)
         req = parsed.request
-        req.tenant = http_tenant(request.headers)
         if "priority" not in body and PRIORITY_HEADER in request.headers:
             header_body = {"priority": _header_priority(request.headers[PRIORITY_HEADER])}
             req.tier = parse_body(url, {**body, **header_body}).request.tier
         model = self._models.resolve(req.model)
-        sched = to_sched_request(req, model.spec)
-        choices = Choices.submit(model.scheduler, sched, req.n, self._metrics)
+        sched = await to_sched_request_async(req, model.spec, tenant=tenant,
+                                             weight=caller.limits.weight)
+        admission = Admission(self._metrics, self._tenants, self._quotas, caller.limits)
+        choices = Choices.submit(model.scheduler, sched, req.n, admission)
         prefix = "chatcmpl" if url == CHAT_URL else "cmpl"
         return _Call(parsed, model, sched, choices, self._texts[model.name],
                      f"{prefix}-{uuid.uuid4().hex}", int(time.time()),

@@ -5,6 +5,7 @@ spells it (``top_p``, not ``sampling.top_p``)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import grpc
@@ -12,6 +13,8 @@ from starlette.responses import Response
 
 from backfill.openai_output import error_body
 from server.api.errors import Status, http_status, status_for_exception
+from server.api.http.body import BodyTooLargeError
+from server.quotas import QuotaExceededError
 
 # Field names of GenerateRequest (what validation.py names) -> the OpenAI body's.
 _BODY_NAMES = (
@@ -43,7 +46,13 @@ def error_response(status: Status) -> Response:
 
 
 def exception_response(exc: BaseException) -> Response:
-    return error_response(status_for_exception(exc))
+    if isinstance(exc, BodyTooLargeError):
+        body = error_body(str(exc), "invalid_request_error", "request_too_large", None)
+        return Response(json.dumps(body), status_code=413, media_type="application/json")
+    response = error_response(status_for_exception(exc))
+    if isinstance(exc, QuotaExceededError) and exc.retry_after_s is not None:
+        response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 def invalid(message: str) -> Response:

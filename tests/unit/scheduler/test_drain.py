@@ -98,3 +98,26 @@ def test_background_stop_shuts_down_unfinished_offline() -> None:
         expected = Outcome.SHUTDOWN if rid in unfinished else Outcome.LENGTH
         assert rec.final(rid).outcome is expected
     assert rec.threads == {"backfill-scheduler"}
+
+
+def test_draining_admits_no_queued_offline_work_and_ends_it_at_once() -> None:
+    """Once draining starts, offline requests still queued never start (their results would
+    be thrown away at stop): they end with SHUTDOWN in the next pass, while running offline
+    work and online requests go on."""
+    ex = fake(Shape(slots=3))
+    sched = BackfillScheduler(ex, SchedulerConfig(offline_reserve=0.34))
+    rec = Recorder()
+    on = sched.submit(online((1,), max_tokens=40), rec)
+    running = [sched.submit(offline((2 + i,), max_tokens=3), rec) for i in range(2)]
+    queued = [sched.submit(offline((10 + i,), max_tokens=3), rec) for i in range(20)]
+    sched.run_pass()
+    runs_before = len(ex.enqueued)
+    sched.begin_drain()
+    sched.run_pass()
+    for rid in queued:
+        assert rec.final(rid).outcome is Outcome.SHUTDOWN
+    run_until_idle(sched, rec, [on, *running])
+    assert len(ex.enqueued) == runs_before, "an offline request started while draining"
+    assert rec.final(on).outcome is Outcome.LENGTH
+    assert all(rec.final(rid).outcome is Outcome.LENGTH for rid in running)
+    assert sched.stop(grace_s=0.0) == sorted(queued)

@@ -4,12 +4,14 @@ default a ScriptedExecutor (deterministic, no model) with limits taken from that
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
@@ -109,3 +111,13 @@ async def channel(server: BackfillServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
     return pb_grpc.InferenceServiceStub(channel)
+
+
+async def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """name -> {sorted labels: value}, for every sample of the exposition."""
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from server.app import BackfillServer
 from tests.fakes import ScriptedExecutor
-from tests.unit.server.conftest import MakeServer, tiny_capacity, wait_until
+from tests.unit.server.conftest import MakeServer, scrape, tiny_capacity, wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -30,16 +28,6 @@ def request(ids: list[int], max_tokens: int, tier: int = pb.TIER_ONLINE) -> pb.G
         sampling=pb.SamplingParams(max_tokens=max_tokens),
         tier=tier,  # type: ignore[arg-type]
     )
-
-
-async def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """name -> {sorted labels: value}, for every sample of the exposition."""
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
 
 
 async def test_health_serving_and_reflection_lists_the_services(

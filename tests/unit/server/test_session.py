@@ -116,27 +116,35 @@ async def test_errors_of_one_request_leave_the_stream_up(
     assert good[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
 
 
-async def test_duplicate_open_id_is_refused_and_the_first_continues(
+async def test_duplicate_open_id_ends_both_and_the_error_is_the_ids_last_message(
     make_server: MakeServer, tiny_engine: Path
 ) -> None:
+    """The proto promises that an error response is the last message for its id: a request
+    reusing the id of an open one ends both, rather than answering an error under an id that
+    then goes on streaming."""
     executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.005))
     server = await make_server(executor)
     outbox = Outbox()
     async with grpc.aio.insecure_channel(server.address) as channel:
         call = pb_grpc.InferenceServiceStub(channel).Session(outbox)
-        outbox.send(gen("x", [1, 2], max_tokens=20))
+        outbox.send(gen("x", [1, 2], max_tokens=10_000))
         first = await call.read()
         assert first.client_request_id == "x" and not first.HasField("error")
         outbox.send(gen("x", [3, 4], max_tokens=20))
+        outbox.send(gen("y", [5, 6], max_tokens=5))
         outbox.close()
         rest = await read_rest(call)
-    errors = [r for r in rest if r.HasField("error")]
-    assert len(errors) == 1
-    assert errors[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "'x' is already open" in errors[0].error.message
-    tokens = list(first.chunk.token_ids) + [t for r in rest for t in r.chunk.token_ids]
-    assert len(tokens) == 20 and rest[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
-    assert len(executor.enqueued) == 1
+    for_x = [r for r in rest if r.client_request_id == "x"]
+    assert for_x, "the duplicate got no answer"
+    assert for_x[-1].HasField("error"), "a message for the id came after its error"
+    assert [r.HasField("error") for r in for_x].count(True) == 1
+    assert for_x[-1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "client_request_id 'x' was already open" in for_x[-1].error.message
+    assert [r for r in rest if r.client_request_id == "y"][-1].chunk.finish_reason == (
+        pb.FINISH_REASON_LENGTH
+    )
+    assert len(executor.enqueued) == 2  # the first x and y; the duplicate never ran
+    await wait_until(lambda: is_idle(server))  # the first x was cancelled, its slot freed
 
 
 async def test_cancel_message_cancels_that_request_only(
