@@ -276,4 +276,5 @@ def _step_budget(b: pb.StepBudget) -> StepBudget:
         predicted_step_ms=b.predicted_step_ms,
         step_prediction_error=b.step_prediction_error,
         steps_observed=b.steps_observed,
+        step_budget_ms=b.step_budget_ms or None,
     )

@@ -292,6 +292,7 @@ class StepBudget:
     predicted_step_ms: float
     step_prediction_error: float
     steps_observed: int
+    step_budget_ms: float | None = None  # the SLO times the margin steps are planned to
 
 
 @dataclass(frozen=True, slots=True)

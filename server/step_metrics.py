@@ -54,6 +54,12 @@ def step_budget_families(sched: SchedulerSnapshot) -> Iterator[Metric]:
         "Offline sequences the last step plan paused or capped to keep the TPOT SLO.",
         value=budget.offline_held_back,
     )
+    if budget.step_budget_ms is not None:
+        yield GaugeMetricFamily(
+            "backfill_step_budget_seconds",
+            "What steps with online work are planned to: the TPOT SLO times a margin.",
+            value=budget.step_budget_ms / 1000.0,
+        )
     yield GaugeMetricFamily(
         "backfill_step_planned_seconds",
         "The predicted time of the last planned step (0 with no online work).",

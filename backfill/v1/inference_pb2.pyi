@@ -1484,6 +1484,7 @@ class StepBudget(_message.Message):
     PREDICTED_STEP_MS_FIELD_NUMBER: _builtins.int
     STEP_PREDICTION_ERROR_FIELD_NUMBER: _builtins.int
     STEPS_OBSERVED_FIELD_NUMBER: _builtins.int
+    STEP_BUDGET_MS_FIELD_NUMBER: _builtins.int
     tpot_slo_ms: _builtins.float
     """0: no budget, offline fills every step."""
     ttft_slo_ms: _builtins.float
@@ -1498,6 +1499,10 @@ class StepBudget(_message.Message):
     """Median relative error of recent step predictions."""
     steps_observed: _builtins.int
     """Executor steps the step-cost model has seen."""
+    step_budget_ms: _builtins.float
+    """What steps with online work are planned to now: the TPOT SLO times a margin that shrinks
+    when online requests miss the SLO and creeps back while they meet it.
+    """
     def __init__(
         self,
         *,
@@ -1508,10 +1513,11 @@ class StepBudget(_message.Message):
         predicted_step_ms: _builtins.float = ...,
         step_prediction_error: _builtins.float = ...,
         steps_observed: _builtins.int = ...,
+        step_budget_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline_held_back", b"offline_held_back", "online_present", b"online_present", "predicted_step_ms", b"predicted_step_ms", "step_prediction_error", b"step_prediction_error", "steps_observed", b"steps_observed", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline_held_back", b"offline_held_back", "online_present", b"online_present", "predicted_step_ms", b"predicted_step_ms", "step_budget_ms", b"step_budget_ms", "step_prediction_error", b"step_prediction_error", "steps_observed", b"steps_observed", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -359,11 +359,14 @@ class SchedulerCore:
             return
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
         tpot = seq.time_per_output_token(now)
+        tpot_met = tpot_slo is None or tpot is None or tpot <= tpot_slo
         self._counters.judge(
             seq.tier,
             ttft_met=ttft_slo is None or (ttft is not None and ttft <= ttft_slo),
-            tpot_met=tpot_slo is None or tpot is None or tpot <= tpot_slo,
+            tpot_met=tpot_met,
         )
+        if self._planner is not None and seq.tier is Tier.ONLINE and tpot is not None:
+            self._planner.observe_tpot(tpot_met)
 
     def end_all(self, outcome: Outcome) -> list[int]:
         """Ends every live request with outcome (cancelling runs); returns the offline ids."""

@@ -142,6 +142,9 @@ class BackfillScheduler:
             step_budget=StepBudgetSnapshot(
                 tpot_slo_ms=self._config.tpot_slo_ms,
                 ttft_slo_ms=self._config.ttft_slo_ms,
+                step_budget_ms=(
+                    None if self._planner is None else 1000.0 * self._planner.budget_s
+                ),
                 online_present=decision.online_present,
                 offline_held_back=decision.held_back,
                 predicted_step_ms=1000.0 * decision.predicted_s,

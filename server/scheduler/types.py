@@ -121,6 +121,7 @@ class StepBudgetSnapshot:
 
     tpot_slo_ms: float | None  # None: no budget, offline fills every step
     ttft_slo_ms: float | None
+    step_budget_ms: float | None  # what steps are planned to now: the SLO times a margin
     online_present: bool  # the last plan bounded offline work
     offline_held_back: int  # offline sequences the last plan paused or capped
     predicted_step_ms: float  # the last planned step's predicted time

@@ -295,6 +295,7 @@ def _step_budget(b: StepBudgetSnapshot | None) -> pb.StepBudget | None:
         predicted_step_ms=b.predicted_step_ms,
         step_prediction_error=0.0 if math.isnan(b.prediction_error) else b.prediction_error,
         steps_observed=b.steps_observed,
+        step_budget_ms=b.step_budget_ms or 0.0,
     )
 
 

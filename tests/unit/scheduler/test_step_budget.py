@@ -33,6 +33,8 @@ def scheduler(
         clock=clock,
         step_cost=OnlineStepCost(COST),
     )
+    assert sched.planner is not None
+    sched.planner.margin = 1.0  # plan to the SLO itself: round numbers below
     return sched, Recorder(), clock
 
 
@@ -218,11 +220,12 @@ entries = st.lists(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(running=entries, slo_ms=st.sampled_from([15.0, 40.0, 100.0, 400.0]),
-       keep=st.integers(0, 4))
+       keep=st.integers(0, 4), margin=st.sampled_from([0.5, 0.9, 1.0]))
 def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
-    running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int
+    running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int, margin: float
 ) -> None:
     planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity())
+    planner.margin = margin
     seqs = [_live(i, *entry) for i, entry in enumerate(running)]
     decision = planner.decide(seqs, [], keep)
     online_seqs = [s for s in seqs if s.tier is Tier.ONLINE]
@@ -254,10 +257,12 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
                 target.add_decode(s.num_context_tokens)
             else:
                 target.add_prefill(0, tokens, tokens >= s.num_context_tokens)
-    if COST.predict(shape) > slo_ms / 1000 + 1e-12:
+    budget = planner.budget_s
+    assert budget <= slo_ms / 1000
+    if COST.predict(shape) > budget + 1e-12:
         # Over budget only when online work plus the floor alone already is, and then
         # nothing beyond the floor runs.
-        assert COST.predict(base) > slo_ms / 1000 - 1e-12
+        assert COST.predict(base) > budget - 1e-12
         assert all(caps[s.exec_id] == 0 for s in offline_seqs[keep:])
 
 
@@ -271,3 +276,37 @@ def test_online_requests_may_overtake_a_step_in_flight_under_backfill(policy: st
     sched.run_pass()
     flags = {r.prompt_token_ids: r.overtake for r in ex.enqueued}
     assert flags == {(1, 2): policy == "backfill", (3, 4): False}
+
+
+def test_the_margin_follows_tpot_attainment() -> None:
+    planner = SloPlanner(OnlineStepCost(COST), 0.100, SHAPE.capacity())
+    assert planner.budget_s == pytest.approx(0.090)  # planned below the SLO from the start
+    planner.observe_tpot(False)
+    assert planner.budget_s == pytest.approx(0.0855)  # a miss: 5% less
+    for _ in range(99):
+        planner.observe_tpot(True)
+    assert planner.budget_s == pytest.approx(0.0855 + 99 * 0.00005)  # 99 hits give most back
+    for _ in range(100):
+        planner.observe_tpot(False)
+    assert planner.margin == SloPlanner.MARGIN_MIN
+    for _ in range(10_000):
+        planner.observe_tpot(True)
+    assert planner.margin == SloPlanner.MARGIN_MAX
+
+
+def test_online_tpot_misses_tighten_the_budget_of_the_next_steps() -> None:
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    clock = FakeClock()
+    sched = BackfillScheduler(ex, SchedulerConfig(tpot_slo_ms=50.0), clock=clock,
+                              step_cost=OnlineStepCost(COST))
+    rec = Recorder()
+    assert sched.planner is not None
+    before = sched.planner.budget_s
+    rid = sched.submit(online((1, 2), max_tokens=4), rec)
+    while not rec.finals(rid):
+        clock.advance(0.2)  # every token far slower than 50 ms
+        sched.run_pass()
+    assert sched.planner.budget_s < before
+    budget = sched.snapshot().step_budget
+    assert budget is not None and budget.step_budget_ms == pytest.approx(
+        1000 * sched.planner.budget_s)

@@ -38,6 +38,8 @@ def test_offline_admission_is_bounded_while_online_work_runs(
     ex.take_step_samples = list  # type: ignore[method-assign]  # the fake's steps take ~1 ms
     config = SchedulerConfig(offline_reserve=0.1, tpot_slo_ms=40.0)  # 10 + 5 x (1 + 5)
     sched = BackfillScheduler(ex, config, step_cost=OnlineStepCost(COST))
+    assert sched.planner is not None
+    sched.planner.margin = 1.0  # plan to the SLO itself: round numbers below
     rec = Recorder()
     try:
         online = sched.submit(_req(Tier.ONLINE, 0, 2000), rec)
