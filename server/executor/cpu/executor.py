@@ -29,7 +29,7 @@ from server.executor.base import (
     TokenDelta,
 )
 from server.executor.cpu.attention import PagedKvCache
-from server.executor.cpu.blas import default_threads, set_thread_blas_threads
+from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.model import LlamaModel
 from server.executor.cpu.runner import Runner, RunnerCounters, RunnerLimits
 from server.executor.cpu.weights import load_weights
@@ -158,7 +158,7 @@ class CpuExecutor:
                 raise ValueError(f"token id {token} outside the vocabulary [0, {cap.vocab_size})")
 
     def _loop(self) -> None:
-        set_thread_blas_threads(self._blas_threads)
+        set_thread_compute_threads(self._blas_threads)
         while True:
             with self._lock:
                 self._work.wait_for(
