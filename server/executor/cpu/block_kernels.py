@@ -89,12 +89,14 @@ def matvec_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
         acc = np.zeros((1, TILE), F32)
         for b in range(blocks):
             part[:] = 0.0
-            for k in range(NIBBLE_BYTES):
-                xl = x[0, b * 32 + k]
-                xh = x[0, b * 32 + 16 + k]
+            for k in range(0, NIBBLE_BYTES, 2):  # two bytes per pass: fewer part loads/stores
+                c = b * 32 + k
                 for r in range(TILE):
-                    byte = quants[t, b, k, r]
-                    part[r] += F32(np.int32(byte & 15)) * xl + F32(np.int32(byte >> 4)) * xh
+                    b0, b1 = quants[t, b, k, r], quants[t, b, k + 1, r]
+                    part[r] += (F32(np.int32(b0 & 15)) * x[0, c]
+                                + F32(np.int32(b0 >> 4)) * x[0, c + 16]
+                                + F32(np.int32(b1 & 15)) * x[0, c + 1]
+                                + F32(np.int32(b1 >> 4)) * x[0, c + 17])
             for r in range(TILE):
                 scale = _f16(d[t, b, r])
                 bias = _f16(m[t, b, r]) if has_min else F32(-8.0) * scale
@@ -118,14 +120,21 @@ def matmul_int8(quants, d, x, rows, out):  # pragma: no cover - compiled
                 p1[:] = 0.0
                 p2[:] = 0.0
                 p3[:] = 0.0
-                for k in range(32):
+                for k in range(0, 32, 4):  # four bytes per pass: fewer p loads/stores
                     c = b * 32 + k
                     for r in range(TILE):
-                        w = F32(np.int32(quants[t, b, k, r]))
-                        p0[r] += w * x[j, c]
-                        p1[r] += w * x[j + 1, c]
-                        p2[r] += w * x[j + 2, c]
-                        p3[r] += w * x[j + 3, c]
+                        w0 = F32(np.int32(quants[t, b, k, r]))
+                        w1 = F32(np.int32(quants[t, b, k + 1, r]))
+                        w2 = F32(np.int32(quants[t, b, k + 2, r]))
+                        w3 = F32(np.int32(quants[t, b, k + 3, r]))
+                        p0[r] += (w0 * x[j, c] + w1 * x[j, c + 1]
+                                  + w2 * x[j, c + 2] + w3 * x[j, c + 3])
+                        p1[r] += (w0 * x[j + 1, c] + w1 * x[j + 1, c + 1]
+                                  + w2 * x[j + 1, c + 2] + w3 * x[j + 1, c + 3])
+                        p2[r] += (w0 * x[j + 2, c] + w1 * x[j + 2, c + 1]
+                                  + w2 * x[j + 2, c + 2] + w3 * x[j + 2, c + 3])
+                        p3[r] += (w0 * x[j + 3, c] + w1 * x[j + 3, c + 1]
+                                  + w2 * x[j + 3, c + 2] + w3 * x[j + 3, c + 3])
                 for r in range(TILE):
                     scale = _f16(d[t, b, r])
                     acc[j, r] += scale * p0[r]
@@ -144,10 +153,13 @@ def matvec_int8(quants, d, x, rows, out):  # pragma: no cover - compiled
         acc = np.zeros((1, TILE), F32)
         for b in range(blocks):
             part[:] = 0.0
-            for k in range(32):
-                xk = x[0, b * 32 + k]
+            for k in range(0, 32, 4):  # four bytes per pass: fewer part loads/stores
+                c = b * 32 + k
                 for r in range(TILE):
-                    part[r] += F32(np.int32(quants[t, b, k, r])) * xk
+                    part[r] += (F32(np.int32(quants[t, b, k, r])) * x[0, c]
+                                + F32(np.int32(quants[t, b, k + 1, r])) * x[0, c + 1]
+                                + F32(np.int32(quants[t, b, k + 2, r])) * x[0, c + 2]
+                                + F32(np.int32(quants[t, b, k + 3, r])) * x[0, c + 3])
             for r in range(TILE):
                 acc[0, r] += _f16(d[t, b, r]) * part[r]
         _store(acc, t, rows, out)
