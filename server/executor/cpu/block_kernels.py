@@ -45,8 +45,8 @@ def _f16(bits: np.uint16) -> np.float32:
 
 
 @_parallel_kernel
-def matmul_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cover - compiled
-    """out[n, rows] = x[n, in] @ W.T for 4-bit blocks; xsum[n, blocks] sums x per block.
+def matmul_nibbles(quants, d, m, has_min, x, rows, out):  # pragma: no cover - compiled
+    """out[n, rows] = x[n, in] @ W.T for 4-bit blocks.
     n must be a multiple of 4: each unpacked byte feeds four input rows from registers."""
     n, tiles, blocks = x.shape[0], quants.shape[0], quants.shape[1]
     for t in prange(tiles):
@@ -54,6 +54,7 @@ def matmul_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
         p1 = np.empty(TILE, F32)
         p2 = np.empty(TILE, F32)
         p3 = np.empty(TILE, F32)
+        xsum = np.empty(4, F32)
         acc = np.zeros((n, TILE), F32)
         for j in range(0, n, 4):
             for b in range(blocks):
@@ -61,6 +62,8 @@ def matmul_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
                 p1[:] = 0.0
                 p2[:] = 0.0
                 p3[:] = 0.0
+                for i in range(4):
+                    xsum[i] = _block_sum(x, j + i, b)
                 for k in range(NIBBLE_BYTES):
                     c = b * 32 + k
                     for r in range(TILE):
@@ -73,15 +76,15 @@ def matmul_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
                 for r in range(TILE):
                     scale = _f16(d[t, b, r])
                     bias = _f16(m[t, b, r]) if has_min else F32(-8.0) * scale
-                    acc[j, r] += scale * p0[r] + bias * xsum[j, b]
-                    acc[j + 1, r] += scale * p1[r] + bias * xsum[j + 1, b]
-                    acc[j + 2, r] += scale * p2[r] + bias * xsum[j + 2, b]
-                    acc[j + 3, r] += scale * p3[r] + bias * xsum[j + 3, b]
+                    acc[j, r] += scale * p0[r] + bias * xsum[0]
+                    acc[j + 1, r] += scale * p1[r] + bias * xsum[1]
+                    acc[j + 2, r] += scale * p2[r] + bias * xsum[2]
+                    acc[j + 3, r] += scale * p3[r] + bias * xsum[3]
         _store(acc, t, rows, out)
 
 
 @_parallel_kernel
-def matvec_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cover - compiled
+def matvec_nibbles(quants, d, m, has_min, x, rows, out):  # pragma: no cover - compiled
     """matmul_nibbles for one input row (decode at batch 1): no unpacked-weight buffer."""
     tiles, blocks = quants.shape[0], quants.shape[1]
     for t in prange(tiles):
@@ -89,6 +92,7 @@ def matvec_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
         acc = np.zeros((1, TILE), F32)
         for b in range(blocks):
             part[:] = 0.0
+            xsum = _block_sum(x, 0, b)
             for k in range(0, NIBBLE_BYTES, 2):  # two bytes per pass: fewer part loads/stores
                 c = b * 32 + k
                 for r in range(TILE):
@@ -100,7 +104,7 @@ def matvec_nibbles(quants, d, m, has_min, x, xsum, rows, out):  # pragma: no cov
             for r in range(TILE):
                 scale = _f16(d[t, b, r])
                 bias = _f16(m[t, b, r]) if has_min else F32(-8.0) * scale
-                acc[0, r] += scale * part[r] + bias * xsum[0, b]
+                acc[0, r] += scale * part[r] + bias * xsum
         _store(acc, t, rows, out)
 
 
@@ -166,17 +170,28 @@ def matvec_int8(quants, d, x, rows, out):  # pragma: no cover - compiled
 
 
 @_inline
+def _block_sum(x, j, b):  # pragma: no cover - compiled
+    """Sum of x row j over block b: what a block's min (or Q4_0's -8 d) multiplies."""
+    total = F32(0.0)
+    for k in range(32):
+        total += x[j, b * 32 + k]
+    return total
+
+
+@_inline
 def _store(acc, t, rows, out):  # pragma: no cover - compiled
     for r in range(min(TILE, rows - t * TILE)):
         for j in range(acc.shape[0]):
             out[j, t * TILE + r] = acc[j, r]
 
 
-@_parallel_kernel
+@_kernel
 def dequant_nibbles_t(quants, d, m, has_min, t0, t1, out):  # pragma: no cover - compiled
-    """Tiles [t0, t1) as W.T: out[in, (t1 - t0) * TILE], float32."""
+    """Tiles [t0, t1) as W.T: out[in, (t1 - t0) * TILE], float32. Serial: BLAS runs right
+    after it with its own threads, and two thread pools handing the cores back and forth,
+    each spinning while the other works, ran several times slower than this."""
     blocks = quants.shape[1]
-    for i in prange((t1 - t0) * blocks):
+    for i in range((t1 - t0) * blocks):
         t, b = t0 + i // blocks, i % blocks
         c = (t - t0) * TILE
         scale = np.empty(TILE, F32)
@@ -190,11 +205,11 @@ def dequant_nibbles_t(quants, d, m, has_min, t0, t1, out):  # pragma: no cover -
                 hi[r] = scale[r] * F32(np.int32(byte >> 4)) + bias[r]
 
 
-@_parallel_kernel
+@_kernel
 def dequant_int8_t(quants, d, t0, t1, out):  # pragma: no cover - compiled
     """Tiles [t0, t1) as W.T: out[in, (t1 - t0) * TILE], float32."""
     blocks = quants.shape[1]
-    for i in prange((t1 - t0) * blocks):
+    for i in range((t1 - t0) * blocks):
         t, b = t0 + i // blocks, i % blocks
         c = (t - t0) * TILE
         scale = np.empty(TILE, F32)
