@@ -253,6 +253,11 @@ def gather_int8(quants, d, ids, out):  # pragma: no cover - compiled
                 out[i, b * 32 + k] = scale * F32(np.int32(quants[t, b, k, r]))
 
 
+def get_threads() -> int:
+    """Kernel threads for calls made from the current thread."""
+    return int(numba.get_num_threads())
+
+
 def set_threads(num_threads: int) -> int:
     """Kernel threads for calls made from the current thread (numba's setting is per thread);
     clamped to the pool numba started with. Returns the number set."""

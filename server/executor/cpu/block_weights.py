@@ -14,12 +14,16 @@ A ``BlockLinear`` holds one weight `[out, in]` as its GGUF blocks (docs/engine-f
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from server.executor.cpu.blas import set_thread_blas_threads
 
 # Input rows up to which the kernels multiply straight from the packed bytes: every decode step
 # of a 32-slot engine. At 32 rows they matched dequantize + BLAS (about 30 GMAC/s on one core,
@@ -35,6 +39,8 @@ _KERNEL_LAYOUTS: dict[str, tuple[int, int | None, int]] = {
     "Q8_0": (0, None, 2),
 }
 _scratch = threading.local()  # .buf: one float32 tile per calling thread, shared by all layers
+_pools: dict[int, ThreadPoolExecutor] = {}  # helper pools by size (one per thread setting)
+_pool_lock = threading.Lock()
 
 
 def block_geometry(qtype: str) -> tuple[int, int]:
@@ -54,6 +60,17 @@ def load_kernels() -> ModuleType | None:
     except ImportError:
         return None
     return block_kernels
+
+
+def _helpers(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` helpers whose BLAS calls use one thread each."""
+    with _pool_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix="block-tiles", initializer=set_thread_blas_threads,
+                initargs=(1,))
+        return pool
 
 
 def _scratch_buffer(elements: int) -> np.ndarray:
@@ -141,15 +158,33 @@ class BlockLinear:
         return out[:n]
 
     def _tiled_matmul(self, x: np.ndarray) -> np.ndarray:
-        """Dequantizes W.T a few tiles at a time into one L2-sized buffer; BLAS multiplies."""
+        """Dequantizes W.T a few tiles at a time into an L2-sized buffer for BLAS; with more
+        than one thread, helper threads take equal shares of the tiles, each with one BLAS
+        thread (one pool, no second set of spinning BLAS workers against the kernels')."""
+        assert self._kernels is not None
+        out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
+        tiles = self._tiles[0].shape[0]
+        threads = min(self._kernels.get_threads(), tiles)
+        if threads == 1:
+            self._tiled_range(x, out, 0, tiles)
+            return out
+        bounds = np.linspace(0, tiles, threads + 1).astype(int)
+        pool = _helpers(threads)
+        jobs = [pool.submit(self._tiled_range, x, out, int(a), int(b))
+                for a, b in itertools.pairwise(bounds)]
+        for job in jobs:
+            job.result()
+        return out
+
+    def _tiled_range(self, x: np.ndarray, out: np.ndarray, first: int, last: int) -> None:
+        """out[:, rows of tiles first..last) = x @ those rows of W.T."""
         assert self._kernels is not None
         kernels, (quants, d, m) = self._kernels, self._tiles
         tile = kernels.TILE
         step = max(1, _TILE_ELEMENTS // (self.in_features * tile))  # tiles per buffer
         buf = _scratch_buffer(self.in_features * step * tile)
-        out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
-        for t0 in range(0, quants.shape[0], step):
-            t1 = min(t0 + step, quants.shape[0])
+        for t0 in range(first, last, step):
+            t1 = min(t0 + step, last)
             wt = buf[: self.in_features * (t1 - t0) * tile].reshape(self.in_features, -1)
             if self.qtype == "Q8_0":
                 kernels.dequant_int8_t(quants, d, t0, t1, wt)
@@ -158,7 +193,6 @@ class BlockLinear:
                                           t0, t1, wt)
             r0, r1 = t0 * tile, min(t1 * tile, self.out_features)
             out[:, r0:r1] = x @ wt[:, : r1 - r0]
-        return out
 
     def _reference_matmul(self, x: np.ndarray) -> np.ndarray:
         assert self._raw is not None
