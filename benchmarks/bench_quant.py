@@ -176,11 +176,19 @@ def serving(args: argparse.Namespace) -> dict[str, list[ServingResult]]:
             print(f"  round {r + 1} {v}: {res.tokens_per_s:.1f} tok/s, p50 {res.p50_s:.2f} s, "
                   f"p99 {res.p99_s:.2f} s, {res.completion_tokens} tokens", flush=True)
     base = results.get("llama-server")
-    print("| server | tokens/s (median) | vs llama-server | p50 latency | p99 latency |\n"
-          "|---|---|---|---|---|")
+    paired: dict[str, list[float]] = {}
+    if base:
+        for v, rs in results.items():
+            paired[v] = [x.tokens_per_s / b.tokens_per_s for x, b in zip(rs, base, strict=True)]
+            p99 = [x.p99_s / b.p99_s for x, b in zip(rs, base, strict=True)]
+            print(f"  {v}: tokens/s vs llama-server by round "
+                  + ", ".join(f"{r:.2f}x" for r in paired[v])
+                  + "; p99 latency ratio " + ", ".join(f"{r:.2f}" for r in p99))
+    print("| server | tokens/s (median) | vs llama-server (median of rounds) | p50 latency | "
+          "p99 latency |\n|---|---|---|---|---|")
     for v, rs in results.items():
         tps = float(np.median([x.tokens_per_s for x in rs]))
-        ratio = "" if not base else f"{tps / np.median([x.tokens_per_s for x in base]):.2f}x"
+        ratio = f"{np.median(paired[v]):.2f}x" if v in paired else ""
         print(f"| {v} | {tps:.1f} | {ratio} | {np.median([x.p50_s for x in rs]):.2f} s | "
               f"{np.median([x.p99_s for x in rs]):.2f} s |")
     return results

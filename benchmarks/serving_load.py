@@ -66,7 +66,9 @@ async def _sdk_load(client_cls: type, sampling_cls: type, address: str, prompts:
     tokens: list[int] = []
     latencies: list[float] = []
     async with client_cls(address) as client:
-        await client.complete("warm up", sampling=sampling_cls(max_tokens=1))
+        warm = [client.complete(messages=[{"role": "user", "content": p}], sampling=sampling)
+                for p in prompts[:concurrency]]
+        await asyncio.gather(*warm)  # a full batch first: kernels loaded, pages touched
 
         async def one(text: str) -> None:
             async with gate:
@@ -85,8 +87,9 @@ def llama_server_serving(binary: str, gguf: Path, threads: int, prompts: list[st
                          max_tokens: int, concurrency: int, port: int = 18080) -> ServingResult:
     """llama-server with ``concurrency`` slots and continuous batching, over HTTP."""
     with LlamaServer(binary, gguf, threads=threads, parallel=concurrency, port=port) as server:
-        server.chat("warm up", 1)
-        return _thread_load(lambda text: server.chat(text, max_tokens), prompts, concurrency)
+        chat = lambda text: server.chat(text, max_tokens)  # noqa: E731
+        _thread_load(chat, prompts[:concurrency], concurrency)  # the same warm-up batch
+        return _thread_load(chat, prompts, concurrency)
 
 
 def _thread_load(call: Callable[[str], int], prompts: list[str],
