@@ -37,6 +37,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m engine_builder profile $$($(PY) -c 'from engine_builder.default import ensure_default_engine as e; print(e())')
 	$(PY) -m benchmarks.bench_cpu_engine
+	$(PY) -m benchmarks.bench_quant
 	$(PY) -m benchmarks.bench_scheduler --engine default --duration 60 --rounds 3 --online-rate 1.5
 	$(PY) -m benchmarks.bench_frontend
 

@@ -1,7 +1,7 @@
 """Backfill's CPU weight formats against llama.cpp on the same GGUF, in one run.
 
     python -m benchmarks.bench_quant [--threads 2] [--rounds 3] [--steps 8]
-        [--llama-server PATH] [--serving-rounds 2] [--no-serving] [--json FILE]
+        [--llama-server PATH] [--serving-rounds 2] [--parts speed,quality,serving] [--json FILE]
 
 Engine: the default model (SmolLM2-135M-Instruct; its GGUF is Q4_1 blocks with a Q8_0
 embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks).
@@ -204,30 +204,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--no-serving", action="store_true")
+    parser.add_argument("--parts", default="speed,quality,serving",
+                        help="comma-separated subset of speed,quality,serving")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
     set_thread_compute_threads(args.threads)
     print(f"host: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus; threads "
           f"{args.threads}; kernels: {'numba' if load_kernels() else 'NumPy (numba missing)'}")
-    manifests = {q: Manifest.load(engine_dir(q)) for q in FORMATS}
-    runners = {q: build_runner(engine_dir(q), m)[0] for q, m in manifests.items()}
-    missing = llama_cpp_missing()
-    peer = None
-    if missing:
-        print(f"  llama.cpp skipped: {missing}")
-    else:
-        peer = LlamaCppPeer(fetch_default(), args.threads)
+    parts = set(args.parts.split(","))
     results: dict[str, object] = {"threads": args.threads}
-    print("\n(1, 2) decode and prefill tokens/s (median of rounds; ratio to llama.cpp)")
-    results["speed"] = measure_speed(runners, peer, args.rounds, args.steps)
-    print_speed(results["speed"])  # type: ignore[arg-type]
-    print("\n(3) weights and quality")
-    results["quality"] = quality_table(runners, peer, manifests)
-    runners.clear()
-    if peer is not None:
-        peer.close()
-    if not args.no_serving:
+    if parts & {"speed", "quality"}:
+        manifests = {q: Manifest.load(engine_dir(q)) for q in FORMATS}
+        runners = {q: build_runner(engine_dir(q), m)[0] for q, m in manifests.items()}
+        missing = llama_cpp_missing()
+        peer = None
+        if missing:
+            print(f"  llama.cpp skipped: {missing}")
+        else:
+            peer = LlamaCppPeer(fetch_default(), args.threads)
+        if "speed" in parts:
+            print("\n(1, 2) decode and prefill tokens/s (median of rounds; ratio to llama.cpp)")
+            results["speed"] = speed = measure_speed(runners, peer, args.rounds, args.steps)
+            print_speed(speed)
+        if "quality" in parts:
+            print("\n(3) weights and quality")
+            results["quality"] = quality_table(runners, peer, manifests)
+        runners.clear()
+        if peer is not None:
+            peer.close()
+    if "serving" in parts:
         print(f"\n(4) serving: {args.requests} chat requests x {args.max_tokens} tokens, "
               f"{args.concurrency} in flight, {args.threads} threads")
         results["serving"] = {k: [asdict(r) for r in v] for k, v in serving(args).items()}

@@ -147,14 +147,15 @@ class BlockLinear:
             x = np.concatenate([x, np.zeros((4 - n % 4, x.shape[1]), np.float32)])
         out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
         quants, d, m = self._tiles
-        if self.qtype == "Q8_0":
-            kernel = self._kernels.matvec_int8 if n == 1 else self._kernels.matmul_int8
-            kernel(quants, d, x, self.out_features, out)
-        else:
-            kernel = (self._kernels.matvec_nibbles if n == 1
-                      else self._kernels.matmul_nibbles)
-            kernel(quants, d, m if m is not None else d, m is not None, x, self.out_features,
-                   out)
+        kernels = self._kernels
+        with kernels.launch_guard():
+            if self.qtype == "Q8_0":
+                kernel = kernels.matvec_int8 if n == 1 else kernels.matmul_int8
+                kernel(quants, d, x, self.out_features, out)
+            else:
+                kernel = kernels.matvec_nibbles if n == 1 else kernels.matmul_nibbles
+                kernel(quants, d, m if m is not None else d, m is not None, x,
+                       self.out_features, out)
         return out[:n]
 
     def _tiled_matmul(self, x: np.ndarray) -> np.ndarray:

@@ -347,11 +347,16 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
 
 def _announce_kernels(block_types: set[str]) -> None:
     """Says at start-up which path source blocks take: the compiled kernels, or NumPy."""
-    if load_kernels() is None:
+    kernels = load_kernels()
+    if kernels is None:
         log.warning("numba is not installed: %s weights run on the NumPy reference path, "
                     "several times slower (pip install 'backfill[cpu]')",
                     ", ".join(sorted(block_types)))
         return
+    if not kernels.TBB:
+        log.warning("numba's TBB threading layer is unavailable (pip install tbb): kernels run "
+                    "on OpenMP threads, which stall when other processes keep the cores busy; "
+                    "set BACKFILL_CPU_THREADS=1 on such a host")
     slow = sorted(t for t in block_types if not BlockLinear.has_kernels(t))
     if slow:
         log.warning("no compiled kernels for %s blocks: those run on the NumPy reference path",
