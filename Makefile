@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m engine_builder profile $$($(PY) -c 'from engine_builder.default import ensure_default_engine as e; print(e())')
 	$(PY) -m benchmarks.bench_cpu_engine
+	$(PY) -m benchmarks.bench_quant
 	$(PY) -m benchmarks.bench_scheduler --engine default --rates 1.5,2.85 --plot bench-out/slo.png --json-out bench-out/slo.json
 	$(PY) -m benchmarks.bench_frontend
 	$(PY) -m benchmarks.bench_jobs

@@ -119,6 +119,7 @@ def decode_rate(runner: CpuEngine, batch: int, steps: int, prompt_len: int = 32)
         rates.append(runner.counters.last_step_tokens / dt)  # sequences finish unevenly
     while runner.has_work:
         runner.step()
+        runner.drain()
     return DecodeResult(batch, float(np.median(rates)), 1000 * float(np.median(times)), max(rates))
 
 

@@ -6,6 +6,7 @@ second builder racing this one) sees either no engine or a complete one, never h
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from safetensors.numpy import save_file
 
 from backfill.progress import progress
 from engine_builder.manifest import (
+    BLOCK_TYPES_KEY,
     CPU_KV_DTYPES,
     CPU_WEIGHT_QUANTS,
     Architecture,
@@ -32,7 +34,7 @@ from engine_builder.manifest import (
     atomic_write_text,
 )
 from engine_builder.quantize import check_int4_shape, quantize_int4, quantize_int8
-from engine_builder.source import SourceModel, expected_shapes, is_quantizable
+from engine_builder.source import SourceBlocks, SourceModel, expected_shapes, is_quantizable
 
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -49,7 +51,7 @@ class BuildOptions:
     ``group_size`` and ``num_kv_blocks`` left as None get derived defaults (see ``resolve``).
     """
 
-    quant: str = "none"  # "none" | "int8" | "int4"
+    quant: str = "none"  # "none" | "int8" | "int4" | "source" (a GGUF file's own blocks)
     group_size: int | None = None  # int4 only; None means DEFAULT_INT4_GROUP_SIZE
     kv_cache_dtype: str = "float32"  # "float32" | "int8"
     max_batch_size: int = 32
@@ -120,12 +122,20 @@ def option_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(BuildOptions))
 
 
-def _quantized(name: str, w: np.ndarray, options: BuildOptions) -> Iterator[tuple[str,
-                                                                                np.ndarray]]:
-    if options.quant == "none" or not is_quantizable(name):
+def _quantized(name: str, w: np.ndarray | SourceBlocks, options: BuildOptions,
+               block_types: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
+    """The engine tensors for one source tensor; ``block_types`` collects, for "source"
+    engines, the GGML type of every ``<name>.blocks`` tensor (the weights file's metadata)."""
+    stem = name.removesuffix(".weight")
+    if isinstance(w, SourceBlocks):
+        if is_quantizable(name):
+            block_types[f"{stem}.blocks"] = w.qtype
+            yield f"{stem}.blocks", np.ascontiguousarray(w.data, dtype=np.uint8)
+            return
+        w = _dequantized(w)  # a norm stored quantized: the engine keeps norms in float32
+    if options.quant in ("none", "source") or not is_quantizable(name):
         yield name, np.ascontiguousarray(w, dtype=np.float32)
         return
-    stem = name.removesuffix(".weight")
     if options.quant == "int8":
         qweight, scales = quantize_int8(w)
     else:
@@ -134,26 +144,53 @@ def _quantized(name: str, w: np.ndarray, options: BuildOptions) -> Iterator[tupl
     yield f"{stem}.scales", scales
 
 
-def engine_tensors(source: SourceModel, options: BuildOptions) -> dict[str, np.ndarray]:
-    """All tensors of the engine, checked against the architecture's expected names/shapes."""
+def _dequantized(blocks: SourceBlocks) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    w = dequantize(blocks.data, GGMLQuantizationType[blocks.qtype])
+    return np.asarray(w, dtype=np.float32).reshape(blocks.shape)
+
+
+def check_source(source: SourceModel, options: BuildOptions) -> None:
+    """FieldError (on quant) when the options ask for blocks the source does not have."""
+    if options.quant == "source" and source.blocks is None:
+        raise FieldError("quant", f"source keeps a GGUF file's own quantized blocks; "
+                         f"{source.source} is not a GGUF file")
+
+
+def _source_tensors(source: SourceModel, options: BuildOptions) -> Iterator[
+        tuple[str, np.ndarray | SourceBlocks]]:
+    check_source(source, options)
+    if options.quant == "source" and source.blocks is not None:
+        return source.blocks()
+    return iter(source.tensors())
+
+
+def engine_tensors(source: SourceModel, options: BuildOptions) -> tuple[dict[str, np.ndarray],
+                                                                        dict[str, str]]:
+    """All tensors of the engine, checked against the architecture's expected names/shapes,
+    and the GGML block type of each ``.blocks`` tensor (empty unless quant is "source")."""
     wanted = expected_shapes(source.architecture)
     out: dict[str, np.ndarray] = {}
+    block_types: dict[str, str] = {}
     seen: set[str] = set()
-    action = "converting" if options.quant == "none" else f"quantizing to {options.quant}"
+    actions = {"none": "converting", "source": "keeping the source blocks of"}
+    action = actions.get(options.quant, f"quantizing to {options.quant}")
     with progress(total=len(wanted), desc=f"{action} {source.name}", unit="tensor") as bar:
-        for name, w in source.tensors():
+        for name, w in _source_tensors(source, options):
             _check_tensor(source, wanted, seen, name, w)
-            out.update(_quantized(name, w, options))
+            out.update(_quantized(name, w, options, block_types))
             bar.update()
     missing = sorted(set(wanted) - seen)
     if missing:
         raise ValueError(f"{source.source}: missing tensor {missing[0]} "
                          f"({len(missing)} missing in all)")
-    return out
+    return out, block_types
 
 
 def _check_tensor(source: SourceModel, wanted: dict[str, tuple[int, ...]], seen: set[str],
-                  name: str, w: np.ndarray) -> None:
+                  name: str, w: np.ndarray | SourceBlocks) -> None:
     if name not in wanted:
         raise ValueError(f"{source.source}: unexpected tensor {name}")
     if tuple(w.shape) != wanted[name]:
@@ -201,6 +238,7 @@ def build_engine(source: SourceModel, options: BuildOptions, out_dir: Path, *,
     """Builds the engine into out_dir. An existing out_dir is an error unless replace=True."""
     out_dir = Path(out_dir)
     options.check_model(source.architecture)
+    check_source(source, options)
     manifest = make_manifest(source, options, name)
     if out_dir.exists() and not replace:
         raise FileExistsError(f"{out_dir}: already exists")
@@ -208,7 +246,9 @@ def build_engine(source: SourceModel, options: BuildOptions, out_dir: Path, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the engine is not
     try:
-        save_file(engine_tensors(source, options), str(tmp / WEIGHTS_FILE))
+        tensors, block_types = engine_tensors(source, options)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={BLOCK_TYPES_KEY: json.dumps(
+            block_types, sort_keys=True)} if block_types else None)
         atomic_write_text(tmp / TOKENIZER_FILE, source.tokenizer.tokenizer_json)
         if source.tokenizer.chat_template is not None:
             atomic_write_text(tmp / CHAT_TEMPLATE_FILE, source.tokenizer.chat_template)

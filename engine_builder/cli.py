@@ -21,6 +21,7 @@ from engine_builder.build import (
     DEFAULT_KV_TOKENS_PER_SEQUENCE,
     BuildOptions,
     build_engine,
+    check_source,
 )
 from engine_builder.fetch import DEFAULT_SHA256, fetch_default, is_fetched
 from engine_builder.footprint import footprint, human_bytes
@@ -28,8 +29,8 @@ from engine_builder.gguf_source import load_gguf
 from engine_builder.hf_source import SourceError, load_hf_checkpoint
 from engine_builder.manifest import (
     CPU_KV_DTYPES,
-    LLMAPI_WEIGHT_QUANTS,
     TRTLLM_KV_DTYPES,
+    WEIGHT_QUANTS,
     FieldError,
     Manifest,
     ManifestError,
@@ -43,7 +44,7 @@ GPU_BUILDERS = {"trtllm": "engine_builder.trtllm_build",
                 "trtllm-llmapi": "engine_builder.llmapi_build"}
 GGUF_MAGIC = b"GGUF"
 _OPTION_HELP = {
-    "quant": "weight quantization",
+    "quant": "weight quantization ('source': a GGUF file's own quantized blocks, as they are)",
     "group_size": f"int4: input columns per scale group (cpu: {DEFAULT_INT4_GROUP_SIZE})",
     "kv_cache_dtype": "KV-cache element type",
     "max_batch_size": "sequences per step",
@@ -55,7 +56,7 @@ _OPTION_HELP = {
 }
 # Both backends' values are accepted by the parser; each backend rejects what it cannot build.
 _OPTION_CHOICES: dict[str, list[str]] = {
-    "quant": sorted(LLMAPI_WEIGHT_QUANTS),
+    "quant": sorted(WEIGHT_QUANTS),
     "kv_cache_dtype": sorted(CPU_KV_DTYPES | TRTLLM_KV_DTYPES),
 }
 
@@ -120,6 +121,7 @@ def run_build(args: argparse.Namespace) -> int:
     source = open_model(args.model)
     try:
         options.check_model(source.architecture)
+        check_source(source, options)
     except FieldError as exc:
         raise UsageError(flag_name(exc.name), exc.message) from exc
     build_engine(source, options, out, name=args.name, replace=args.force)

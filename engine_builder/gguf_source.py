@@ -1,9 +1,10 @@
 """Reading a GGUF file (llama architecture, byte-level BPE vocabulary) into a ``SourceModel``.
 
 Tensors are dequantized to float32 with ``gguf.quants.dequantize`` and renamed to Hugging Face
-names. GGUF stores Q and K projections with each head's rows permuted for interleaved rotary
-pairs (llama.cpp's converter applies ``permute``); ``unpermute_rotary`` undoes that once here,
-so the executor has a single, half-split RoPE.
+names; ``SourceModel.blocks`` yields the quantized ones as their raw blocks instead. GGUF stores
+Q and K projections with each head's rows permuted for interleaved rotary pairs (llama.cpp's
+converter applies ``permute``); ``unpermute_rotary`` undoes that once here, so the executor has
+a single, half-split RoPE.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from engine_builder.gguf_tokenizer import tokenizer_json_from_gguf
 from engine_builder.hf_source import SourceError
 from engine_builder.manifest import Architecture, RopeScaling
-from engine_builder.source import SourceModel, SourceTokenizer
+from engine_builder.source import SourceBlocks, SourceModel, SourceTokenizer
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -36,6 +37,8 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# GGML types that are plain floats: a "source" engine stores them widened to float32.
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -195,19 +198,36 @@ def load_gguf(path: Path, *, sha256: str | None = None) -> SourceModel:
                           "supported; build from the Hugging Face checkpoint instead")
     arch = gguf_architecture(meta, path, has_output="output.weight" in names)
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def unpermuted(name: str, w: np.ndarray) -> np.ndarray:
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return unpermute_rotary(w, arch.num_attention_heads)
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return unpermute_rotary(w, arch.num_kv_heads)
+        return w
+
+    def named() -> Iterator[tuple[str, Any]]:
         for t in reader.tensors:
             name = hf_name(t.name)
             if name is None:
                 raise SourceError(f"{path}: unsupported GGUF tensor {t.name}")
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = unpermute_rotary(w, arch.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = unpermute_rotary(w, arch.num_kv_heads)
-            yield name, w
+            yield name, t
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for name, t in named():
+            yield name, unpermuted(name, np.asarray(dequantize(t.data, t.tensor_type),
+                                                    dtype=np.float32))
+
+    def blocks() -> Iterator[tuple[str, np.ndarray | SourceBlocks]]:
+        for name, t in named():
+            if t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
+                yield name, unpermuted(name, np.asarray(dequantize(t.data, t.tensor_type),
+                                                        dtype=np.float32))
+                continue
+            shape = (int(t.shape[1]), int(t.shape[0]))  # GGUF lists dimensions innermost first
+            raw = np.asarray(t.data, dtype=np.uint8).reshape(shape[0], -1)
+            yield name, SourceBlocks(t.tensor_type.name, unpermuted(name, raw), shape)
 
     return SourceModel(name=model_name(path), architecture=arch, tensors=tensors,
                        tokenizer=gguf_tokenizer(meta, path), source=path.name,
                        source_sha256=sha256 or file_sha256(path),
-                       tools=(("gguf", metadata.version("gguf")),))
+                       tools=(("gguf", metadata.version("gguf")),), blocks=blocks)

@@ -1,4 +1,4 @@
-"""The engine manifest (docs/engine-format.md, schema version 1): the one reader and writer.
+"""The engine manifest (docs/engine-format.md, schema version 2): the one reader and writer.
 
 Every section is a frozen, slotted dataclass validated at construction, so a ``Manifest`` that
 exists is a valid one. ``Manifest.load`` turns any problem with ``DIR/manifest.json`` into a
@@ -17,13 +17,21 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# Written by this build. Version 1 manifests (no "source" weights) still load; an older reader
+# refuses version 2 instead of misreading source blocks as some other layout.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
+SOURCE_BLOCKS_SCHEMA_VERSION = 2  # the first version with quantization.weights = "source"
 MANIFEST_FILE = "manifest.json"
+# For "source" weights: the weights file's metadata key holding JSON {"<name>.blocks": GGML type}.
+BLOCK_TYPES_KEY = "backfill.block_types"
 
 BACKENDS = frozenset({"cpu", "trtllm", "trtllm-llmapi"})
-CPU_WEIGHT_QUANTS = frozenset({"none", "int8", "int4"})
-TRTLLM_WEIGHT_QUANTS = CPU_WEIGHT_QUANTS | {"int4_awq"}
+# "source": a GGUF file's own quantized blocks, kept as they are (cpu backend only).
+CPU_WEIGHT_QUANTS = frozenset({"none", "int8", "int4", "source"})
+TRTLLM_WEIGHT_QUANTS = frozenset({"none", "int8", "int4", "int4_awq"})
 LLMAPI_WEIGHT_QUANTS = TRTLLM_WEIGHT_QUANTS | {"fp8"}
+WEIGHT_QUANTS = CPU_WEIGHT_QUANTS | LLMAPI_WEIGHT_QUANTS
 CPU_KV_DTYPES = frozenset({"float32", "int8"})
 TRTLLM_KV_DTYPES = frozenset({"auto", "int8", "fp8"})
 LLMAPI_KV_DTYPES = frozenset({"auto", "fp8"})
@@ -142,7 +150,7 @@ class Quantization:
     kv_cache_quant_algo: str | None = None  # trtllm only
 
     def __post_init__(self) -> None:
-        _require(self.weights in LLMAPI_WEIGHT_QUANTS, "weights",
+        _require(self.weights in WEIGHT_QUANTS, "weights",
                  f"unknown weight quantization {self.weights!r}")
         per_channel_int4 = self.quant_algo == "W4A16" and self.group_size is None
         if self.weights.startswith("int4") and not per_channel_int4:
@@ -310,9 +318,12 @@ class Manifest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", dict(self.files))  # a copy; read-only by convention
-        _require(self.schema_version == SCHEMA_VERSION, "schema_version",
+        _require(self.schema_version in READABLE_SCHEMA_VERSIONS, "schema_version",
                  f"unsupported schema version {self.schema_version} (this build reads "
-                 f"{SCHEMA_VERSION})")
+                 f"{sorted(READABLE_SCHEMA_VERSIONS)})")
+        _require(self.quantization.weights != "source"
+                 or self.schema_version >= SOURCE_BLOCKS_SCHEMA_VERSION, "schema_version",
+                 f"source weights need schema version >= {SOURCE_BLOCKS_SCHEMA_VERSION}")
         _require(bool(self.name), "name", "must not be empty")
         _require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}")
         needs = {"cpu": ("weights", CPU_WEIGHT_QUANTS, CPU_KV_DTYPES),

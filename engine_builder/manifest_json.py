@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from engine_builder.manifest import (
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     Architecture,
     DraftInfo,
     FieldError,
@@ -137,9 +137,9 @@ def parse_manifest(data: object) -> Manifest:
     version = data.get("schema_version")
     if version is None:
         raise FieldError("schema_version", "missing")
-    if not _is_int(version) or version != SCHEMA_VERSION:
+    if not _is_int(version) or version not in READABLE_SCHEMA_VERSIONS:
         raise FieldError("schema_version", f"unsupported schema version {version!r} "
-                         f"(this build reads {SCHEMA_VERSION})")
+                         f"(this build reads {sorted(READABLE_SCHEMA_VERSIONS)})")
     try:
         return _parse_top(data)
     except FieldError as exc:

@@ -2,7 +2,8 @@
 
 Both readers (GGUF and Hugging Face) produce a ``SourceModel``: the architecture, the weights
 under Hugging Face Llama names in float32 with Q/K in the half-split rotary layout, and the
-tokenizer. The builder then only quantizes and writes.
+tokenizer. The builder then only quantizes and writes. A GGUF reader also offers the file's own
+quantized blocks (``SourceModel.blocks``), for engines that keep them as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from engine_builder.manifest import Architecture
 
 # Yields (name, float32 array) once each; a callable so that big models stream through.
 TensorStream = Callable[[], Iterator[tuple[str, np.ndarray]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBlocks:
+    """One weight as the source's quantized blocks (GGML block type ``qtype``); rows are
+    independent runs of blocks along the input axis, so Q/K un-permutation moves whole rows."""
+
+    qtype: str  # GGML type name: "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", ...
+    data: np.ndarray  # uint8 [out, row bytes]
+    shape: tuple[int, int]  # the float weight's [out, in]
+
+
+# Yields (name, float32 array or SourceBlocks) once each: quantized tensors as they are stored.
+BlockStream = Callable[[], Iterator[tuple[str, "np.ndarray | SourceBlocks"]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +51,7 @@ class SourceModel:
     source: str  # file or directory name, for provenance
     source_sha256: str | None
     tools: tuple[tuple[str, str], ...] = ()  # reader-specific versions for provenance
+    blocks: BlockStream | None = None  # GGUF sources: the file's own blocks (quant "source")
 
     def with_tools(self, tools: Mapping[str, str]) -> SourceModel:
         return replace(self, tools=(*self.tools, *tools.items()))

@@ -127,3 +127,43 @@ def test_quantized_default_builds_load_and_are_smaller(default_engine: Path, tmp
         assert finished
     finally:
         executor.shutdown()
+
+
+# The oracle prompts: greedy output of the engine that keeps the GGUF's blocks must equal the
+# float32 engine's (the same weights, the same arithmetic up to float rounding).
+ORACLE = ("What is the capital of France?", "Write one sentence about the ocean.",
+          "What is two plus two?", "Name three colors of the rainbow.", "Why is the sky blue?",
+          "What is the largest planet in the solar system?")
+
+
+def test_source_default_engine_keeps_the_q4_1_blocks_and_matches_fp32(
+        default_engine: Path) -> None:
+    from dataclasses import replace
+
+    from server.executor.base import ExecRequest, SamplingParams
+    from server.executor.cpu.blas import default_threads, set_thread_compute_threads
+    from server.executor.cpu.executor import build_engine
+
+    set_thread_compute_threads(default_threads())  # as the executor's worker does
+    source = ensure_default_engine(quant="source")
+    outputs, weights = [], {}
+    for engine in (default_engine, source):
+        manifest = Manifest.load(engine)  # a small KV pool: six short sequences
+        manifest = replace(manifest, limits=replace(manifest.limits, num_kv_blocks=64))
+        runner = build_engine(engine, manifest)[0]
+        weights[engine] = runner.model.weights
+        template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+        for i, text in enumerate(ORACLE):
+            prompt = tuple(runner.tokenizer.encode(template.format(text)))
+            runner.add(ExecRequest(i, prompt, SamplingParams(max_tokens=16)), seed=0)
+        got: dict[int, list[int]] = {}
+        while runner.has_work:
+            runner.step()
+            for delta in runner.drain():
+                got.setdefault(delta.request_id, []).extend(delta.token_ids)
+        outputs.append(got)
+    assert outputs[0] == outputs[1]
+    # Q4_1 layers (20 bytes per 32 weights) and a Q8_0 embedding (34 per 32), as in the file.
+    assert weights[source].nbytes < weights[default_engine].nbytes / 5
+    layer = weights[source].layers[0].gate_up
+    assert layer.nbytes / (layer.out_features * layer.in_features) == 0.625

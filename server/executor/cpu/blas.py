@@ -1,6 +1,7 @@
 """BLAS thread control for the executor's worker thread.
 
-The worker sets its own BLAS calls to `BACKFILL_CPU_THREADS` threads, by default every core
+The worker sets its own BLAS calls (and the compiled block kernels, see
+``set_thread_compute_threads``) to `BACKFILL_CPU_THREADS` threads, by default every core
 this process may run on: on a quiet 2-core machine two threads took batch-1 decode of the
 default engine from 54 ms to 35 ms per step (51% → 86% of the memory roofline) and batch 32
 from 226 ms to 124 ms. On an oversubscribed host the opposite holds: a [1, 1536] x [1536, 576]
@@ -70,6 +71,19 @@ def set_thread_blas_threads(num_threads: int) -> bool:
                 return True
     log.info("no OpenBLAS thread control found; BLAS threads unchanged")
     return False
+
+
+def set_thread_compute_threads(num_threads: int) -> None:
+    """BLAS and compiled-kernel threads for calls made from the current thread.
+
+    Both get the same count: a step calls them one after the other, never at once, so the
+    cores are shared in turn rather than oversubscribed."""
+    from server.executor.cpu.block_weights import load_kernels
+
+    set_thread_blas_threads(num_threads)
+    kernels = load_kernels()
+    if kernels is not None:
+        kernels.set_threads(num_threads)
 
 
 def _loaded_openblas() -> list[ctypes.CDLL]:

@@ -39,7 +39,7 @@ from server.executor.base import (
     TokenLogprob,
 )
 from server.executor.cpu.batcher import Batcher, BatchLimits
-from server.executor.cpu.blas import default_threads, set_thread_blas_threads
+from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
 from server.executor.cpu.model import LlamaModel
 from server.executor.cpu.model_runner import ModelRunner
@@ -198,7 +198,7 @@ class CpuExecutor:
                 raise ValueError(f"token id {token} outside the vocabulary [0, {cap.vocab_size})")
 
     def _loop(self) -> None:
-        set_thread_blas_threads(self._blas_threads)
+        set_thread_compute_threads(self._blas_threads)
         while True:
             with self._lock:
                 # With nothing runnable (no work, or every sequence paused) the worker waits

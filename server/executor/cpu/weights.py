@@ -7,6 +7,8 @@ full float32 matrix never exists and the GEMM reads the tile from cache right af
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors import safe_open
 
+from engine_builder.manifest import BLOCK_TYPES_KEY
 from server.executor.cpu.blas import thread_blas_threads
+from server.executor.cpu.block_weights import BlockLinear, StackedLinear, load_kernels
+
+log = logging.getLogger(__name__)
 
 # Elements per dequantized tile: 256K float32 = 1 MiB, a quarter of this machine's L2.
 _TILE_ELEMENTS = 1 << 18
@@ -275,6 +281,8 @@ class _Reader:
         self._quant = quant
         self._group_size = group_size or 32
         self._keys = set(handle.keys())
+        metadata = handle.metadata() or {}
+        self.block_types: dict[str, str] = json.loads(metadata.get(BLOCK_TYPES_KEY, "{}"))
 
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._keys:
@@ -288,6 +296,8 @@ class _Reader:
         """One Linear from the named weights stacked along the output axis (fusion)."""
         if self._quant == "none":
             return DenseLinear(_cat([self.tensor(f"{n}.weight") for n in names]))
+        if self._quant == "source":
+            return self._source_linear(names)
         q = _cat([self.tensor(f"{n}.qweight") for n in names])
         s = _cat([self.tensor(f"{n}.scales") for n in names])
         if self._quant == "int8":
@@ -295,6 +305,16 @@ class _Reader:
         if self._quant == "int4":
             return Int4Linear(q, s, self._group_size)
         raise ValueError(f"unsupported weight quantization {self._quant!r} on the cpu backend")
+
+    def _source_linear(self, names: tuple[str, ...]) -> Linear:
+        """Blocks stay blocks; parts of one fused linear are concatenated when they share a
+        type (float tensors included), else stacked."""
+        kinds = [self.block_types.get(f"{n}.blocks", "F32") for n in names]
+        if len(set(kinds)) > 1:
+            return StackedLinear([self._source_linear((n,)) for n in names])
+        if kinds[0] == "F32":
+            return DenseLinear(_cat([self.tensor(f"{n}.weight") for n in names]))
+        return BlockLinear(kinds[0], _cat([self.tensor(f"{n}.blocks") for n in names]))
 
     def bias(self, *names: str) -> np.ndarray | None:
         if not all(self.has(f"{n}.bias") for n in names):
@@ -311,6 +331,8 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
     arch, quant = manifest.architecture, manifest.quantization
     with safe_open(str(path), framework="numpy") as handle:
         r = _Reader(handle, quant.weights, quant.group_size)
+        if quant.weights == "source":
+            _announce_kernels(set(r.block_types.values()))
         layers = tuple(_load_layer(r, i, arch.attention_bias) for i in range(arch.num_layers))
         embed = r.linear("model.embed_tokens")
         lm_head = embed if arch.tie_word_embeddings else r.linear("lm_head")
@@ -321,6 +343,24 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
             f"[{arch.vocab_size}, {arch.hidden_size}]"
         )
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def _announce_kernels(block_types: set[str]) -> None:
+    """Says at start-up which path source blocks take: the compiled kernels, or NumPy."""
+    kernels = load_kernels()
+    if kernels is None:
+        log.warning("numba is not installed: %s weights run on the NumPy reference path, "
+                    "several times slower (pip install 'backfill[cpu]')",
+                    ", ".join(sorted(block_types)))
+        return
+    if not kernels.TBB:
+        log.warning("numba's TBB threading layer is unavailable (pip install tbb): kernels run "
+                    "on OpenMP threads, which stall when other processes keep the cores busy; "
+                    "set BACKFILL_CPU_THREADS=1 on such a host")
+    slow = sorted(t for t in block_types if not BlockLinear.has_kernels(t))
+    if slow:
+        log.warning("no compiled kernels for %s blocks: those run on the NumPy reference path",
+                    ", ".join(slow))
 
 
 def _load_layer(r: _Reader, i: int, attention_bias: bool) -> LayerWeights:

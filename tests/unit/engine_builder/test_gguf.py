@@ -109,8 +109,9 @@ def test_gguf_tokenizer_control_tokens_are_special_and_others_rejected() -> None
 
 def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = None,
                     rope_scaling: tuple[str, float] | None = None,
-                    rope_freqs: bool = False) -> Path:
-    """The tiny HF checkpoint re-encoded the way llama.cpp's converter does it."""
+                    rope_freqs: bool = False, block_types: dict[str, str] | None = None) -> Path:
+    """The tiny HF checkpoint re-encoded the way llama.cpp's converter does it; tensors named
+    in ``block_types`` (HF name -> GGML type) are quantized to that type."""
     import gguf
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -156,8 +157,9 @@ def write_tiny_gguf(checkpoint: Path, path: Path, *, q8_tensor: str | None = Non
             array = permute_rotary(array, config["num_attention_heads"])
         elif "k_proj" in name:
             array = permute_rotary(array, config["num_key_value_heads"])
-        if name == q8_tensor:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+        types = dict(block_types or {}, **({q8_tensor: "Q8_0"} if q8_tensor else {}))
+        if name in types:
+            qtype = gguf.GGMLQuantizationType[types[name]]
             w.add_tensor(gname, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(array))
