@@ -30,6 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -121,6 +122,15 @@ class StepSample:
 
     shape: StepShape
     seconds: float
+
+
+class StepCostModel(Protocol):
+    """Anything that predicts a step's seconds from its shape: the fitted linear model here,
+    or an analytic one (the capacity planner's roofline for accelerators nobody profiled).
+    ``predict`` is called per candidate while planning a step, so it must be cheap."""
+
+    def predict(self, shape: StepShape) -> float:
+        """Seconds; 0 for a step that computes nothing."""
 
 
 class LinearStepCost:
@@ -261,6 +271,10 @@ class OnlineStepCost:
     """The runtime model: a prior fit, refitted on a window of recent steps and scaled by a
     running correction, so that predictions follow the machine's drift.
 
+    The refits are linear (``fit_samples``, pulled towards a linear prior), so they apply only
+    to a linear prior or to none; any other prior (an analytic model) keeps its form and is
+    corrected by the running scale alone.
+
     Thread-safe: the scheduler thread observes and predicts, readers (metrics, GetStats) take
     ``error_summary`` from other threads.
     """
@@ -273,9 +287,10 @@ class OnlineStepCost:
     PRIOR_WEIGHT = 0.5  # ridge pull towards the prior, relative to the window's own fit
     SCALE_ALPHA = 0.05  # weight of the newest step in the running log-ratio correction
 
-    def __init__(self, prior: LinearStepCost | None) -> None:
+    def __init__(self, prior: StepCostModel | None) -> None:
         self._prior = prior
-        self._fit = prior
+        self._refits = prior is None or isinstance(prior, LinearStepCost)
+        self._fit: StepCostModel | None = prior
         self._log_scale = 0.0
         self._window: deque[StepSample] = deque(maxlen=self.WINDOW)
         self._errors: deque[float] = deque(maxlen=self.WINDOW)
@@ -314,8 +329,9 @@ class OnlineStepCost:
                 self._log_scale += self.SCALE_ALPHA * ratio
             self._since_refit += 1
             early = self._prior is None and self._observed <= self.REFIT_EVERY
-            refit = self._since_refit >= self.REFIT_EVERY or (
-                early and self._observed >= self.FIRST_FIT_STEPS and self._since_refit >= 8
+            refit = self._refits and (
+                self._since_refit >= self.REFIT_EVERY
+                or (early and self._observed >= self.FIRST_FIT_STEPS and self._since_refit >= 8)
             )
             window = list(self._window) if refit else None
         if window is not None:
@@ -323,10 +339,9 @@ class OnlineStepCost:
         return predicted
 
     def _refit(self, window: list[StepSample], only: tuple[str, ...] | None) -> None:
+        prior = self._prior if isinstance(self._prior, LinearStepCost) else None
         try:
-            fit = fit_samples(
-                window, only=only, prior=self._prior, prior_weight=self.PRIOR_WEIGHT
-            )
+            fit = fit_samples(window, only=only, prior=prior, prior_weight=self.PRIOR_WEIGHT)
         except (ValueError, np.linalg.LinAlgError):
             return
         with self._lock:
@@ -341,6 +356,6 @@ class OnlineStepCost:
         return median(errors), len(errors)
 
     @property
-    def model(self) -> LinearStepCost | None:
-        """The current fit without the running scale (for display)."""
+    def model(self) -> StepCostModel | None:
+        """The current fit (or the analytic prior) without the running scale (for display)."""
         return self._fit
