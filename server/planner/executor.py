@@ -1,0 +1,486 @@
+"""SimulatedExecutor: the executor protocol on a virtual clock, for the capacity planner.
+
+It runs no model. It does what an in-flight batching engine does with its slots, its token
+budget and its KV blocks, and takes as long as a step-cost model says each step takes:
+
+- Requests wait in priority order (higher first, FIFO within a priority: TensorRT-LLM's queue
+  semantics) and are admitted into free slots while the KV pool holds their context, reusing
+  cached leading blocks (``kv.SimKvPool``).
+- Each step carries every decode, then prefill chunks by priority within the engine's token
+  budget (and the scheduler's ``StepPlan`` in ``PlanFollowingSimulatedExecutor``); a decode
+  that needs a KV block when none is left preempts the newest sequence of the lowest priority,
+  which later resumes from the prefix cache.
+- A step lasts ``model.predict(shape)`` virtual seconds (times optional log-normal jitter); its
+  output is ready when it ends, and the next step starts at once with what was enqueued before
+  then, as an executor running on its own thread does (work enqueued in answer to a step's
+  output joins the step after the next one).
+- ``batching="static"`` is the baseline without in-flight batching: a batch is admitted only
+  when the previous one has wholly finished; prompts are padded to the batch's longest and
+  finished sequences keep their rows (padding) until the batch ends.
+
+Output: an emitted token is a stable function of the original prompt and its position in the
+output, so a preempted and resumed request continues the same stream; text is empty (there is
+no tokenizer). Requests end at ``max_tokens`` (resumed tokens count), at the engine's
+``max_seq_len``, or at a ``stop_token_ids`` token after ``min_tokens``; there is no
+end-of-sequence token and stop strings never match, since a replayed trace says how long each
+output is.
+
+Time: the clock is shared (``SimClock``). A simulation loop that owns it moves it to
+``step_end`` and calls ``finish_step``; an executor built without a clock owns a private one
+and ``poll(timeout)`` advances it, running steps, up to ``timeout`` virtual seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_builder.step_cost import StepCostModel, StepSample, StepShape
+from server.executor.base import (
+    Capacity,
+    ExecRequest,
+    ExecutorStats,
+    FinishReason,
+    StepPlan,
+    TokenDelta,
+)
+from server.planner.kv import SimKvPool
+
+BATCHING = ("inflight", "static")
+SAMPLES_KEPT = 4096  # step samples nobody took are dropped oldest first beyond this
+
+
+class SimClock:
+    """Virtual seconds; callable like ``time.monotonic`` so the scheduler can read it."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    request: ExecRequest
+    tokens: list[int]  # prompt + resumed + generated in this run
+    key: int  # names the output stream (the original prompt)
+    num_done: int  # generated tokens counted against max_tokens, resumed ones included
+    num_computed: int = 0  # tokens whose K/V exists
+    blocks: int = 0
+    cached_tokens: int | None = None  # set at first admission
+    report_cached: bool = False
+    finish: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+
+@dataclass(slots=True)
+class _Step:
+    end: float
+    seconds: float
+    shape: StepShape
+    chunks: list[tuple[_Seq, int]]  # (sequence, tokens computed)
+
+
+@dataclass(slots=True)
+class _Counters:
+    steps: int = 0
+    busy_seconds: float = 0.0
+    last_step_latency_s: float = 0.0
+    last_step_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    computed_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _StaticBatch:
+    """The batch a static-batching engine runs until every member has finished."""
+
+    size: int
+    longest_prompt: int
+    members: list[_Seq] = field(default_factory=list)
+
+
+class SimulatedExecutor:
+    """Plans its own steps, like TensorRT-LLM: the scheduler bounds it by admission."""
+
+    def __init__(
+        self,
+        capacity: Capacity,
+        model: StepCostModel,
+        *,
+        clock: SimClock | None = None,
+        batching: str = "inflight",
+        jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if not (math.isfinite(jitter) and jitter >= 0):
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        self._capacity = capacity
+        self._model = model
+        self._owns_clock = clock is None
+        self.clock = SimClock() if clock is None else clock
+        self._static = batching == "static"
+        self._jitter = jitter
+        self._rng = random.Random(seed)
+        self._kv = SimKvPool(capacity.num_kv_blocks, capacity.tokens_per_block)
+        self._plan = StepPlan()
+        self._inbox: list[_Seq] = []
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # admission order: the last is the newest
+        self._live: dict[int, _Seq] = {}  # every enqueued id without a final delta yet
+        self._step: _Step | None = None
+        self._batch: _StaticBatch | None = None
+        self._outbox: list[TokenDelta] = []
+        self._open: dict[int, int] = {}  # request id -> index of its unfinished delta
+        self._samples: deque[StepSample] = deque(maxlen=SAMPLES_KEPT)
+        self._shut = False
+        self.counters = _Counters()
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> Capacity:
+        return self._capacity
+
+    def enqueue(self, request: ExecRequest) -> None:
+        self._validate(request)
+        context = [*request.prompt_token_ids, *request.resume_token_ids]
+        key = hash(request.prompt_token_ids) & 0x7FFFFFFF
+        seq = _Seq(request, context, key, len(request.resume_token_ids))
+        self._live[request.request_id] = seq
+        if seq.num_done >= request.sampling.max_tokens:  # resumed with its budget spent
+            self._end(seq, FinishReason.LENGTH)
+            return
+        self._inbox.append(seq)
+
+    def cancel(self, request_id: int) -> None:
+        seq = self._live.get(request_id)
+        if seq is None or seq.finish is not None:
+            return
+        self._take_out(seq)
+        self._end(seq, FinishReason.CANCELLED)
+
+    def poll(self, timeout: float) -> list[TokenDelta]:
+        if self._owns_clock and not self._outbox and timeout > 0 and not self._shut:
+            self._run_for(timeout)
+        deltas, self._outbox = self._outbox, []
+        self._open.clear()
+        return deltas
+
+    def stats(self) -> ExecutorStats:
+        c, kv = self.counters, self._kv
+        return ExecutorStats(
+            active=len(self._running),
+            queued=len(self._waiting) + len(self._inbox),
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.used,
+            kv_blocks_free=kv.num_free,
+            kv_blocks_cached=kv.num_cached,
+            steps=c.steps,
+            last_step_latency_s=c.last_step_latency_s,
+            last_step_tokens=c.last_step_tokens,
+            prompt_tokens=c.prompt_tokens,
+            cached_prompt_tokens=c.cached_prompt_tokens,
+            generated_tokens=c.generated_tokens,
+            busy_seconds=c.busy_seconds,
+            context_requests=sum(1 for s in self._running if s.num_pending > 1),
+            preemptions=c.preemptions,
+        )
+
+    def take_step_samples(self) -> list[StepSample]:
+        samples = list(self._samples)
+        self._samples.clear()
+        return samples
+
+    def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        for seq in [*self._running, *self._waiting, *self._inbox]:
+            self._take_out(seq)
+            self._end(seq, FinishReason.CANCELLED)
+        self._step = None
+
+    # -- driving the clock ----------------------------------------------------------------
+
+    @property
+    def step_end(self) -> float | None:
+        """When the step in flight ends (None: idle)."""
+        return None if self._step is None else self._step.end
+
+    @property
+    def num_live(self) -> int:
+        """Requests enqueued and not finished: the slots a scheduler counts as running."""
+        return len(self._live)
+
+    def wake(self) -> None:
+        """Starts a step now if none is in flight and there is something to run."""
+        if self._step is None and not self._shut:
+            self._start_step()
+
+    def finish_step(self) -> None:
+        """Ends the step in flight (the clock must have reached its end) and starts the next
+        one with what was enqueued until now."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("no step in flight")
+        if self.clock.now < step.end:
+            raise RuntimeError(f"the clock ({self.clock.now}) is before the step's end")
+        self._step = None
+        self._commit(step)
+        self._start_step()
+
+    def check_integrity(self) -> None:
+        """Slot and KV accounting (AssertionError); for tests."""
+        self._kv.check_integrity()
+        assert len(self._running) <= self._capacity.max_slots, "more running than slots"
+        held = sum(s.blocks for s in self._running)
+        assert held == self._kv.used, f"running sequences hold {held} blocks, pool says used"
+        live = [*self._running, *self._waiting, *self._inbox]
+        assert {s.request_id for s in live} == set(self._live), "a live id is lost"
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _validate(self, request: ExecRequest) -> None:
+        cap = self._capacity
+        if self._shut:
+            raise ValueError("the executor is shut down")
+        if request.request_id in self._live:
+            raise ValueError(f"request id {request.request_id} is already live")
+        if not request.prompt_token_ids:
+            raise ValueError("empty prompt")
+        context = len(request.prompt_token_ids) + len(request.resume_token_ids)
+        if context + 1 > cap.max_seq_len:
+            raise ValueError(
+                f"prompt of {context} tokens leaves no room to generate "
+                f"(max_seq_len {cap.max_seq_len})"
+            )
+        if cap.blocks_for(context + 1) > cap.num_kv_blocks:
+            raise ValueError(f"prompt of {context} tokens exceeds the KV-cache pool")
+        ids = request.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= cap.vocab_size:
+            raise ValueError(f"a token id is outside the vocabulary [0, {cap.vocab_size})")
+
+    def _run_for(self, timeout: float) -> None:
+        """Standalone driving: runs steps until output is ready or ``timeout`` passes."""
+        deadline = self.clock.now + timeout
+        self.wake()
+        while not self._outbox and self._step is not None and self._step.end <= deadline:
+            self.clock.now = self._step.end
+            self.finish_step()
+        if not self._outbox:
+            self.clock.now = max(self.clock.now, deadline)
+
+    def _take_out(self, seq: _Seq) -> None:
+        """Removes a live sequence from wherever it waits or runs, freeing its blocks."""
+        if seq in self._running:
+            self._release(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        elif seq in self._inbox:
+            self._inbox.remove(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        self._running.remove(seq)
+        self._kv.release(seq.blocks, seq.tokens, seq.num_computed)
+        seq.blocks = 0
+
+    def _queue(self, seq: _Seq, *, front: bool) -> None:
+        """Behind every waiting sequence of its priority or higher (``front``: of higher
+        priority only, so a preempted sequence resumes first)."""
+        p = seq.request.priority
+        index = next(
+            (i for i, w in enumerate(self._waiting)
+             if (w.request.priority <= p if front else w.request.priority < p)),
+            len(self._waiting),
+        )
+        self._waiting.insert(index, seq)
+
+    def _start_step(self) -> None:
+        for seq in self._inbox:
+            self._queue(seq, front=False)
+        self._inbox.clear()
+        self._admit()
+        chunks = self._schedule()
+        if not chunks:
+            return
+        shape = self._shape(chunks)
+        seconds = self._model.predict(shape)
+        if self._jitter:
+            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        self._step = _Step(self.clock.now + seconds, seconds, shape, chunks)
+
+    def _admit(self) -> None:
+        if self._static and self._running:
+            return
+        batch: list[_Seq] = []
+        while self._waiting and len(self._running) < self._capacity.max_slots:
+            seq = self._waiting[0]
+            cached = self._kv.admit(seq.tokens, self._kv.blocks_for(len(seq.tokens)))
+            if cached is None:
+                if self._running:
+                    break  # blocks come back as running sequences finish
+                self._waiting.popleft()
+                self._end(seq, FinishReason.ERROR, "prompt does not fit the KV-cache pool")
+                continue
+            self._waiting.popleft()
+            seq.blocks = self._kv.blocks_for(len(seq.tokens))
+            seq.num_computed = cached
+            self._running.append(seq)
+            batch.append(seq)
+            if seq.cached_tokens is None:  # first admission, not a re-admission
+                seq.cached_tokens = cached
+                seq.report_cached = True
+                self.counters.prompt_tokens += len(seq.tokens)
+                self.counters.cached_prompt_tokens += cached
+        if self._static and batch:
+            longest = max(len(s.tokens) for s in batch)
+            self._batch = _StaticBatch(len(batch), longest, batch)
+
+    def _cap(self, seq: _Seq) -> int | None:
+        return self._plan.cap(seq.request_id)
+
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        """Decodes first (each with a KV slot for the token sampled last), then prefill
+        chunks by priority, within the token budget and the plan."""
+        budget = self._capacity.max_tokens_per_step
+        chunks: list[tuple[_Seq, int]] = []
+        for seq in [s for s in self._running if s.num_pending == 1]:
+            if budget == 0:
+                break
+            if self._cap(seq) == 0 or seq.blocks == 0:  # paused, or preempted just now
+                continue
+            if self._reserve_slot(seq):
+                chunks.append((seq, 1))
+                budget -= 1
+        prefilling = sorted(
+            (s for s in self._running if s.num_pending > 1), key=lambda s: -s.request.priority
+        )
+        for seq in prefilling:
+            if budget == 0 and not self._static:
+                break
+            cap = self._cap(seq)
+            n = seq.num_pending if self._static else min(seq.num_pending, budget)
+            if cap is not None:
+                n = min(n, cap)
+            if n > 0:
+                chunks.append((seq, n))
+                budget = max(0, budget - n)
+        return chunks
+
+    def _reserve_slot(self, seq: _Seq) -> bool:
+        """A KV block for the last sampled token when its block is full, preempting the
+        newest sequence of the lowest priority while none is left; False when seq itself
+        was preempted."""
+        while seq.blocks < self._kv.blocks_for(len(seq.tokens)):
+            if self._kv.take(1):
+                seq.blocks += 1
+                return True
+            lowest = min(s.request.priority for s in self._running)
+            victim = next(s for s in reversed(self._running) if s.request.priority == lowest)
+            self._release(victim)
+            victim.num_computed = 0
+            self._queue(victim, front=True)
+            self.counters.preemptions += 1
+            if victim is seq:
+                return False
+        return True
+
+    def _shape(self, chunks: list[tuple[_Seq, int]]) -> StepShape:
+        shape = StepShape()
+        batch = self._batch
+        for seq, n in chunks:
+            if n == 1 and seq.num_pending == 1:
+                shape.add_decode(len(seq.tokens))
+            elif batch is not None:  # static: every prompt padded to the batch's longest
+                shape.add_prefill(0, batch.longest_prompt, True)
+            else:
+                shape.add_prefill(seq.num_computed, n, n == seq.num_pending)
+        if batch is not None:
+            for _ in range(batch.size - len(chunks)):  # finished members: padding rows
+                shape.add_decode(shape.decode_context_max or batch.longest_prompt)
+        return shape
+
+    def _commit(self, step: _Step) -> None:
+        c = self.counters
+        c.steps += 1
+        c.busy_seconds += step.seconds
+        c.last_step_latency_s = step.seconds
+        c.last_step_tokens = step.shape.tokens
+        c.computed_tokens += step.shape.tokens
+        self._samples.append(StepSample(step.shape, step.seconds))
+        max_seq_len = self._capacity.max_seq_len
+        for seq, n in step.chunks:
+            if seq.finish is not None or seq.blocks == 0:
+                continue  # cancelled or preempted while the step ran: its work is lost
+            seq.num_computed += n
+            if seq.num_pending:
+                continue  # a prefill chunk short of the end samples nothing
+            token = (seq.key + 7919 * seq.num_done + 1) % self._capacity.vocab_size
+            seq.tokens.append(token)
+            seq.num_done += 1
+            c.generated_tokens += 1
+            sampling = seq.request.sampling
+            if seq.num_done >= sampling.max_tokens or len(seq.tokens) >= max_seq_len:
+                reason: FinishReason | None = FinishReason.LENGTH
+            elif token in sampling.stop_token_ids and seq.num_done >= sampling.min_tokens:
+                reason = FinishReason.STOP
+            else:
+                reason = None
+            if reason is not None:
+                self._release(seq)
+                self._end(seq, reason, token=token)
+            else:
+                self._emit(seq, (token,), None)
+        if self._batch is not None and not self._running:
+            self._batch = None
+
+    def _end(
+        self, seq: _Seq, reason: FinishReason, error: str | None = None, token: int | None = None
+    ) -> None:
+        seq.finish, seq.error, seq.report_cached = reason, error, True
+        del self._live[seq.request_id]
+        self._emit(seq, () if token is None else (token,), reason)
+
+    def _emit(self, seq: _Seq, token_ids: tuple[int, ...], finish: FinishReason | None) -> None:
+        cached = (seq.cached_tokens or 0) if seq.report_cached else None
+        seq.report_cached = False
+        rid = seq.request_id
+        index = self._open.pop(rid, None)
+        if index is None:
+            delta = TokenDelta(rid, token_ids, "", finish, seq.error, cached)
+            index = len(self._outbox)
+            self._outbox.append(delta)
+        else:  # polls slower than steps: one delta carries several tokens
+            delta = self._outbox[index]
+            delta.token_ids += token_ids
+            delta.finish, delta.error = finish, seq.error
+            if cached is not None:
+                delta.cached_prompt_tokens = cached
+        if finish is None:
+            self._open[rid] = index
+
+
+class PlanFollowingSimulatedExecutor(SimulatedExecutor):
+    """Also follows the scheduler's step plans (``PlanFollower``), like the CPU executor."""
+
+    def set_plan(self, plan: StepPlan) -> None:
+        self._plan = plan
