@@ -68,6 +68,16 @@ class StepShape:
         if context > self.decode_context_max:
             self.decode_context_max = context
 
+    def add_decodes(self, context: int, count: int) -> None:
+        """``count`` sequences decoding over ``context`` tokens each (add_decode, in O(1))."""
+        if count <= 0:
+            return
+        self.decode_rows += count
+        self.samples += count
+        self.decode_context += count * context
+        if context > self.decode_context_max:
+            self.decode_context_max = context
+
     def add_prefill(self, start: int, num_tokens: int, samples: bool) -> None:
         """A chunk of ``num_tokens`` prompt tokens at positions [start, start + num_tokens)."""
         self.prefill_tokens += num_tokens
@@ -130,7 +140,8 @@ class StepCostModel(Protocol):
     ``predict`` is called per candidate while planning a step, so it must be cheap."""
 
     def predict(self, shape: StepShape) -> float:
-        """Seconds; 0 for a step that computes nothing."""
+        """Seconds; 0 for a step that computes nothing. Never decreases when a step carries
+        more (planners search on that)."""
 
 
 class LinearStepCost:
@@ -292,6 +303,7 @@ class OnlineStepCost:
         self._refits = prior is None or isinstance(prior, LinearStepCost)
         self._fit: StepCostModel | None = prior
         self._log_scale = 0.0
+        self._scale = 1.0  # exp(_log_scale), kept with it: predict runs per planning candidate
         self._window: deque[StepSample] = deque(maxlen=self.WINDOW)
         self._errors: deque[float] = deque(maxlen=self.WINDOW)
         self._since_refit = 0
@@ -312,7 +324,7 @@ class OnlineStepCost:
         fit = self._fit
         if fit is None:
             return 0.0
-        return fit.predict(shape) * math.exp(self._log_scale)
+        return fit.predict(shape) * self._scale
 
     def observe(self, shape: StepShape, seconds: float) -> float | None:
         """Takes one executor step; returns the prediction it made for that step beforehand
@@ -327,6 +339,7 @@ class OnlineStepCost:
                 self._errors.append(abs(predicted - seconds) / seconds)
                 ratio = math.log(seconds / predicted)
                 self._log_scale += self.SCALE_ALPHA * ratio
+                self._scale = math.exp(self._log_scale)
             self._since_refit += 1
             early = self._prior is None and self._observed <= self.REFIT_EVERY
             refit = self._refits and (
@@ -347,6 +360,7 @@ class OnlineStepCost:
         with self._lock:
             self._fit = fit
             self._log_scale = 0.0  # the refit absorbed the drift the scale had tracked
+            self._scale = 1.0
             self._since_refit = 0
 
     def error_summary(self) -> tuple[float, int]:

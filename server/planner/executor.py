@@ -36,6 +36,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine_builder.step_cost import StepCostModel, StepSample, StepShape
 from server.executor.base import (
@@ -67,6 +68,7 @@ class SimClock:
 @dataclass(slots=True, eq=False)
 class _Seq:
     request: ExecRequest
+    rid: int  # the request id
     tokens: list[int]  # prompt + resumed + generated in this run
     key: int  # names the output stream (the original prompt)
     num_done: int  # generated tokens counted against max_tokens, resumed ones included
@@ -74,12 +76,19 @@ class _Seq:
     blocks: int = 0
     cached_tokens: int | None = None  # set at first admission
     report_cached: bool = False
+    fresh: bool = True  # no token emitted in this run yet
     finish: FinishReason | None = None
     error: str | None = None
+    out: list[int] = field(default_factory=list)  # tokens since the last delta
 
-    @property
-    def request_id(self) -> int:
-        return self.request.request_id
+    def take_delta(self) -> TokenDelta:
+        """The output since the last delta; ``cached_prompt_tokens`` on a run's first delta
+        and on the final one."""
+        cached = (self.cached_tokens or 0) if self.report_cached else None
+        self.report_cached = False
+        delta = TokenDelta(self.rid, tuple(self.out), "", self.finish, self.error, cached)
+        self.out.clear()
+        return delta
 
     @property
     def num_pending(self) -> int:
@@ -148,10 +157,13 @@ class SimulatedExecutor:
         self._live: dict[int, _Seq] = {}  # every enqueued id without a final delta yet
         self._step: _Step | None = None
         self._batch: _StaticBatch | None = None
-        self._outbox: list[TokenDelta] = []
-        self._open: dict[int, int] = {}  # request id -> index of its unfinished delta
+        # Sequences with output since the last poll, in order; each becomes one delta (a
+        # slow poller gets several tokens per delta). Keyed by sequence, not id: an id is
+        # free for a new request as soon as its final output is here.
+        self._ready: dict[_Seq, None] = {}
         self._samples: deque[StepSample] = deque(maxlen=SAMPLES_KEPT)
         self._shut = False
+        self._plan_follower = False
         self.counters = _Counters()
 
     # -- the protocol ---------------------------------------------------------------------
@@ -164,7 +176,7 @@ class SimulatedExecutor:
         self._validate(request)
         context = [*request.prompt_token_ids, *request.resume_token_ids]
         key = hash(request.prompt_token_ids) & 0x7FFFFFFF
-        seq = _Seq(request, context, key, len(request.resume_token_ids))
+        seq = _Seq(request, request.request_id, context, key, len(request.resume_token_ids))
         self._live[request.request_id] = seq
         if seq.num_done >= request.sampling.max_tokens:  # resumed with its budget spent
             self._end(seq, FinishReason.LENGTH)
@@ -179,10 +191,10 @@ class SimulatedExecutor:
         self._end(seq, FinishReason.CANCELLED)
 
     def poll(self, timeout: float) -> list[TokenDelta]:
-        if self._owns_clock and not self._outbox and timeout > 0 and not self._shut:
+        if self._owns_clock and not self._ready and timeout > 0 and not self._shut:
             self._run_for(timeout)
-        deltas, self._outbox = self._outbox, []
-        self._open.clear()
+        deltas = [seq.take_delta() for seq in self._ready]
+        self._ready.clear()
         return deltas
 
     def stats(self) -> ExecutorStats:
@@ -227,6 +239,10 @@ class SimulatedExecutor:
         return None if self._step is None else self._step.end
 
     @property
+    def step_start(self) -> float | None:
+        return None if self._step is None else self._step.end - self._step.seconds
+
+    @property
     def num_live(self) -> int:
         """Requests enqueued and not finished: the slots a scheduler counts as running."""
         return len(self._live)
@@ -234,7 +250,7 @@ class SimulatedExecutor:
     def wake(self) -> None:
         """Starts a step now if none is in flight and there is something to run."""
         if self._step is None and not self._shut:
-            self._start_step()
+            self._start_step(self.clock.now)
 
     def finish_step(self) -> None:
         """Ends the step in flight (the clock must have reached its end) and starts the next
@@ -246,7 +262,23 @@ class SimulatedExecutor:
             raise RuntimeError(f"the clock ({self.clock.now}) is before the step's end")
         self._step = None
         self._commit(step)
-        self._start_step()
+        self._start_step(step.end)
+
+    def run_ahead(self, before: float) -> int:
+        """Runs steps whose output no scheduler pass needs to see when it comes: while the
+        step in flight is a plain decode of every running sequence that neither starts nor
+        ends a stream, and the next step would start before ``before`` (the next input the
+        caller knows of), the step ends and the next starts, as if the pass in between had
+        nothing to do. The caller makes sure of that: the scheduler holds no request the
+        executor does not. The skipped output reaches the next poll as one delta per request.
+        Returns how many steps ran."""
+        steps = 0
+        while (step := self._step) is not None and step.end < before and self._steady(step):
+            self._step = None
+            self._commit(step)
+            self._start_step(step.end)
+            steps += 1
+        return steps
 
     def check_integrity(self) -> None:
         """Slot and KV accounting (AssertionError); for tests."""
@@ -255,7 +287,7 @@ class SimulatedExecutor:
         held = sum(s.blocks for s in self._running)
         assert held == self._kv.used, f"running sequences hold {held} blocks, pool says used"
         live = [*self._running, *self._waiting, *self._inbox]
-        assert {s.request_id for s in live} == set(self._live), "a live id is lost"
+        assert {s.rid for s in live} == set(self._live), "a live id is lost"
 
     # -- internals ------------------------------------------------------------------------
 
@@ -283,10 +315,10 @@ class SimulatedExecutor:
         """Standalone driving: runs steps until output is ready or ``timeout`` passes."""
         deadline = self.clock.now + timeout
         self.wake()
-        while not self._outbox and self._step is not None and self._step.end <= deadline:
+        while not self._ready and self._step is not None and self._step.end <= deadline:
             self.clock.now = self._step.end
             self.finish_step()
-        if not self._outbox:
+        if not self._ready:
             self.clock.now = max(self.clock.now, deadline)
 
     def _take_out(self, seq: _Seq) -> None:
@@ -314,7 +346,29 @@ class SimulatedExecutor:
         )
         self._waiting.insert(index, seq)
 
-    def _start_step(self) -> None:
+    def _steady(self, step: _Step) -> bool:
+        """Whether ending ``step`` and starting the next changes nothing a scheduler pass
+        would act on: no new or waiting request, every running sequence decoding (none
+        paused, prefilling or about to emit its first or last token), room in the KV pool
+        for every sequence's next token, and for a plan follower one tier only (mixed tiers
+        are what a plan re-decides as contexts grow)."""
+        if self._inbox or self._waiting or self._static or len(step.chunks) != len(self._running):
+            return False
+        max_seq_len, new_blocks = self._capacity.max_seq_len, 0
+        tpb = self._kv.tokens_per_block
+        priority = step.chunks[0][0].request.priority if step.chunks else None
+        for seq, n in step.chunks:
+            sampling = seq.request.sampling
+            if (n != 1 or seq.fresh or seq.num_done + 2 > sampling.max_tokens
+                    or len(seq.tokens) + 2 > max_seq_len or sampling.stop_token_ids):
+                return False
+            if self._plan_follower and seq.request.priority != priority:
+                return False
+            if len(seq.tokens) % tpb == 0:  # its next token starts a block
+                new_blocks += 1
+        return new_blocks <= self._kv.num_blocks - self._kv.used
+
+    def _start_step(self, now: float) -> None:
         for seq in self._inbox:
             self._queue(seq, front=False)
         self._inbox.clear()
@@ -326,7 +380,7 @@ class SimulatedExecutor:
         seconds = self._model.predict(shape)
         if self._jitter:
             seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
-        self._step = _Step(self.clock.now + seconds, seconds, shape, chunks)
+        self._step = _Step(now + seconds, seconds, shape, chunks)
 
     def _admit(self) -> None:
         if self._static and self._running:
@@ -355,30 +409,36 @@ class SimulatedExecutor:
             longest = max(len(s.tokens) for s in batch)
             self._batch = _StaticBatch(len(batch), longest, batch)
 
-    def _cap(self, seq: _Seq) -> int | None:
-        return self._plan.cap(seq.request_id)
-
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """Decodes first (each with a KV slot for the token sampled last), then prefill
-        chunks by priority, within the token budget and the plan."""
+        chunks by priority, within the token budget and the plan. The hottest loop of a
+        simulation: plain locals, no per-sequence calls unless a block is needed."""
         budget = self._capacity.max_tokens_per_step
+        caps = self._plan.token_caps
+        room = self._kv.tokens_per_block
         chunks: list[tuple[_Seq, int]] = []
-        for seq in [s for s in self._running if s.num_pending == 1]:
+        decodes, prefilling = [], []
+        for seq in self._running:
+            (decodes if len(seq.tokens) - seq.num_computed == 1 else prefilling).append(seq)
+        for seq in decodes:
             if budget == 0:
                 break
-            if self._cap(seq) == 0 or seq.blocks == 0:  # paused, or preempted just now
+            if seq.blocks == 0 or (caps and caps.get(seq.rid) == 0):
+                continue  # preempted just now, or paused
+            if len(seq.tokens) > seq.blocks * room and not self._reserve_slot(seq):
                 continue
-            if self._reserve_slot(seq):
-                chunks.append((seq, 1))
-                budget -= 1
-        prefilling = sorted(
-            (s for s in self._running if s.num_pending > 1), key=lambda s: -s.request.priority
-        )
+            chunks.append((seq, 1))
+            budget -= 1
+        if prefilling:
+            prefilling.sort(key=lambda s: -s.request.priority)  # stable: admission order
         for seq in prefilling:
             if budget == 0 and not self._static:
                 break
-            cap = self._cap(seq)
-            n = seq.num_pending if self._static else min(seq.num_pending, budget)
+            if seq.blocks == 0:
+                continue
+            pending = len(seq.tokens) - seq.num_computed
+            n = pending if self._static else min(pending, budget)
+            cap = caps.get(seq.rid) if caps else None
             if cap is not None:
                 n = min(n, cap)
             if n > 0:
@@ -407,16 +467,25 @@ class SimulatedExecutor:
     def _shape(self, chunks: list[tuple[_Seq, int]]) -> StepShape:
         shape = StepShape()
         batch = self._batch
+        rows = context = longest = 0
         for seq, n in chunks:
-            if n == 1 and seq.num_pending == 1:
-                shape.add_decode(len(seq.tokens))
+            pending = len(seq.tokens) - seq.num_computed
+            if n == 1 and pending == 1:  # a decode (StepShape.add_decode, summed here)
+                rows += 1
+                context += len(seq.tokens)
+                if len(seq.tokens) > longest:
+                    longest = len(seq.tokens)
             elif batch is not None:  # static: every prompt padded to the batch's longest
                 shape.add_prefill(0, batch.longest_prompt, True)
             else:
-                shape.add_prefill(seq.num_computed, n, n == seq.num_pending)
-        if batch is not None:
-            for _ in range(batch.size - len(chunks)):  # finished members: padding rows
-                shape.add_decode(shape.decode_context_max or batch.longest_prompt)
+                shape.add_prefill(seq.num_computed, n, n == pending)
+        shape.decode_rows += rows
+        shape.samples += rows
+        shape.decode_context += context
+        shape.decode_context_max = max(shape.decode_context_max, longest)
+        if batch is not None:  # finished members keep their rows: padding
+            shape.add_decodes(shape.decode_context_max or batch.longest_prompt,
+                              batch.size - len(chunks))
         return shape
 
     def _commit(self, step: _Step) -> None:
@@ -427,21 +496,24 @@ class SimulatedExecutor:
         c.last_step_tokens = step.shape.tokens
         c.computed_tokens += step.shape.tokens
         self._samples.append(StepSample(step.shape, step.seconds))
-        max_seq_len = self._capacity.max_seq_len
+        max_seq_len, vocab = self._capacity.max_seq_len, self._capacity.vocab_size
         for seq, n in step.chunks:
             if seq.finish is not None or seq.blocks == 0:
                 continue  # cancelled or preempted while the step ran: its work is lost
             seq.num_computed += n
-            if seq.num_pending:
+            if seq.num_computed < len(seq.tokens):
                 continue  # a prefill chunk short of the end samples nothing
-            token = (seq.key + 7919 * seq.num_done + 1) % self._capacity.vocab_size
+            token = (seq.key + 7919 * seq.num_done + 1) % vocab
+            seq.fresh = False
             seq.tokens.append(token)
             seq.num_done += 1
             c.generated_tokens += 1
             sampling = seq.request.sampling
             if seq.num_done >= sampling.max_tokens or len(seq.tokens) >= max_seq_len:
                 reason: FinishReason | None = FinishReason.LENGTH
-            elif token in sampling.stop_token_ids and seq.num_done >= sampling.min_tokens:
+            elif sampling.stop_token_ids and token in sampling.stop_token_ids and (
+                seq.num_done >= sampling.min_tokens
+            ):
                 reason = FinishReason.STOP
             else:
                 reason = None
@@ -449,7 +521,8 @@ class SimulatedExecutor:
                 self._release(seq)
                 self._end(seq, reason, token=token)
             else:
-                self._emit(seq, (token,), None)
+                seq.out.append(token)
+                self._ready[seq] = None
         if self._batch is not None and not self._running:
             self._batch = None
 
@@ -457,30 +530,18 @@ class SimulatedExecutor:
         self, seq: _Seq, reason: FinishReason, error: str | None = None, token: int | None = None
     ) -> None:
         seq.finish, seq.error, seq.report_cached = reason, error, True
-        del self._live[seq.request_id]
-        self._emit(seq, () if token is None else (token,), reason)
-
-    def _emit(self, seq: _Seq, token_ids: tuple[int, ...], finish: FinishReason | None) -> None:
-        cached = (seq.cached_tokens or 0) if seq.report_cached else None
-        seq.report_cached = False
-        rid = seq.request_id
-        index = self._open.pop(rid, None)
-        if index is None:
-            delta = TokenDelta(rid, token_ids, "", finish, seq.error, cached)
-            index = len(self._outbox)
-            self._outbox.append(delta)
-        else:  # polls slower than steps: one delta carries several tokens
-            delta = self._outbox[index]
-            delta.token_ids += token_ids
-            delta.finish, delta.error = finish, seq.error
-            if cached is not None:
-                delta.cached_prompt_tokens = cached
-        if finish is None:
-            self._open[rid] = index
+        del self._live[seq.rid]
+        if token is not None:
+            seq.out.append(token)
+        self._ready[seq] = None
 
 
 class PlanFollowingSimulatedExecutor(SimulatedExecutor):
     """Also follows the scheduler's step plans (``PlanFollower``), like the CPU executor."""
+
+    def __init__(self, capacity: Capacity, model: StepCostModel, **kwargs: Any) -> None:
+        super().__init__(capacity, model, **kwargs)
+        self._plan_follower = True
 
     def set_plan(self, plan: StepPlan) -> None:
         self._plan = plan

@@ -174,8 +174,12 @@ _STEP, _PASS = 0, 1
 class Simulation:
     """One run of a workload on a pool of identical replicas; ``run()`` returns its figures."""
 
-    def __init__(self, engine: Engine, pool: Pool, workload: Workload) -> None:
+    def __init__(self, engine: Engine, pool: Pool, workload: Workload, *,
+                 run_ahead: bool = True) -> None:
+        """``run_ahead=False`` runs a scheduler pass after every step even when it has
+        nothing to do (the same figures, several times slower; for tests)."""
         self.engine, self.pool, self.workload = engine, pool, workload
+        self._run_ahead = run_ahead
         self.clock = SimClock()
         self.replicas = [_Replica(i, engine, pool, self.clock) for i in range(pool.replicas)]
         self.records: list[RequestRecord] = []
@@ -253,11 +257,18 @@ class Simulation:
     def _push(self, t: float, kind: int, replica: _Replica) -> None:
         heapq.heappush(self._events, (t, kind, replica.index))
 
-    def _settle(self, replica: _Replica) -> None:
-        """After a replica's pass: more offline work from the shared backlog, and an event
-        for the step it started."""
+    def _settle(self, replica: _Replica, next_input: float) -> None:
+        """After a replica's pass: more offline work from the shared backlog; the steps that
+        need no pass run ahead up to the next input (when the scheduler holds nothing the
+        executor does not, a pass between plain decode steps has nothing to do); an event
+        for the step in flight."""
         if self.pool.offline_in_flight is not None and self._backlog:
             self._feed_offline(replica)
+        if self._run_ahead and replica.pass_due is None and (
+            replica.online_live + len(replica.offline_live) == replica.executor.num_live
+        ):
+            if replica.executor.run_ahead(next_input):
+                replica.last_pass = replica.executor.step_start  # when that pass would be
         end = replica.executor.step_end
         if end is not None and end != replica.pushed_step:
             replica.pushed_step = end
@@ -268,11 +279,16 @@ class Simulation:
         w = self.workload
         online = [r for r in w.online if r.arrival_s < w.duration_s]
         self._seed_offline()
-        for replica in self.replicas:
-            replica.run_pass()
-            self._settle(replica)
         arrival, closed = 0, w.offline_until_done
         horizon = math.inf if w.offline_until_done else w.duration_s + w.drain_s
+
+        def next_input() -> float:
+            t = online[arrival].arrival_s if arrival < len(online) else horizon
+            return t if closed else min(t, w.duration_s)
+
+        for replica in self.replicas:
+            replica.run_pass()
+            self._settle(replica, next_input())
         while True:
             t_event = self._events[0][0] if self._events else math.inf
             t_arrival = online[arrival].arrival_s if arrival < len(online) else math.inf
@@ -301,7 +317,7 @@ class Simulation:
             else:
                 replica.account(min(t, self.tally.window_end))
             replica.run_pass()
-            self._settle(replica)
+            self._settle(replica, next_input())
             if arrival >= len(online) and closed and self._idle():
                 break
         return self._result(time.perf_counter() - started)
