@@ -417,7 +417,8 @@ class SimulatedExecutor:
         caps = self._plan.token_caps
         room = self._kv.tokens_per_block
         chunks: list[tuple[_Seq, int]] = []
-        decodes, prefilling = [], []
+        decodes: list[_Seq] = []
+        prefilling: list[_Seq] = []
         for seq in self._running:
             (decodes if len(seq.tokens) - seq.num_computed == 1 else prefilling).append(seq)
         for seq in decodes:

@@ -123,16 +123,25 @@ class Deployment:
         return max(0, min(cap.max_slots, cap.num_kv_blocks // cap.blocks_for(context)))
 
     def decode_tokens_per_s(self, batch: int, context: int) -> float:
-        shape = StepShape()
-        for _ in range(batch):
-            shape.add_decode(context)
-        return batch / self.step_cost().predict(shape)
+        return batch / self.step_cost().predict(_decodes(batch, context))
 
-    def peak_tokens_per_s(self) -> float:
-        """The highest decode rate at the reference context: the batch the KV pool allows."""
-        batch = max(1, self.max_batch_at(self.reference_context))
-        return max(self.decode_tokens_per_s(b, self.reference_context)
-                   for b in sorted({1, batch // 2, batch}) if b >= 1)
+    def decode_utilization(self, batch: int, context: int) -> tuple[float, float]:
+        """(MBU, MFU) of a decode step: bytes/s over peak bandwidth, FLOP/s over peak."""
+        cost = self.step_cost()
+        shape = _decodes(batch, context)
+        seconds = cost.predict(shape)
+        moved, flops = cost.traffic(shape)
+        peak = {"fp16": self.accelerator.fp16_tflops, "int8": self.accelerator.int8_tops,
+                "fp8": self.accelerator.fp8_tflops}[self.weights.math] or 0.0
+        return (moved / seconds / (self.accelerator.bandwidth_gb_s * 1e9),
+                flops / seconds / (peak * 1e12))
+
+    def peak_tokens_per_s(self, context: int | None = None) -> float:
+        """The highest decode rate at ``context`` tokens (default: the reference context):
+        at the largest batch the slots and the KV pool allow."""
+        context = context or self.reference_context
+        batch = max(1, self.max_batch_at(context))
+        return max(self.decode_tokens_per_s(b, context) for b in {1, max(1, batch // 2), batch})
 
     def engine(self, *, follows_plans: bool = False) -> Engine:
         return Engine(label=self.label, capacity=self.capacity(), model=self.step_cost(),
@@ -168,6 +177,16 @@ class RooflineStepCost:
                             / (d.accelerator.link_gb_s * 1e9))
         self._overhead = eff.step_overhead_ms * 1e-3
 
+    def traffic(self, shape: StepShape) -> tuple[float, float]:
+        """(bytes moved, FLOPs) per GPU for one step."""
+        tokens = shape.decode_rows + shape.prefill_tokens
+        moved = (self._weight_bytes + (self._head_bytes if shape.samples else 0.0)
+                 + self._kv_token * (shape.decode_context + tokens
+                                     + shape.prefill_context / PREFILL_QUERY_TILE))
+        flops = (self._token_flops * tokens + self._head_flops * shape.samples
+                 + self._attn_flops * (shape.decode_context + shape.prefill_context))
+        return moved, flops
+
     def predict(self, shape: StepShape) -> float:
         tokens = shape.decode_rows + shape.prefill_tokens
         if tokens == 0:
@@ -180,3 +199,9 @@ class RooflineStepCost:
                  + self._attn_flops * attended)
         return (max(moved * self._inv_bw, flops * self._inv_flops) + self._comm_fixed
                 + self._comm_token * tokens + self._overhead)
+
+
+def _decodes(batch: int, context: int) -> StepShape:
+    shape = StepShape()
+    shape.add_decodes(context, batch)
+    return shape

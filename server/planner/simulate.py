@@ -189,6 +189,7 @@ class Simulation:
         self._events: list[tuple[float, int, int]] = []  # (time, kind, replica index)
         self._backlog = list(reversed(workload.offline))  # popped from the end: in order
         self._offline_open = True
+        self._turn = 0  # round-robin tie-break of the router
 
     # -- requests -------------------------------------------------------------------------
 
@@ -219,9 +220,14 @@ class Simulation:
             self._push(replica.pass_due, _PASS, replica)
 
     def _route(self) -> _Replica:
-        if len(self.replicas) == 1:
+        """The replica with the fewest online requests in flight, then the fewest requests;
+        ties go round robin."""
+        n = len(self.replicas)
+        if n == 1:
             return self.replicas[0]
-        return min(self.replicas, key=lambda r: (r.online_live, r.executor.num_live, r.index))
+        self._turn = (self._turn + 1) % n
+        return min(self.replicas, key=lambda r: (r.online_live, r.executor.num_live,
+                                                 (r.index - self._turn) % n))
 
     def _feed_offline(self, replica: _Replica) -> None:
         limit = self.pool.offline_in_flight
@@ -264,11 +270,15 @@ class Simulation:
         for the step in flight."""
         if self.pool.offline_in_flight is not None and self._backlog:
             self._feed_offline(replica)
-        if self._run_ahead and replica.pass_due is None and (
+        holds_nothing_more = (
             replica.online_live + len(replica.offline_live) == replica.executor.num_live
+        )
+        if self._run_ahead and replica.pass_due is None and holds_nothing_more and (
+            replica.executor.run_ahead(next_input)
         ):
-            if replica.executor.run_ahead(next_input):
-                replica.last_pass = replica.executor.step_start  # when that pass would be
+            # The last skipped pass came when the step in flight started; later passes tick
+            # from there, as they would have.
+            replica.last_pass = replica.executor.step_start or replica.last_pass
         end = replica.executor.step_end
         if end is not None and end != replica.pushed_step:
             replica.pushed_step = end
