@@ -10,7 +10,9 @@ measured but the engine's profile).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client.bench.trace import length_pool, load_trace, scale_trace, time_scale_for_rate
+from engine_builder.step_cost import StepCostModel, StepShape
 from server.planner.report import Column, Row, Table
 from server.planner.results import SimResult
 from server.planner.simulate import Engine, Pool, Simulation, Workload, draw_lengths
@@ -99,14 +102,22 @@ def variants(load: BenchLoad) -> list[Variant]:
     return out
 
 
-def predict(engine: Engine, load: BenchLoad) -> Prediction:
-    """Every variant of one benchmark rate, simulated."""
+Slos = dict[str, tuple[float | None, float | None]]  # variant -> (TPOT, TTFT) SLO in ms
+
+
+def predict(engine: Engine, load: BenchLoad, slos: Slos | None = None) -> Prediction:
+    """Every variant of one benchmark rate, simulated. A variant's SLOs are ``slos``' when
+    given (the flags the measured server ran with), else derived as the benchmark derives
+    them, from the predicted online-only run."""
     online, offline = load.online(), load.offline()
     out = Prediction(load)
     base: SimResult | None = None
     for v in variants(load):
         length = load.duration_s if v.long else load.short_duration_s
         sched = _scheduler(v, base)
+        if slos is not None and v.name in slos:
+            tpot, ttft = slos[v.name]
+            sched = dataclasses.replace(sched, tpot_slo_ms=tpot, ttft_slo_ms=ttft)
         work = Workload(tuple(r for r in online if r.arrival_s < length) if v.online else (),
                         offline if v.offline else (), duration_s=length, seed=load.seed)
         result = Simulation(engine, Pool(scheduler=sched), work).run()
@@ -124,6 +135,58 @@ def _scheduler(v: Variant, base: SimResult | None) -> SchedulerConfig:
         ttft = GOAL_MULTIPLIER * (base.online.ttft_ms[2] or 1.0)
     return SchedulerConfig(policy=v.policy, max_online_queue=BENCH_MAX_ONLINE_QUEUE,
                            tpot_slo_ms=tpot, ttft_slo_ms=ttft)
+
+
+class ScaledStepCost:
+    """A model's steps taking ``factor`` times as long: this host now, against when the
+    profile was measured (a shared machine's speed drifts by tens of percent an hour)."""
+
+    __slots__ = ("factor", "model")
+
+    def __init__(self, model: StepCostModel, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"a host speed factor must be > 0, got {factor}")
+        self.model, self.factor = model, factor
+
+    def predict(self, shape: StepShape) -> float:
+        return self.factor * self.model.predict(shape)
+
+
+def at_host_speed(engine: Engine, factor: float) -> Engine:
+    """The engine with steps ``factor`` times as long as its profile says; the scheduler
+    still starts from the profile and corrects itself from the steps, as the server does."""
+    prior = engine.prior if engine.prior is not None else engine.model
+    return dataclasses.replace(engine, model=ScaledStepCost(engine.model, factor), prior=prior,
+                               peak_tokens_per_s=engine.peak_tokens_per_s / factor)
+
+
+def calibrate(engine: Engine, load: BenchLoad, measured: dict[str, list[dict[str, Any]]] | None,
+              speed_from: Sequence[str]) -> list[Table]:
+    """The prediction of one benchmark rate from the profile alone, beside the measured runs
+    when given; with ``speed_from`` (variant names), also a second prediction with the host's
+    speed taken from those variants' measured tokens/s (the geometric mean of predicted over
+    measured: a few measured numbers in, every other figure out)."""
+    slos = measured_slos(measured) if measured else None
+    first = predict(engine, load, slos)
+    tables = [compare(first, measured)]
+    if measured and speed_from:
+        factor = _host_speed(first, measured, speed_from)
+        second = compare(predict(at_host_speed(engine, factor), load, slos), measured)
+        tables.append(dataclasses.replace(
+            second, title=f"{second.title}, host speed from {' and '.join(speed_from)} "
+                          f"({factor:.2f}x the profile's step times)"))
+    return tables
+
+
+def _host_speed(first: Prediction, measured: dict[str, list[dict[str, Any]]],
+                names: Sequence[str]) -> float:
+    logs = []
+    for name in names:
+        tps = measured_figures(measured[name])["tokens_per_s"] if name in measured else None
+        if not tps or name not in first.runs:
+            raise ValueError(f"no measured tokens/s of variant {name!r} to take the speed from")
+        logs.append(math.log(first.runs[name].tokens_per_s / tps))
+    return math.exp(sum(logs) / len(logs))
 
 
 # -- measured runs ----------------------------------------------------------------------------
@@ -175,6 +238,12 @@ def measured_runs(rate: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def measured_slos(runs: dict[str, list[dict[str, Any]]]) -> Slos:
+    """The SLO flags each measured variant ran with (its first round's), where recorded."""
+    return {name: (rs[0]["tpot_slo_ms"], rs[0]["ttft_slo_ms"]) for name, rs in runs.items()
+            if "tpot_slo_ms" in rs[0]}
+
+
 def read_bench_json(path: str | Path) -> tuple[str, list[BenchLoad], list[dict[str, Any]]]:
     """(engine, loads, per-rate measured JSON) from a bench_scheduler --json-out file."""
     with open(path, encoding="utf-8") as f:
@@ -213,6 +282,7 @@ def compare(prediction: Prediction, measured: dict[str, list[dict[str, Any]]] | 
         (f"goals: predicted within {THROUGHPUT_GOAL:.0%} of measured for tokens/s, offline "
          f"tokens/s and occupancy, within {LATENCY_GOAL:.0%} for TTFT and TPOT p50 "
          "(* marks a miss)",),
+        label="predicted: simulated" + ("; measured: bench_scheduler" if measured else ""),
     )
 
 

@@ -23,11 +23,12 @@ from client.bench.command import add_trace_argument
 from client.bench.trace import trace_label
 from server.planner import batching, plots, pools
 from server.planner.batching import figures
-from server.planner.calibrate import BenchLoad, compare, measured_runs, predict, read_bench_json
+from server.planner.calibrate import BenchLoad, calibrate, measured_runs, read_bench_json
 from server.planner.config import PlanConfig, add_arguments, from_namespace
+from server.planner.profiled import profiled_engine
 from server.planner.published import validate
 from server.planner.report import Column, Row, Table, write_json
-from server.planner.setup import build_engine, offline_load, online_load, pool
+from server.planner.setup import build_engine, engine_path, offline_load, online_load, pool
 from server.planner.simulate import Simulation, Workload
 
 Command = Callable[[argparse.Namespace, PlanConfig], list[Table]]
@@ -98,22 +99,18 @@ def cmd_replay(ns: argparse.Namespace, cfg: PlanConfig) -> list[Table]:
 
 
 def cmd_calibrate(ns: argparse.Namespace, cfg: PlanConfig) -> list[Table]:
-    from server.planner.profiled import profiled_engine
-    from server.planner.setup import _engine_dir
-
     if ns.measured:
         engine_dir, loads, rates = read_bench_json(ns.measured)
         measured = [measured_runs(r) for r in rates]
-        if cfg.engine:
-            engine_dir = cfg.engine
     else:
-        engine_dir, measured = cfg.engine or "default", []
+        engine_dir, measured = "default", []
         loads = [BenchLoad(rate=r, duration_s=ns.bench_duration, short_duration_s=ns.bench_short,
                            offline_backlog=ns.bench_backlog, trace=ns.trace)
                  for r in _floats(ns.rates)]
-    engine = profiled_engine(_engine_dir(engine_dir))
-    tables = [compare(predict(engine, load), measured[i] if measured else None)
-              for i, load in enumerate(loads)]
+    engine = profiled_engine(engine_path(cfg.engine or engine_dir))
+    tables = [t for i, load in enumerate(loads)
+              for t in calibrate(engine, load, measured[i] if measured else None,
+                                 [v for v in ns.host_speed_from.split(",") if v])]
     if measured:
         _plot(ns, plots.calibration, tables)
     return tables
@@ -167,8 +164,11 @@ COMMANDS: dict[str, tuple[Command, str, dict[str, float]]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backfill-plan", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="backfill-plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Capacity questions answered by the real backfill scheduler on simulated "
+                    "accelerators; every figure is simulated.",
+        epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, defaults) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text} (simulated)")
@@ -213,6 +213,9 @@ def _extra(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--bench-duration", type=float, default=200.0)
         p.add_argument("--bench-short", type=float, default=60.0)
         p.add_argument("--bench-backlog", type=int, default=3200)
+        p.add_argument("--host-speed-from", default="offline-only,offline-only+slo",
+                       help="with --measured, also predict with the host's speed taken from "
+                            "these variants' measured tokens/s ('' for none)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,13 +122,14 @@ def split_vs_unified(cfg: PlanConfig, trace: TracePath, online_gpus: int, offlin
         rows.append(dataclasses.replace(basis, engine=eng).row(
             f"unified{label} ({unified_gpus} GPUs)", unified_gpus, _tokens(uni),
             max(duration_s, uni.end_s), uni))
-    fill = _fill_backlog(cfg, trace, engine, unified_gpus, duration_s)
-    full = Simulation(engine, pool(cfg, engine, unified_gpus),
-                      dataclasses.replace(load, offline=fill).workload(
-                          seed=cfg.seed, until_done=False)).run()
-    rows.append(basis.row(f"unified, backlog never ends ({unified_gpus} GPUs)", unified_gpus,
-                          _tokens(full), duration_s, full))
-    rows[-1]["offline_done_min"] = None
+    fill = dataclasses.replace(load, offline=_fill_backlog(cfg, trace, engine, unified_gpus,
+                                                           duration_s))
+    for label, eng in _unified_variants(engine, cfg):
+        full = Simulation(eng, pool(cfg, eng, unified_gpus),
+                          fill.workload(seed=cfg.seed, until_done=False)).run()
+        rows.append(basis.row(f"unified{label}, backlog never ends ({unified_gpus} GPUs)",
+                              unified_gpus, _tokens(full), duration_s, full))
+        rows[-1]["offline_done_min"] = None
     rate = len(load.online) / duration_s
     return Table(
         f"Split vs unified: {engine.label}",

@@ -37,13 +37,14 @@ class Table:
     columns: tuple[Column, ...]
     rows: list[Row] = field(default_factory=list)
     notes: tuple[str, ...] = ()
+    label: str = "simulated"  # what the figures are; every planner table carries simulated ones
 
     def format(self) -> str:
         head = [c.title for c in self.columns]
         body = [[c.show(row.get(c.key)) for c in self.columns] for row in self.rows]
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
                   for i, h in enumerate(head)]
-        lines = [f"{self.title} [simulated]"]
+        lines = [f"{self.title} [{self.label}]"]
         lines.append("  ".join(h.rjust(w) if i else h.ljust(w)
                                for i, (h, w) in enumerate(zip(head, widths, strict=True))))
         lines.append("  ".join("-" * w for w in widths))
@@ -54,8 +55,8 @@ class Table:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "simulated": True, "notes": list(self.notes),
-                "rows": self.rows}
+        return {"title": self.title, "simulated": True, "figures": self.label,
+                "notes": list(self.notes), "rows": self.rows}
 
 
 def write_json(tables: Sequence[Table], path: str | os.PathLike[str], **meta: Any) -> None:

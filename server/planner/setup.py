@@ -60,13 +60,14 @@ def build_engine(cfg: PlanConfig) -> Engine:
     """The engine ``cfg`` describes. A profiled engine follows step plans when its backend
     does (the CPU executor), a GPU preset is bounded by admission (TensorRT-LLM), unless
     ``--executor`` says otherwise."""
-    engine = profiled_engine(_engine_dir(cfg.engine)) if cfg.engine else deployment(cfg).engine()
+    engine = profiled_engine(engine_path(cfg.engine)) if cfg.engine else deployment(cfg).engine()
     if cfg.executor != "auto":
         engine = dataclasses.replace(engine, follows_plans=cfg.executor == "plans")
     return engine
 
 
-def _engine_dir(name: str) -> Path:
+def engine_path(name: str) -> Path:
+    """An engine directory, or the default engine (fetched and built on first use)."""
     if name == "default":
         from engine_builder.default import ensure_default_engine
 

@@ -270,15 +270,24 @@ class Simulation:
         for the step in flight."""
         if self.pool.offline_in_flight is not None and self._backlog:
             self._feed_offline(replica)
+        self._run_ahead_of(replica, next_input)
+        self._push_step(replica)
+
+    def _run_ahead_of(self, replica: _Replica, next_input: float) -> bool:
+        """Runs the replica's steps ahead while the passes between them would have nothing
+        to do: the scheduler holds nothing the executor does not, and no input is due."""
         holds_nothing_more = (
             replica.online_live + len(replica.offline_live) == replica.executor.num_live
         )
-        if self._run_ahead and replica.pass_due is None and holds_nothing_more and (
-            replica.executor.run_ahead(next_input)
-        ):
-            # The last skipped pass came when the step in flight started; later passes tick
-            # from there, as they would have.
-            replica.last_pass = replica.executor.step_start or replica.last_pass
+        if not (self._run_ahead and replica.pass_due is None and holds_nothing_more
+                and replica.executor.run_ahead(next_input)):
+            return False
+        # The last skipped pass came when the step in flight started; later passes tick from
+        # there, as they would have.
+        replica.last_pass = replica.executor.step_start or replica.last_pass
+        return True
+
+    def _push_step(self, replica: _Replica) -> None:
         end = replica.executor.step_end
         if end is not None and end != replica.pushed_step:
             replica.pushed_step = end
@@ -321,6 +330,10 @@ class Simulation:
                 if replica.executor.step_end != t:
                     continue
                 replica.account(min(t, self.tally.window_end))
+                if self._run_ahead_of(replica, next_input()):
+                    # Stopped earlier only by an input that went to another replica.
+                    self._push_step(replica)
+                    continue
                 replica.executor.finish_step()
             elif replica.pass_due != t:
                 continue

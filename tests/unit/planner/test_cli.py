@@ -40,7 +40,7 @@ def run(capsys: pytest.CaptureFixture[str], tmp_path: Path, *argv: str) -> dict[
     out = tmp_path / "out.json"
     assert main([*argv, "--json-out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "[simulated]" in printed
+    assert "simulated" in printed
     data = json.loads(out.read_text())
     assert data["simulated"] is True and all(t["simulated"] for t in data["tables"])
     return data
