@@ -112,6 +112,8 @@ def _draw(ax: Any, panel: Panel) -> None:
             ax.bar([j + i * width for j in range(len(xs))], values, width, label=label)
             ax.set_xticks([j + width * (len(panel.series) - 1) / 2 for j in range(len(xs))])
             ax.set_xticklabels([str(x) for x in xs], rotation=25, ha="right", fontsize=8)
+        elif label.startswith("the seed"):  # a quoted claim, not a simulated figure
+            ax.plot(list(xs), values, "k--", marker="s", label=label)
         else:
             ax.plot(list(xs), values, marker="o", label=label)
     if panel.logx:
