@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from client.bench.trace import TracePath, TraceRequest
@@ -20,6 +20,7 @@ from server.planner.setup import (
     online_load,
     pool,
     saturation,
+    scheduler,
 )
 from server.planner.simulate import Engine, Simulation, Workload
 
@@ -160,8 +161,6 @@ def _fill_backlog(cfg: PlanConfig, trace: TracePath, engine: Engine, gpus: int,
 
 
 def _slo(cfg: PlanConfig, engine: Engine) -> str:
-    from server.planner.setup import scheduler
-
     tpot = scheduler(cfg, engine).tpot_slo_ms
     return "none" if tpot is None else f"{tpot:.0f} ms"
 
@@ -247,18 +246,18 @@ def _within(value: float | None, limit: float) -> bool:
     return value is not None and value <= limit
 
 
-def _smallest(meets: object, most: int) -> int | None:
-    """The least n in [1, most] with meets(n), assuming more never hurts."""
-    check = meets  # Callable[[int], bool]
+def _smallest(meets: Callable[[int], bool], most: int) -> int | None:
+    """The least n in [1, most] with meets(n), assuming more never hurts: doubling, then
+    bisection."""
     hi = 1
-    while not check(hi):  # type: ignore[operator]
+    while not meets(hi):
         if hi >= most:
             return None
         hi = min(most, 2 * hi)
     lo = hi // 2 + 1 if hi > 1 else 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if check(mid):  # type: ignore[operator]
+        if meets(mid):
             hi = mid
         else:
             lo = mid + 1

@@ -141,3 +141,14 @@ def test_an_old_benchmark_json_is_refused(tmp_path: Path) -> None:
     old.write_text(json.dumps({"meta": {"engine": "x", "rates": []}, "runs": []}))
     with pytest.raises(ValueError, match="run the benchmark again"):
         read_bench_json(old)
+
+
+def test_right_size_reports_the_pools_it_tried(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    data = run(capsys, tmp_path, "right-size", "--model", "Llama-3-8B", "--rate", "4",
+               "--duration-s", "20", "--offline-backlog", "40", "--ttft-p99-ms", "3000",
+               "--tpot-p99-ms", "50", "--max-gpus", "4")
+    table = data["tables"][0]
+    rows = {r["replicas"]: r for r in table["rows"]}
+    assert rows and all(r["meets"] in ("yes", "no") for r in rows.values())
+    assert any(note.startswith(("smallest pool", "no pool")) for note in table["notes"])

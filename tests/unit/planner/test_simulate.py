@@ -101,3 +101,17 @@ def test_online_requests_spread_over_the_replicas() -> None:
     sim.run()
     per_replica = [sum(1 for r in sim.records if r.replica == i) for i in range(3)]
     assert sum(per_replica) == 90 and min(per_replica) >= 20
+
+
+def test_right_sizing_finds_the_smallest_pool_that_meets_the_targets() -> None:
+    from server.planner.pools import _smallest
+
+    calls: list[int] = []
+
+    def meets(n: int) -> bool:
+        calls.append(n)
+        return n >= 5
+
+    assert _smallest(meets, 64) == 5 and calls == [1, 2, 4, 8, 6, 5]
+    assert _smallest(lambda n: False, 6) is None
+    assert _smallest(lambda n: True, 6) == 1
