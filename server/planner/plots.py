@@ -40,12 +40,12 @@ def batch_curve(table: Table, path: Path) -> bool:
 
 def static_vs_continuous(table: Table, path: Path) -> bool:
     modes = _by(table.rows, "batching")
+    load = "offered load (share of what the continuous pool sustains)"
     return plot(path, "Static vs continuous batching", [
         Panel("tokens/s", {m: _series(r, "target", "tokens_per_s") for m, r in modes.items()},
-              "offered load (share of peak)"),
+              load),
         Panel("online TTFT p99 (ms)",
-              {m: _series(r, "target", "ttft_p99") for m, r in modes.items()},
-              "offered load (share of peak)"),
+              {m: _series(r, "target", "ttft_p99") for m, r in modes.items()}, load, logy=True),
     ])
 
 

@@ -87,6 +87,7 @@ class Panel:
     bars: bool = False
     percent: bool = False
     logx: bool = False
+    logy: bool = False
 
 
 def plot(path: str | os.PathLike[str], title: str, panels: Sequence[Panel]) -> bool:
@@ -118,6 +119,8 @@ def _draw(ax: Any, panel: Panel) -> None:
             ax.plot(list(xs), values, marker="o", label=label)
     if panel.logx:
         ax.set_xscale("log", base=2)
+    if panel.logy:
+        ax.set_yscale("log")
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel + (" (%)" if panel.percent else ""))
     ax.grid(alpha=0.3)
