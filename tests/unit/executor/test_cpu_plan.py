@@ -284,3 +284,26 @@ def test_the_executor_runs_overtaking_requests_inside_a_step(
             assert executor.stats().draft_tokens_accepted > 0
     finally:
         executor.shutdown()
+
+
+def test_a_decode_that_preempts_a_sequence_already_packed_drops_its_chunk(
+    tiny_engine_factory: Callable[..., Path],
+) -> None:
+    """Four KV blocks: the older, lower-priority sequence decodes first in the step and is
+    packed; the newer one's decode then needs a block and preempts it. Its chunk leaves the
+    step with it (its blocks are gone), and it resumes later with nothing lost."""
+    path = tiny_engine_factory(num_kv_blocks=4, max_seq_len=64)
+    engine = _engine(path)
+    low = ExecRequest(1, tuple(range(10, 26)), SamplingParams(max_tokens=4, ignore_eos=True),
+                      priority=0.0)
+    high = ExecRequest(2, tuple(range(30, 62)), SamplingParams(max_tokens=4, ignore_eos=True),
+                       priority=1.0)
+    engine.add(low, seed=1)
+    engine.step()  # low: 1 block, its prefill
+    engine.add(high, seed=2)
+    engine.step()  # high: 2 blocks, its prefill; low's decode takes the last one
+    tokens = _run(engine)  # high's decode needs a fifth block: low, packed first, goes
+    assert engine.batcher.num_preemptions >= 1
+    engine.check_integrity()
+    for request in (low, high):
+        assert tokens[request.request_id] == _solo(path, request)
