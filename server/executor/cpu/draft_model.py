@@ -156,9 +156,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def open_draft_model(draft_dir: Path, target: Manifest, max_seq_len: int) -> DraftModelDrafter:
+def open_draft_model(draft_dir: Path, target: Manifest, max_seq_len: int,
+                     num_kv_blocks: int | None = None) -> DraftModelDrafter:
     """The draft engine at ``draft_dir``: weights, and a KV pool of its own sized by its
-    manifest. ValueError when its vocabulary is not the target's."""
+    manifest (or ``num_kv_blocks``). ValueError when its vocabulary is not the target's."""
     manifest = Manifest.load(draft_dir)
     if manifest.backend != "cpu":
         raise ValueError(f"{draft_dir}: a cpu engine's draft must be a cpu engine, got "
@@ -170,7 +171,7 @@ def open_draft_model(draft_dir: Path, target: Manifest, max_seq_len: int) -> Dra
                          "the target's tokenizer")
     weights = load_weights(manifest.weights_path(draft_dir), manifest)
     model = LlamaModel(weights, arch, min(max_seq_len, arch.max_position_embeddings))
-    cache = PagedKvCache(arch.num_layers, limits.num_kv_blocks, limits.tokens_per_block,
-                         arch.num_kv_heads, arch.head_dim, manifest.quantization.kv_cache_dtype)
-    return DraftModelDrafter(model, cache, BlockManager(limits.num_kv_blocks,
-                                                       limits.tokens_per_block))
+    blocks = num_kv_blocks or limits.num_kv_blocks
+    cache = PagedKvCache(arch.num_layers, blocks, limits.tokens_per_block, arch.num_kv_heads,
+                         arch.head_dim, manifest.quantization.kv_cache_dtype)
+    return DraftModelDrafter(model, cache, BlockManager(blocks, limits.tokens_per_block))

@@ -14,7 +14,7 @@ from server.executor.base import ExecRequest, FinishReason, SamplingParams, Step
 from server.executor.cpu import CpuExecutor
 from server.executor.cpu.drive import Collected, collect
 from server.executor.cpu.engine import CpuEngine, StepRun
-from server.executor.cpu.executor import build_engine
+from server.executor.cpu.open import build_engine
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ from server.executor.base import ExecRequest, FinishReason, SamplingParams, Step
 from server.executor.cpu import verify
 from server.executor.cpu.drafter import NgramConfig, ngram_lookup
 from server.executor.cpu.engine import CpuEngine
-from server.executor.cpu.executor import build_engine
+from server.executor.cpu.open import build_engine
 from server.executor.cpu.speculation import SpeculationConfig
 from tests.stats import homogeneity
 
