@@ -152,7 +152,7 @@ _HELP: dict[str, str] = {
     "model when it was built with --draft, else n-gram prompt lookup; 'none' turns "
     "speculative decoding off",
     "max_draft_len": "drafted tokens per step, at most; 0: the draft engine's max_draft_len, "
-    "or 8 for n-gram lookup",
+    "or 7 for n-gram lookup",
     "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
                       "message); clients should use the same limit",
     "job_store": "SQLite file of the durable batch job store ('' = $BACKFILL_HOME/jobs.db; "

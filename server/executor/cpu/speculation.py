@@ -37,8 +37,10 @@ AUTO = "auto"
 NONE = "none"
 DRAFTER_CHOICES = (AUTO, *DRAFTERS, NONE)
 # Drafted tokens per step, at most, for the n-gram drafter by default: a copied passage is
-# accepted in long runs, and at batch 1 a few more positions in a step cost little.
-NGRAM_MAX_DRAFT_LEN = 8
+# accepted in long runs, and at batch 1 a few more positions in a step cost little, up to 8 of
+# them: one-thread matmuls of up to 8 rows run over L2-sized weight tiles (weights.py), and on
+# the default engine a step of 8 positions took 1.6x one of 1, of 9 positions 2.5x.
+NGRAM_MAX_DRAFT_LEN = 7
 
 
 @dataclass(frozen=True, slots=True)
