@@ -10,7 +10,8 @@ throughput lost by every sequence in the step. So the policy weighs the step as 
 - otherwise, with ``speculation="auto"``, offline requests never speculate (they are
   throughput work, and every step they ride in is a large one), and an online request that
   decodes speculates with the k in 1..K that maximizes the step's predicted output rate,
-  tokens out per second, when that beats not speculating by ``MIN_GAIN``: the step-cost model
+  tokens out per second, when that beats not speculating by ``MIN_GAIN`` (decided while it
+  still prefills too, so that its first decode already speculates): the step-cost model
   predicts the step with its verify chunk (plus the drafter's time per drafted token), and a
   verify chunk of k drafts yields (1 - a^(k+1)) / (1 - a) tokens when each is accepted with
   probability a. With a TPOT SLO, speculation never takes a step past it that was within it
@@ -32,9 +33,13 @@ from server.scheduler.config import SPECULATION_MODES
 from server.scheduler.live import LiveRequest
 from server.scheduler.types import Tier
 
-MIN_GAIN = 1.05  # predicted output rate with speculation over without, at least
+# Predicted output rate with speculation over without, at least: a margin over the model's
+# error, so that a request whose drafts are mostly rejected does not speculate on a guess.
+MIN_GAIN = 1.1
 PRIOR_ACCEPTANCE = 0.5  # a drafter's acceptance before it has a record
-PRIOR_TOKENS = 8.0  # weight of the prior (the drafter's rate) in drafted tokens
+# Weight of the prior (the drafter's rate) in drafted tokens: one step's drafts of a request
+# already outweigh it, since requests differ most (a copy is accepted, a new text is not).
+PRIOR_TOKENS = 4.0
 MAX_ACCEPTANCE = 0.95  # a record of only acceptances still predicts a rejection now and then
 
 
@@ -84,8 +89,8 @@ class SpeculationPolicy:
                     lens[r.exec_id] = min(asked, limit)
                     if part.decoding:
                         part = _Part(r, True, 1 + lens[r.exec_id])
-            elif self.mode == "auto" and r.tier is Tier.ONLINE and part.decoding:
-                candidates.append(part)
+            elif self.mode == "auto" and r.tier is Tier.ONLINE:
+                candidates.append(part)  # judged as the decode it is or is about to be
             parts.append(part)
         if candidates and self.cost.calibrated:
             for part in candidates:
@@ -109,7 +114,7 @@ class SpeculationPolicy:
         """The draft length that maximizes the step's predicted output rate; 0 when none
         beats plain decoding by MIN_GAIN."""
         others = _shape(p for p in parts if p is not part)
-        out = sum(1 for p in parts if p.decoding)  # tokens a plain step yields
+        out = 1 + sum(1 for p in parts if p.decoding and p is not part)  # a plain step's tokens
         context = part.request.num_context_tokens
         plain = others.copy()
         plain.add_decode(context)

@@ -130,6 +130,7 @@ class Batcher:
         needs one KV slot for the token sampled last, and one per drafted token it verifies),
         then prefill chunks by priority, within the token budget and the plan."""
         budget = self.limits.max_num_tokens
+        drafts = drafts or {}
         chunks: list[Chunk] = []
         members = [s for s in self.running if only is None or s.request_id in only]
         for seq in [s for s in members if s.num_pending == 1]:
@@ -138,7 +139,7 @@ class Batcher:
             if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
                 continue
             if self._reserve_slot(seq):
-                draft = self._reserve_draft(seq, (drafts or {}).get(seq.request_id), budget - 1)
+                draft = self._reserve_draft(seq, drafts.get(seq.request_id), budget - 1)
                 chunks.append(Chunk(seq, seq.num_computed, 1 + len(draft), draft))
                 budget -= 1 + len(draft)
         # A decode's KV slot may have come from preempting a sequence already packed.

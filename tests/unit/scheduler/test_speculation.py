@@ -45,6 +45,10 @@ def test_an_online_request_alone_speculates() -> None:
     assert policy().decide([live(1, Tier.ONLINE)], {}, None) == {101: 3}
 
 
+def test_a_prefilling_online_request_gets_its_length_before_its_first_decode() -> None:
+    assert policy().decide([live(1, Tier.ONLINE, decoding=False)], {}, None) == {101: 3}
+
+
 def test_offline_requests_never_speculate_by_default() -> None:
     assert policy().decide([live(1, Tier.OFFLINE)], {}, None) == {}
 
