@@ -166,7 +166,9 @@ class BackfillServer:
         if executor is None:
             from server.executor.factory import load_executor
 
-            executor = await asyncio.to_thread(load_executor, engine_dir)
+            executor = await asyncio.to_thread(
+                load_executor, engine_dir, speculation=config.speculation_config()
+            )
         scheduler = _make_scheduler(config, manifest, executor)
         scheduler.start()
         try:

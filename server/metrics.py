@@ -32,6 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from server.draft_metrics import drafter_families
 from server.scheduler.types import Outcome, SchedEvent, Tier
 from server.stats import ServerStats
 from server.step_metrics import step_budget_families
@@ -234,6 +235,7 @@ class StateCollector(Collector):
         s = self._stats()
         yield from _backfill_families(s)
         yield from step_budget_families(s.scheduler)
+        yield from drafter_families(s.executor)
         yield from _triton_families(s, self._model, self._tokens_per_block)
         yield from _nvml_families()
 

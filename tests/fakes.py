@@ -50,6 +50,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine_builder.step_cost import LinearStepCost, StepSample, StepShape
 from server.executor.base import (
@@ -225,11 +226,16 @@ class ScriptedExecutor:
                 raise ValueError(message)
             context = request.prompt_token_ids + request.resume_token_ids
             seq = _Seq(request=request, context=context)
-            self._queue.append(seq)
-            self._queued_ids[request.request_id] = seq
             if self._record:
                 self.enqueued.append(request)
                 self.outputs[request.request_id] = []
+            if seq.num_done >= request.sampling.max_tokens:
+                # Resumed with its budget spent: it ends at once, with no token (as the CPU
+                # engine ends it).
+                self._finish_unstarted(seq, FinishReason.LENGTH)
+            else:
+                self._queue.append(seq)
+                self._queued_ids[request.request_id] = seq
             self._cond.notify_all()
 
     def cancel(self, request_id: int) -> None:
@@ -509,6 +515,12 @@ class ScriptedExecutor:
             )
         )
 
+    def _finish_unstarted(self, seq: _Seq, reason: FinishReason) -> None:
+        if self._record:
+            self.finishes[seq.request.request_id] = reason
+        self._pending.append(TokenDelta(seq.request.request_id, (), "", reason,
+                                        cached_prompt_tokens=0))
+
     def _release_blocks(self, seq: _Seq) -> None:
         """Keeps the sequence's full blocks as cached prefixes; the partial tail is freed."""
         tpb = self._capacity.tokens_per_block
@@ -525,9 +537,15 @@ class ScriptedExecutor:
 
 
 class PlannedScriptedExecutor(ScriptedExecutor):
-    """A ScriptedExecutor that follows step plans (server.executor.base.PlanFollower)."""
+    """A ScriptedExecutor that follows step plans (server.executor.base.PlanFollower): their
+    caps, not their draft lengths (it does not speculate); ``plans`` records every plan."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plans: list[StepPlan] = []
 
     def set_plan(self, plan: StepPlan) -> None:
         with self._cond:
             self._plan = plan
+            self.plans.append(plan)
             self._cond.notify_all()
