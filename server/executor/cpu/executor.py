@@ -291,9 +291,9 @@ class CpuExecutor:
 
     def _decode_overtakers(self, run: StepRun) -> None:
         """Between two layers of ``run``: the next tokens of the sequences that overtook it,
-        as a step of their own, for those whose last token is the plan's overtake interval
-        old. ``run`` does not carry them and may last several of their TPOT SLOs. The nested
-        step never preempts: a sequence in ``run`` must keep its KV blocks."""
+        as a step of their own, once one's last token is the plan's overtake interval old.
+        ``run`` does not carry them and may last several of their TPOT SLOs. The nested step
+        never preempts: a sequence in ``run`` must keep its KV blocks."""
         engine = self._engine
         with self._lock:
             now = self._cancels_outside(run)
@@ -303,9 +303,12 @@ class CpuExecutor:
         for request_id in [rid for rid in self._overtaking if not engine.knows(rid)]:
             del self._overtaking[request_id]  # finished, or cancelled just now
         clock = time.perf_counter()
-        due = (set() if interval is None else
-               {rid for rid, last in self._overtaking.items() if clock - last >= interval})
-        nested = engine.begin_step(due, preempt=False) if due else None
+        # All of them together once one is due: one at a time, each would fall due while
+        # another's step ran, and the step in flight would get no further.
+        due = interval is not None and any(
+            clock - last >= interval for last in self._overtaking.values()
+        )
+        nested = engine.begin_step(set(self._overtaking), preempt=False) if due else None
         if nested is not None:
             engine.finish_step(nested)
             self._overtaking.update(dict.fromkeys(nested.ids, time.perf_counter()))

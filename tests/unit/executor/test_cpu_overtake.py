@@ -127,3 +127,63 @@ def test_a_nested_decode_sits_out_rather_than_preempt(
     run = engine.begin_step({2})
     assert run is not None and run.ids == {2}
     assert engine.batcher.num_preemptions == 1  # low made room
+
+
+
+def test_overtakers_decode_together_once_one_is_due(
+    tiny_engine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests overtake the same step, after its first and its second layer, 10 s apart
+    on the executor's clock; with a 5 s interval the first is due when the second has just
+    prefilled. The nested decode is a step of both: one at a time, each would fall due while
+    the other's ran, and the step in flight would get no further."""
+    from server.executor.cpu import executor as executor_module
+    from server.executor.cpu.model import ForwardPass
+
+    clock = [1000.0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    executor = CpuExecutor.open(tiny_engine)
+    nested_steps: list[set[int]] = []
+    outer: list[ForwardPass] = []
+    original_advance = ForwardPass.advance
+    original_begin = CpuEngine.begin_step
+    urgent = [_req(rid, tuple(range(rid, rid + 20)), 6, 1.0, overtake=True) for rid in (98, 99)]
+
+    def advance(self: ForwardPass) -> None:
+        original_advance(self)
+        engine = executor._engine
+        if not outer and engine.running and all(not s.prefilling for s in engine.running):
+            outer.append(self)
+            executor.enqueue(urgent[0])  # after the first layer of a step of decodes
+        elif outer and self is outer[0] and len(outer) == 1:
+            outer.append(self)
+            clock[0] += 10.0
+            executor.enqueue(urgent[1])  # after its second
+
+    def begin_step(self: CpuEngine, only: set[int] | None = None, extra_slots: int = 0, *,
+                   preempt: bool = True) -> StepRun | None:
+        if not preempt:  # only nested decodes pass preempt=False
+            nested_steps.append(set(only or ()))
+        return original_begin(self, only, extra_slots, preempt=preempt)
+
+    monkeypatch.setattr(executor_module, "time", FakeTime)
+    monkeypatch.setattr(ForwardPass, "advance", advance)
+    monkeypatch.setattr(CpuEngine, "begin_step", begin_step)
+    try:
+        executor.set_plan(StepPlan(overtake_interval_s=5.0))
+        background = [_req(rid, tuple(range(rid, rid + 8)), 16, 0.0) for rid in range(1, 5)]
+        results = collect(executor, background)
+        for request in urgent:
+            results.setdefault(request.request_id, Collected())
+        collect(executor, results=results)
+        assert len(outer) == 2
+        assert nested_steps == [{98, 99}]  # the second layer was the step's last
+        for request in [*background, *urgent]:
+            assert results[request.request_id].token_ids == _solo(tiny_engine, request)
+    finally:
+        executor.shutdown()

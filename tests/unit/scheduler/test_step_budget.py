@@ -317,8 +317,9 @@ def test_online_requests_may_overtake_a_step_in_flight_under_backfill(policy: st
 
 @pytest.mark.parametrize("policy", ["backfill", "fcfs"])
 def test_the_plan_tells_how_often_an_overtaking_request_gets_a_token(policy: str) -> None:
-    """Under backfill: the budget less a nested lone decode's predicted time (50 ms SLO, 10 ms
-    a step, 5 ms a token: 35 ms), following the margin; none where nothing overtakes."""
+    """Under backfill, in steps planned without online work (only those outlast an online
+    token): the budget less a nested lone decode's predicted time (50 ms SLO, 10 ms a step,
+    5 ms a token: 35 ms), following the margin; none where nothing overtakes."""
     ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
     sched, rec, _ = scheduler(ex, tpot_ms=50, policy=policy)
     sched.submit(offline((5, 6), max_tokens=40), rec)
@@ -326,8 +327,13 @@ def test_the_plan_tells_how_often_an_overtaking_request_gets_a_token(policy: str
     assert sched.planner is not None
     sched.planner.margin = 0.8  # 40 ms: 25 ms
     sched.run_pass()
+    sched.submit(online((7, 8), max_tokens=40), rec)
+    sched.run_pass()
     intervals = [plan.overtake_interval_s for plan in ex.plans]
-    assert intervals == ([0.035, 0.025] if policy == "backfill" else [None] * len(ex.plans))
+    if policy == "backfill":
+        assert intervals[:2] == [0.035, 0.025] and intervals[2:] and intervals[-1] is None
+    else:
+        assert intervals == [None] * len(ex.plans)
 
 
 def test_the_margin_follows_tpot_attainment() -> None:
