@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from engine_builder.manifest_json import FieldError, is_int, parse_section
+
 # Written by this build. Version 1 manifests (no "source" weights) still load; an older reader
 # refuses version 2 instead of misreading source blocks as some other layout.
 SCHEMA_VERSION = 2
@@ -40,15 +42,6 @@ SPECULATIVE_MODES = ("draft_target", "ngram", "eagle3")
 
 class ManifestError(ValueError):
     """A missing, unreadable or invalid manifest; the message says which file and field."""
-
-
-class FieldError(ValueError):
-    """An invalid value of one field; ``Manifest.load`` prefixes the section path."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-        self.message = message
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -387,9 +380,21 @@ class Manifest:
     @classmethod
     def from_json(cls, data: object) -> Manifest:
         """Parses a decoded manifest; raises FieldError naming the JSON path of the problem."""
-        from engine_builder.manifest_json import parse_manifest
-
-        return parse_manifest(data)
+        if not isinstance(data, dict):
+            raise FieldError("manifest", f"must be a JSON object, got {type(data).__name__}")
+        # Checked first so that a future schema is reported as such, not as a pile of field
+        # errors.
+        version = data.get("schema_version")
+        if version is None:
+            raise FieldError("schema_version", "missing")
+        if not is_int(version) or version not in READABLE_SCHEMA_VERSIONS:
+            raise FieldError("schema_version", f"unsupported schema version {version!r} "
+                             f"(this build reads {sorted(READABLE_SCHEMA_VERSIONS)})")
+        try:
+            return parse_section(cls, data, "<root>", _SECTIONS)
+        except FieldError as exc:
+            # Top-level fields come back as "<root>.name"; drop the placeholder root.
+            raise FieldError(exc.name.removeprefix("<root>."), exc.message) from exc
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> Manifest:
@@ -418,6 +423,14 @@ class Manifest:
         directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_json(), indent=2) + "\n"
         return atomic_write_text(directory / MANIFEST_FILE, text)
+
+
+# The manifest's sections, by the names their fields' annotations use.
+_SECTIONS = {
+    cls.__name__: cls
+    for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
+                Profile, StepCostFit, Provenance, SpeculativeInfo)
+}
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""Decoding ``manifest.json`` into the dataclasses of ``manifest.py``, with precise errors.
+"""Decoding JSON into frozen dataclasses (the sections of ``manifest.py``), with precise errors.
 
 Each section's JSON keys and types come from its dataclass fields (the annotation strings that
 ``from __future__ import annotations`` leaves), so the schema is written down once. Every key
@@ -8,37 +8,26 @@ carrying the full JSON path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from engine_builder.manifest import (
-    READABLE_SCHEMA_VERSIONS,
-    Architecture,
-    DraftInfo,
-    FieldError,
-    Limits,
-    Manifest,
-    Profile,
-    Provenance,
-    Quantization,
-    RopeScaling,
-    SpeculativeInfo,
-    StepCostFit,
-    TokenizerInfo,
-)
-
 T = TypeVar("T")
 
-# annotation string -> nested section dataclass
-_SECTIONS: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (Architecture, RopeScaling, Quantization, Limits, TokenizerInfo, DraftInfo,
-                Profile, StepCostFit, Provenance, SpeculativeInfo)
-}
+# A section's name (as its fields' annotations spell it) -> its dataclass.
+Sections = Mapping[str, type]
 
 
-def _is_int(v: object) -> bool:
+class FieldError(ValueError):
+    """An invalid value of one field; the caller prefixes the section path."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -47,7 +36,7 @@ def _is_float(v: object) -> bool:
 
 
 def _check_int(v: object) -> int | None:
-    return v if _is_int(v) else None  # type: ignore[return-value]
+    return v if is_int(v) else None  # type: ignore[return-value]
 
 
 def _check_float(v: object) -> float | None:
@@ -91,15 +80,15 @@ _CHECKERS: dict[str, tuple[str, Callable[[object], Any]]] = {
 }
 
 
-def _decode_value(annotation: str, value: object, path: str) -> Any:
+def _decode_value(annotation: str, value: object, path: str, sections: Sections) -> Any:
     optional = annotation.endswith(" | None")
     base = annotation.removesuffix(" | None")
     if value is None:
         if optional:
             return None
         raise FieldError(path, "must not be null")
-    if base in _SECTIONS:
-        return parse_section(_SECTIONS[base], value, path)
+    if base in sections:
+        return parse_section(sections[base], value, path, sections)
     type_name, check = _CHECKERS[base]
     decoded = check(value)
     if decoded is None:
@@ -107,8 +96,9 @@ def _decode_value(annotation: str, value: object, path: str) -> Any:
     return decoded
 
 
-def parse_section(cls: type[T], data: object, path: str) -> T:
-    """Builds dataclass ``cls`` from a JSON object found at ``path`` (e.g. "limits")."""
+def parse_section(cls: type[T], data: object, path: str, sections: Sections) -> T:
+    """Builds dataclass ``cls`` from a JSON object found at ``path`` (e.g. "limits"); fields
+    annotated with a name in ``sections`` are parsed as those nested sections."""
     if not isinstance(data, dict):
         raise FieldError(path, f"must be an object, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
@@ -123,29 +113,8 @@ def parse_section(cls: type[T], data: object, path: str) -> T:
             if not str(f.type).endswith(" | None"):
                 raise FieldError(sub, "missing")
             continue
-        kwargs[f.name] = _decode_value(str(f.type), data[f.name], sub)
+        kwargs[f.name] = _decode_value(str(f.type), data[f.name], sub, sections)
     try:
         return cls(**kwargs)
     except FieldError as exc:
         raise FieldError(f"{path}.{exc.name}", exc.message) from exc
-
-
-def parse_manifest(data: object) -> Manifest:
-    if not isinstance(data, dict):
-        raise FieldError("manifest", f"must be a JSON object, got {type(data).__name__}")
-    # Checked first so that a future schema is reported as such, not as a pile of field errors.
-    version = data.get("schema_version")
-    if version is None:
-        raise FieldError("schema_version", "missing")
-    if not _is_int(version) or version not in READABLE_SCHEMA_VERSIONS:
-        raise FieldError("schema_version", f"unsupported schema version {version!r} "
-                         f"(this build reads {sorted(READABLE_SCHEMA_VERSIONS)})")
-    try:
-        return _parse_top(data)
-    except FieldError as exc:
-        # Top-level fields come back as "<root>.name"; drop the placeholder root.
-        raise FieldError(exc.name.removeprefix("<root>."), exc.message) from exc
-
-
-def _parse_top(data: dict[str, Any]) -> Manifest:
-    return parse_section(Manifest, data, "<root>")

@@ -155,6 +155,34 @@ class TokenDelta:
     # Prompt tokens after the first, when asked for: on the delta of the first generated token.
     prompt_logprobs: list[TokenLogprob] | None = None
 
+    def then(self, later: TokenDelta) -> TokenDelta:
+        """This delta and the next one of the same request, as one (for an outbox that
+        coalesces what a slow reader has not taken yet)."""
+        cached = self.cached_prompt_tokens
+        return TokenDelta(
+            request_id=self.request_id,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            finish=later.finish,
+            error=later.error,
+            cached_prompt_tokens=cached if later.cached_prompt_tokens is None
+            else later.cached_prompt_tokens,
+            draft_tokens_proposed=self.draft_tokens_proposed + later.draft_tokens_proposed,
+            draft_tokens_accepted=self.draft_tokens_accepted + later.draft_tokens_accepted,
+            speculative_steps=self.speculative_steps + later.speculative_steps,
+            drafter=later.drafter or self.drafter,
+            logprobs=_concat(self.logprobs, later.logprobs),
+            prompt_logprobs=_concat(self.prompt_logprobs, later.prompt_logprobs),
+        )
+
+
+def _concat(
+    a: list[TokenLogprob] | None, b: list[TokenLogprob] | None
+) -> list[TokenLogprob] | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
 
 @dataclass(frozen=True, slots=True)
 class Capacity:
@@ -262,11 +290,14 @@ class StepPlan:
     recompute) but sits steps out. Requests not listed are not limited. ``draft_lens[id]``:
     drafted tokens request ``id`` verifies per step, at most, while it decodes (speculative
     decoding; within its cap, which then counts the drafted tokens too); not listed: none.
-    The plan is data; the executor applies it mechanically and never decides what is more
-    important."""
+    ``overtake_interval_s``: a sequence whose prefill overtook the step in flight (see
+    ``ExecRequest.overtake``) gets its next tokens from steps nested in that one whenever its
+    last token is this old; None: it waits for the step to end. The plan is data; the
+    executor applies it mechanically and never decides what is more important."""
 
     token_caps: Mapping[int, int] = field(default_factory=dict)
     draft_lens: Mapping[int, int] = field(default_factory=dict)
+    overtake_interval_s: float | None = None
 
     def cap(self, request_id: int) -> int | None:
         return self.token_caps.get(request_id)

@@ -153,7 +153,13 @@ class SchedulerCore:
             draft_lens = self._speculation.decide(
                 self._running.values(), self.decision.caps, self._drafter
             )
-        plan = StepPlan(dict(self.decision.plan.token_caps), draft_lens)
+        # Only steps planned without online work outlast an online request's next token; a
+        # budgeted step is as short as the nested decodes would make it anyway.
+        interval = None
+        if (self._planner is not None and self._config.policy == "backfill"
+                and not self.decision.online_present):
+            interval = self._planner.overtake_interval_s
+        plan = StepPlan(dict(self.decision.plan.token_caps), draft_lens, interval)
         if plan != self._sent_plan:
             self._follower.set_plan(plan)
             self._sent_plan = plan

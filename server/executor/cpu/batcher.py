@@ -124,11 +124,16 @@ class Batcher:
     # -- the step -------------------------------------------------------------------------
 
     def schedule(
-        self, only: set[int] | None = None, drafts: Mapping[int, Draft] | None = None
+        self,
+        only: set[int] | None = None,
+        drafts: Mapping[int, Draft] | None = None,
+        *,
+        preempt: bool = True,
     ) -> list[Chunk]:
         """The chunks of the next step (with ``only``, of just those ids): decodes first (each
         needs one KV slot for the token sampled last, and one per drafted token it verifies),
-        then prefill chunks by priority, within the token budget and the plan."""
+        then prefill chunks by priority, within the token budget and the plan. Without
+        ``preempt`` a decode that finds no free slot sits the step out."""
         budget = self.limits.max_num_tokens
         drafts = drafts or {}
         chunks: list[Chunk] = []
@@ -138,7 +143,7 @@ class Batcher:
                 break
             if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
                 continue
-            if self._reserve_slot(seq):
+            if self._reserve_slot(seq, preempt):
                 draft = self._reserve_draft(seq, drafts.get(seq.request_id), budget - 1)
                 chunks.append(Chunk(seq, seq.num_computed, 1 + len(draft), draft))
                 budget -= 1 + len(draft)
@@ -178,11 +183,13 @@ class Batcher:
     def _cap(self, seq: Sequence) -> int | None:
         return self.plan.cap(seq.request_id)
 
-    def _reserve_slot(self, seq: Sequence) -> bool:
-        """Gives the last sampled token a KV slot, preempting if the pool is full. False when
-        seq itself had to be preempted."""
+    def _reserve_slot(self, seq: Sequence, preempt: bool = True) -> bool:
+        """Gives the last sampled token a KV slot, preempting if the pool is full (unless not
+        ``preempt``). False when it got none: seq itself was preempted, or sits out."""
         if self.blocks.num_tokens(seq.request_id) == len(seq.token_ids):
             return True  # re-admitted: allocate() already covered every token
+        if not preempt and not self.blocks.can_append(seq.request_id):
+            return False
         while not self.blocks.can_append(seq.request_id):
             victim = self._victim()
             self._preempt(victim)

@@ -103,6 +103,10 @@ class CpuEngine:
     def set_plan(self, plan: StepPlan) -> None:
         self.batcher.plan = plan
 
+    @property
+    def plan(self) -> StepPlan:
+        return self.batcher.plan
+
     # -- requests -------------------------------------------------------------------------
 
     def add(self, request: ExecRequest, seed: int) -> None:
@@ -153,10 +157,14 @@ class CpuEngine:
         self.finish_step(run)
         return True
 
-    def begin_step(self, only: set[int] | None = None, extra_slots: int = 0) -> StepRun | None:
+    def begin_step(
+        self, only: set[int] | None = None, extra_slots: int = 0, *, preempt: bool = True
+    ) -> StepRun | None:
         """Admits, drafts, packs and starts a step (of just the ``only`` ids: the overtaking
         kind, which may use ``extra_slots`` that cancelled sequences give back when the step
-        in flight ends); None when nothing can run."""
+        in flight ends); None when nothing can run. ``preempt=False``: a decode that finds no
+        free KV slot sits the step out instead of preempting (a step nested in another must
+        not take the blocks of a sequence the outer one computes)."""
         t0 = time.perf_counter()
         for seq in self.batcher.admit(only, extra_slots):
             seq.end(FinishReason.ERROR, "prompt does not fit the KV-cache pool")
@@ -168,7 +176,7 @@ class CpuEngine:
         drafts, drafting = self.speculator.propose(
             members, self.batcher.plan, self.batcher.limits.max_seq_len
         )
-        chunks = self.batcher.schedule(only, drafts)
+        chunks = self.batcher.schedule(only, drafts, preempt=preempt)
         if not chunks:
             return None
         shape = StepShape()

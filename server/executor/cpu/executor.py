@@ -15,6 +15,8 @@ marked ``overtake`` has arrived; if one has, it runs that request's prefill as a
 own right there, publishes its first token, and goes on with the step in flight. On a CPU a
 step of offline work takes hundreds of milliseconds, so this is what keeps an online request's
 time to first token close to that of an idle engine without throwing the step's work away.
+Its next tokens come the same way, from decode steps nested between later layers, whenever the
+last is ``StepPlan.overtake_interval_s`` old, until the step it overtook ends.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +39,6 @@ from server.executor.base import (
     FinishReason,
     StepPlan,
     TokenDelta,
-    TokenLogprob,
 )
 from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
@@ -65,6 +67,9 @@ class CpuExecutor:
         self._plan: StepPlan | None = None  # a new plan for the worker to take
         self._new_input = False  # inbox, cancels or plan changed since the worker looked
         self._overtakers = 0  # requests in the inbox marked overtake (read without the lock)
+        # Sequences that overtook the step in flight, by id: when each last got a token (the
+        # worker's own; cleared as the step ends, the next one carrying them).
+        self._overtaking: dict[int, float] = {}
         self._runnable = False  # the last step ran: the next may run without new input
         self._outbox: list[TokenDelta] = []
         self._samples: deque[StepSample] = deque(maxlen=STEP_SAMPLES_KEPT)
@@ -245,12 +250,16 @@ class CpuExecutor:
                     run.advance()
                     if self._overtakers:  # a racy peek: _overtake decides under the lock
                         self._overtake(run)
+                    if self._overtaking:
+                        self._decode_overtakers(run)
                 engine.finish_step(run)
                 return True, engine.drain() + self._late_cancels()
             except Exception as exc:  # an engine bug must not hang every caller
                 log.exception("cpu executor step failed")
                 engine.cancel_all(FinishReason.ERROR, f"engine failure: {exc!r}")
                 return False, engine.drain()
+            finally:
+                self._overtaking.clear()  # the next step carries them
 
     def _add(self, requests: list[ExecRequest]) -> None:
         for request in requests:
@@ -267,9 +276,7 @@ class CpuExecutor:
             urgent = [r for r in self._inbox if r.overtake]
             self._inbox = [r for r in self._inbox if not r.overtake]
             self._overtakers = 0
-            # Sequences outside the step in flight (paused ones) can go now.
-            now = [rid for rid in self._cancels if rid not in run.ids and engine.knows(rid)]
-            self._cancels = [rid for rid in self._cancels if rid not in now]
+            now = self._cancels_outside(run)
             leaving = sum(1 for rid in self._cancels if rid in run.ids)
         if not urgent and not now:
             return
@@ -279,7 +286,41 @@ class CpuExecutor:
         nested = engine.begin_step({r.request_id for r in urgent}, extra_slots=leaving)
         if nested is not None:
             engine.finish_step(nested)
+            self._overtaking.update(dict.fromkeys(nested.ids, time.perf_counter()))
         self._publish(engine.drain())
+
+    def _decode_overtakers(self, run: StepRun) -> None:
+        """Between two layers of ``run``: the next tokens of the sequences that overtook it,
+        as a step of their own, once one's last token is the plan's overtake interval old.
+        ``run`` does not carry them and may last several of their TPOT SLOs. The nested step
+        never preempts: a sequence in ``run`` must keep its KV blocks."""
+        engine = self._engine
+        with self._lock:
+            now = self._cancels_outside(run)
+        for request_id in now:
+            engine.cancel(request_id)
+        interval = engine.plan.overtake_interval_s
+        for request_id in [rid for rid in self._overtaking if not engine.knows(rid)]:
+            del self._overtaking[request_id]  # finished, or cancelled just now
+        clock = time.perf_counter()
+        # All of them together once one is due: one at a time, each would fall due while
+        # another's step ran, and the step in flight would get no further.
+        due = interval is not None and any(
+            clock - last >= interval for last in self._overtaking.values()
+        )
+        nested = engine.begin_step(set(self._overtaking), preempt=False) if due else None
+        if nested is not None:
+            engine.finish_step(nested)
+            self._overtaking.update(dict.fromkeys(nested.ids, time.perf_counter()))
+        if now or nested is not None:
+            self._publish(engine.drain())
+
+    def _cancels_outside(self, run: StepRun) -> list[int]:
+        """Takes the cancels of sequences outside the step in flight (paused ones, or those
+        that overtook it): they can go at once. Under the lock."""
+        now = [rid for rid in self._cancels if rid not in run.ids and self._engine.knows(rid)]
+        self._cancels = [rid for rid in self._cancels if rid not in now]
+        return now
 
     def _late_cancels(self) -> list[TokenDelta]:
         """Cancels that came during the step, applied at its end: an overtaking step may have
@@ -308,7 +349,7 @@ class CpuExecutor:
                     index = len(self._outbox)
                     self._outbox.append(delta)
                 else:
-                    self._outbox[index] = _merge(self._outbox[index], delta)
+                    self._outbox[index] = self._outbox[index].then(delta)
                 if delta.finish is None:
                     self._open[rid] = index
                 else:
@@ -340,31 +381,4 @@ class CpuExecutor:
             draft_tokens_accepted=sum(d.accepted for d in drafters),
             drafters=drafters,
         )
-
-
-def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
-    """Two consecutive deltas of one request as one."""
-    return TokenDelta(
-        request_id=a.request_id,
-        token_ids=a.token_ids + b.token_ids,
-        text=a.text + b.text,
-        finish=b.finish,
-        error=b.error,
-        cached_prompt_tokens=a.cached_prompt_tokens
-        if b.cached_prompt_tokens is None
-        else b.cached_prompt_tokens,
-        draft_tokens_proposed=a.draft_tokens_proposed + b.draft_tokens_proposed,
-        draft_tokens_accepted=a.draft_tokens_accepted + b.draft_tokens_accepted,
-        speculative_steps=a.speculative_steps + b.speculative_steps,
-        drafter=b.drafter or a.drafter,
-        logprobs=concat(a.logprobs, b.logprobs),
-        prompt_logprobs=concat(a.prompt_logprobs, b.prompt_logprobs),
-    )
-
-
-def concat(a: list[TokenLogprob] | None, b: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
-    if a is None or b is None:
-        return b if a is None else a
-    return a + b
-
 

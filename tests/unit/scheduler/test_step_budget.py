@@ -134,6 +134,23 @@ def test_offline_prefill_gets_the_largest_chunk_that_fits() -> None:
     assert ex.step_log[-1].tokens == 1 + 9
 
 
+def test_without_online_work_a_step_stays_within_a_few_slos() -> None:
+    """IDLE_STEP_FACTOR (8) x 20 ms: 160 ms. Three offline decodes (25 ms) leave 135 ms: 27
+    prompt tokens of the newcomer a step; the decodes are never capped."""
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=20, reserve=0.0)
+    for i in range(3):
+        sched.submit(offline((7, i), max_tokens=50), rec)
+    for _ in range(3):
+        sched.run_pass()
+    sched.submit(offline(tuple(range(1, 100)), max_tokens=5), rec)
+    sched.run_pass()
+    sched.run_pass()
+    assert SloPlanner.IDLE_STEP_FACTOR == 8.0
+    assert ex.step_log[-1].tokens == 3 + 27
+    assert not sched.snapshot().step_budget.online_present  # type: ignore[union-attr]
+
+
 def test_an_executor_that_plans_its_own_steps_is_bounded_by_admission() -> None:
     ex = ScriptedExecutor(SHAPE.capacity(), step_cost=COST)
     sched, rec, _ = scheduler(ex, tpot_ms=50, reserve=0.1)
@@ -218,6 +235,25 @@ entries = st.lists(
 )
 
 
+def _check_idle(planner: SloPlanner, offline: list[LiveRequest], caps: dict[int, int]) -> None:
+    """No online work: decodes run uncapped; every prefill progresses, and beyond one token
+    each the step stays within IDLE_STEP_FACTOR SLOs."""
+    assert set(caps) == {s.exec_id for s in offline if not s.run_tokens}
+    assert all(n >= RESERVE_TOKENS for n in caps.values())
+    shape, base = StepShape(), StepShape()
+    for s in offline:
+        if s.run_tokens:
+            shape.add_decode(s.num_context_tokens)
+            base.add_decode(s.num_context_tokens)
+        else:
+            n = caps[s.exec_id]
+            shape.add_prefill(0, n, n >= s.num_context_tokens)
+            base.add_prefill(0, RESERVE_TOKENS, s.num_context_tokens <= RESERVE_TOKENS)
+    limit = SloPlanner.IDLE_STEP_FACTOR * planner.tpot_slo_s
+    if COST.predict(shape) > limit + 1e-12:
+        assert COST.predict(base) > limit - 1e-12
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(running=entries, slo_ms=st.sampled_from([15.0, 40.0, 100.0, 400.0]),
        keep=st.integers(0, 4), margin=st.sampled_from([0.5, 0.9, 1.0]))
@@ -231,7 +267,8 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
     online_seqs = [s for s in seqs if s.tier is Tier.ONLINE]
     offline_seqs = [s for s in seqs if s.tier is Tier.OFFLINE]
     if not online_seqs:
-        assert decision.plan.token_caps == {} and not decision.online_present
+        _check_idle(planner, offline_seqs, decision.plan.token_caps)
+        assert not decision.online_present
         return
     caps = decision.plan.token_caps
     assert all(s.exec_id not in caps for s in online_seqs)  # online work is never bounded
@@ -276,6 +313,27 @@ def test_online_requests_may_overtake_a_step_in_flight_under_backfill(policy: st
     sched.run_pass()
     flags = {r.prompt_token_ids: r.overtake for r in ex.enqueued}
     assert flags == {(1, 2): policy == "backfill", (3, 4): False}
+
+
+@pytest.mark.parametrize("policy", ["backfill", "fcfs"])
+def test_the_plan_tells_how_often_an_overtaking_request_gets_a_token(policy: str) -> None:
+    """Under backfill, in steps planned without online work (only those outlast an online
+    token): the budget less a nested lone decode's predicted time (50 ms SLO, 10 ms a step,
+    5 ms a token: 35 ms), following the margin; none where nothing overtakes."""
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50, policy=policy)
+    sched.submit(offline((5, 6), max_tokens=40), rec)
+    sched.run_pass()
+    assert sched.planner is not None
+    sched.planner.margin = 0.8  # 40 ms: 25 ms
+    sched.run_pass()
+    sched.submit(online((7, 8), max_tokens=40), rec)
+    sched.run_pass()
+    intervals = [plan.overtake_interval_s for plan in ex.plans]
+    if policy == "backfill":
+        assert intervals[:2] == [0.035, 0.025] and intervals[2:] and intervals[-1] is None
+    else:
+        assert intervals == [None] * len(ex.plans)
 
 
 def test_the_margin_follows_tpot_attainment() -> None:
