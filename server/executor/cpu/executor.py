@@ -41,7 +41,7 @@ from server.executor.base import (
 from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
-from server.executor.cpu.model import LlamaModel
+from server.executor.cpu.gemma import load_model
 from server.executor.cpu.model_runner import ModelRunner
 from server.executor.cpu.weights import load_weights
 from server.executor.kv import BlockManager, PagedKvCache
@@ -343,7 +343,7 @@ def build_engine(engine_dir: Path, manifest: Manifest) -> tuple[CpuEngine, Capac
     arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
     max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
     weights = load_weights(manifest.weights_path(engine_dir), manifest)
-    model = LlamaModel(weights, arch, max_seq_len)
+    model = load_model(weights, arch, max_seq_len)
     cache = PagedKvCache(
         arch.num_layers,
         limits.num_kv_blocks,

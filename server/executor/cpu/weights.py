@@ -245,13 +245,25 @@ class Int4Linear(_TiledLinear):
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
-    input_norm: np.ndarray  # [hidden]
+    """One decoder layer. Norm weights are the multipliers they apply (Gemma's 1 + w)."""
+
+    input_norm: np.ndarray  # [hidden], before attention
     qkv: Linear  # fused q/k/v: [(heads + 2 * kv_heads) * head_dim, hidden]
     qkv_bias: np.ndarray | None  # [(heads + 2 * kv_heads) * head_dim]
     o_proj: Linear  # [hidden, heads * head_dim]
-    post_norm: np.ndarray  # [hidden]
+    mlp_norm: np.ndarray  # [hidden], before the MLP
     gate_up: Linear  # fused gate/up: [2 * intermediate, hidden]
     down: Linear  # [hidden, intermediate]
+    # gemma3 only: RMS norms of each query and key head, and of the attention and MLP outputs
+    q_norm: np.ndarray | None = None  # [head_dim]
+    k_norm: np.ndarray | None = None  # [head_dim]
+    attn_out_norm: np.ndarray | None = None  # [hidden]
+    mlp_out_norm: np.ndarray | None = None  # [hidden]
+
+    @property
+    def norms(self) -> tuple[np.ndarray, ...]:
+        return tuple(n for n in (self.input_norm, self.mlp_norm, self.q_norm, self.k_norm,
+                                 self.attn_out_norm, self.mlp_out_norm) if n is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +281,7 @@ class ModelWeights:
             linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
         if self.lm_head is not self.embed:
             linears.append(self.lm_head)
-        norms = sum(layer.input_norm.nbytes + layer.post_norm.nbytes for layer in self.layers)
+        norms = sum(n.nbytes for layer in self.layers for n in layer.norms)
         return sum(lin.nbytes for lin in linears) + norms + int(self.norm.nbytes)
 
 
@@ -333,7 +345,7 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
         r = _Reader(handle, quant.weights, quant.group_size)
         if quant.weights == "source":
             _announce_kernels(set(r.block_types.values()))
-        layers = tuple(_load_layer(r, i, arch.attention_bias) for i in range(arch.num_layers))
+        layers = tuple(_load_layer(r, i, arch) for i in range(arch.num_layers))
         embed = r.linear("model.embed_tokens")
         lm_head = embed if arch.tie_word_embeddings else r.linear("lm_head")
         norm = r.tensor("model.norm.weight").astype(np.float32)
@@ -363,18 +375,31 @@ def _announce_kernels(block_types: set[str]) -> None:
                     ", ".join(slow))
 
 
-def _load_layer(r: _Reader, i: int, attention_bias: bool) -> LayerWeights:
+def _load_layer(r: _Reader, i: int, arch: Any) -> LayerWeights:
     p = f"model.layers.{i}"
     attn = [f"{p}.self_attn.{n}_proj" for n in ("q", "k", "v")]
-    bias = r.bias(*attn) if attention_bias else None
-    if attention_bias and bias is None:
+    bias = r.bias(*attn) if arch.attention_bias else None
+    if arch.attention_bias and bias is None:
         raise ValueError(f"manifest says attention_bias but layer {i} lacks q/k/v biases")
-    return LayerWeights(
-        input_norm=r.tensor(f"{p}.input_layernorm.weight").astype(np.float32),
+
+    def norm(name: str) -> np.ndarray:
+        return r.tensor(f"{p}.{name}.weight").astype(np.float32)
+
+    common = dict(
+        input_norm=norm("input_layernorm"),
         qkv=r.linear(*attn),
         qkv_bias=bias,
         o_proj=r.linear(f"{p}.self_attn.o_proj"),
-        post_norm=r.tensor(f"{p}.post_attention_layernorm.weight").astype(np.float32),
         gate_up=r.linear(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
         down=r.linear(f"{p}.mlp.down_proj"),
+    )
+    if arch.family != "gemma3":
+        return LayerWeights(mlp_norm=norm("post_attention_layernorm"), **common)
+    return LayerWeights(
+        mlp_norm=norm("pre_feedforward_layernorm"),
+        q_norm=norm("self_attn.q_norm"),
+        k_norm=norm("self_attn.k_norm"),
+        attn_out_norm=norm("post_attention_layernorm"),
+        mlp_out_norm=norm("post_feedforward_layernorm"),
+        **common,
     )
