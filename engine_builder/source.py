@@ -2,8 +2,9 @@
 
 Both readers (GGUF and Hugging Face) produce a ``SourceModel``: the architecture, the weights
 under the family's Hugging Face names in float32 with Q/K in the half-split rotary layout (norm
-weights as the multipliers they apply), and the tokenizer. The builder then only quantizes and writes. A GGUF reader also offers the file's own
-quantized blocks (``SourceModel.blocks``), for engines that keep them as they are.
+weights as the multipliers they apply), and the tokenizer. The builder then only quantizes and
+writes. A GGUF reader also offers the file's own quantized blocks (``SourceModel.blocks``), for
+engines that keep them as they are.
 """
 
 from __future__ import annotations

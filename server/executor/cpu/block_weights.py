@@ -9,7 +9,9 @@ A ``BlockLinear`` holds one weight `[out, in]` as its GGUF blocks (docs/engine-f
   of W.T at a time into a cache-sized float32 buffer and hand it to BLAS;
 - the NumPy reference for every other block type, and for all of them when numba is absent:
   row tiles dequantized with the ``gguf`` package's own decoder, then BLAS. Tests compare the
-  kernels against it.
+  kernels against it. An engine does not serve the other types this way (decoding at every
+  product is about 30x slower than BLAS on the result): it widens them to float32 once at
+  load (``widen_blocks``, the same decoder).
 """
 
 from __future__ import annotations
@@ -203,6 +205,12 @@ class BlockLinear:
             w = _dequantize(self._raw[r0 : r0 + step], self.qtype)  # [rows, in]
             out[:, r0 : r0 + step] = x @ w.T
         return out
+
+
+def widen_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """[out, row bytes] blocks -> the float32 weight `[out, in]` they encode."""
+    out = raw.shape[0]
+    return _dequantize(np.ascontiguousarray(raw, dtype=np.uint8), qtype).reshape(out, -1)
 
 
 def _dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:

@@ -18,7 +18,12 @@ from safetensors import safe_open
 
 from engine_builder.manifest import BLOCK_TYPES_KEY
 from server.executor.cpu.blas import thread_blas_threads
-from server.executor.cpu.block_weights import BlockLinear, StackedLinear, load_kernels
+from server.executor.cpu.block_weights import (
+    BlockLinear,
+    StackedLinear,
+    load_kernels,
+    widen_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +324,28 @@ class _Reader:
         raise ValueError(f"unsupported weight quantization {self._quant!r} on the cpu backend")
 
     def _source_linear(self, names: tuple[str, ...]) -> Linear:
-        """Blocks stay blocks; parts of one fused linear are concatenated when they share a
-        type (float tensors included), else stacked."""
-        kinds = [self.block_types.get(f"{n}.blocks", "F32") for n in names]
-        if len(set(kinds)) > 1:
-            return StackedLinear([self._source_linear((n,)) for n in names])
-        if kinds[0] == "F32":
-            return DenseLinear(_cat([self.tensor(f"{n}.weight") for n in names]))
-        return BlockLinear(kinds[0], _cat([self.tensor(f"{n}.blocks") for n in names]))
+        """Blocks of types with compiled kernels stay blocks; float tensors, and blocks of
+        types without kernels (widened to float32 once, here: decoding them at every product
+        cost Gemma 3's Q5_0/Q4_K/Q6_K layers 30x the time of BLAS on the result), are dense.
+        Parts of one fused linear that compute alike are concatenated, the rest stacked."""
+        parts: list[tuple[str, list[np.ndarray]]] = []  # (kind, weights), kind "F32" = dense
+        for n in names:
+            qtype = self.block_types.get(f"{n}.blocks", "F32")
+            if qtype == "F32":
+                kind, w = "F32", self.tensor(f"{n}.weight")
+            elif BlockLinear.has_kernels(qtype):
+                kind, w = qtype, self.tensor(f"{n}.blocks")
+            else:
+                kind, w = "F32", widen_blocks(self.tensor(f"{n}.blocks"), qtype)
+            if parts and parts[-1][0] == kind:
+                parts[-1][1].append(w)
+            else:
+                parts.append((kind, [w]))
+        linears: list[Linear] = [
+            DenseLinear(_cat(ws)) if kind == "F32" else BlockLinear(kind, _cat(ws))
+            for kind, ws in parts
+        ]
+        return linears[0] if len(linears) == 1 else StackedLinear(linears)
 
     def bias(self, *names: str) -> np.ndarray | None:
         if not all(self.has(f"{n}.bias") for n in names):
@@ -358,21 +377,21 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
 
 
 def _announce_kernels(block_types: set[str]) -> None:
-    """Says at start-up which path source blocks take: the compiled kernels, or NumPy."""
+    """Says at start-up which path source blocks take: the compiled kernels, NumPy, or float32
+    (the types without kernels, widened at load)."""
+    widened = sorted(t for t in block_types if not BlockLinear.has_kernels(t))
+    if widened:
+        log.warning("no compiled kernels for %s blocks: those are widened to float32 at load "
+                    "(4 bytes per weight)", ", ".join(widened))
+    compiled = sorted(t for t in block_types if BlockLinear.has_kernels(t))
     kernels = load_kernels()
-    if kernels is None:
+    if kernels is None and compiled:
         log.warning("numba is not installed: %s weights run on the NumPy reference path, "
-                    "several times slower (pip install 'backfill[cpu]')",
-                    ", ".join(sorted(block_types)))
-        return
-    if not kernels.TBB:
+                    "several times slower (pip install 'backfill[cpu]')", ", ".join(compiled))
+    elif kernels is not None and not kernels.TBB:
         log.warning("numba's TBB threading layer is unavailable (pip install tbb): kernels run "
                     "on OpenMP threads, which stall when other processes keep the cores busy; "
                     "set BACKFILL_CPU_THREADS=1 on such a host")
-    slow = sorted(t for t in block_types if not BlockLinear.has_kernels(t))
-    if slow:
-        log.warning("no compiled kernels for %s blocks: those run on the NumPy reference path",
-                    ", ".join(slow))
 
 
 def _load_layer(r: _Reader, i: int, arch: Any) -> LayerWeights:

@@ -3,6 +3,7 @@ standing in for the real download (monkeypatched fetch and checksum)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     gguf_path = write_tiny_gguf(write_tiny_checkpoint(tmp_path / "hf"), tmp_path / "tiny.gguf")
-    monkeypatch.setattr(default, "fetch_default", lambda home=None: gguf_path)
-    monkeypatch.setattr(default, "DEFAULT_SHA256", sha256_of(gguf_path))
+    monkeypatch.setattr(default, "fetch_model", lambda model, home=None: gguf_path)
+    monkeypatch.setattr(default, "DEFAULT_MODEL", dataclasses.replace(
+        default.DEFAULT_MODEL, sha256=sha256_of(gguf_path)))
     return tmp_path / "home"
 
 
