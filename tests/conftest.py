@@ -5,6 +5,7 @@
   "int8"``, limits such as ``max_batch_size=4``), each built once per distinct kwargs.
 - ``default_engine``: the real SmolLM2-135M-Instruct cpu engine (fetched and built once into
   ``$BACKFILL_HOME``); only for tests marked ``model``.
+- ``gemma_engine``: the real Gemma 3 270M cpu engine, likewise (its ``source`` build).
 """
 
 from __future__ import annotations
@@ -43,3 +44,11 @@ def default_engine() -> Path:
     from engine_builder.default import ensure_default_engine
 
     return ensure_default_engine()
+
+
+@pytest.fixture(scope="session")
+def gemma_engine() -> Path:
+    from engine_builder.default import ensure_engine
+    from engine_builder.fetch import GEMMA3_270M
+
+    return ensure_engine(GEMMA3_270M)

@@ -404,7 +404,7 @@ def _load_layer(r: _Reader, i: int, arch: Any) -> LayerWeights:
     def norm(name: str) -> np.ndarray:
         return r.tensor(f"{p}.{name}.weight").astype(np.float32)
 
-    common = dict(
+    common: dict[str, Any] = dict(
         input_norm=norm("input_layernorm"),
         qkv=r.linear(*attn),
         qkv_bias=bias,
