@@ -132,9 +132,9 @@ async def test_over_quota_is_resource_exhausted_naming_it_and_others_go_on(
     assert server.metrics_url is not None
     m = await scrape(server.metrics_url)
     rejected = m["backfill_tenant_quota_rejections_total"]
-    assert rejected[(("quota", "max_online_requests"), ("tenant", "a"))] == 1
+    assert rejected[(("model", "tiny-llama"), ("quota", "max_online_requests"), ("tenant", "a"))] == 1
     assert m["backfill_tenant_requests_total"][
-        (("outcome", "length"), ("tenant", "b"), ("tier", "online"))] == 1
+        (("model", "tiny-llama"), ("outcome", "length"), ("tenant", "b"), ("tier", "online"))] == 1
 
 
 def server_quotas(server) -> TenantQuotas:  # type: ignore[no-untyped-def]
