@@ -52,3 +52,12 @@ def gemma_engine() -> Path:
     from engine_builder.fetch import GEMMA3_270M
 
     return ensure_engine(GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Gemma 3 (engine_builder/tiny_gemma.py): a second family, no chat
+    template, no download."""
+    from engine_builder.tiny_gemma import build_tiny_gemma_engine
+
+    return build_tiny_gemma_engine(tmp_path_factory.mktemp("tiny-gemma") / "engine")

@@ -17,6 +17,7 @@ from server.app import BackfillServer
 from tests.fakes import ScriptedExecutor
 from tests.unit.server.conftest import MakeServer, scrape, tiny_capacity, wait_until
 
+M = ("model", "tiny-llama")  # the label every engine figure carries
 pytestmark = pytest.mark.unit
 
 SERVICE = "backfill.v1.InferenceService"
@@ -70,7 +71,7 @@ async def test_metrics_and_get_stats_move_with_traffic(
     server = await make_server(executor, metrics_port=0, price_per_hour=3.6)
     assert server.metrics_url is not None
     before = await scrape(server.metrics_url)
-    assert before["backfill_slots"][(("model", "tiny-llama"), ("state", "free"))] == executor.capacity.max_slots
+    assert before["backfill_slots"][(M, ("state", "free"))] == executor.capacity.max_slots
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         calls = [request([i + 1, 3], 10) for i in range(6)]
@@ -82,16 +83,16 @@ async def test_metrics_and_get_stats_move_with_traffic(
         await asyncio.gather(*(run(r) for r in calls))
         stats = await stub.GetStats(pb.GetStatsRequest())
     m = await scrape(server.metrics_url)
-    assert m["backfill_requests_total"][(("model", "tiny-llama"), ("outcome", "length"), ("tier", "online"))] == 6
-    assert m["backfill_requests_total"][(("model", "tiny-llama"), ("outcome", "length"), ("tier", "offline"))] == 3
-    assert m["backfill_generated_tokens_total"][(("model", "tiny-llama"), ("tier", "online"))] == 60
-    assert m["backfill_generated_tokens_total"][(("model", "tiny-llama"), ("tier", "offline"))] == 15
-    assert m["backfill_prompt_tokens_total"][(("model", "tiny-llama"), ("tier", "online"))] == 12
-    assert m["backfill_ttft_seconds_count"][(("model", "tiny-llama"), ("tier", "online"))] == 6
-    assert m["backfill_e2e_seconds_count"][(("model", "tiny-llama"), ("tier", "offline"))] == 3
-    assert m["backfill_inter_token_seconds_count"][(("model", "tiny-llama"), ("tier", "online"))] == 6 * 9
-    steps = m["backfill_steps_total"][(("model", "tiny-llama"),)]
-    assert steps > before["backfill_steps_total"][(("model", "tiny-llama"),)]
+    assert m["backfill_requests_total"][(M, ("outcome", "length"), ("tier", "online"))] == 6
+    assert m["backfill_requests_total"][(M, ("outcome", "length"), ("tier", "offline"))] == 3
+    assert m["backfill_generated_tokens_total"][(M, ("tier", "online"))] == 60
+    assert m["backfill_generated_tokens_total"][(M, ("tier", "offline"))] == 15
+    assert m["backfill_prompt_tokens_total"][(M, ("tier", "online"))] == 12
+    assert m["backfill_ttft_seconds_count"][(M, ("tier", "online"))] == 6
+    assert m["backfill_e2e_seconds_count"][(M, ("tier", "offline"))] == 3
+    assert m["backfill_inter_token_seconds_count"][(M, ("tier", "online"))] == 6 * 9
+    steps = m["backfill_steps_total"][(M,)]
+    assert steps > before["backfill_steps_total"][(M,)]
     triton = m["nv_trt_llm_request_metrics"]
     kinds = {dict(k)["request_type"]: v for k, v in triton.items()}
     assert set(kinds) == {"active", "max", "scheduled", "context", "waiting"}
