@@ -21,6 +21,7 @@ from server.executor.cpu.blas import thread_blas_threads
 from server.executor.cpu.block_weights import (
     BlockLinear,
     StackedLinear,
+    WidenedLinear,
     load_kernels,
     widen_blocks,
 )
@@ -328,7 +329,7 @@ class _Reader:
         types without kernels (widened to float32 once, here: decoding them at every product
         cost Gemma 3's Q5_0/Q4_K/Q6_K layers 30x the time of BLAS on the result), are dense.
         Parts of one fused linear that compute alike are concatenated, the rest stacked."""
-        parts: list[tuple[str, list[np.ndarray]]] = []  # (kind, weights), kind "F32" = dense
+        parts: list[tuple[str, list[np.ndarray]]] = []  # (kind, weights)
         for n in names:
             qtype = self.block_types.get(f"{n}.blocks", "F32")
             if qtype == "F32":
@@ -336,21 +337,26 @@ class _Reader:
             elif BlockLinear.has_kernels(qtype):
                 kind, w = qtype, self.tensor(f"{n}.blocks")
             else:
-                kind, w = "F32", widen_blocks(self.tensor(f"{n}.blocks"), qtype)
+                kind, w = "widened", widen_blocks(self.tensor(f"{n}.blocks"), qtype)
             if parts and parts[-1][0] == kind:
                 parts[-1][1].append(w)
             else:
                 parts.append((kind, [w]))
-        linears: list[Linear] = [
-            DenseLinear(_cat(ws)) if kind == "F32" else BlockLinear(kind, _cat(ws))
-            for kind, ws in parts
-        ]
+        linears: list[Linear] = [_source_part(kind, _cat(ws)) for kind, ws in parts]
         return linears[0] if len(linears) == 1 else StackedLinear(linears)
 
     def bias(self, *names: str) -> np.ndarray | None:
         if not all(self.has(f"{n}.bias") for n in names):
             return None
         return _cat([self.tensor(f"{n}.bias").astype(np.float32) for n in names])
+
+
+def _source_part(kind: str, w: np.ndarray) -> Linear:
+    if kind == "F32":
+        return DenseLinear(w)
+    if kind == "widened":
+        return WidenedLinear(w)
+    return BlockLinear(kind, w)
 
 
 def _cat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -9,7 +9,14 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from server.executor.cpu import block_weights
-from server.executor.cpu.block_weights import BlockLinear, StackedLinear, block_geometry
+from server.executor.cpu.blas import default_threads, set_thread_blas_threads, thread_blas_threads
+from server.executor.cpu.block_weights import (
+    BlockLinear,
+    StackedLinear,
+    WidenedLinear,
+    block_geometry,
+    widen_blocks,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +113,24 @@ def test_bad_blocks_are_refused() -> None:
     if block_weights.load_kernels() is not None:
         with pytest.raises(ValueError, match="non-finite scale"):
             BlockLinear("Q4_1", raw)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_widened_blocks_compute_what_the_file_means(threads: int, rows: int) -> None:
+    """Types without kernels are widened at load; split among helper threads or not, their
+    products are the reference's."""
+    width = 512
+    raw = _random_blocks("Q4_K", 37, width, seed=7)
+    linear = WidenedLinear(widen_blocks(raw, "Q4_K"))
+    assert linear.nbytes == 37 * width * 4 and linear.out_features == 37
+    x = np.random.default_rng(8).standard_normal((rows, width)).astype(np.float32)
+    expected = _reference(raw, "Q4_K", x)
+    before = thread_blas_threads()
+    set_thread_blas_threads(threads)
+    try:
+        np.testing.assert_allclose(linear(x), expected, atol=1e-5 * np.abs(expected).max())
+    finally:
+        set_thread_blas_threads(before if before is not None else default_threads())
+    ids = np.array([36, 0, 7])
+    np.testing.assert_array_equal(linear.rows(ids), dequantize(raw, GGMLQuantizationType.Q4_K)[ids])
