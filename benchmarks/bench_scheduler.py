@@ -50,6 +50,11 @@ from client.bench.trace import length_pool, trace_label
 from client.types import ModelInfo, Tier
 
 PRICE_PER_HOUR = 2.0  # stated, $ per accelerator-hour
+# The load's settings, recorded in --json-out so that a run can be replayed (the capacity
+# planner's calibration predicts a run from them).
+LOAD_ARGS = ("trace", "max_prompt_tokens", "max_output_tokens", "offline_output_tokens",
+             "offline_backlog", "seed", "duration", "min_online_requests", "short_duration",
+             "sweep", "fcfs", "rounds")
 GOAL_MULTIPLIER = 1.25
 RELAXED_MULTIPLIER = 3.0
 
@@ -202,7 +207,7 @@ def bench_rate(
         print(f"goals, median of {len(checks)} rounds:")
     for goal, ok, detail, _ in median_round(checks):
         print(f"{'PASS' if ok else 'FAIL'}  {goal}: {detail}")
-    return {"rate": rate, "duration_s": duration,
+    return {"rate": rate, "duration_s": duration, "offline_backlog": spec.offline_backlog,
             "rounds": [[r.to_json() for r in runs] for runs in rounds],
             "sweep": [r.to_json() for r in sweep]}, rounds[0], sweep
 
@@ -252,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(data)
         curves.append((rate, goal_runs, sweep))
     if args.json_out:
+        load = {k: getattr(args, k) for k in LOAD_ARGS}
         write_json([], args.json_out, engine=str(engine), price_per_hour=PRICE_PER_HOUR,
-                   rates=results)
+                   load=load, rates=results)
     if args.plot and not plot_sweep(curves, args.plot):
         print("--plot skipped: matplotlib is not installed (pip install '.[bench]')",
               file=sys.stderr)

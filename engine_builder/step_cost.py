@@ -30,6 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -64,6 +65,16 @@ class StepShape:
         self.decode_rows += 1
         self.samples += 1
         self.decode_context += context
+        if context > self.decode_context_max:
+            self.decode_context_max = context
+
+    def add_decodes(self, context: int, count: int) -> None:
+        """``count`` sequences decoding over ``context`` tokens each (add_decode, in O(1))."""
+        if count <= 0:
+            return
+        self.decode_rows += count
+        self.samples += count
+        self.decode_context += count * context
         if context > self.decode_context_max:
             self.decode_context_max = context
 
@@ -121,6 +132,16 @@ class StepSample:
 
     shape: StepShape
     seconds: float
+
+
+class StepCostModel(Protocol):
+    """Anything that predicts a step's seconds from its shape: the fitted linear model here,
+    or an analytic one (the capacity planner's roofline for accelerators nobody profiled).
+    ``predict`` is called per candidate while planning a step, so it must be cheap."""
+
+    def predict(self, shape: StepShape) -> float:
+        """Seconds; 0 for a step that computes nothing. Never decreases when a step carries
+        more (planners search on that)."""
 
 
 class LinearStepCost:
@@ -261,6 +282,10 @@ class OnlineStepCost:
     """The runtime model: a prior fit, refitted on a window of recent steps and scaled by a
     running correction, so that predictions follow the machine's drift.
 
+    The refits are linear (``fit_samples``, pulled towards a linear prior), so they apply only
+    to a linear prior or to none; any other prior (an analytic model) keeps its form and is
+    corrected by the running scale alone.
+
     Thread-safe: the scheduler thread observes and predicts, readers (metrics, GetStats) take
     ``error_summary`` from other threads.
     """
@@ -273,10 +298,12 @@ class OnlineStepCost:
     PRIOR_WEIGHT = 0.5  # ridge pull towards the prior, relative to the window's own fit
     SCALE_ALPHA = 0.05  # weight of the newest step in the running log-ratio correction
 
-    def __init__(self, prior: LinearStepCost | None) -> None:
+    def __init__(self, prior: StepCostModel | None) -> None:
         self._prior = prior
-        self._fit = prior
+        self._refits = prior is None or isinstance(prior, LinearStepCost)
+        self._fit: StepCostModel | None = prior
         self._log_scale = 0.0
+        self._scale = 1.0  # exp(_log_scale), kept with it: predict runs per planning candidate
         self._window: deque[StepSample] = deque(maxlen=self.WINDOW)
         self._errors: deque[float] = deque(maxlen=self.WINDOW)
         self._since_refit = 0
@@ -297,7 +324,7 @@ class OnlineStepCost:
         fit = self._fit
         if fit is None:
             return 0.0
-        return fit.predict(shape) * math.exp(self._log_scale)
+        return fit.predict(shape) * self._scale
 
     def observe(self, shape: StepShape, seconds: float) -> float | None:
         """Takes one executor step; returns the prediction it made for that step beforehand
@@ -312,10 +339,12 @@ class OnlineStepCost:
                 self._errors.append(abs(predicted - seconds) / seconds)
                 ratio = math.log(seconds / predicted)
                 self._log_scale += self.SCALE_ALPHA * ratio
+                self._scale = math.exp(self._log_scale)
             self._since_refit += 1
             early = self._prior is None and self._observed <= self.REFIT_EVERY
-            refit = self._since_refit >= self.REFIT_EVERY or (
-                early and self._observed >= self.FIRST_FIT_STEPS and self._since_refit >= 8
+            refit = self._refits and (
+                self._since_refit >= self.REFIT_EVERY
+                or (early and self._observed >= self.FIRST_FIT_STEPS and self._since_refit >= 8)
             )
             window = list(self._window) if refit else None
         if window is not None:
@@ -323,15 +352,15 @@ class OnlineStepCost:
         return predicted
 
     def _refit(self, window: list[StepSample], only: tuple[str, ...] | None) -> None:
+        prior = self._prior if isinstance(self._prior, LinearStepCost) else None
         try:
-            fit = fit_samples(
-                window, only=only, prior=self._prior, prior_weight=self.PRIOR_WEIGHT
-            )
+            fit = fit_samples(window, only=only, prior=prior, prior_weight=self.PRIOR_WEIGHT)
         except (ValueError, np.linalg.LinAlgError):
             return
         with self._lock:
             self._fit = fit
             self._log_scale = 0.0  # the refit absorbed the drift the scale had tracked
+            self._scale = 1.0
             self._since_refit = 0
 
     def error_summary(self) -> tuple[float, int]:
@@ -341,6 +370,6 @@ class OnlineStepCost:
         return median(errors), len(errors)
 
     @property
-    def model(self) -> LinearStepCost | None:
-        """The current fit without the running scale (for display)."""
+    def model(self) -> StepCostModel | None:
+        """The current fit (or the analytic prior) without the running scale (for display)."""
         return self._fit

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from engine_builder.manifest import Manifest
-from engine_builder.step_cost import LinearStepCost, StepShape
+from engine_builder.step_cost import LinearStepCost, StepCostModel, StepShape
 from server.executor.base import Capacity
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def engine_step_cost(manifest: Manifest) -> LinearStepCost | None:
 
 
 def resolve_slos(
-    tpot_ms: float, ttft_ms: float, cost: LinearStepCost | None, capacity: Capacity
+    tpot_ms: float, ttft_ms: float, cost: StepCostModel | None, capacity: Capacity
 ) -> Slos:
     """``tpot_ms`` / ``ttft_ms`` as configured: > 0 as given, 0 derived, < 0 none."""
     lone = StepShape()

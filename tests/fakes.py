@@ -225,11 +225,16 @@ class ScriptedExecutor:
                 raise ValueError(message)
             context = request.prompt_token_ids + request.resume_token_ids
             seq = _Seq(request=request, context=context)
-            self._queue.append(seq)
-            self._queued_ids[request.request_id] = seq
             if self._record:
                 self.enqueued.append(request)
                 self.outputs[request.request_id] = []
+            if seq.num_done >= request.sampling.max_tokens:
+                # Resumed with its budget spent: it ends at once, with no token (as the CPU
+                # engine ends it).
+                self._finish_unstarted(seq, FinishReason.LENGTH)
+            else:
+                self._queue.append(seq)
+                self._queued_ids[request.request_id] = seq
             self._cond.notify_all()
 
     def cancel(self, request_id: int) -> None:
@@ -508,6 +513,12 @@ class ScriptedExecutor:
                 cached_prompt_tokens=seq.cached_tokens,
             )
         )
+
+    def _finish_unstarted(self, seq: _Seq, reason: FinishReason) -> None:
+        if self._record:
+            self.finishes[seq.request.request_id] = reason
+        self._pending.append(TokenDelta(seq.request.request_id, (), "", reason,
+                                        cached_prompt_tokens=0))
 
     def _release_blocks(self, seq: _Seq) -> None:
         """Keeps the sequence's full blocks as cached prefixes; the partial tail is freed."""

@@ -191,7 +191,10 @@ class Executor(Protocol):
 
     def enqueue(self, request: ExecRequest) -> None:
         """Queues a sequence. Raises ValueError for a request the engine cannot run
-        (prompt too long, token id out of vocabulary, duplicate id)."""
+        (empty prompt, prompt too long, token id out of vocabulary, an id that is still live)
+        and after shutdown. A request whose resumed tokens already reach its max_tokens never
+        emits a token (refused, or ended at once with LENGTH). An id is free again once its
+        final delta is out."""
 
     def cancel(self, request_id: int) -> None:
         """Stops a queued or running sequence and frees its slot and KV blocks; it ends with
@@ -203,7 +206,8 @@ class Executor(Protocol):
     def stats(self) -> ExecutorStats: ...
 
     def shutdown(self) -> None:
-        """Stops the loop; live sequences end with CANCELLED. Idempotent."""
+        """Stops the loop; live sequences end with CANCELLED (their final deltas still come
+        from poll). Idempotent; cancel and stats stay harmless afterwards."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,14 +134,19 @@ class SloPlanner:
 
     def _more_decodes(self, shape: StepShape, context: int) -> int:
         """How many more offline decodes of ``context`` tokens would still fit: the room an
-        executor that plans its own steps may fill with new offline requests."""
-        extra, trial = 0, shape.copy()
-        while extra < self._capacity.max_slots:
-            trial.add_decode(context)
-            if self.cost.predict(trial) > self.budget_s:
-                break
-            extra += 1
-        return extra
+        executor that plans its own steps may fill with new offline requests. A binary
+        search (a step's predicted cost never falls as it carries more): this runs every pass
+        while online work is present, over up to all the slots."""
+        lo, hi = 0, self._capacity.max_slots
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = shape.copy()
+            trial.add_decodes(context, mid)
+            if self.cost.predict(trial) <= self.budget_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _largest_chunk(self, shape: StepShape, r: LiveRequest) -> int:
         """The most prompt tokens of r that keep the step within budget (0 if none)."""

@@ -21,6 +21,7 @@ SCRIPTS = {
     "backfill": "client.cli:main",
     "backfill-server": "server.__main__:main",
     "backfill-build": "engine_builder.cli:main",
+    "backfill-plan": "server.planner.cli:main",
 }
 
 

@@ -117,7 +117,7 @@ class CpuExecutor:
         self._validate(request)
         with self._lock:
             if self._stopping:
-                raise RuntimeError("the executor is shut down")
+                raise ValueError("the executor is shut down")
             if request.request_id in self._live:
                 raise ValueError(f"request id {request.request_id} is already live")
             self._live.add(request.request_id)

@@ -96,6 +96,29 @@ def test_the_online_model_follows_a_slower_machine() -> None:
     assert counted == 300 and error < 0.3
 
 
+class Roofline:
+    """Not linear: the slower of a fixed cost and a per-token cost (the planner's form)."""
+
+    def predict(self, shape: StepShape) -> float:
+        return 0.0 if shape.empty else max(0.02, 0.001 * shape.tokens)
+
+
+def test_an_analytic_prior_keeps_its_form_and_follows_the_machine_by_scale() -> None:
+    prior = Roofline()
+    online = OnlineStepCost(prior)
+    rng = random.Random(8)
+    for _ in range(300):  # a host 1.5x slower than the prior says
+        shape = random_shape(rng)
+        online.observe(shape, 1.5 * prior.predict(shape))
+    assert online.model is prior  # never replaced by a linear refit
+    small, large = StepShape(), StepShape()
+    small.add_decode(8)
+    for _ in range(60):
+        large.add_decode(8)
+    for shape in (small, large):
+        assert online.predict(shape) == pytest.approx(1.5 * prior.predict(shape), rel=0.02)
+
+
 def test_an_uncalibrated_model_learns_from_steps() -> None:
     online = OnlineStepCost(None)
     assert not online.calibrated and online.predict(random_shape(random.Random(0))) == 0.0

@@ -294,7 +294,7 @@ def test_duplicate_live_id_raises_and_shutdown_cancels(
     ex.shutdown()
     deltas = ex.poll(0.0)
     assert [d.finish for d in deltas] == [FinishReason.CANCELLED]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="shut down"):
         ex.enqueue(_req(2, (5,)))
 
 

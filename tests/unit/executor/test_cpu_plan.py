@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, FinishReason, SamplingParams, StepPlan
+from server.executor.base import (
+    ExecRequest,
+    FinishReason,
+    SamplingParams,
+    StepPlan,
+    TokenDelta,
+)
 from server.executor.cpu import CpuExecutor
 from server.executor.cpu.drive import Collected, collect
-from server.executor.cpu.engine import CpuEngine
+from server.executor.cpu.engine import CpuEngine, StepRun
 from server.executor.cpu.executor import build_engine
 
 pytestmark = pytest.mark.unit
@@ -250,10 +256,20 @@ def test_the_executor_runs_overtaking_requests_inside_a_step(
             sent.append(True)
             executor.enqueue(urgent)  # arrives while a step of decodes is in flight
 
-    def overtake(self: CpuExecutor, run: object) -> None:
-        before = len(self._outbox)
-        original_overtake(self, run)
-        during_step.extend(d.request_id for d in self._outbox[before:] if d.token_ids)
+    def overtake(self: CpuExecutor, run: StepRun) -> None:
+        # What _overtake publishes, read at the call: the caller's poll drains the outbox
+        # concurrently, so the outbox itself cannot tell.
+        publish = self._publish
+
+        def record(deltas: list[TokenDelta]) -> None:
+            during_step.extend(d.request_id for d in deltas if d.token_ids)
+            publish(deltas)
+
+        self._publish = record  # type: ignore[method-assign]
+        try:
+            original_overtake(self, run)
+        finally:
+            del self._publish
 
     monkeypatch.setattr(ForwardPass, "advance", advance)
     monkeypatch.setattr(CpuExecutor, "_overtake", overtake)

@@ -1,0 +1,102 @@
+"""What the simulated executor does beyond the protocol: static batching, preemption for KV
+blocks with a resume from the prefix cache, steps that run ahead, durations from the model."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_builder.step_cost import FEATURES, LinearStepCost
+from server.executor.base import Capacity, ExecRequest, SamplingParams
+from server.executor.cpu.drive import Collected, collect
+from server.planner.executor import SimClock, SimulatedExecutor
+
+pytestmark = pytest.mark.unit
+
+MODEL = LinearStepCost(0.010, [0.0, 0.001] + [0.0] * (len(FEATURES) - 2))
+
+
+def cap(**kw: int) -> Capacity:
+    base = dict(max_slots=4, num_kv_blocks=256, tokens_per_block=4, max_tokens_per_step=64,
+                max_seq_len=512, vocab_size=1000)
+    return Capacity(**(base | kw))
+
+
+def req(rid: int, n: int, max_tokens: int, priority: float = 0.5) -> ExecRequest:
+    prompt = tuple(10 + (rid * 13 + i) % 900 for i in range(n))
+    return ExecRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                       priority=priority)
+
+
+def test_steps_last_what_the_model_says() -> None:
+    ex = SimulatedExecutor(cap(), MODEL)
+    out = collect(ex, [req(1, 20, 5)])
+    assert len(out[1].token_ids) == 5
+    # A 20-token prefill step, then four one-token decodes.
+    assert ex.clock.now == pytest.approx(0.010 + 0.020 + 4 * 0.011)
+    assert ex.stats().busy_seconds == pytest.approx(ex.clock.now)
+
+
+def test_static_batching_admits_a_batch_only_when_the_last_one_is_done() -> None:
+    ex = SimulatedExecutor(cap(max_slots=2), MODEL, batching="static")
+    for r in (req(1, 3, 2), req(2, 9, 8), req(3, 3, 2)):
+        ex.enqueue(r)
+    first_token: dict[int, float] = {}
+    ended: dict[int, float] = {}
+    out: dict[int, Collected] = {}
+    while len(ended) < 3:
+        for d in ex.poll(1.0):
+            out.setdefault(d.request_id, Collected()).add(d, 0.0)
+            if d.token_ids:
+                first_token.setdefault(d.request_id, ex.clock.now)
+            if d.finish is not None:
+                ended[d.request_id] = ex.clock.now
+    assert first_token[3] > max(ended[1], ended[2])  # waited for request 2, though 1 ended
+    samples = ex.take_step_samples()
+    assert samples[0].shape.prefill_tokens == 2 * 9  # both prompts padded to the longest
+    assert all(s.shape.decode_rows == 2 for s in samples[1:8])  # request 1's row is padding
+
+
+def test_a_sequence_preempted_for_kv_resumes_its_stream_from_the_prefix_cache() -> None:
+    ex = SimulatedExecutor(cap(num_kv_blocks=12), MODEL)  # 48 tokens for 3 sequences of 20+
+    requests = [req(i, 12, 12, priority=p) for i, p in ((1, 1.0), (2, 0.0), (3, 0.0))]
+    out = collect(ex, requests)
+    alone = {r.request_id: collect(SimulatedExecutor(cap(), MODEL), [r])[r.request_id]
+             for r in requests}
+    stats = ex.stats()
+    assert stats.preemptions > 0
+    for r in requests:
+        assert out[r.request_id].token_ids == alone[r.request_id].token_ids
+    assert stats.kv_blocks_cached > 0 and stats.kv_blocks_used == 0
+    ex.check_integrity()
+
+
+def test_plain_decode_steps_run_ahead_into_one_delta_per_request() -> None:
+    clock = SimClock()
+    ex = SimulatedExecutor(cap(), MODEL, clock=clock)
+    ex.enqueue(req(1, 4, 30))
+    ex.enqueue(req(2, 4, 30))
+    ex.wake()
+    for _ in range(2):  # the prefill step, then the first decode: both streams have begun
+        end = ex.step_end
+        assert end is not None
+        clock.now = end
+        ex.finish_step()
+    ex.poll(0.0)
+    start = ex.step_start
+    ran = ex.run_ahead(before=start + 10 * 0.012 + 1e-9)
+    assert ran == 10  # ten steps of 12 ms fit before the next input
+    deltas = ex.poll(0.0)
+    assert sorted(len(d.token_ids) for d in deltas) == [10, 10]
+    assert ex.run_ahead(before=1e9) == 30 - 1 - 1 - 10 - 1  # stops before the last token
+    assert ex.step_end is not None and clock.now < ex.step_end
+
+
+def test_it_does_not_run_ahead_while_anything_waits() -> None:
+    clock = SimClock()
+    ex = SimulatedExecutor(cap(max_slots=1), MODEL, clock=clock)
+    ex.enqueue(req(1, 4, 30))
+    ex.enqueue(req(2, 4, 30))  # waits for the slot
+    ex.wake()
+    clock.now = ex.step_end or 0.0
+    ex.finish_step()
+    assert ex.run_ahead(before=1e9) == 0
