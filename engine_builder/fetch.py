@@ -60,7 +60,8 @@ GEMMA3_270M = PublishedModel(
                   for i in _GEMMA_PARTS),
     terms="Gemma Terms of Use (https://ai.google.dev/gemma/terms): using the model means "
           "accepting them",
-    # Q8_0 embedding and LM head on the compiled kernels; its other block types are widened
+    # Q8_0 embedding and LM head, and Q5_0 layers as Q8_0, on the compiled kernels; its
+    # K-quant layers are widened
     engine_quant="source",
 )
 MODELS = {m.name: m for m in (SMOLLM2_135M, GEMMA3_270M)}

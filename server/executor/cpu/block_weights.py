@@ -10,8 +10,9 @@ A ``BlockLinear`` holds one weight `[out, in]` as its GGUF blocks (docs/engine-f
 - the NumPy reference for every other block type, and for all of them when numba is absent:
   row tiles dequantized with the ``gguf`` package's own decoder, then BLAS. Tests compare the
   kernels against it. An engine does not serve the other types this way (decoding at every
-  product is about 30x slower than BLAS on the result): it widens them to float32 once at
-  load (``widen_blocks``, the same decoder).
+  product is about 30x slower than BLAS on the result): a type whose values a kernel type
+  holds exactly is re-encoded as that type once at load (``reencode_blocks``: Q5_0 as Q8_0),
+  the rest are widened to float32 once at load (``widen_blocks``, the same decoder).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _KERNEL_LAYOUTS: dict[str, tuple[int, int | None, int]] = {
     "Q4_1": (0, 2, 4),
     "Q8_0": (0, None, 2),
 }
+# Types re-encoded at load as a kernel type that holds their values exactly: a Q5_0 weight is
+# d * (q - 16) with q 5 bits and d float16, so q - 16 is an int8 of a Q8_0 block of the same d.
+_REENCODED = {"Q5_0": "Q8_0"}
 _scratch = threading.local()  # .buf: one float32 tile per calling thread, shared by all layers
 _pools: dict[int, ThreadPoolExecutor] = {}  # helper pools by size (one per thread setting)
 _pool_lock = threading.Lock()
@@ -205,6 +209,28 @@ class BlockLinear:
             w = _dequantize(self._raw[r0 : r0 + step], self.qtype)  # [rows, in]
             out[:, r0 : r0 + step] = x @ w.T
         return out
+
+
+def reencoded_type(qtype: str) -> str | None:
+    """The kernel type ``reencode_blocks`` turns qtype's blocks into, or None."""
+    return _REENCODED.get(qtype)
+
+
+def reencode_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """[out, row bytes] blocks -> the same weights, exactly, as blocks of
+    ``reencoded_type(qtype)`` ([out, row bytes of that type])."""
+    if qtype != "Q5_0":
+        raise ValueError(f"{qtype} blocks have no exact re-encoding")
+    out = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out, -1, 22)
+    # Q5_0: d (float16), qh (32 high bits, little-endian), 16 bytes of low nibbles: byte k
+    # holds weight k (low nibble) and weight k + 16 (high nibble); bit j of qh, weight j's 5th.
+    qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [out, blocks, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # [out, blocks, 32]
+    qs = blocks[..., 6:]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [out, blocks, 32]
+    q = ((low | high).astype(np.int16) - 16).astype(np.int8)
+    return np.concatenate([blocks[..., :2], q.view(np.uint8)], axis=-1).reshape(out, -1)
 
 
 def widen_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:

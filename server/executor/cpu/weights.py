@@ -23,6 +23,8 @@ from server.executor.cpu.block_weights import (
     StackedLinear,
     WidenedLinear,
     load_kernels,
+    reencode_blocks,
+    reencoded_type,
     widen_blocks,
 )
 
@@ -325,17 +327,22 @@ class _Reader:
         raise ValueError(f"unsupported weight quantization {self._quant!r} on the cpu backend")
 
     def _source_linear(self, names: tuple[str, ...]) -> Linear:
-        """Blocks of types with compiled kernels stay blocks; float tensors, and blocks of
-        types without kernels (widened to float32 once, here: decoding them at every product
-        cost Gemma 3's Q5_0/Q4_K/Q6_K layers 30x the time of BLAS on the result), are dense.
-        Parts of one fused linear that compute alike are concatenated, the rest stacked."""
+        """Blocks of types with compiled kernels stay blocks, and so do blocks that a kernel
+        type holds exactly (re-encoded once, here, when the kernels are installed); float
+        tensors, and blocks of the other types (widened to float32 once, here: decoding them
+        at every product cost Gemma 3's Q4_K/Q6_K layers 30x the time of BLAS on the result),
+        are dense. Parts of one fused linear that compute alike are concatenated, the rest
+        stacked."""
         parts: list[tuple[str, list[np.ndarray]]] = []  # (kind, weights)
         for n in names:
             qtype = self.block_types.get(f"{n}.blocks", "F32")
+            reencoded = reencoded_type(qtype) if load_kernels() is not None else None
             if qtype == "F32":
                 kind, w = "F32", self.tensor(f"{n}.weight")
             elif BlockLinear.has_kernels(qtype):
                 kind, w = qtype, self.tensor(f"{n}.blocks")
+            elif reencoded is not None:
+                kind, w = reencoded, reencode_blocks(self.tensor(f"{n}.blocks"), qtype)
             else:
                 kind, w = "widened", widen_blocks(self.tensor(f"{n}.blocks"), qtype)
             if parts and parts[-1][0] == kind:
@@ -383,14 +390,19 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
 
 
 def _announce_kernels(block_types: set[str]) -> None:
-    """Says at start-up which path source blocks take: the compiled kernels, NumPy, or float32
-    (the types without kernels, widened at load)."""
-    widened = sorted(t for t in block_types if not BlockLinear.has_kernels(t))
+    """Says at start-up which path source blocks take: the compiled kernels (as they are, or
+    re-encoded at load), NumPy, or float32 (the other types, widened at load)."""
+    kernels = load_kernels()
+    reencoded = sorted(t for t in block_types if kernels is not None and reencoded_type(t))
+    if reencoded:
+        log.info("%s blocks are re-encoded at load as the kernels' %s (the same values)",
+                 ", ".join(reencoded), ", ".join(str(reencoded_type(t)) for t in reencoded))
+    widened = sorted(t for t in block_types
+                     if not BlockLinear.has_kernels(t) and t not in reencoded)
     if widened:
         log.warning("no compiled kernels for %s blocks: those are widened to float32 at load "
                     "(4 bytes per weight)", ", ".join(widened))
     compiled = sorted(t for t in block_types if BlockLinear.has_kernels(t))
-    kernels = load_kernels()
     if kernels is None and compiled:
         log.warning("numba is not installed: %s weights run on the NumPy reference path, "
                     "several times slower (pip install 'backfill[cpu]')", ", ".join(compiled))

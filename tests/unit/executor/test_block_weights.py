@@ -15,6 +15,8 @@ from server.executor.cpu.block_weights import (
     StackedLinear,
     WidenedLinear,
     block_geometry,
+    reencode_blocks,
+    reencoded_type,
     widen_blocks,
 )
 
@@ -31,7 +33,8 @@ def _blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
 
 
 def _random_blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
-    """Random bytes with finite float16 scales, for types gguf cannot quantize (K-quants)."""
+    """Random bytes with finite float16 scales, for types gguf cannot quantize (K-quants), and
+    for Q5_0 with every high bit pattern (its scale is set by the caller)."""
     block, size = block_geometry(qtype)
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (out, width // block, size), dtype=np.uint8)
@@ -87,6 +90,25 @@ def test_other_block_types_run_on_the_reference(qtype: str) -> None:
     x = np.random.default_rng(3).standard_normal((5, width)).astype(np.float32)
     expected = _reference(raw, qtype, x)
     np.testing.assert_allclose(linear(x), expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_q5_0_is_reencoded_as_q8_0_exactly() -> None:
+    """Every 5-bit value and sign of scale, and a high bit in each position of qh."""
+    raw = _random_blocks("Q5_0", 70, 256, seed=9)
+    raw.reshape(70, -1, 22)[..., :2] = (np.random.default_rng(9).standard_normal(
+        (70, 8, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    assert reencoded_type("Q5_0") == "Q8_0" and reencoded_type("Q4_K") is None
+    q8 = reencode_blocks(raw, "Q5_0")
+    assert q8.shape == (70, 8 * 34)
+    np.testing.assert_array_equal(dequantize(q8, GGMLQuantizationType.Q8_0),
+                                  dequantize(raw, GGMLQuantizationType.Q5_0))
+    with pytest.raises(ValueError, match="no exact re-encoding"):
+        reencode_blocks(raw, "Q4_K")
+    pytest.importorskip("numba")
+    x = np.random.default_rng(10).standard_normal((3, 256)).astype(np.float32)
+    expected = _reference(raw, "Q5_0", x)
+    np.testing.assert_allclose(BlockLinear("Q8_0", q8)(x), expected,
+                               atol=2e-6 * np.abs(expected).max(), rtol=0)
 
 
 def test_stacked_parts_of_different_types() -> None:
