@@ -11,13 +11,22 @@ winner's engine.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from engine_builder.build import BuildOptions, build_engine
-from engine_builder.fetch import DEFAULT_MODEL, PublishedModel, backfill_home, fetch_model
+from engine_builder.fetch import (
+    DEFAULT_MODEL,
+    MODELS,
+    PublishedModel,
+    backfill_home,
+    fetch_model,
+    published_model,
+)
 from engine_builder.gguf_source import load_gguf
 from engine_builder.manifest import CPU_WEIGHT_QUANTS, Manifest, ManifestError
 
+log = logging.getLogger(__name__)
 DEFAULT_ENGINE_NAME = DEFAULT_MODEL.name
 # Bump when a builder change alters what a cached engine contains; cached ones get rebuilt.
 DEFAULT_ENGINE_REVISION = "2"  # 2: int4 scales fitted to minimise error
@@ -67,6 +76,17 @@ def ensure_engine(model: PublishedModel, home: Path | None = None, *,
         if not is_current(out, quant, model):
             raise
     return out
+
+
+def resolve_engine(source: str) -> Path:
+    """An engine directory, or ``default`` / a published model's name: that model's CPU
+    engine, fetched and built on first use (minutes, once), its terms logged."""
+    if source != "default" and source not in MODELS:
+        return Path(source)
+    model = published_model(source)
+    if model is not DEFAULT_MODEL:
+        log.info("%s: %s", model.name, model.terms)
+    return ensure_engine(model)
 
 
 def ensure_default_engine(home: Path | None = None, *, quant: str = "none") -> Path:

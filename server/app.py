@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -111,21 +110,6 @@ def split_engine(entry: str) -> tuple[str | None, str]:
     """``[NAME=]SOURCE`` -> (NAME or None, SOURCE)."""
     name, sep, source = entry.partition("=")
     return (name, source) if sep and name and "/" not in name else (None, entry)
-
-
-def resolve_engine_dir(engine: str) -> Path:
-    """``default`` or a published model's name fetches and builds that CPU engine on first use
-    (minutes, once); anything else is an engine directory."""
-    from engine_builder.fetch import DEFAULT_MODEL, MODELS, published_model
-
-    if engine != "default" and engine not in MODELS:
-        return Path(engine)
-    from engine_builder.default import ensure_engine
-
-    model = published_model(engine)
-    if model is not DEFAULT_MODEL:
-        log.info("%s: %s", model.name, model.terms)
-    return ensure_engine(model)
 
 
 class BackfillServer:
@@ -315,7 +299,9 @@ async def _start_model(config: ServerConfig, entry: str,
                        executor: Executor | None) -> ServedModel:
     """One engine of config.engine, its executor and scheduler started."""
     name, source = split_engine(entry)
-    engine_dir = await asyncio.to_thread(resolve_engine_dir, source)
+    from engine_builder.default import resolve_engine
+
+    engine_dir = await asyncio.to_thread(resolve_engine, source)
     manifest = Manifest.load(engine_dir)
     tokenizer = EngineTokenizer.load(engine_dir, manifest)
     if executor is None:

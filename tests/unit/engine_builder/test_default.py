@@ -85,3 +85,20 @@ def test_concurrent_callers_get_one_complete_engine(home: Path) -> None:
 def test_unknown_quant_is_rejected(home: Path) -> None:
     with pytest.raises(ValueError, match="quant"):
         default.ensure_default_engine(home, quant="int3")
+
+
+def test_resolve_engine_builds_published_models_and_passes_directories(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """What --engine (server, planner) resolves: a directory as given; ``default`` or a
+    published model's name to that model's engine, with its terms logged when it has any."""
+    built: list[str] = []
+    monkeypatch.setattr(default, "ensure_engine",
+                        lambda model: built.append(model.name) or Path("/engines") / model.name)
+    assert default.resolve_engine("some/dir") == Path("some/dir")
+    assert built == []
+    with caplog.at_level("INFO", logger=default.__name__):
+        assert default.resolve_engine("gemma3-270m") == Path("/engines/gemma3-270m")
+        assert default.resolve_engine("default") == Path("/engines/smollm2-135m-instruct")
+    assert built == ["gemma3-270m", "smollm2-135m-instruct"]
+    assert [r.getMessage() for r in caplog.records if "Gemma Terms" in r.getMessage()] != []
+    assert not any("Apache" in r.getMessage() for r in caplog.records)
