@@ -1,12 +1,13 @@
 """Right-sizing: all-small, all-large and ``model=auto`` on a mixed prompt set, in one server.
 
     python -m benchmarks.bench_routing [--rounds 2] [--concurrency 8] [--per-kind 16]
-        [--threshold 0.5] [--price-per-hour 2.0] [--json FILE]
+        [--threshold 0.8] [--price-per-hour 2.0] [--json FILE]
 
 One server (``python -m server``, a process of its own, one thread per engine) serves the two
 published models as ``source`` engines: the small one, SmolLM2-135M-Instruct (Q4_1), and the
 large one, Gemma 3 270M (Q4_K_M), with ``--route-policy cascade --cascade-threshold
-THRESHOLD``. The prompt set
+THRESHOLD`` (0.8 by default: on this set the server's default, 0.5, escalates nothing, and
+the real run would be the small model's). The prompt set
 (benchmarks/routing_prompts.py) has four kinds of short tasks with checkable answers; every
 request is a greedy text completion of at most 6 tokens, stopped at a newline, sent on the
 ONLINE tier with ``--concurrency`` in flight. Each round runs the variants in turn (the order
@@ -14,16 +15,19 @@ rotates between rounds): ``small`` (every request names the small model), ``larg
 ``auto`` (the cascade). Per variant:
 
 - accuracy, by kind and overall;
-- cost per 1M completion tokens and per 1k requests: the price per hour times the engines'
-  busy time (the sum of their step times, ``backfill_step_seconds_sum{model}``; each engine
-  runs one thread, so busy seconds are core seconds: the price buys the machine as one engine
-  uses it), over what the callers received;
+- cost per 1M completion tokens and per 1k requests: the price per hour times the CPU time
+  the server process used during the run (every thread: engines, scheduler, front end; from
+  /proc; each engine runs one thread, so the price is that of one core-hour), over what the
+  callers received. The engines' busy time (the sum of their step times,
+  ``backfill_step_seconds_sum{model}``) is recorded too, but it is not the cost: when both
+  engines step at once they contend for the GIL and the cores, each step's wall time grows,
+  and the sum counts the overlap twice;
 - online latency: time to first token and end to end, p50 and p99.
 
 Then the cascade's trade-off over thresholds, estimated from the ``small`` and ``large`` runs
-of the last round (the small model's confidence comes with its answers; the large model's cost
-per request is its busy time shared by computed tokens), so one real ``auto`` run checks one
-point of a curve computed without re-running.
+of the last round (the small model's confidence comes with its answers; an escalated request
+adds the ``large`` run's CPU time shared by computed tokens), so one real ``auto`` run checks
+one point of a curve computed without re-running.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Answer:
 class Run:
     variant: str
     answers: list[Answer]
+    cpu_s: float  # CPU time of the server process during the run (all its threads)
     busy_s: dict[str, float]  # engine busy seconds during the run, by model
     wall_s: float
     served_by: dict[str, int] = field(default_factory=dict)
@@ -86,10 +91,10 @@ class Run:
 
     def cost_per_million(self, price: float) -> float:
         tokens = sum(a.completion_tokens for a in self.answers)
-        return price / 3600 * sum(self.busy_s.values()) / tokens * 1e6
+        return price / 3600 * self.cpu_s / tokens * 1e6
 
     def cost_per_thousand_requests(self, price: float) -> float:
-        return price / 3600 * sum(self.busy_s.values()) / len(self.answers) * 1e3
+        return price / 3600 * self.cpu_s / len(self.answers) * 1e3
 
     def latency(self, attr: str, q: float) -> float:
         return float(np.percentile([getattr(a, attr) for a in self.answers], q))
@@ -115,6 +120,13 @@ async def ask(stub: pb_grpc.InferenceServiceStub, item: Item, model: str) -> Ans
                   e2e if first is None else first, e2e)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process pid so far (Linux /proc), all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def busy(metrics_url: str) -> dict[str, float]:
     """Each engine's busy seconds so far: the sum of its step times."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
@@ -131,6 +143,7 @@ async def run_variant(server: LocalServer, metrics_url: str, items: list[Item], 
                       concurrency: int) -> Run:
     model = {"small": SMALL, "large": LARGE, "auto": "auto"}[variant]
     before, start = busy(metrics_url), time.monotonic()
+    cpu_before = cpu_seconds(server.proc.pid)
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
@@ -141,8 +154,8 @@ async def run_variant(server: LocalServer, metrics_url: str, items: list[Item], 
 
         answers = list(await asyncio.gather(*(one(i) for i in items)))
     wall = time.monotonic() - start
-    after = busy(metrics_url)
-    run = Run(variant, answers, {m: after[m] - before[m] for m in after}, wall)
+    after, cpu = busy(metrics_url), cpu_seconds(server.proc.pid) - cpu_before
+    run = Run(variant, answers, cpu, {m: after[m] - before[m] for m in after}, wall)
     for a in answers:
         run.served_by[a.model] = run.served_by.get(a.model, 0) + 1
     return run
@@ -152,10 +165,10 @@ def cascade_curve(small: Run, large: Run, price: float) -> list[dict[str, float]
     """Accuracy and cost of the cascade at each threshold, from the two single-model runs."""
     large_by_prompt = {a.item.prompt: a for a in large.answers}
     large_tokens = sum(a.computed_tokens for a in large.answers)
-    large_busy_per_token = large.busy_s[LARGE] / large_tokens
+    large_cpu_per_token = large.cpu_s / large_tokens
     rows = []
     for t in THRESHOLDS:
-        correct, busy_s, tokens, escalated = 0, small.busy_s[SMALL], 0, 0
+        correct, cpu_s, tokens, escalated = 0, small.cpu_s, 0, 0
         for a in small.answers:
             if a.confidence >= t:
                 correct += a.correct
@@ -165,18 +178,18 @@ def cascade_curve(small: Run, large: Run, price: float) -> list[dict[str, float]
             escalated += 1
             correct += big.correct
             tokens += big.completion_tokens
-            busy_s += big.computed_tokens * large_busy_per_token
+            cpu_s += big.computed_tokens * large_cpu_per_token
         n = len(small.answers)
         rows.append({"threshold": t, "escalated": escalated / n, "accuracy": correct / n,
-                     "cost_per_1k_requests": price / 3600 * busy_s / n * 1e3,
-                     "cost_per_1m_tokens": price / 3600 * busy_s / tokens * 1e6})
+                     "cost_per_1k_requests": price / 3600 * cpu_s / n * 1e3,
+                     "cost_per_1m_tokens": price / 3600 * cpu_s / tokens * 1e6})
     return rows
 
 
 def print_runs(runs: list[Run], price: float) -> None:
     print(f"\n| variant | accuracy | {' | '.join(KINDS)} | cost / 1M tokens | cost / 1k requests"
-          " | served by | TTFT p50 / p99 | e2e p50 / p99 | wall |")
-    print("|---" * (9 + len(KINDS)) + "|")
+          " | served by | TTFT p50 / p99 | e2e p50 / p99 | wall | server CPU | engines busy |")
+    print("|---" * (11 + len(KINDS)) + "|")
     for r in runs:
         kinds = " | ".join(f"{r.accuracy(k):.0%}" for k in KINDS)
         served = ", ".join(f"{m} {n}" for m, n in sorted(r.served_by.items()))
@@ -184,7 +197,7 @@ def print_runs(runs: list[Run], price: float) -> None:
               f"| ${r.cost_per_thousand_requests(price):.3f} | {served} "
               f"| {r.latency('ttft_s', 50) * 1e3:.0f} / {r.latency('ttft_s', 99) * 1e3:.0f} ms "
               f"| {r.latency('e2e_s', 50) * 1e3:.0f} / {r.latency('e2e_s', 99) * 1e3:.0f} ms "
-              f"| {r.wall_s:.1f} s |")
+              f"| {r.wall_s:.1f} s | {r.cpu_s:.1f} s | {sum(r.busy_s.values()):.1f} s |")
 
 
 def print_curve(rows: list[dict[str, float]], large: Run, price: float) -> None:
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--per-kind", type=int, default=16)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--price-per-hour", type=float, default=2.0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         out = {"rounds": [[{"variant": r.variant, "accuracy": r.accuracy(),
                             "by_kind": {k: r.accuracy(k) for k in KINDS},
-                            "busy_s": r.busy_s, "wall_s": r.wall_s,
+                            "cpu_s": r.cpu_s, "busy_s": r.busy_s, "wall_s": r.wall_s,
                             "cost_per_1m_tokens": r.cost_per_million(args.price_per_hour),
                             "answers": [asdict(a) for a in r.answers]} for r in rs]
                           for rs in rounds], "curve": curve}
