@@ -172,6 +172,13 @@ async def test_http_auto_names_the_model_and_lists_auto(serve: Serve) -> None:
         body["route_hint"] = hint
         status, out = await http_call(server.http_address, "POST", "/v1/completions", body)
         assert status == 200 and json.loads(out)["model"] == served
+    chat = {"model": LARGE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, out = await http_call(server.http_address, "POST", "/v1/chat/completions", chat)
+    error = json.loads(out)["error"]
+    assert status == 400 and "no chat template; send text" in error["message"]
+    chat["model"] = "auto"  # the one model with a chat template serves it
+    status, out = await http_call(server.http_address, "POST", "/v1/chat/completions", chat)
+    assert status == 200 and json.loads(out)["model"] == SMALL
 
 
 async def test_batch_jobs_route_auto_when_they_run(serve: Serve) -> None:
