@@ -8,9 +8,10 @@ would change the output in ways the engine does not implement (tools, ``logit_bi
 (``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``) are ignored.
 
 Beyond OpenAI's keys it takes vLLM's sampling extras (``top_k``, ``min_tokens``,
-``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``prompt_logprobs``) and vLLM's
+``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``prompt_logprobs``), vLLM's
 ``priority``, which picks the tier: ``"online"`` / ``"offline"``, or an integer where, as in
-vLLM, lower is served first (<= 0 online, > 0 offline).
+vLLM, lower is served first (<= 0 online, > 0 offline), and Backfill's
+``num_speculative_tokens`` (speculative decoding per request, as ``SamplingParams``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SAMPLING_KEYS = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "num_speculative_tokens",
 )
 _COMMON = frozenset({
     "model", "max_completion_tokens", "n", "stream", "stream_options", "priority",
@@ -220,7 +222,7 @@ def _content(content: Any, where: str) -> str:
 
 def fill_sampling(out: pb.SamplingParams, obj: Mapping[str, Any], prefix: str) -> None:
     for key, bound in (("max_tokens", 2**32), ("min_tokens", 2**32), ("top_k", 2**32),
-                       ("seed", 2**64)):
+                       ("seed", 2**64), ("num_speculative_tokens", 2**32)):
         if obj.get(key) is not None:
             setattr(out, key, _uint(obj[key], prefix + key, bound))
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty",

@@ -20,15 +20,26 @@ class UsageCounts:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    draft_tokens_proposed: int = 0  # speculative decoding
+    draft_tokens_accepted: int = 0
 
 
 def usage_json(u: UsageCounts) -> dict[str, Any]:
-    return {
+    """OpenAI's usage object. Speculative decoding's drafted tokens, when there were any, go
+    where OpenAI reports its Predicted Outputs (``completion_tokens_details``): accepted and
+    rejected prediction tokens."""
+    out: dict[str, Any] = {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
     }
+    if u.draft_tokens_proposed:
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": u.draft_tokens_accepted,
+            "rejected_prediction_tokens": u.draft_tokens_proposed - u.draft_tokens_accepted,
+        }
+    return out
 
 
 def chat_choice(index: int, text: str, finish: str | None,

@@ -30,8 +30,9 @@ from server.executor.cpu.attention import PrefillSegment
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads
 from server.executor.cpu.drive import collect
 from server.executor.cpu.engine import CpuEngine
-from server.executor.cpu.executor import CpuExecutor, build_engine
+from server.executor.cpu.executor import CpuExecutor
 from server.executor.cpu.model import ForwardBatch
+from server.executor.cpu.open import build_engine
 from server.executor.kv import PagedKvCache
 
 HELD_OUT = """\

@@ -53,7 +53,8 @@ Messages = Sequence[ChatMessage | Mapping[str, str]]
 
 def sampling_to_pb(sampling: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids))
-    for name in ("temperature", "top_k", "top_p", "seed", "max_tokens", "min_tokens", "ignore_eos"):
+    for name in ("temperature", "top_k", "top_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
+                 "num_speculative_tokens"):
         value = getattr(sampling, name)
         if value is not None:
             setattr(msg, name, value)
@@ -148,6 +149,8 @@ def usage_from_pb(u: pb.Usage) -> Usage:
         cached_prompt_tokens=u.cached_prompt_tokens,
         draft_tokens_proposed=u.draft_tokens_proposed,
         draft_tokens_accepted=u.draft_tokens_accepted,
+        speculative_steps=u.speculative_steps,
+        drafter=u.drafter,
     )
 
 
@@ -229,6 +232,8 @@ def model_from_pb(m: pb.ModelInfo) -> ModelInfo:
         tpot_slo_ms=m.tpot_slo_ms or None,
         ttft_slo_ms=m.ttft_slo_ms or None,
         has_chat_template=m.has_chat_template,
+        drafter=m.drafter,
+        max_draft_len=m.max_draft_len,
     )
 
 

@@ -156,7 +156,8 @@ def openai_line(job_id: str, result: BatchResult) -> dict[str, Any]:
     return batch_result_line(job_id, BatchItem(
         index=result.index, custom_id=result.request_id, url=result.url, model=result.model,
         text=result.text, finish=finish,
-        usage=UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+        usage=UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                          u.draft_tokens_proposed, u.draft_tokens_accepted),
         finished_at=result.finished_at, ran=bool(result.token_ids),
         error_code=None if error is None else error.code.name,
         error_message="" if error is None else error.details,

@@ -75,6 +75,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
     stop_token_ids: tuple[int, ...] = ()  # stop token ids
     ignore_eos: bool | None = None  # keep generating past end-of-sequence
+    # Speculative decoding: drafted tokens verified per step, at most (0: none); None leaves
+    # it to the server's policy. The output is the same either way.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature is not None and not 0.0 <= self.temperature <= 100.0:
@@ -83,7 +86,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        for name in ("top_k", "seed", "min_tokens"):
+        for name in ("top_k", "seed", "min_tokens", "num_speculative_tokens"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -115,8 +118,15 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # served from the prefix cache
-    draft_tokens_proposed: int = 0
-    draft_tokens_accepted: int = 0
+    draft_tokens_proposed: int = 0  # speculative decoding: drafted tokens verified
+    draft_tokens_accepted: int = 0  # of which accepted
+    speculative_steps: int = 0  # steps that verified drafted tokens
+    drafter: str = ""  # "ngram" or "draft"; "" without speculation
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        proposed = self.draft_tokens_proposed
+        return self.draft_tokens_accepted / proposed if proposed else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +266,8 @@ class ModelInfo:
     tpot_slo_ms: float | None = None  # the online SLOs it is served with; None: none
     ttft_slo_ms: float | None = None
     has_chat_template: bool = False  # accepts chat messages (False from older servers)
+    drafter: str = ""  # speculative decoding per request: "ngram", "draft"; "": none
+    max_draft_len: int = 0  # the most num_speculative_tokens may ask for
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ second builder racing this one) sees either no engine or a complete one, never h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from engine_builder.manifest import (
     CPU_KV_DTYPES,
     CPU_WEIGHT_QUANTS,
     Architecture,
+    DraftInfo,
     FieldError,
     Limits,
     Manifest,
@@ -34,7 +36,13 @@ from engine_builder.manifest import (
     atomic_write_text,
 )
 from engine_builder.quantize import check_int4_shape, quantize_int4, quantize_int8
-from engine_builder.source import SourceBlocks, SourceModel, expected_shapes, is_quantizable
+from engine_builder.source import (
+    SourceBlocks,
+    SourceModel,
+    check_same_tokenizer,
+    expected_shapes,
+    is_quantizable,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -42,6 +50,12 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_INT4_GROUP_SIZE = 32
 # The default KV pool holds max_batch_size sequences of this many tokens.
 DEFAULT_KV_TOKENS_PER_SEQUENCE = 1024
+DRAFT_DIR = "draft"
+DEFAULT_MAX_DRAFT_LEN = 4
+DEFAULT_DRAFT_QUANT = "int8"
+# A draft engine's KV pool is this fraction of the target's: it holds only the sequences
+# that speculate (online ones, by default), and a sequence it has no room for decodes plainly.
+DRAFT_KV_FRACTION = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,30 +247,73 @@ def make_manifest(source: SourceModel, options: BuildOptions, name: str | None) 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DraftBuild:
+    """A draft engine to build into the target's directory (``DIR/draft``)."""
+
+    source: SourceModel
+    quant: str = DEFAULT_DRAFT_QUANT
+    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
+
+    def __post_init__(self) -> None:
+        if self.quant not in CPU_WEIGHT_QUANTS:
+            raise FieldError("draft_quant", f"must be one of {sorted(CPU_WEIGHT_QUANTS)}, "
+                             f"got {self.quant!r}")
+        if self.max_draft_len < 1:
+            raise FieldError("max_draft_len", f"must be >= 1, got {self.max_draft_len}")
+
+    def options(self, target: BuildOptions, arch: Architecture) -> BuildOptions:
+        """The target's limits and KV type with the draft's quantization and a smaller pool."""
+        blocks = target.limits(arch).num_kv_blocks
+        per_seq = -(-target.max_seq_len // target.tokens_per_block)
+        return dataclasses.replace(target, quant=self.quant, group_size=None,
+                                   num_kv_blocks=max(per_seq, int(blocks * DRAFT_KV_FRACTION)))
+
+
 def build_engine(source: SourceModel, options: BuildOptions, out_dir: Path, *,
-                 name: str | None = None, replace: bool = False) -> Path:
-    """Builds the engine into out_dir. An existing out_dir is an error unless replace=True."""
+                 name: str | None = None, replace: bool = False,
+                 draft: DraftBuild | None = None) -> Path:
+    """Builds the engine (and its draft engine, when given) into out_dir. An existing out_dir
+    is an error unless replace=True. ValueError naming --draft when the draft does not share
+    the model's tokenizer."""
     out_dir = Path(out_dir)
     options.check_model(source.architecture)
     check_source(source, options)
     manifest = make_manifest(source, options, name)
+    draft_options = None
+    if draft is not None:
+        check_same_tokenizer(source, draft.source)
+        draft_options = draft.options(options, source.architecture)
+        draft_options.check_model(draft.source.architecture)
+        check_source(draft.source, draft_options)
+        manifest = dataclasses.replace(manifest, draft=DraftInfo(DRAFT_DIR, draft.max_draft_len))
     if out_dir.exists() and not replace:
         raise FileExistsError(f"{out_dir}: already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the engine is not
     try:
-        tensors, block_types = engine_tensors(source, options)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={BLOCK_TYPES_KEY: json.dumps(
-            block_types, sort_keys=True)} if block_types else None)
-        atomic_write_text(tmp / TOKENIZER_FILE, source.tokenizer.tokenizer_json)
-        if source.tokenizer.chat_template is not None:
-            atomic_write_text(tmp / CHAT_TEMPLATE_FILE, source.tokenizer.chat_template)
-        manifest.save(tmp)
+        write_engine_files(tmp, source, options, manifest)
+        if draft is not None and draft_options is not None:
+            write_engine_files(tmp / DRAFT_DIR, draft.source, draft_options,
+                               make_manifest(draft.source, draft_options, None))
         install_dir(tmp, out_dir, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def write_engine_files(directory: Path, source: SourceModel, options: BuildOptions,
+                       manifest: Manifest) -> None:
+    """Weights, tokenizer, chat template and manifest of one engine into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, block_types = engine_tensors(source, options)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={BLOCK_TYPES_KEY: json.dumps(
+        block_types, sort_keys=True)} if block_types else None)
+    atomic_write_text(directory / TOKENIZER_FILE, source.tokenizer.tokenizer_json)
+    if source.tokenizer.chat_template is not None:
+        atomic_write_text(directory / CHAT_TEMPLATE_FILE, source.tokenizer.chat_template)
+    manifest.save(directory)
 
 
 def install_dir(tmp: Path, out_dir: Path, *, replace: bool) -> None:

@@ -17,9 +17,12 @@ from typing import Any
 
 from engine_builder import inspect_cmd, profile, run_cmd
 from engine_builder.build import (
+    DEFAULT_DRAFT_QUANT,
     DEFAULT_INT4_GROUP_SIZE,
     DEFAULT_KV_TOKENS_PER_SEQUENCE,
+    DEFAULT_MAX_DRAFT_LEN,
     BuildOptions,
+    DraftBuild,
     build_engine,
     check_source,
 )
@@ -36,13 +39,14 @@ from engine_builder.gguf_source import load_gguf
 from engine_builder.hf_source import SourceError, load_hf_checkpoint
 from engine_builder.manifest import (
     CPU_KV_DTYPES,
+    CPU_WEIGHT_QUANTS,
     TRTLLM_KV_DTYPES,
     WEIGHT_QUANTS,
     FieldError,
     Manifest,
     ManifestError,
 )
-from engine_builder.source import SourceModel
+from engine_builder.source import SourceModel, check_same_tokenizer
 from engine_builder.usage import UsageError
 
 PROG = "python -m engine_builder"
@@ -87,6 +91,16 @@ def _add_build_parser(subparsers: Any) -> None:
         p.add_argument(flag_name(f.name), dest=f.name, type=kind, default=None,
                        choices=_OPTION_CHOICES.get(f.name),
                        help=f"{_OPTION_HELP[f.name]}{default}")
+    p.add_argument("--draft", type=Path, default=None, metavar="SOURCE",
+                   help="draft model for speculative decoding, sharing the model's tokenizer "
+                        "(cpu: 'default', a .gguf file or a Hugging Face checkpoint directory; "
+                        "trtllm: a Hugging Face checkpoint directory)")
+    p.add_argument("--draft-quant", default=None, choices=sorted(CPU_WEIGHT_QUANTS),
+                   help=f"cpu: the draft engine's weight quantization (default "
+                        f"{DEFAULT_DRAFT_QUANT})")
+    p.add_argument("--max-draft-len", type=int, default=None, metavar="K",
+                   help=f"drafted tokens verified per step, at most (default "
+                        f"{DEFAULT_MAX_DRAFT_LEN})")
     p.set_defaults(handler=run_build)
 
 
@@ -99,9 +113,9 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         raise UsageError(flag_name(exc.name), exc.message) from exc
 
 
-def open_model(model: str) -> SourceModel:
+def open_model(model: str, flag: str = "--model") -> SourceModel:
     """'default', a published model, a GGUF file or a Hugging Face directory; UsageError
-    naming --model if not."""
+    naming ``flag`` if not."""
     if model == "default" or model in MODELS:
         published = published_model(model)
         source = load_gguf(_fetch(published), sha256=published.sha256)
@@ -113,13 +127,30 @@ def open_model(model: str) -> SourceModel:
         if path.is_file():
             with path.open("rb") as f:
                 if f.read(4) != GGUF_MAGIC:
-                    raise UsageError("--model", f"{path}: not a GGUF file (and not a directory)")
+                    raise UsageError(flag, f"{path}: not a GGUF file (and not a directory)")
             return load_gguf(path)
     except SourceError as exc:
-        raise UsageError("--model", str(exc)) from exc
-    raise UsageError("--model", f"{path}: no such file or directory (expected 'default', a "
+        raise UsageError(flag, str(exc)) from exc
+    raise UsageError(flag, f"{path}: no such file or directory (expected 'default', a "
                      f"published model ({', '.join(sorted(MODELS))}), a .gguf file or a Hugging "
                      "Face checkpoint directory)")
+
+
+def draft_build(args: argparse.Namespace) -> DraftBuild | None:
+    """The draft engine the flags ask for; UsageError naming the flag at fault."""
+    if args.draft is None:
+        for flag in ("draft_quant", "max_draft_len"):
+            if getattr(args, flag) is not None:
+                raise UsageError(flag_name(flag), "needs --draft")
+        return None
+    given = {name: getattr(args, name) for name in ("max_draft_len",)
+             if getattr(args, name) is not None}
+    if args.draft_quant is not None:
+        given["quant"] = args.draft_quant
+    try:
+        return DraftBuild(open_model(str(args.draft), "--draft"), **given)
+    except FieldError as exc:
+        raise UsageError(flag_name(exc.name), exc.message) from exc
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -131,18 +162,30 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError("--output", f"{out} already exists (pass --force to replace it)")
     start = time.perf_counter()  # reading (and dequantizing) the source counts too
     source = open_model(args.model)
+    draft = draft_build(args)
     try:
         options.check_model(source.architecture)
         check_source(source, options)
     except FieldError as exc:
         raise UsageError(flag_name(exc.name), exc.message) from exc
-    build_engine(source, options, out, name=args.name, replace=args.force)
+    try:
+        if draft is not None:
+            check_same_tokenizer(source, draft.source)
+            draft_options = draft.options(options, source.architecture)
+            draft_options.check_model(draft.source.architecture)
+            check_source(draft.source, draft_options)
+    except FieldError as exc:  # the draft's own options: its flags are --draft-*
+        raise UsageError(flag_name(f"draft_{exc.name}"), exc.message) from exc
+    except ValueError as exc:  # the draft does not share the tokenizer
+        raise UsageError("--draft", str(exc).removeprefix("--draft: ")) from exc
+    build_engine(source, options, out, name=args.name, replace=args.force, draft=draft)
     seconds = time.perf_counter() - start
     manifest = Manifest.load(out)
     fp = footprint(manifest, out)
     print(f"built {out} in {seconds:.1f}s: {manifest.name}, weights {manifest.quantization.weights}"
           f" {human_bytes(fp.weight_bytes)}, kv {manifest.quantization.kv_cache_dtype} "
-          f"{human_bytes(fp.kv_cache_bytes)}")
+          f"{human_bytes(fp.kv_cache_bytes)}"
+          + (f", draft {draft.quant} (K={draft.max_draft_len})" if draft else ""))
     return 0
 
 
@@ -153,6 +196,9 @@ def run_gpu_build(args: argparse.Namespace) -> int:
     defaults) and ``args.extra_args``: flags this parser does not know, for that backend to parse.
     """
     name = GPU_BUILDERS[args.backend]
+    if args.draft_quant is not None:
+        raise UsageError("--draft-quant", f"cpu only ({args.backend} drafts are built at the "
+                         "model's --quant)")
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:

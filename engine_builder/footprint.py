@@ -1,4 +1,5 @@
-"""How much memory an engine needs: resident weights by dtype plus the KV-cache pool.
+"""How much memory an engine needs: resident weights by dtype plus the KV-cache pool, plus
+those of its draft engine when it has one.
 
 Weights are counted from the safetensors header (the bytes that stay resident, quantized
 weights included as they are), the KV cache from the manifest's limits: ``num_kv_blocks *
@@ -26,6 +27,7 @@ class Footprint:
     weight_bytes_by_dtype: dict[str, int]  # e.g. {"float32": ..., "int8": ...}
     kv_cache_bytes: int  # the whole pool, at num_kv_blocks
     kv_bytes_per_token: int
+    draft_bytes: int = 0  # the draft engine's weights and KV pool (speculative decoding)
 
     @property
     def weight_bytes(self) -> int:
@@ -33,12 +35,13 @@ class Footprint:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes
+        return self.weight_bytes + self.kv_cache_bytes + self.draft_bytes
 
     def to_json(self) -> dict[str, object]:
         return {"weight_bytes_by_dtype": dict(self.weight_bytes_by_dtype),
                 "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-                "kv_bytes_per_token": self.kv_bytes_per_token, "total_bytes": self.total_bytes}
+                "kv_bytes_per_token": self.kv_bytes_per_token, "draft_bytes": self.draft_bytes,
+                "total_bytes": self.total_bytes}
 
 
 def weight_bytes_by_dtype(manifest: Manifest, engine_dir: Path) -> dict[str, int]:
@@ -68,9 +71,13 @@ def kv_bytes_per_token(manifest: Manifest) -> int:
 def footprint(manifest: Manifest, engine_dir: Path) -> Footprint:
     per_token = kv_bytes_per_token(manifest)
     limits = manifest.limits
+    draft = 0
+    if manifest.backend == "cpu" and manifest.draft is not None:
+        draft_dir = Path(engine_dir) / manifest.draft.path
+        draft = footprint(Manifest.load(draft_dir), draft_dir).total_bytes
     return Footprint(weight_bytes_by_dtype=weight_bytes_by_dtype(manifest, engine_dir),
                      kv_cache_bytes=limits.num_kv_blocks * limits.tokens_per_block * per_token,
-                     kv_bytes_per_token=per_token)
+                     kv_bytes_per_token=per_token, draft_bytes=draft)
 
 
 def human_bytes(n: float) -> str:

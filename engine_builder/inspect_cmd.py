@@ -43,6 +43,9 @@ def format_report(manifest: Manifest, fp: Footprint) -> str:
     lines.append(f"  {'kv cache':<34} {human_bytes(fp.kv_cache_bytes):>12}  "
                  f"({limits.num_kv_blocks} blocks x {limits.tokens_per_block} tokens x "
                  f"{fp.kv_bytes_per_token} bytes, {manifest.quantization.kv_cache_dtype})")
+    if fp.draft_bytes:
+        lines.append(f"  {'draft engine (weights + kv)':<34} {human_bytes(fp.draft_bytes):>12}  "
+                     f"({fp.draft_bytes} bytes)")
     lines.append(f"  {'total':<34} {human_bytes(fp.total_bytes):>12}  ({fp.total_bytes} bytes)")
     return "\n".join(lines)
 

@@ -37,8 +37,8 @@ from engine_builder.manifest import (
     SpeculativeInfo,
     TokenizerInfo,
 )
-from engine_builder.source import SourceModel
-from engine_builder.trtllm_manifest import check_same_tokenizer, kv_blocks_estimate, read_source
+from engine_builder.source import SourceModel, check_same_tokenizer
+from engine_builder.trtllm_manifest import kv_blocks_estimate, read_source
 from engine_builder.usage import backend_flags, check_positive, given
 
 # hf_quant_config.json quant_algo (a TensorRT-LLM QuantAlgo name) -> our --quant.

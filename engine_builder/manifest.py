@@ -354,7 +354,7 @@ class Manifest:
     # cpu: {"weights": ...}; trtllm: {"engine_dir": ...}; trtllm-llmapi: {"checkpoint": ...}
     files: Mapping[str, str]
     provenance: Provenance
-    draft: DraftInfo | None = None  # trtllm: a second engine directory
+    draft: DraftInfo | None = None  # trtllm, cpu: a second engine directory
     profile: Profile | None = None
     speculative: SpeculativeInfo | None = None  # trtllm-llmapi
     schema_version: int = SCHEMA_VERSION
@@ -382,8 +382,8 @@ class Manifest:
         _require(self.quantization.kv_cache_dtype in kv_dtypes, "quantization.kv_cache_dtype",
                  f"{self.quantization.kv_cache_dtype!r} is not available on the {self.backend} "
                  "backend")
-        _require(self.draft is None or self.backend == "trtllm", "draft",
-                 "only trtllm engines have a draft engine directory")
+        _require(self.draft is None or self.backend in ("trtllm", "cpu"), "draft",
+                 "only trtllm and cpu engines have a draft engine directory")
         _require(self.speculative is None or self.backend == "trtllm-llmapi", "speculative",
                  "only trtllm-llmapi engines configure TensorRT-LLM's drafters")
 

@@ -94,3 +94,14 @@ def is_quantizable(name: str) -> bool:
     """Linear projection weights and the embedding; norms and biases stay float32."""
     return name.endswith(".weight") and ("_proj." in name or name in (
         "model.embed_tokens.weight", "lm_head.weight"))
+
+
+def check_same_tokenizer(target: SourceModel, draft: SourceModel) -> None:
+    """ValueError (naming --draft) unless the draft proposes in the target's token ids."""
+    if draft.architecture.vocab_size != target.architecture.vocab_size:
+        raise ValueError(f"--draft: vocabulary of {draft.architecture.vocab_size} tokens, the "
+                         f"model has {target.architecture.vocab_size}: drafts must share the "
+                         "tokenizer")
+    if draft.tokenizer.tokenizer_json != target.tokenizer.tokenizer_json:
+        raise ValueError("--draft: its tokenizer.json differs from the model's; drafts must "
+                         "share the tokenizer")

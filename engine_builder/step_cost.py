@@ -86,6 +86,13 @@ class StepShape:
         if samples:
             self.samples += 1
 
+    def add_verify(self, start: int, num_tokens: int) -> None:
+        """A speculating sequence verifying ``num_tokens - 1`` drafted tokens: a prefill-like
+        chunk of ``num_tokens`` at [start, start + num_tokens) whose every row goes through
+        the LM head (each position's logits judge the next drafted token)."""
+        self.add_prefill(start, num_tokens, True)
+        self.samples += num_tokens - 1
+
     def add(self, start: int, num_tokens: int, samples: bool) -> None:
         """A sequence computing positions [start, start + num_tokens): a decode when it is one
         token that samples (the same math), else a prefill chunk."""

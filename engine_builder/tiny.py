@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine_builder.build import BuildOptions, build_engine
+from engine_builder.build import BuildOptions, DraftBuild, build_engine
 from engine_builder.hf_source import architecture_from_config, load_hf_checkpoint
 from engine_builder.manifest import Architecture
 from engine_builder.safetensors_io import write_safetensors
@@ -115,16 +115,25 @@ def write_tiny_checkpoint(model_dir: Path, *, seed: int = 0, tie_word_embeddings
 def build_tiny_engine(out_dir: Path, *, quant: str = "none", group_size: int = 32,
                       kv_cache_dtype: str = "float32", seed: int = 0,
                       tie_word_embeddings: bool = False, attention_bias: bool = False,
+                      draft_seed: int | None = None, draft_quant: str = "none",
                       **limits: int) -> Path:
     """Builds the tiny engine into out_dir (replacing it) and returns out_dir.
 
-    ``limits`` are BuildOptions limit fields (max_batch_size, max_seq_len, ...).
+    ``draft_seed``: also a draft engine, the tiny model with that seed's weights (the target's
+    own seed: the same model, whose every greedy draft the target accepts). ``limits`` are
+    BuildOptions limit fields (max_batch_size, max_seq_len, ...).
     """
     options = BuildOptions(quant=quant, group_size=group_size if quant == "int4" else None,
                            kv_cache_dtype=kv_cache_dtype, **limits)  # type: ignore[arg-type]
+    def checkpoint_of(seed: int, directory: Path) -> Path:
+        return write_tiny_checkpoint(directory, seed=seed, attention_bias=attention_bias,
+                                     tie_word_embeddings=tie_word_embeddings)
+
     with tempfile.TemporaryDirectory(prefix="tiny-hf-") as tmp:
-        checkpoint = write_tiny_checkpoint(Path(tmp) / "tiny-llama", seed=seed,
-                                           tie_word_embeddings=tie_word_embeddings,
-                                           attention_bias=attention_bias)
+        checkpoint = checkpoint_of(seed, Path(tmp) / "tiny-llama")
+        draft = None
+        if draft_seed is not None:
+            draft_checkpoint = checkpoint_of(draft_seed, Path(tmp) / "tiny-draft")
+            draft = DraftBuild(load_hf_checkpoint(draft_checkpoint), quant=draft_quant)
         return build_engine(load_hf_checkpoint(checkpoint), options, Path(out_dir),
-                            name="tiny-llama", replace=True)
+                            name="tiny-llama", replace=True, draft=draft)

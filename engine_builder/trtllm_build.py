@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.manifest import DraftInfo, Limits, Quantization
-from engine_builder.source import SourceModel
+from engine_builder.source import SourceModel, check_same_tokenizer
 from engine_builder.trtllm_manifest import (
     KV_QUANT_ALGOS,
     WEIGHT_QUANT_ALGOS,
     CheckpointMismatch,
     EngineDirSpec,
     check_checkpoint_quant,
-    check_same_tokenizer,
     kv_blocks_estimate,
     quantization,
     read_source,

@@ -42,16 +42,6 @@ def read_source(model_dir: Path) -> SourceModel:
     return load_hf_checkpoint(model_dir)
 
 
-def check_same_tokenizer(target: SourceModel, draft: SourceModel) -> None:
-    if draft.architecture.vocab_size != target.architecture.vocab_size:
-        raise ValueError(f"--draft: vocabulary of {draft.architecture.vocab_size} tokens, the "
-                         f"model has {target.architecture.vocab_size}: drafts must share the "
-                         "tokenizer")
-    if draft.tokenizer.tokenizer_json != target.tokenizer.tokenizer_json:
-        raise ValueError("--draft: its tokenizer.json differs from the model's; drafts must "
-                         "share the tokenizer")
-
-
 def quantization(quant: str, group_size: int | None, kv_cache_dtype: str) -> Quantization:
     """The manifest section; FieldError (ValueError) when the schema does not allow it."""
     return Quantization(weights=quant, group_size=group_size, kv_cache_dtype=kv_cache_dtype,

@@ -307,7 +307,9 @@ async def _start_model(config: ServerConfig, entry: str,
     if executor is None:
         from server.executor.factory import load_executor
 
-        executor = await asyncio.to_thread(load_executor, engine_dir)
+        executor = await asyncio.to_thread(
+            load_executor, engine_dir, speculation=config.speculation_config()
+        )
     name = name or manifest.name
     scheduler = _make_scheduler(config, manifest, executor, name)
     scheduler.start()

@@ -11,10 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
+from server.executor.cpu.speculation import DRAFTER_CHOICES, SpeculationConfig
 from server.jobs.config import JobsConfig
 from server.routing.config import CONFIDENCE_MEASURES, RouterConfig
 from server.routing.config import POLICIES as ROUTE_POLICIES
-from server.scheduler.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
+from server.scheduler.config import (
+    POLICIES,
+    PREEMPTION_MODES,
+    SPECULATION_MODES,
+    SchedulerConfig,
+)
 from server.security.tls import TlsFiles
 from server.tenant_metrics import DEFAULT_MAX_TENANTS
 
@@ -23,6 +29,7 @@ from server.tenant_metrics import DEFAULT_MAX_TENANTS
 _SCHED = SchedulerConfig()
 _JOBS = JobsConfig()
 _ROUTER = RouterConfig()
+_SPEC = SpeculationConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,9 @@ class ServerConfig:
     # profile, < 0 none. The TPOT SLO bounds the offline work in each step.
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
+    speculation: str = _SCHED.speculation  # auto | off: speculative decoding by policy
+    drafter: str = _SPEC.drafter  # the CPU engine's drafter: auto | ngram | draft | none
+    max_draft_len: int = _SPEC.max_draft_len  # 0: the drafter's default
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB  # largest gRPC message received or sent
     job_store: str = _JOBS.store  # "" = $BACKFILL_HOME/jobs.db; ":memory:" = nothing kept
     job_max_in_flight: int = _JOBS.max_in_flight
@@ -91,6 +101,7 @@ class ServerConfig:
             raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port}")
         self.scheduler_config()  # validates the scheduler's fields
         self.jobs_config()  # and the job store's
+        self.speculation_config()  # and the CPU engine's drafter
         if self.max_online_queue < 1:
             raise ValueError(f"max_online_queue must be >= 1, got {self.max_online_queue}")
         if self.max_offline_queue < 1:
@@ -126,6 +137,7 @@ class ServerConfig:
             max_offline_queue=self.max_offline_queue,
             tpot_slo_ms=tpot_slo_ms,
             ttft_slo_ms=ttft_slo_ms,
+            speculation=self.speculation,
         )
 
     def router_config(self) -> RouterConfig:
@@ -139,6 +151,10 @@ class ServerConfig:
             cascade_threshold=self.cascade_threshold,
             cascade_confidence=self.cascade_confidence,
         )
+
+    def speculation_config(self) -> SpeculationConfig:
+        """The CPU engine's drafter (ValueError when out of range)."""
+        return SpeculationConfig(drafter=self.drafter, max_draft_len=self.max_draft_len)
 
     def jobs_config(self) -> JobsConfig:
         """The job store's part of this config (ValueError when out of range)."""
@@ -192,6 +208,14 @@ _HELP: dict[str, str] = {
     "0 derives it from the engine's profile, < 0 turns the bound off",
     "ttft_slo_ms": "ONLINE time to first token (attainment metrics); 0 derives it from the "
     "engine's profile, < 0 none",
+    "speculation": "speculative decoding for requests that do not set num_speculative_tokens: "
+    "'auto' for ONLINE requests when the step-cost model predicts a gain at the current batch "
+    "(never OFFLINE), 'off' only where a request asks",
+    "drafter": "what proposes the drafted tokens (cpu engines): 'auto' is the engine's draft "
+    "model when it was built with --draft, else n-gram prompt lookup; 'none' turns "
+    "speculative decoding off",
+    "max_draft_len": "drafted tokens per step, at most; 0: the draft engine's max_draft_len, "
+    "or 7 for n-gram lookup",
     "max_message_mb": "largest gRPC message, in MiB, received or sent (a batch submit is one "
                       "message); clients should use the same limit",
     "job_store": "SQLite file of the durable batch job store ('' = $BACKFILL_HOME/jobs.db; "
@@ -226,7 +250,11 @@ _HELP: dict[str, str] = {
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "preemption": PREEMPTION_MODES, "policy": POLICIES, "route_policy": ROUTE_POLICIES,
+    "preemption": PREEMPTION_MODES,
+    "policy": POLICIES,
+    "speculation": SPECULATION_MODES,
+    "drafter": DRAFTER_CHOICES,
+    "route_policy": ROUTE_POLICIES,
     "cascade_confidence": CONFIDENCE_MEASURES,
 }
 

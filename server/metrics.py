@@ -36,6 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from server.draft_metrics import drafter_families
 from server.scheduler.types import Outcome, SchedEvent, Tier
 from server.stats import ServerStats
 from server.step_metrics import step_budget_families
@@ -275,6 +276,7 @@ class StateCollector(Collector):
         snapshots = [(m, m.stats()) for m in self._models]
         yield from _backfill_families([(m.model, s) for m, s in snapshots])
         yield from step_budget_families([(m.model, s.scheduler) for m, s in snapshots])
+        yield from drafter_families([(m.model, s.executor) for m, s in snapshots])
         yield from _triton_families(snapshots)
         yield from _nvml_families()
 

@@ -17,6 +17,16 @@ from typing import Any
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _blas_threads() -> None:
+    """Engines that tests drive on their own thread take ``BACKFILL_CPU_THREADS`` BLAS threads,
+    as the executor's worker does (``make test``: 1): OpenBLAS threads spinning against the
+    other processes of a loaded host make small matmuls an order of magnitude slower."""
+    from server.executor.cpu.blas import default_threads, set_thread_blas_threads
+
+    set_thread_blas_threads(default_threads())
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     from engine_builder.tiny import build_tiny_engine

@@ -50,6 +50,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine_builder.step_cost import LinearStepCost, StepSample, StepShape
 from server.executor.base import (
@@ -536,9 +537,15 @@ class ScriptedExecutor:
 
 
 class PlannedScriptedExecutor(ScriptedExecutor):
-    """A ScriptedExecutor that follows step plans (server.executor.base.PlanFollower)."""
+    """A ScriptedExecutor that follows step plans (server.executor.base.PlanFollower): their
+    caps, not their draft lengths (it does not speculate); ``plans`` records every plan."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plans: list[StepPlan] = []
 
     def set_plan(self, plan: StepPlan) -> None:
         with self._cond:
             self._plan = plan
+            self.plans.append(plan)
             self._cond.notify_all()

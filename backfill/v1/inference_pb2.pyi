@@ -263,6 +263,7 @@ class SamplingParams(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Softmax temperature; 0 means greedy (argmax). Default 0. Range [0, 100]."""
     top_k: _builtins.int
@@ -301,6 +302,13 @@ class SamplingParams(_message.Message):
     use): sent on the request's first chunk. The prompt is computed whole, without the prefix
     cache, so that every position has its logits.
     """
+    num_speculative_tokens: _builtins.int
+    """Speculative decoding: drafted tokens the engine verifies per step for this request, at
+    most (0: none; up to ModelInfo.max_draft_len). Unset: the server's policy decides (online
+    requests when it predicts a gain at the current batch, offline requests never). The output
+    does not depend on it: greedy requests get the same tokens, sampled ones the same
+    distribution; only the time per token changes.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings; the output ends before the first occurrence (not included)."""
@@ -326,10 +334,11 @@ class SamplingParams(_message.Message):
         repetition_penalty: _builtins.float | None = ...,
         logprobs: _builtins.int | None = ...,
         prompt_logprobs: _builtins.int | None = ...,
+        num_speculative_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_ignore_eos", b"_ignore_eos", "_logprobs", b"_logprobs", "_max_tokens", b"_max_tokens", "_min_tokens", b"_min_tokens", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_ignore_eos", b"_ignore_eos", "_logprobs", b"_logprobs", "_max_tokens", b"_max_tokens", "_min_tokens", b"_min_tokens", "_num_speculative_tokens", b"_num_speculative_tokens", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "num_speculative_tokens", b"num_speculative_tokens", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_ignore_eos", b"_ignore_eos", "_logprobs", b"_logprobs", "_max_tokens", b"_max_tokens", "_min_tokens", b"_min_tokens", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_ignore_eos", b"_ignore_eos", "_logprobs", b"_logprobs", "_max_tokens", b"_max_tokens", "_min_tokens", b"_min_tokens", "_num_speculative_tokens", b"_num_speculative_tokens", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "num_speculative_tokens", b"num_speculative_tokens", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -341,6 +350,8 @@ class SamplingParams(_message.Message):
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
     _WhichOneofReturnType__min_tokens: _TypeAlias = _typing.Literal["min_tokens"]  # noqa: Y015
     _WhichOneofArgType__min_tokens: _TypeAlias = _typing.Literal["_min_tokens", b"_min_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__num_speculative_tokens: _TypeAlias = _typing.Literal["num_speculative_tokens"]  # noqa: Y015
+    _WhichOneofArgType__num_speculative_tokens: _TypeAlias = _typing.Literal["_num_speculative_tokens", b"_num_speculative_tokens"]  # noqa: Y015
     _WhichOneofReturnType__presence_penalty: _TypeAlias = _typing.Literal["presence_penalty"]  # noqa: Y015
     _WhichOneofArgType__presence_penalty: _TypeAlias = _typing.Literal["_presence_penalty", b"_presence_penalty"]  # noqa: Y015
     _WhichOneofReturnType__prompt_logprobs: _TypeAlias = _typing.Literal["prompt_logprobs"]  # noqa: Y015
@@ -365,6 +376,8 @@ class SamplingParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_tokens) -> _WhichOneofReturnType__min_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_speculative_tokens) -> _WhichOneofReturnType__num_speculative_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__presence_penalty) -> _WhichOneofReturnType__presence_penalty | None: ...
     @_typing.overload
@@ -538,6 +551,10 @@ class Usage(_message.Message):
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_TOKENS_PROPOSED_FIELD_NUMBER: _builtins.int
     DRAFT_TOKENS_ACCEPTED_FIELD_NUMBER: _builtins.int
+    SPECULATIVE_STEPS_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _builtins.int
+    DRAFTER_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt."""
     completion_tokens: _builtins.int
@@ -548,6 +565,14 @@ class Usage(_message.Message):
     """Speculative decoding: tokens the draft proposed."""
     draft_tokens_accepted: _builtins.int
     """Speculative decoding: of those, tokens the target accepted."""
+    speculative_steps: _builtins.int
+    """Speculative decoding: steps that verified drafted tokens."""
+    draft_acceptance_rate: _builtins.float
+    """draft_tokens_accepted / draft_tokens_proposed; 0 if none."""
+    mean_accepted_length: _builtins.float
+    """draft_tokens_accepted / speculative_steps; 0 if none."""
+    drafter: _builtins.str
+    """Who drafted: "ngram" (prompt lookup) or "draft" (a draft model); empty without speculation."""
     def __init__(
         self,
         *,
@@ -556,10 +581,14 @@ class Usage(_message.Message):
         cached_prompt_tokens: _builtins.int = ...,
         draft_tokens_proposed: _builtins.int = ...,
         draft_tokens_accepted: _builtins.int = ...,
+        speculative_steps: _builtins.int = ...,
+        draft_acceptance_rate: _builtins.float = ...,
+        mean_accepted_length: _builtins.float = ...,
+        drafter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "draft_tokens_accepted", b"draft_tokens_accepted", "draft_tokens_proposed", b"draft_tokens_proposed", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_tokens_accepted", b"draft_tokens_accepted", "draft_tokens_proposed", b"draft_tokens_proposed", "drafter", b"drafter", "mean_accepted_length", b"mean_accepted_length", "prompt_tokens", b"prompt_tokens", "speculative_steps", b"speculative_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1335,6 +1364,8 @@ class ModelInfo(_message.Message):
     TPOT_SLO_MS_FIELD_NUMBER: _builtins.int
     TTFT_SLO_MS_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    DRAFTER_FIELD_NUMBER: _builtins.int
+    MAX_DRAFT_LEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name to use in GenerateRequest.model."""
     backend: _builtins.str
@@ -1360,6 +1391,11 @@ class ModelInfo(_message.Message):
     ttft_slo_ms: _builtins.float
     has_chat_template: _builtins.bool
     """Chat messages are accepted (the engine has a chat template)."""
+    drafter: _builtins.str
+    """The drafter speculative decoding uses per request ("ngram", "draft"), and the most
+    SamplingParams.num_speculative_tokens may ask for; "" and 0 when requests cannot ask.
+    """
+    max_draft_len: _builtins.int
     def __init__(
         self,
         *,
@@ -1376,10 +1412,12 @@ class ModelInfo(_message.Message):
         tpot_slo_ms: _builtins.float = ...,
         ttft_slo_ms: _builtins.float = ...,
         has_chat_template: _builtins.bool = ...,
+        drafter: _builtins.str = ...,
+        max_draft_len: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "drafter", b"drafter", "has_chat_template", b"has_chat_template", "has_draft", b"has_draft", "kv_cache_dtype", b"kv_cache_dtype", "max_batch_size", b"max_batch_size", "max_draft_len", b"max_draft_len", "max_seq_len", b"max_seq_len", "name", b"name", "parameter_count", b"parameter_count", "tpot_slo_ms", b"tpot_slo_ms", "ttft_slo_ms", b"ttft_slo_ms", "vocab_size", b"vocab_size", "weight_quant", b"weight_quant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1565,6 +1603,52 @@ class StepBudget(_message.Message):
 Global___StepBudget: _TypeAlias = StepBudget  # noqa: Y015
 
 @_typing.final
+class DrafterStats(_message.Message):
+    """Speculative decoding by one drafter, since start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAFTER_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_PROPOSED_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_ACCEPTED_FIELD_NUMBER: _builtins.int
+    SPECULATIVE_STEPS_FIELD_NUMBER: _builtins.int
+    ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _builtins.int
+    DRAFT_SECONDS_FIELD_NUMBER: _builtins.int
+    drafter: _builtins.str
+    """"ngram" (prompt lookup) or "draft" (a draft model)."""
+    draft_tokens_proposed: _builtins.int
+    """Drafted tokens the target verified."""
+    draft_tokens_accepted: _builtins.int
+    """Of those, tokens it accepted."""
+    speculative_steps: _builtins.int
+    """Sequence steps that verified a draft."""
+    acceptance_rate: _builtins.float
+    """accepted / proposed."""
+    mean_accepted_length: _builtins.float
+    """accepted / speculative_steps."""
+    draft_seconds: _builtins.float
+    """Time spent drafting, outside the target's steps."""
+    def __init__(
+        self,
+        *,
+        drafter: _builtins.str = ...,
+        draft_tokens_proposed: _builtins.int = ...,
+        draft_tokens_accepted: _builtins.int = ...,
+        speculative_steps: _builtins.int = ...,
+        acceptance_rate: _builtins.float = ...,
+        mean_accepted_length: _builtins.float = ...,
+        draft_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptance_rate", b"acceptance_rate", "draft_seconds", b"draft_seconds", "draft_tokens_accepted", b"draft_tokens_accepted", "draft_tokens_proposed", b"draft_tokens_proposed", "drafter", b"drafter", "mean_accepted_length", b"mean_accepted_length", "speculative_steps", b"speculative_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrafterStats: _TypeAlias = DrafterStats  # noqa: Y015
+
+@_typing.final
 class GetStatsResponse(_message.Message):
     """A snapshot of the server's state."""
 
@@ -1585,6 +1669,7 @@ class GetStatsResponse(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     STEP_BUDGET_FIELD_NUMBER: _builtins.int
+    DRAFTERS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     slots_total: _builtins.int
@@ -1619,6 +1704,10 @@ class GetStatsResponse(_message.Message):
     @_builtins.property
     def step_budget(self) -> Global___StepBudget: ...
     @_builtins.property
+    def drafters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrafterStats]:
+        """Speculative decoding, per drafter."""
+
+    @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]:
         """Every served model's figures."""
 
@@ -1640,12 +1729,13 @@ class GetStatsResponse(_message.Message):
         steps: _builtins.int = ...,
         draining: _builtins.bool = ...,
         step_budget: Global___StepBudget | None = ...,
+        drafters: _abc.Iterable[Global___DrafterStats] | None = ...,
         model: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step_budget", b"step_budget", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "model", b"model", "models", b"models", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "step_budget", b"step_budget", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "drafters", b"drafters", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "model", b"model", "models", b"models", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "step_budget", b"step_budget", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,7 @@ from server.api.validation import (
     validate_generate,
     validate_prompt_length,
 )
-from server.executor.base import SamplingParams, TokenLogprob
+from server.executor.base import Capacity, SamplingParams, TokenLogprob
 from server.scheduler.types import (
     Outcome,
     SchedEvent,
@@ -114,6 +114,7 @@ def _build(
     cap = model.capacity
     validate_prompt_length(len(prompt), max_seq_len=cap.max_seq_len, prefix=prefix)
     sampling = to_sampling(req.sampling, room=cap.max_seq_len - len(prompt), prefix=prefix)
+    check_speculation(sampling, cap, prefix)
     tier = Tier.OFFLINE if force_offline else _TIERS[req.tier]
     deadline = None
     if req.HasField("ttft_deadline") and not force_offline:
@@ -148,6 +149,17 @@ def _tokenizer_pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
     return _POOL
+
+
+def check_speculation(sampling: SamplingParams, cap: Capacity, prefix: str = "") -> None:
+    """A request may ask for at most the executor's max draft length."""
+    k = sampling.num_speculative_tokens
+    if k and k > cap.max_draft_len:
+        how = (f"at most {cap.max_draft_len} on this model ({cap.drafter} drafter)"
+               if cap.max_draft_len else "0 on this model (it takes no per-request speculation)")
+        raise InvalidArgumentError(
+            f"{prefix}sampling.num_speculative_tokens: {k} asked, {how}"
+        )
 
 
 def prompt_token_ids(req: pb.GenerateRequest, tokenizer: EngineTokenizer, prefix: str) -> list[int]:
@@ -189,6 +201,9 @@ def to_sampling(s: pb.SamplingParams, *, room: int, prefix: str = "") -> Samplin
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         logprobs=s.logprobs if s.HasField("logprobs") else None,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+        num_speculative_tokens=(
+            s.num_speculative_tokens if s.HasField("num_speculative_tokens") else None
+        ),
     )
 
 
@@ -256,6 +271,12 @@ def fill_usage(out: pb.Usage, u: Usage) -> None:
     out.cached_prompt_tokens = u.cached_prompt_tokens
     out.draft_tokens_proposed = u.draft_tokens_proposed
     out.draft_tokens_accepted = u.draft_tokens_accepted
+    if u.speculative_steps:
+        out.speculative_steps = u.speculative_steps
+        out.draft_acceptance_rate = u.draft_acceptance_rate
+        out.mean_accepted_length = u.mean_accepted_length
+    if u.drafter:
+        out.drafter = u.drafter
 
 
 def fill_timing(out: pb.Timing, t: Timing) -> None:
@@ -268,13 +289,9 @@ def fill_timing(out: pb.Timing, t: Timing) -> None:
 
 
 def to_pb_usage(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        cached_prompt_tokens=u.cached_prompt_tokens,
-        draft_tokens_proposed=u.draft_tokens_proposed,
-        draft_tokens_accepted=u.draft_tokens_accepted,
-    )
+    out = pb.Usage()
+    fill_usage(out, u)
+    return out
 
 
 def to_pb_timing(t: Timing) -> pb.Timing:

@@ -152,6 +152,8 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         tpot_slo_ms=config.tpot_slo_ms or 0.0,
         ttft_slo_ms=config.ttft_slo_ms or 0.0,
         has_chat_template=spec.tokenizer.has_chat_template,
+        drafter=spec.capacity.drafter or "",
+        max_draft_len=spec.capacity.max_draft_len,
     )
 
 

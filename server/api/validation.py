@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
-from server.executor.base import MAX_TOP_LOGPROBS
+from server.executor.base import MAX_SPECULATIVE_TOKENS, MAX_TOP_LOGPROBS
 
 MAX_TEMPERATURE = 100.0
 MAX_ID_CHARS = 256  # client_request_id, tenant, model, job ids, keys: ids, not payloads
@@ -202,6 +202,11 @@ def _check_sampling(s: pb.SamplingParams, vocab_size: int, prefix: str) -> None:
             raise InvalidArgumentError(
                 f"{prefix}{name} must be in [0, {MAX_TOP_LOGPROBS}], got {getattr(s, name)}"
             )
+    k = s.num_speculative_tokens
+    if s.HasField("num_speculative_tokens") and k > MAX_SPECULATIVE_TOKENS:
+        raise InvalidArgumentError(
+            f"{prefix}num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
+        )
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, name: str) -> None:

@@ -32,6 +32,7 @@ class FinishReason(enum.Enum):
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position a request may ask for (vLLM's default cap)
+MAX_SPECULATIVE_TOKENS = 16  # drafted tokens a request may ask to verify per step
 
 
 # Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see
@@ -54,6 +55,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (multiplies if < 0) logits of prompt+output ids
     logprobs: int | None = None  # top alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # the same for prompt tokens after the first
+    # Speculative decoding: drafted tokens verified per step, at most (0: none). None leaves
+    # it to the server's policy. The output is the same either way (greedy: token for token;
+    # sampled: the same distribution, and the same tokens for a given seed with the n-gram
+    # drafter); it changes only how many tokens a step yields.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
@@ -83,6 +89,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+        k = self.num_speculative_tokens
+        if k is not None and not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
+            )
 
     @property
     def penalized(self) -> bool:
@@ -137,6 +148,8 @@ class TokenDelta:
     cached_prompt_tokens: int | None = None
     draft_tokens_proposed: int = 0  # speculative decoding, counted per delta
     draft_tokens_accepted: int = 0
+    speculative_steps: int = 0  # steps that verified at least one drafted token of it
+    drafter: str | None = None  # the drafter that proposed them (DrafterStats.drafter)
     # One per token_ids entry when the request asked for logprobs; None otherwise.
     logprobs: list[TokenLogprob] | None = None
     # Prompt tokens after the first, when asked for: on the delta of the first generated token.
@@ -153,10 +166,40 @@ class Capacity:
     max_tokens_per_step: int  # prefill + decode tokens in one iteration
     max_seq_len: int  # prompt + generated tokens of one sequence
     vocab_size: int
+    # Drafted tokens a sequence may verify per step when the scheduler asks (StepPlan); 0: the
+    # executor takes no speculation from plans (it may still speculate on its own, as
+    # TensorRT-LLM's drafters do).
+    max_draft_len: int = 0
+    drafter: str | None = None  # the drafter plans speculate with ("ngram", "draft")
 
     def blocks_for(self, num_tokens: int) -> int:
         """KV blocks a sequence of num_tokens needs."""
         return -(-num_tokens // self.tokens_per_block)
+
+
+@dataclass(frozen=True, slots=True)
+class DrafterStats:
+    """Speculative decoding by one drafter, cumulative since start."""
+
+    drafter: str  # "ngram" (prompt lookup) or "draft" (a draft model)
+    proposed: int  # drafted tokens verified by the target
+    accepted: int  # of which the target accepted
+    steps: int  # sequence steps that verified a draft (one per sequence per step)
+    seconds: float  # spent drafting, outside the target's steps
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Drafted tokens accepted per verifying step (the step's own token not counted)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Drafting time per proposed token (0 before any)."""
+        return self.seconds / self.proposed if self.proposed else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +223,7 @@ class ExecutorStats:
     preemptions: int = 0  # sequences the executor itself pushed back for lack of KV blocks
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
+    drafters: tuple[DrafterStats, ...] = ()  # per drafter, for executors that report it
 
 
 @runtime_checkable
@@ -215,13 +259,20 @@ class StepPlan:
     """Standing per-sequence limits that a scheduler hands an executor: at most
     ``token_caps[id]`` tokens of request ``id`` in any one step, until the next plan replaces
     this one. A cap of 0 pauses the sequence: it keeps its slot and KV blocks (nothing to
-    recompute) but sits steps out. Requests not listed are not limited. The plan is data; the
-    executor applies it mechanically and never decides what is more important."""
+    recompute) but sits steps out. Requests not listed are not limited. ``draft_lens[id]``:
+    drafted tokens request ``id`` verifies per step, at most, while it decodes (speculative
+    decoding; within its cap, which then counts the drafted tokens too); not listed: none.
+    The plan is data; the executor applies it mechanically and never decides what is more
+    important."""
 
     token_caps: Mapping[int, int] = field(default_factory=dict)
+    draft_lens: Mapping[int, int] = field(default_factory=dict)
 
     def cap(self, request_id: int) -> int | None:
         return self.token_caps.get(request_id)
+
+    def draft_len(self, request_id: int) -> int:
+        return self.draft_lens.get(request_id, 0)
 
     @property
     def paused(self) -> int:

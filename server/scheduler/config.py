@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 POLICIES = ("backfill", "fcfs")
 PREEMPTION_MODES = ("recompute", "off")
+SPECULATION_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,10 @@ class SchedulerConfig:
     tpot_slo_ms: float | None = None
     # Online time to first token that attainment is judged by; None: not judged.
     ttft_slo_ms: float | None = None
+    # Speculative decoding for requests that leave it to the server (speculation.py):
+    # "auto" speculates for online requests when the step-cost model predicts a gain at the
+    # current batch, never for offline ones; "off" only where a request asks.
+    speculation: str = "auto"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window_ms) and self.window_ms > 0.0):
@@ -43,6 +48,10 @@ class SchedulerConfig:
             )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.speculation not in SPECULATION_MODES:
+            raise ValueError(
+                f"speculation must be one of {SPECULATION_MODES}, got {self.speculation!r}"
+            )
         if self.max_online_queue < 0:
             raise ValueError(f"max_online_queue must be >= 0, got {self.max_online_queue}")
         if self.max_offline_queue < 0:

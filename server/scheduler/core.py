@@ -10,13 +10,21 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from server.executor.base import Executor, FinishReason, PlanFollower, StepPlan, TokenDelta
+from server.executor.base import (
+    DrafterStats,
+    Executor,
+    FinishReason,
+    PlanFollower,
+    StepPlan,
+    TokenDelta,
+)
 from server.scheduler.budget import PassBudget
 from server.scheduler.config import SchedulerConfig
 from server.scheduler.counters import TierCounters
 from server.scheduler.live import OUTCOME_OF, LiveRequest, Phase
 from server.scheduler.policy import TierQueues, WaitQueue, exec_priority, overtakes
 from server.scheduler.slo import SloDecision, SloPlanner
+from server.scheduler.speculation import SpeculationPolicy
 from server.scheduler.types import EventSink, Outcome, SchedEvent, Tier
 
 
@@ -36,6 +44,7 @@ class SchedulerCore:
         clock: Callable[[], float],
         counters: TierCounters,
         planner: SloPlanner | None = None,
+        speculation: SpeculationPolicy | None = None,
     ) -> None:
         self._executor = executor
         self._config = config
@@ -54,9 +63,11 @@ class SchedulerCore:
         self._offline_open = True  # False once draining: no offline request starts again
         self._shut_offline: list[int] = []  # offline ids ended by close_offline
         self._planner = planner if config.policy == "backfill" else None
+        self._speculation = speculation
         # Executors that take step plans get them; the others are bounded by admission.
         self._follower = executor if isinstance(executor, PlanFollower) else None
-        self._sent_caps: dict[int, int] = {}  # the caps of the last plan sent
+        self._sent_plan = StepPlan()  # the last plan sent
+        self._drafter: DrafterStats | None = None  # the executor's drafter, as last reported
         self.decision = SloDecision(StepPlan(), False, None, 0, 0.0)
 
     # ---- intake -----------------------------------------------------------------------------
@@ -112,6 +123,7 @@ class SchedulerCore:
         budget = self._new_budget()
         if self._config.policy == "fcfs":
             self._admit_in_order(self._queues.online, budget)  # the one shared queue
+            self._plan_steps(budget, waiting=False)
             return
         if self._queues.online.peek() is not None:
             # Online work is about to start: the offline rows it must not wait for are paused
@@ -126,16 +138,25 @@ class SchedulerCore:
         self._plan_steps(budget, waiting=False)
 
     def _plan_steps(self, budget: PassBudget, *, waiting: bool) -> None:
-        """The TPOT budget for the next steps (slo.py), sent to a plan-following executor
-        when it changed. ``waiting`` counts the queued online heads as running."""
-        if self._planner is None:
+        """The TPOT budget for the next steps (slo.py) and the draft lengths of speculative
+        decoding (speculation.py), sent to a plan-following executor when they changed.
+        ``waiting`` counts the queued online heads as running."""
+        if self._planner is not None:
+            heads = self._online_heads(budget.free_slots) if waiting else []
+            self.decision = self._planner.decide(
+                self._running.values(), heads, budget.keep_offline
+            )
+        if self._follower is None:
             return
-        heads = self._online_heads(budget.free_slots) if waiting else []
-        self.decision = self._planner.decide(self._running.values(), heads, budget.keep_offline)
-        caps = dict(self.decision.plan.token_caps)
-        if self._follower is not None and caps != self._sent_caps:
-            self._follower.set_plan(self.decision.plan)
-            self._sent_caps = caps
+        draft_lens = {}
+        if self._speculation is not None:
+            draft_lens = self._speculation.decide(
+                self._running.values(), self.decision.caps, self._drafter
+            )
+        plan = StepPlan(dict(self.decision.plan.token_caps), draft_lens)
+        if plan != self._sent_plan:
+            self._follower.set_plan(plan)
+            self._sent_plan = plan
 
     def _online_heads(self, count: int) -> list[LiveRequest]:
         heads: list[LiveRequest] = []
@@ -152,6 +173,8 @@ class SchedulerCore:
 
     def _new_budget(self) -> PassBudget:
         stats = self._executor.stats()
+        name = self._capacity.drafter
+        self._drafter = next((d for d in stats.drafters if d.drafter == name), None)
         offline_running = self.num_running(Tier.OFFLINE)
         # Runs admitted in earlier passes that have not reported yet may hold no blocks in
         # the executor's stats; charge them here so that passes do not over-admit KV.
@@ -298,9 +321,8 @@ class SchedulerCore:
         seq.run_reported = True
         if seq.cached_prompt_tokens is None and delta.cached_prompt_tokens is not None:
             seq.cached_prompt_tokens = delta.cached_prompt_tokens
-        if delta.draft_tokens_proposed or delta.draft_tokens_accepted:
-            seq.draft_proposed += delta.draft_tokens_proposed
-            seq.draft_accepted += delta.draft_tokens_accepted
+        if delta.speculative_steps or delta.draft_tokens_proposed:
+            seq.count_drafts(delta)
         if delta.token_ids:
             if seq.first_token_at is None:
                 seq.first_token_at = self._clock()

@@ -58,6 +58,8 @@ class LiveRequest:
     cached_prompt_tokens: int | None = None  # reported by the first run
     draft_proposed: int = 0
     draft_accepted: int = 0
+    speculative_steps: int = 0
+    drafter: str | None = None
 
     @property
     def tier(self) -> Tier:
@@ -67,6 +69,13 @@ class LiveRequest:
     def num_context_tokens(self) -> int:
         """Prompt plus tokens produced so far: what a resumed run starts from."""
         return len(self.request.prompt_token_ids) + len(self.tokens)
+
+    def count_drafts(self, delta: TokenDelta) -> None:
+        """Speculative decoding's counts of one delta, added to the request's (all runs)."""
+        self.draft_proposed += delta.draft_tokens_proposed
+        self.draft_accepted += delta.draft_tokens_accepted
+        self.speculative_steps += delta.speculative_steps
+        self.drafter = delta.drafter or self.drafter
 
     def time_per_output_token(self, now: float) -> float | None:
         """Mean seconds between this request's tokens after the first (None below two)."""
@@ -124,6 +133,8 @@ class LiveRequest:
             cached_prompt_tokens=min(self.cached_prompt_tokens or 0, prompt_len),
             draft_tokens_proposed=self.draft_proposed,
             draft_tokens_accepted=self.draft_accepted,
+            speculative_steps=self.speculative_steps,
+            drafter=self.drafter,
         )
 
     def _timing(self, now: float) -> Timing:

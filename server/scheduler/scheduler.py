@@ -20,6 +20,7 @@ from server.scheduler.core import SchedulerCore
 from server.scheduler.counters import TierCounters
 from server.scheduler.live import LiveRequest
 from server.scheduler.slo import SloPlanner
+from server.scheduler.speculation import SpeculationPolicy
 from server.scheduler.types import (
     DrainingError,
     EventSink,
@@ -69,7 +70,12 @@ class BackfillScheduler:
         self._planner = (
             None if slo is None else SloPlanner(self._step_cost, slo, executor.capacity)
         )
-        self._core = SchedulerCore(executor, self._config, clock, self._counters, self._planner)
+        speculation = SpeculationPolicy(
+            self._step_cost, executor.capacity, self._config.speculation, slo, self._planner
+        )
+        self._core = SchedulerCore(
+            executor, self._config, clock, self._counters, self._planner, speculation
+        )
         self._lock = threading.Lock()  # guards the fields below up to _stopped
         self._inbox: list[LiveRequest] = []
         self._cancels: list[int] = []

@@ -56,6 +56,20 @@ class Usage:
     cached_prompt_tokens: int
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
+    speculative_steps: int = 0  # steps that verified drafted tokens of this request
+    drafter: str | None = None  # who drafted them ("ngram", "draft"); None: no speculation
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted over proposed drafted tokens (0 without speculation)."""
+        proposed = self.draft_tokens_proposed
+        return self.draft_tokens_accepted / proposed if proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Drafted tokens accepted per speculative step (0 without speculation)."""
+        steps = self.speculative_steps
+        return self.draft_tokens_accepted / steps if steps else 0.0
 
 
 # Not frozen: made per request on the serving path, where frozen __init__ cost ~7x (see

@@ -54,3 +54,24 @@ def test_quantized_default_engines_generate(quant: str) -> None:
         assert "Paris" in got.text or "capital" in got.text
     finally:
         ex.shutdown()
+
+
+def test_ngram_speculation_copies_a_passage_with_the_same_tokens(executor: CpuExecutor) -> None:
+    """The copy-heavy case speculative decoding is for: the answer repeats the prompt, n-gram
+    lookup drafts it, most drafts are kept, and the output is plain greedy decoding's."""
+    from benchmarks.copy_prompts import COPY_PROMPTS
+    from server.executor.base import StepPlan
+
+    tok = executor.tokenizer
+    text = dict(COPY_PROMPTS)["repeat"]
+    prompt = tuple(tok.encode_chat([{"role": "user", "content": text}],
+                                   add_generation_prompt=True))
+    plain = collect(executor, [ExecRequest(11, prompt, SamplingParams(max_tokens=48,
+                                                                      num_speculative_tokens=0))])
+    executor.set_plan(StepPlan(draft_lens={12: 8}))
+    spec = collect(executor, [ExecRequest(12, prompt, SamplingParams(max_tokens=48))])
+    executor.set_plan(StepPlan())
+    assert spec[12].token_ids == plain[11].token_ids
+    assert spec[12].text.startswith("The lighthouse keeper climbed the spiral stairs")
+    stats = executor.stats()
+    assert stats.draft_tokens_accepted > 0.6 * stats.draft_tokens_proposed > 0

@@ -27,6 +27,7 @@ from server.api.grpc.session import BATCH_HEADER, SessionHandler
 from server.api.identity import grpc_caller, tenant_for
 from server.api.models import ModelRegistry, model_info
 from server.api.streams import Admission
+from server.executor.base import DrafterStats
 from server.jobs import Jobs
 from server.jobs.convert import job_to_pb
 from server.metrics import RequestMetrics
@@ -287,6 +288,19 @@ def to_stats_response(s: ServerStats, model: str = "") -> pb.GetStatsResponse:
         steps=ex.steps,
         draining=sched.draining,
         step_budget=_step_budget(sched.step_budget),
+        drafters=[_drafter_stats(d) for d in ex.drafters],
+    )
+
+
+def _drafter_stats(d: DrafterStats) -> pb.DrafterStats:
+    return pb.DrafterStats(
+        drafter=d.drafter,
+        draft_tokens_proposed=d.proposed,
+        draft_tokens_accepted=d.accepted,
+        speculative_steps=d.steps,
+        acceptance_rate=d.acceptance_rate,
+        mean_accepted_length=d.mean_accepted_length,
+        draft_seconds=d.seconds,
     )
 
 

@@ -248,7 +248,8 @@ def _item(r: pb.BatchResult) -> BatchItem:
     return BatchItem(
         index=r.index, custom_id=r.client_request_id, url=r.url, model=r.model, text=r.text,
         finish=_FINISH.get(r.finish_reason),
-        usage=UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
+        usage=UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                          u.draft_tokens_proposed, u.draft_tokens_accepted),
         finished_at=r.finished_at.seconds if r.HasField("finished_at") else None,
         ran=bool(r.token_ids),
         error_code=code.name if r.HasField("error") else None,

@@ -75,4 +75,5 @@ def completion_logprobs(
 
 
 def usage_counts(u: Usage) -> UsageCounts:
-    return UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens,
+                       u.draft_tokens_proposed, u.draft_tokens_accepted)

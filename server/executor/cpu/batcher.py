@@ -2,9 +2,10 @@
 
 The batcher admits waiting sequences into slots while slots and KV blocks allow (higher
 priority first, FIFO within a priority: TensorRT-LLM's queue semantics), then packs a step:
-every decode, then prefill chunks, up to the engine's token budget, each sequence limited by
-the scheduler's standing ``StepPlan`` (a cap of 0 pauses it: it keeps its slot and blocks but
-sits the step out). It applies the plan; it does not decide what matters more.
+every decode (with the tokens drafted for it, when it speculates), then prefill chunks, up to
+the engine's token budget, each sequence limited by the scheduler's standing ``StepPlan`` (a
+cap of 0 pauses it: it keeps its slot and blocks but sits the step out). It applies the plan;
+it does not decide what matters more.
 
 When a decode needs a KV block and none is left, the newest sequence of the lowest priority is
 preempted back to the head of the queue and later recomputed (mostly from the prefix cache);
@@ -18,9 +19,11 @@ starts from the prefix cache, so the prompt is computed once, not n times.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from server.executor.base import StepPlan
+from server.executor.cpu.drafter import Draft
 from server.executor.cpu.sequence import Chunk, Sequence
 from server.executor.kv import BlockManager, NoFreeBlocksError
 
@@ -120,11 +123,14 @@ class Batcher:
 
     # -- the step -------------------------------------------------------------------------
 
-    def schedule(self, only: set[int] | None = None) -> list[Chunk]:
+    def schedule(
+        self, only: set[int] | None = None, drafts: Mapping[int, Draft] | None = None
+    ) -> list[Chunk]:
         """The chunks of the next step (with ``only``, of just those ids): decodes first (each
-        needs one KV slot for the token sampled last), then prefill chunks by priority, within
-        the token budget and the plan."""
+        needs one KV slot for the token sampled last, and one per drafted token it verifies),
+        then prefill chunks by priority, within the token budget and the plan."""
         budget = self.limits.max_num_tokens
+        drafts = drafts or {}
         chunks: list[Chunk] = []
         members = [s for s in self.running if only is None or s.request_id in only]
         for seq in [s for s in members if s.num_pending == 1]:
@@ -133,8 +139,11 @@ class Batcher:
             if self._cap(seq) == 0 or seq not in self.running:  # paused, or preempted below
                 continue
             if self._reserve_slot(seq):
-                chunks.append(Chunk(seq, seq.num_computed, 1))
-                budget -= 1
+                draft = self._reserve_draft(seq, drafts.get(seq.request_id), budget - 1)
+                chunks.append(Chunk(seq, seq.num_computed, 1 + len(draft), draft))
+                budget -= 1 + len(draft)
+        # A decode's KV slot may have come from preempting a sequence already packed.
+        chunks = [c for c in chunks if c.seq in self.running]
         prefilling = sorted(
             (s for s in members if s.num_pending > 1 and s in self.running),
             key=lambda s: -s.priority,
@@ -148,6 +157,23 @@ class Batcher:
                 chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
         return chunks
+
+    def _reserve_draft(self, seq: Sequence, draft: Draft | None, budget: int) -> tuple[int, ...]:
+        """KV slots for as much of the draft as the budget, the plan's cap and free blocks
+        allow (never preempting: drafted tokens are a bet, not work owed); returns that
+        much. The slots hold unverified tokens, so they are never marked computed before the
+        step verifies them (``BlockManager.truncate`` gives back the rejected ones)."""
+        if draft is None:
+            return ()
+        cap = self._cap(seq)
+        room = min(len(draft.tokens), budget, len(draft.tokens) if cap is None else cap - 1)
+        kept: list[int] = []
+        for token in draft.tokens[: max(0, room)]:
+            if not self.blocks.can_append(seq.request_id):
+                break
+            self.blocks.append_token(seq.request_id, token)
+            kept.append(token)
+        return tuple(kept)
 
     def _cap(self, seq: Sequence) -> int | None:
         return self.plan.cap(seq.request_id)

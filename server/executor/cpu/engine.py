@@ -1,11 +1,14 @@
 """The step loop of the CPU engine: in-flight batching with chunked prefill over a paged,
 prefix-cached KV pool.
 
-Each step (1) admits waiting sequences into free slots (``Batcher.admit``), (2) packs every
-decode plus prefill chunks within the token budget and the scheduler's plan
-(``Batcher.schedule``), (3) runs one packed forward pass (``ModelRunner.start``), a layer at a
-time, and (4) samples, applies stops and frees finished sequences (``_commit``). Every step's
-shape and duration is kept as a ``StepSample`` for the step-cost model.
+Each step (1) admits waiting sequences into free slots (``Batcher.admit``), (2) drafts tokens
+for the decodes the plan lets speculate (``Speculator.propose``), (3) packs every decode (a
+speculating one with its drafted tokens: a verify chunk) plus prefill chunks within the token
+budget and the scheduler's plan (``Batcher.schedule``), (4) runs one packed forward pass
+(``ModelRunner.start``), a layer at a time, and (5) samples, keeps the drafted tokens the
+target accepts (``verify.pick``), rolls back the KV slots of the rest, applies stops and frees
+finished sequences (``_commit``). Every step's shape and duration is kept as a ``StepSample``
+for the step-cost model.
 
 A step is begun and finished separately (``begin_step`` / ``finish_step``) so that its driver
 can run a second, small step between two of its layers: the prefill of requests that overtake
@@ -17,21 +20,22 @@ Single-threaded: the executor's worker thread owns an engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence as PySequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine_builder.step_cost import StepSample, StepShape
 from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta, TokenLogprob
+from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta
 from server.executor.cpu.batcher import Batcher
+from server.executor.cpu.drafter import Draft
 from server.executor.cpu.logprobs import SCORE_ROWS, token_logprobs
 from server.executor.cpu.model import LlamaModel
 from server.executor.cpu.model_runner import ModelRunner, StepOutput, StepPass
-from server.executor.cpu.sampling import sample_token
 from server.executor.cpu.sequence import Chunk, Sequence
+from server.executor.cpu.speculation import Speculator
 from server.executor.cpu.stops import OutputTracker
+from server.executor.cpu.verify import logprob_of, pick
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class StepRun:
     forward: StepPass
     seconds: float = 0.0  # its own compute time so far (not that of steps run in between)
     ids: set[int] = field(default_factory=set)  # the sequences it computes
+    drafts: dict[int, Draft] = field(default_factory=dict)  # what it verifies, by request id
 
     @property
     def layers_done(self) -> bool:
@@ -71,10 +76,12 @@ class CpuEngine:
         runner: ModelRunner,
         batcher: Batcher,
         tokenizer: EngineTokenizer,
+        speculator: Speculator | None = None,
     ) -> None:
         self.runner = runner
         self.batcher = batcher
         self.tokenizer = tokenizer
+        self.speculator = speculator or Speculator(None, 0)
         self.counters = EngineCounters()
         self._finished: list[Sequence] = []  # finished since the last drain
         self._samples: list[StepSample] = []  # steps since the last take_step_samples
@@ -147,22 +154,32 @@ class CpuEngine:
         return True
 
     def begin_step(self, only: set[int] | None = None, extra_slots: int = 0) -> StepRun | None:
-        """Admits, packs and starts a step (of just the ``only`` ids: the overtaking kind,
-        which may use ``extra_slots`` that cancelled sequences give back when the step in
-        flight ends); None when nothing can run."""
+        """Admits, drafts, packs and starts a step (of just the ``only`` ids: the overtaking
+        kind, which may use ``extra_slots`` that cancelled sequences give back when the step
+        in flight ends); None when nothing can run."""
         t0 = time.perf_counter()
         for seq in self.batcher.admit(only, extra_slots):
             seq.end(FinishReason.ERROR, "prompt does not fit the KV-cache pool")
             self._finished.append(seq)
-        chunks = self.batcher.schedule(only)
+        running = self.batcher.running
+        if only is None:
+            self.speculator.retain({seq.request_id for seq in running})
+        members = running if only is None else [s for s in running if s.request_id in only]
+        drafts, drafting = self.speculator.propose(
+            members, self.batcher.plan, self.batcher.limits.max_seq_len
+        )
+        chunks = self.batcher.schedule(only, drafts)
         if not chunks:
             return None
         shape = StepShape()
         for chunk in chunks:
-            shape.add(chunk.start, chunk.num_tokens, chunk.samples)
-        run = StepRun(chunks, shape, self.runner.start(chunks))
+            if chunk.draft:
+                shape.add_verify(chunk.start, chunk.num_tokens)
+            else:
+                shape.add(chunk.start, chunk.num_tokens, chunk.samples)
+        run = StepRun(chunks, shape, self.runner.start(chunks), drafts=drafts)
         run.ids = {chunk.seq.request_id for chunk in chunks}
-        run.seconds = time.perf_counter() - t0
+        run.seconds = time.perf_counter() - t0 - drafting
         return run
 
     def finish_step(self, run: StepRun) -> None:
@@ -170,39 +187,43 @@ class CpuEngine:
         t0 = time.perf_counter()
         output = self.runner.finish(run.forward)
         self._score_prompts(run.chunks, output)
-        self._commit(run.chunks, output.logits)
+        row = 0
+        for chunk in run.chunks:
+            rows = output.logits[row : row + chunk.num_sample_rows]  # [rows, vocab]
+            row += len(rows)
+            draft = run.drafts.get(chunk.seq.request_id) if chunk.draft else None
+            self._commit(chunk, rows, None if draft is None else draft.probs)
         self._count(run.shape, run.seconds + time.perf_counter() - t0)
 
-    def _commit(self, chunks: list[Chunk], logits: np.ndarray) -> None:
-        sampled = 0
-        max_seq_len = self.batcher.limits.max_seq_len
-        for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed += chunk.num_tokens
-            self.batcher.blocks.mark_computed(seq.request_id, seq.num_computed)
-            if not chunk.samples:
-                continue
-            token, logprob = self._sample(seq, logits[sampled])
-            sampled += 1
+    def _commit(self, chunk: Chunk, rows: np.ndarray, probs: np.ndarray | None) -> None:
+        """The tokens a chunk's rows give its sequence: a sampled token, or the drafted tokens
+        the target keeps and one of its own. Only the K/V of kept tokens counts as computed;
+        the slots of rejected ones go back to the pool."""
+        seq, draft = chunk.seq, chunk.draft
+        accepted, finish = 0, None
+        for i, logits in enumerate(rows):
+            drafted = i < len(draft)  # the last row has no drafted token to judge
+            token, kept = pick(seq, logits, draft[i] if drafted else None,
+                               probs[i] if drafted and probs is not None else None)
+            finish = seq.append_sample(
+                token, self.batcher.limits.max_seq_len, logprob_of(seq, logits, token)
+            )
             self.counters.generated_tokens += 1
-            finish = seq.append_sample(token, max_seq_len, logprob)
-            if finish is not None:
-                self.batcher.release(seq)
-                seq.end(finish)
-                self._finished.append(seq)
-
-    def _sample(self, seq: Sequence, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
-        """logits [vocab] -> the next token of seq, and its logprob when the request asked."""
-        params, tracker = seq.request.sampling, seq.tracker
-        context: tuple[PySequence[int], PySequence[int]] = ((), ())
-        if params.penalized:
-            context = (seq.request.prompt_token_ids, seq.generated_ids)
-        token = sample_token(
-            logits, params, seq.seed, tracker.num_generated, tracker.banned_ids(), context
-        )
-        if params.logprobs is None:
-            return token, None
-        return token, token_logprobs(logits[None], np.array([token]), params.logprobs)[0]
+            accepted += kept
+            if not kept or finish is not None:
+                break
+        blocks = self.batcher.blocks
+        computed = chunk.start + chunk.num_tokens - len(draft) + accepted
+        if draft:
+            blocks.truncate(seq.request_id, computed)
+            seq.count_verified(self.speculator.name or "", len(draft), accepted)
+            self.speculator.count(len(draft), accepted)
+        seq.num_computed = computed
+        blocks.mark_computed(seq.request_id, computed)
+        if finish is not None:
+            self.batcher.release(seq)
+            seq.end(finish)
+            self._finished.append(seq)
 
     def _score_prompts(self, chunks: list[Chunk], output: StepOutput) -> None:
         """Prompt logprobs of the positions this step computed, SCORE_ROWS at a time through
@@ -233,7 +254,7 @@ class CpuEngine:
 
     def drain(self) -> list[TokenDelta]:
         """One delta per sequence with new output since the last drain."""
-        deltas = [seq.take_delta() for seq in self.batcher.running if seq.out_ids]
+        deltas = [seq.take_delta() for seq in self.batcher.running if seq.has_output]
         done, self._finished = self._finished, []
         return deltas + [seq.take_delta() for seq in done]
 

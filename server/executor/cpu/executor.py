@@ -38,13 +38,10 @@ from server.executor.base import (
     TokenDelta,
     TokenLogprob,
 )
-from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
-from server.executor.cpu.gemma import load_model
-from server.executor.cpu.model_runner import ModelRunner
-from server.executor.cpu.weights import load_weights
-from server.executor.kv import BlockManager, PagedKvCache
+from server.executor.cpu.open import build_engine
+from server.executor.cpu.speculation import SpeculationConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +84,17 @@ class CpuExecutor:
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, engine_dir: str | Path) -> CpuExecutor:
+    def open(
+        cls, engine_dir: str | Path, speculation: SpeculationConfig | None = None
+    ) -> CpuExecutor:
         path = Path(engine_dir)
-        return cls.from_manifest(path, Manifest.load(path))
+        return cls.from_manifest(path, Manifest.load(path), speculation)
 
     @classmethod
-    def from_manifest(cls, engine_dir: Path, manifest: Manifest) -> CpuExecutor:
-        return cls(*build_engine(engine_dir, manifest))
+    def from_manifest(
+        cls, engine_dir: Path, manifest: Manifest, speculation: SpeculationConfig | None = None
+    ) -> CpuExecutor:
+        return cls(*build_engine(engine_dir, manifest, speculation))
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -318,6 +319,7 @@ class CpuExecutor:
     def _snapshot(self) -> ExecutorStats:
         engine, batcher = self._engine, self._engine.batcher
         kv, c = batcher.blocks, engine.counters
+        drafters = engine.speculator.stats()
         return ExecutorStats(
             active=len(batcher.running),
             queued=len(batcher.waiting),
@@ -334,38 +336,10 @@ class CpuExecutor:
             busy_seconds=c.busy_seconds,
             context_requests=sum(1 for seq in batcher.running if seq.prefilling),
             preemptions=batcher.num_preemptions,
+            draft_tokens_proposed=sum(d.proposed for d in drafters),
+            draft_tokens_accepted=sum(d.accepted for d in drafters),
+            drafters=drafters,
         )
-
-
-def build_engine(engine_dir: Path, manifest: Manifest) -> tuple[CpuEngine, Capacity]:
-    """Loads weights, tokenizer and KV pool for a cpu engine: the synchronous core that
-    CpuExecutor drives from its thread (benchmarks drive it directly)."""
-    arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
-    max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
-    weights = load_weights(manifest.weights_path(engine_dir), manifest)
-    model = load_model(weights, arch, max_seq_len)
-    cache = PagedKvCache(
-        arch.num_layers,
-        limits.num_kv_blocks,
-        limits.tokens_per_block,
-        arch.num_kv_heads,
-        arch.head_dim,
-        quant.kv_cache_dtype,
-    )
-    blocks = BlockManager(limits.num_kv_blocks, limits.tokens_per_block)
-    tokenizer = EngineTokenizer.load(engine_dir, manifest)
-    batcher = Batcher(
-        blocks, BatchLimits(limits.max_batch_size, limits.max_num_tokens, max_seq_len)
-    )
-    capacity = Capacity(
-        max_slots=limits.max_batch_size,
-        num_kv_blocks=limits.num_kv_blocks,
-        tokens_per_block=limits.tokens_per_block,
-        max_tokens_per_step=limits.max_num_tokens,
-        max_seq_len=max_seq_len,
-        vocab_size=arch.vocab_size,
-    )
-    return CpuEngine(ModelRunner(model, cache, blocks), batcher, tokenizer), capacity
 
 
 def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
@@ -381,6 +355,8 @@ def _merge(a: TokenDelta, b: TokenDelta) -> TokenDelta:
         else b.cached_prompt_tokens,
         draft_tokens_proposed=a.draft_tokens_proposed + b.draft_tokens_proposed,
         draft_tokens_accepted=a.draft_tokens_accepted + b.draft_tokens_accepted,
+        speculative_steps=a.speculative_steps + b.speculative_steps,
+        drafter=b.drafter or a.drafter,
         logprobs=concat(a.logprobs, b.logprobs),
         prompt_logprobs=concat(a.prompt_logprobs, b.prompt_logprobs),
     )

@@ -33,15 +33,18 @@ class StepPass:
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
-    logits: np.ndarray  # [num_sampling_chunks, vocab], in chunk order
+    # [sum of chunks' num_sample_rows, vocab], in chunk order: one row per sampling chunk,
+    # 1 + len(draft) rows per verify chunk.
+    logits: np.ndarray
     scored: np.ndarray  # [sum of span counts, hidden], final normed hidden states
     spans: tuple[ScoreSpan, ...]
 
 
 class ModelRunner:
     """Packs chunks into one matrix (each layer is one GEMM per weight over all of them) and
-    returns the logits of the chunks that sample, in chunk order, plus the hidden states of
-    prompt positions being scored (the LM head runs on those in bounded pieces, later)."""
+    returns the logits of the chunks that sample (every row of a verify chunk), in chunk
+    order, plus the hidden states of prompt positions being scored (the LM head runs on those
+    in bounded pieces, later)."""
 
     def __init__(self, model: LlamaModel, cache: PagedKvCache, blocks: BlockManager) -> None:
         self.model = model
@@ -67,44 +70,71 @@ class ModelRunner:
         return StepOutput(self.model.lm_head(h[:n]), h[n:], step.spans)
 
     def build_batch(self, chunks: list[Chunk]) -> tuple[ForwardBatch, tuple[ScoreSpan, ...]]:
-        tpb = self.blocks.tokens_per_block
-        ids, positions, slots = [], [], []
-        prefills: list[PrefillSegment] = []
-        dec_rows, dec_lens, dec_tables = [], [], []
-        sample_rows: list[int] = []
+        builder = BatchBuilder(self.blocks.tokens_per_block)
         score_rows: list[np.ndarray] = []
         spans: list[ScoreSpan] = []
-        row = 0
         for index, chunk in enumerate(chunks):
-            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            table = np.asarray(self.blocks.block_table(seq.request_id), dtype=np.int64)
-            pos = np.arange(start, start + n)
-            ids.append(np.asarray(seq.token_ids[start : start + n], dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // tpb] * tpb + pos % tpb)
-            num_blocks = -(-(start + n) // tpb)
-            if n == 1:  # one query over its context: the same math as a decode
-                dec_rows.append(row)
-                dec_lens.append(start + 1)
-                dec_tables.append(table[:num_blocks])
-            else:
-                prefills.append(PrefillSegment(row, n, start, table[:num_blocks]))
-            if chunk.samples:
-                sample_rows.append(row + n - 1)
+            seq = chunk.seq
+            row = builder.add(
+                np.asarray(chunk.token_ids(), dtype=np.int64),
+                chunk.start,
+                np.asarray(self.blocks.block_table(seq.request_id), dtype=np.int64),
+                chunk.num_sample_rows,
+            )
             span = _score_span(index, chunk)
             if span is not None:
                 spans.append(span)
-                score_rows.append(np.arange(span.first, span.first + span.count) - start + row)
-            row += n
-        batch = ForwardBatch(
-            token_ids=np.concatenate(ids),
-            positions=np.concatenate(positions),
-            slots=np.concatenate(slots),
-            prefills=tuple(prefills),
-            decode=_decode_group(dec_rows, dec_lens, dec_tables),
-            sample_rows=np.concatenate([np.asarray(sample_rows, dtype=np.int64), *score_rows]),
+                score_rows.append(np.arange(span.first, span.first + span.count) - chunk.start
+                                  + row)
+        return builder.build(score_rows), tuple(spans)
+
+
+class BatchBuilder:
+    """Packs sequences' token runs into one ForwardBatch: a run of one token is a decode row
+    (attended with all the others in one pass), a longer one a causal prefill segment."""
+
+    def __init__(self, tokens_per_block: int) -> None:
+        self._tpb = tokens_per_block
+        self._ids: list[np.ndarray] = []
+        self._positions: list[np.ndarray] = []
+        self._slots: list[np.ndarray] = []
+        self._prefills: list[PrefillSegment] = []
+        self._dec_rows: list[int] = []
+        self._dec_lens: list[int] = []
+        self._dec_tables: list[np.ndarray] = []
+        self._sample_rows: list[np.ndarray] = []
+        self._rows = 0
+
+    def add(self, token_ids: np.ndarray, start: int, table: np.ndarray, num_samples: int) -> int:
+        """Tokens at positions [start, start + n) of a sequence with block table ``table``;
+        the last ``num_samples`` rows' logits are wanted, in order. Returns the first row."""
+        tpb, row, n = self._tpb, self._rows, len(token_ids)
+        pos = np.arange(start, start + n)
+        self._ids.append(token_ids)
+        self._positions.append(pos)
+        self._slots.append(table[pos // tpb] * tpb + pos % tpb)
+        num_blocks = -(-(start + n) // tpb)
+        if n == 1:  # one query over its context: the same math as a decode
+            self._dec_rows.append(row)
+            self._dec_lens.append(start + 1)
+            self._dec_tables.append(table[:num_blocks])
+        else:
+            self._prefills.append(PrefillSegment(row, n, start, table[:num_blocks]))
+        self._sample_rows.append(np.arange(row + n - num_samples, row + n))
+        self._rows += n
+        return row
+
+    def build(self, extra_rows: list[np.ndarray] | None = None) -> ForwardBatch:
+        """The batch; ``extra_rows`` follow the sample rows in ``sample_rows``."""
+        rows = [*self._sample_rows, *(extra_rows or [])]
+        return ForwardBatch(
+            token_ids=np.concatenate(self._ids),
+            positions=np.concatenate(self._positions),
+            slots=np.concatenate(self._slots),
+            prefills=tuple(self._prefills),
+            decode=_decode_group(self._dec_rows, self._dec_lens, self._dec_tables),
+            sample_rows=np.concatenate(rows).astype(np.int64),
         )
-        return batch, tuple(spans)
 
 
 def _score_span(index: int, chunk: Chunk) -> ScoreSpan | None:

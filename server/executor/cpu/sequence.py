@@ -38,6 +38,12 @@ class Sequence:
     # once, with the first generated token.
     prompt_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs_sent: bool = False
+    # Speculative decoding since the last delta: drafted tokens verified, accepted, and the
+    # steps that verified them; ``drafter`` names who proposed them.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    speculative_steps: int = 0
+    drafter: str | None = None
 
     def __post_init__(self) -> None:
         sampling = self.request.sampling
@@ -100,6 +106,19 @@ class Sequence:
         self.out_text += self.tracker.flush_held()
         self.end(reason, error)
 
+    def count_verified(self, drafter: str, proposed: int, accepted: int) -> None:
+        """One step verified ``proposed`` drafted tokens of this sequence."""
+        self.draft_proposed += proposed
+        self.draft_accepted += accepted
+        self.speculative_steps += 1
+        self.drafter = drafter
+
+    @property
+    def has_output(self) -> bool:
+        """Anything for the next delta: tokens, or speculation counts of a step that
+        yielded none (it ended the sequence)."""
+        return bool(self.out_ids or self.speculative_steps)
+
     def take_delta(self) -> TokenDelta:
         """The output since the last call, as one delta."""
         delta = TokenDelta(
@@ -111,8 +130,13 @@ class Sequence:
             cached_prompt_tokens=(self.cached_prompt_tokens or 0) if self.report_cached else None,
             logprobs=self.out_logprobs,
             prompt_logprobs=self._take_prompt_logprobs(),
+            draft_tokens_proposed=self.draft_proposed,
+            draft_tokens_accepted=self.draft_accepted,
+            speculative_steps=self.speculative_steps,
+            drafter=self.drafter if self.speculative_steps else None,
         )
         self.out_ids, self.out_text, self.report_cached = [], "", False
+        self.draft_proposed = self.draft_accepted = self.speculative_steps = 0
         if self.out_logprobs is not None:
             self.out_logprobs = []
         return delta
@@ -127,13 +151,27 @@ class Sequence:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Positions [start, start + num_tokens) of one sequence, computed in one step."""
+    """Positions [start, start + num_tokens) of one sequence, computed in one step. With a
+    ``draft`` (speculative decoding) the chunk is the sequence's last token followed by the
+    drafted tokens, which are not the sequence's own until the step's logits accept them."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    draft: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so its logits pick the next one."""
-        return self.start + self.num_tokens == len(self.seq.token_ids)
+        return self.start + self.num_tokens - len(self.draft) == len(self.seq.token_ids)
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Rows whose logits the step returns: every drafted position and the last token's
+        (1 without a draft), or none for a prefill chunk short of the end."""
+        return 1 + len(self.draft) if self.samples else 0
+
+    def token_ids(self) -> list[int]:
+        """The tokens the chunk computes."""
+        own = self.num_tokens - len(self.draft)
+        return [*self.seq.token_ids[self.start : self.start + own], *self.draft]

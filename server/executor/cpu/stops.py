@@ -34,9 +34,12 @@ class OutputTracker:
     def reached_max_tokens(self) -> bool:
         return self.num_generated >= self.params.max_tokens
 
-    def banned_ids(self) -> frozenset[int]:
-        """Ids the next token may not be: EOS and stop ids before min_tokens are reached."""
-        return self._stop_ids if self.num_generated < self.params.min_tokens else frozenset()
+    def banned_ids(self, ahead: int = 0) -> frozenset[int]:
+        """Ids the next token may not be: EOS and stop ids before min_tokens are reached.
+        ``ahead``: for the token that many after the next (a drafter looking ahead)."""
+        if self.num_generated + ahead < self.params.min_tokens:
+            return self._stop_ids
+        return frozenset()
 
     def push(self, token_id: int) -> tuple[str, FinishReason | None]:
         """Accounts one generated token; returns (text to emit now, finish or None)."""

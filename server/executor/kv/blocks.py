@@ -183,6 +183,27 @@ class BlockManager:
         seq.num_computed = num_computed_tokens
         self._register_computed_blocks(seq)
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Keeps the sequence's first num_tokens tokens, releasing the blocks past them.
+
+        What goes are tokens never marked computed (speculative decoding: drafted tokens the
+        target rejected), so num_tokens may not drop below the computed count. Registered
+        blocks hold computed tokens only, all before num_tokens, so none is ever released
+        here; a released block another sequence also holds stays with it.
+        Raises ValueError (state unchanged) or KeyError (unknown id).
+        """
+        seq = self._seq(seq_id)
+        if not seq.num_computed <= num_tokens <= len(seq.token_ids):
+            raise ValueError(
+                f"sequence {seq_id}: can keep [{seq.num_computed}, {len(seq.token_ids)}] "
+                f"tokens (computed ones stay), got {num_tokens}"
+            )
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id)
+        del seq.block_table[keep:]
+        del seq.token_ids[num_tokens:]
+
     def free(self, seq_id: int) -> None:
         """Drops the sequence's references. Blocks no longer referenced become cached when
         registered (most recently used end) and free otherwise. Unknown id: KeyError."""

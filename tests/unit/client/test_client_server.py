@@ -279,3 +279,19 @@ async def test_submit_batch_retry_after_a_lost_reply_makes_one_job(server):
         with pytest.raises(AlreadyExists):
             await client.submit_batch([{"token_ids": [5, 7], "max_tokens": 2}],
                                       idempotency_key=calls[0])
+
+
+async def test_speculative_decoding_per_request(server):
+    """The n-gram drafter of the tiny engine: the same tokens, and the usage says so."""
+    prompt = [40, 41, 42, 43, 44, 45, 46, 47] * 3
+    async with AsyncClient(server.address) as client:
+        [model] = await client.list_models()
+        plain = await client.complete(token_ids=prompt, sampling=SamplingParams(
+            max_tokens=40, ignore_eos=True, num_speculative_tokens=0))
+        spec = await client.complete(token_ids=prompt, sampling=SamplingParams(
+            max_tokens=40, ignore_eos=True, num_speculative_tokens=4))
+    assert (model.drafter, model.max_draft_len) == ("ngram", 7)
+    assert spec.token_ids == plain.token_ids
+    assert spec.usage.drafter == "ngram" and spec.usage.speculative_steps > 0
+    assert spec.usage.draft_tokens_proposed >= spec.usage.draft_tokens_accepted
+    assert plain.usage.draft_tokens_proposed == 0

@@ -274,3 +274,44 @@ def test_fetch_model_and_build_a_published_model_by_name(
     assert m.provenance.source_sha256 == model.sha256 and m.tokenizer.chat_template_file is None
     assert main(["fetch-model", "gemma4"]) == 2
     assert "invalid choice: 'gemma4'" in capsys.readouterr().err
+
+
+def test_build_with_a_draft_engine(checkpoint: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "e"
+    assert main(["build", "--model", str(checkpoint), "--output", str(out), "--draft",
+                 str(checkpoint), "--draft-quant", "int8", "--max-draft-len", "3",
+                 "--max-batch-size", "4"]) == 0
+    assert "draft int8 (K=3)" in capsys.readouterr().out
+    target, draft = Manifest.load(out), Manifest.load(out / "draft")
+    assert target.draft is not None and (target.draft.path, target.draft.max_draft_len) == (
+        "draft", 3)
+    assert draft.draft is None and draft.quantization.weights == "int8"
+    assert draft.limits.num_kv_blocks < target.limits.num_kv_blocks  # it holds fewer sequences
+    assert (out / "draft" / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+    report = _inspect_json(out, capsys)
+    assert report["manifest"]["draft"] == {"path": "draft", "max_draft_len": 3}
+    fp = report["footprint"]
+    assert fp["draft_bytes"] > 0
+    assert fp["total_bytes"] == fp["weight_bytes"] + fp["kv_cache_bytes"] + fp["draft_bytes"]
+
+
+def test_bad_draft_flags_exit_2_naming_the_flag(checkpoint: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    other = write_tiny_checkpoint(tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zz"] = tok["model"]["vocab"].pop("us")  # another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    base = ["build", "--model", str(checkpoint), "--output", str(tmp_path / "x")]
+    cases = [
+        ([*base, "--draft", str(other)], "--draft: its tokenizer.json differs"),
+        ([*base, "--draft-quant", "int4"], "--draft-quant: needs --draft"),
+        ([*base, "--max-draft-len", "2"], "--max-draft-len: needs --draft"),
+        ([*base, "--draft", str(checkpoint), "--max-draft-len", "0"], "--max-draft-len"),
+        ([*base, "--draft", str(tmp_path / "nowhere")], "--draft:"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import (
-    ExecRequest,
-    FinishReason,
-    SamplingParams,
-    StepPlan,
-    TokenDelta,
-)
+from server.executor.base import ExecRequest, FinishReason, SamplingParams, StepPlan, TokenDelta
 from server.executor.cpu import CpuExecutor
 from server.executor.cpu.drive import Collected, collect
 from server.executor.cpu.engine import CpuEngine, StepRun
-from server.executor.cpu.executor import build_engine
+from server.executor.cpu.open import build_engine
 
 pytestmark = pytest.mark.unit
 
@@ -235,16 +229,22 @@ def test_an_overtaking_prefill_runs_between_the_layers_of_a_step(tiny_engine: Pa
     assert (outer.shape.decode_rows, inner.shape.prefill_tokens) == (3, 30)
 
 
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculating"])
 def test_the_executor_runs_overtaking_requests_inside_a_step(
-    tiny_engine: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_engine_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, speculate: bool
 ) -> None:
+    """Also while the step in flight verifies drafted tokens (the tiny model drafting for
+    itself, so every step of the background sequences carries drafts)."""
     from server.executor.cpu.model import ForwardPass
 
-    executor = CpuExecutor.open(tiny_engine)
+    tiny_engine = tiny_engine_factory()
+    executor = CpuExecutor.open(tiny_engine_factory(draft_seed=0) if speculate else tiny_engine)
     during_step: list[int] = []
+    inside_overtake = [False]
     sent: list[bool] = []
     original_advance = ForwardPass.advance
     original_overtake = CpuExecutor._overtake
+    original_publish = CpuExecutor._publish
     urgent = ExecRequest(99, tuple(range(10, 50)), SamplingParams(max_tokens=5, ignore_eos=True),
                          priority=1.0, overtake=True)
 
@@ -257,24 +257,24 @@ def test_the_executor_runs_overtaking_requests_inside_a_step(
             executor.enqueue(urgent)  # arrives while a step of decodes is in flight
 
     def overtake(self: CpuExecutor, run: StepRun) -> None:
-        # What _overtake publishes, read at the call: the caller's poll drains the outbox
-        # concurrently, so the outbox itself cannot tell.
-        publish = self._publish
-
-        def record(deltas: list[TokenDelta]) -> None:
-            during_step.extend(d.request_id for d in deltas if d.token_ids)
-            publish(deltas)
-
-        self._publish = record  # type: ignore[method-assign]
+        inside_overtake[0] = True
         try:
             original_overtake(self, run)
         finally:
-            del self._publish
+            inside_overtake[0] = False
+
+    def publish(self: CpuExecutor, deltas: list[TokenDelta]) -> None:
+        if inside_overtake[0]:  # the worker's own thread: no race with the poller
+            during_step.extend(d.request_id for d in deltas if d.token_ids)
+        original_publish(self, deltas)
 
     monkeypatch.setattr(ForwardPass, "advance", advance)
     monkeypatch.setattr(CpuExecutor, "_overtake", overtake)
+    monkeypatch.setattr(CpuExecutor, "_publish", publish)
     try:
         background = [_req(rid, 8, priority=0.0, max_tokens=12) for rid in range(1, 5)]
+        if speculate:
+            executor.set_plan(StepPlan(draft_lens={r.request_id: 3 for r in background}))
         results = collect(executor, background)
         results.setdefault(99, Collected())
         collect(executor, results=results)
@@ -282,5 +282,30 @@ def test_the_executor_runs_overtaking_requests_inside_a_step(
         for request in [*background, urgent]:
             assert results[request.request_id].token_ids == _solo(tiny_engine, request)
         executor.check_integrity()
+        if speculate:
+            assert executor.stats().draft_tokens_accepted > 0
     finally:
         executor.shutdown()
+
+
+def test_a_decode_that_preempts_a_sequence_already_packed_drops_its_chunk(
+    tiny_engine_factory: Callable[..., Path],
+) -> None:
+    """Four KV blocks: the older, lower-priority sequence decodes first in the step and is
+    packed; the newer one's decode then needs a block and preempts it. Its chunk leaves the
+    step with it (its blocks are gone), and it resumes later with nothing lost."""
+    path = tiny_engine_factory(num_kv_blocks=4, max_seq_len=64)
+    engine = _engine(path)
+    low = ExecRequest(1, tuple(range(10, 26)), SamplingParams(max_tokens=4, ignore_eos=True),
+                      priority=0.0)
+    high = ExecRequest(2, tuple(range(30, 62)), SamplingParams(max_tokens=4, ignore_eos=True),
+                       priority=1.0)
+    engine.add(low, seed=1)
+    engine.step()  # low: 1 block, its prefill
+    engine.add(high, seed=2)
+    engine.step()  # high: 2 blocks, its prefill; low's decode takes the last one
+    tokens = _run(engine)  # high's decode needs a fifth block: low, packed first, goes
+    assert engine.batcher.num_preemptions >= 1
+    engine.check_integrity()
+    for request in (low, high):
+        assert tokens[request.request_id] == _solo(path, request)

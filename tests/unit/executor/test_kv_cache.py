@@ -49,6 +49,55 @@ def test_block_hash_is_chained_and_deterministic() -> None:
     assert hash_block(None, [1, 2]) != hash_block(None, [2, 1])
 
 
+# -- rollback of uncomputed tokens ------------------------------------------------------------
+
+
+def test_truncate_frees_the_trailing_blocks_of_rejected_tokens() -> None:
+    bm = BlockManager(8, 4)
+    bm.allocate(1, list(range(6)))
+    bm.mark_computed(1, 5)
+    for token in (90, 91, 92, 93, 94):  # drafted tokens: 11 tokens, 3 blocks
+        bm.append_token(1, token)
+    table = bm.block_table(1)
+    free = bm.num_free_blocks
+    bm.truncate(1, 7)  # keep two of the drafted tokens: 2 blocks
+    assert bm.block_table(1) == table[:2] and bm.num_tokens(1) == 7
+    assert bm.num_free_blocks == free + 1 and bm.num_cached_blocks == 0
+    bm.append_token(1, 5)  # the step's own token goes where the next draft was
+    assert bm.block_table(1) == table[:2]
+    bm.check_integrity()
+
+
+def test_truncate_never_drops_computed_tokens() -> None:
+    bm = BlockManager(8, 4)
+    bm.allocate(1, list(range(6)))
+    bm.mark_computed(1, 5)
+    with pytest.raises(ValueError, match="computed ones stay"):
+        bm.truncate(1, 4)
+    with pytest.raises(ValueError):
+        bm.truncate(1, 7)
+    with pytest.raises(KeyError):
+        bm.truncate(2, 1)
+    assert bm.num_tokens(1) == 6
+
+
+def test_truncate_keeps_blocks_the_prefix_cache_shares() -> None:
+    bm = BlockManager(8, 4)
+    prompt = list(range(9))
+    computed_seq(bm, 1, prompt)  # two full registered blocks
+    assert bm.allocate(2, prompt) == 8  # shares them
+    shared = bm.block_table(2)[:2]
+    for token in (50, 51, 52, 53, 54):
+        bm.append_token(2, token)
+    bm.truncate(2, 9)
+    assert bm.block_table(2)[:2] == shared == bm.block_table(1)[:2]
+    bm.free(1)
+    bm.free(2)
+    assert bm.num_cached_blocks == 2  # still registered: a later prompt hits them
+    assert bm.allocate(3, prompt) == 8
+    bm.check_integrity()
+
+
 # -- prefix hits ------------------------------------------------------------------------------
 
 
@@ -361,6 +410,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         tpb = self.bm.tokens_per_block
         for k in range(1, done // tpb + 1):
             self.computed_prefixes.add(tuple(tokens[: k * tpb]))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        """Rolls back uncomputed tokens (rejected drafts), as speculative decoding does."""
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        bm, tokens = self.bm, self.tokens[seq_id]
+        keep = data.draw(st.integers(bm.num_computed(seq_id), len(tokens)))
+        table, cached = bm.block_table(seq_id), bm.num_cached_blocks
+        bm.truncate(seq_id, keep)
+        del tokens[keep:]
+        assert bm.block_table(seq_id) == table[: bm.blocks_needed(keep)]
+        assert bm.num_cached_blocks == cached  # only unregistered blocks were let go
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
