@@ -11,7 +11,7 @@ import pytest
 
 from engine_builder.fetch import GEMMA3_270M, is_fetched
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, SamplingParams
+from server.executor.base import ExecRequest, SamplingParams, StepPlan
 from server.executor.cpu import CpuExecutor
 from server.executor.cpu.drive import collect
 from tests.model.gemma_prompts import CONTINUATIONS, MAX_TOKENS, PROMPTS
@@ -19,16 +19,22 @@ from tests.model.gemma_prompts import CONTINUATIONS, MAX_TOKENS, PROMPTS
 pytestmark = pytest.mark.model
 
 
-def greedy(engine: Path, prompts: tuple[str, ...]) -> tuple[list[tuple[int, ...]], list[str]]:
-    """(prompt ids, continuation text) of each prompt, all in one batch."""
+def greedy(engine: Path, prompts: tuple[str, ...], *, draft_len: int = 0
+           ) -> tuple[list[tuple[int, ...]], list[str]]:
+    """(prompt ids, continuation text) of each prompt, all in one batch; with ``draft_len``,
+    every request verifies that many n-gram drafted tokens a step (speculative decoding)."""
     ex = CpuExecutor.open(engine)
     try:
         requests = [ExecRequest(i, tuple(ex.tokenizer.encode(p)),
                                 SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
                     for i, p in enumerate(prompts)]
+        if draft_len:
+            ex.set_plan(StepPlan(draft_lens={r.request_id: draft_len for r in requests}))
         out = collect(ex, requests)
+        drafted = sum(d.accepted for d in ex.stats().drafters)
     finally:
         ex.shutdown()
+    assert bool(drafted) == bool(draft_len)
     return [r.prompt_token_ids for r in requests], [out[i].text for i in range(len(prompts))]
 
 
@@ -50,4 +56,11 @@ def test_greedy_continuations_are_the_references(gemma_engine: Path) -> None:
     prompts, texts = greedy(gemma_engine, PROMPTS)
     assert all(ids[0] == 2 for ids in prompts)  # <bos>, as the file asks
     assert max(len(ids) for ids in prompts) > 700  # past the 512-token window
+    assert dict(zip(PROMPTS, texts, strict=True)) == CONTINUATIONS
+
+
+def test_speculative_decoding_keeps_the_continuations(gemma_engine: Path) -> None:
+    """n-gram drafts verified in the packed step (through the sliding window too) change
+    nothing a greedy request gets."""
+    _, texts = greedy(gemma_engine, PROMPTS, draft_len=4)
     assert dict(zip(PROMPTS, texts, strict=True)) == CONTINUATIONS
