@@ -43,7 +43,7 @@ SAMPLING_KEYS = (
 )
 _COMMON = frozenset({
     "model", "max_completion_tokens", "n", "stream", "stream_options", "priority",
-    "prompt_logprobs", *SAMPLING_KEYS,
+    "prompt_logprobs", "route_hint", *SAMPLING_KEYS,
 })
 _CHAT = _COMMON | {"messages", "logprobs", "top_logprobs"}
 _COMPLETIONS = _COMMON | {"prompt", "echo", "logprobs"}
@@ -96,6 +96,8 @@ def parse_body(url: str, body: Mapping[str, Any], prefix: str = "") -> OpenAIBod
         req.model = string(body["model"], prefix + "model")
     if body.get("priority") is not None:
         req.tier = _tier(body["priority"], prefix + "priority")
+    if body.get("route_hint") is not None:  # Backfill's: with model "auto", small or large
+        req.route_hint = string(body["route_hint"], prefix + "route_hint")
     sampling = dict(body)
     if body.get("max_completion_tokens") is not None:
         if body.get("max_tokens") is not None:

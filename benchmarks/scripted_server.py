@@ -14,7 +14,7 @@ import signal
 import sys
 
 from engine_builder.manifest import Manifest
-from server.app import BackfillServer
+from server.app import BackfillServer, split_engine
 from server.config import ServerConfig, add_arguments, from_namespace
 from server.executor.base import Capacity
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-blocks", type=int, default=8192)
     ns = parser.parse_args(argv)
     config = from_namespace(ns)
-    asyncio.run(serve(config, capacity(config.engine, ns)))
+    # the scripted executor stands in for the first engine's (the default model's)
+    asyncio.run(serve(config, capacity(split_engine(config.engine[0])[1], ns)))
     return 0
 
 

@@ -72,12 +72,14 @@ def request_to_pb(
     tenant: str = "",
     model: str = "",
     request_id: str = "",
+    route_hint: str = "",
 ) -> pb.GenerateRequest:
     """Builds a GenerateRequest; exactly one of prompt, messages, token_ids must be given."""
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages=, token_ids=")
     req = pb.GenerateRequest(
         model=model,
+        route_hint=route_hint,
         sampling=sampling_to_pb(sampling),
         tier=_TIER_TO_PB[Tier(tier)],
         tenant=tenant,

@@ -154,11 +154,14 @@ class AsyncClient:
         tenant: str = "",
         model: str = "",
         request_id: str | None = None,
+        route_hint: str = "",
     ) -> GenerationStream:
         """Starts a request; returns its stream of chunks (the request opens on first read).
 
         ``deadline`` is the time to first token in seconds; past it, a request that has not
-        started fails with ``DeadlineExceeded``.
+        started fails with ``DeadlineExceeded``. ``model="auto"`` lets the server's router
+        choose (the chunks' ``model`` names the one that served); ``route_hint`` ("small" or
+        "large") overrides its policy.
         """
         request = _convert.request_to_pb(
             prompt=prompt,
@@ -170,6 +173,7 @@ class AsyncClient:
             tenant=tenant,
             model=model,
             request_id=request_id or "",
+            route_hint=route_hint,
         )
         return GenerationStream(
             request,
@@ -191,6 +195,7 @@ class AsyncClient:
         tenant: str = "",
         model: str = "",
         request_id: str | None = None,
+        route_hint: str = "",
     ) -> Completion:
         """Runs a request to its end and returns text, token ids, usage and timing."""
         stream = self.generate(
@@ -203,6 +208,7 @@ class AsyncClient:
             tenant=tenant,
             model=model,
             request_id=request_id,
+            route_hint=route_hint,
         )
         return await stream.complete()
 

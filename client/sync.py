@@ -177,6 +177,7 @@ class Client:
         tenant: str = "",
         model: str = "",
         request_id: str | None = None,
+        route_hint: str = "",
     ) -> SyncIterator[Chunk]:
         """Starts a request; iterate the chunks. See ``AsyncClient.generate``."""
         stream = self._async.generate(
@@ -189,6 +190,7 @@ class Client:
             tenant=tenant,
             model=model,
             request_id=request_id,
+            route_hint=route_hint,
         )
         return SyncIterator(stream, self._loop)
 
@@ -204,6 +206,7 @@ class Client:
         tenant: str = "",
         model: str = "",
         request_id: str | None = None,
+        route_hint: str = "",
     ) -> Completion:
         """Runs a request to its end. See ``AsyncClient.complete``."""
         return self._loop.run(
@@ -217,6 +220,7 @@ class Client:
                 tenant=tenant,
                 model=model,
                 request_id=request_id,
+                route_hint=route_hint,
             )
         )
 

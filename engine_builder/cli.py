@@ -1,4 +1,4 @@
-"""``python -m engine_builder``: fetch-default, build, inspect, run, profile.
+"""``python -m engine_builder``: fetch-default, fetch-model, build, inspect, run, profile.
 
 Exit codes: 0 success, 1 a failure while working (download, unreadable checkpoint), 2 bad
 command-line input, with a message naming the flag. ``build`` flags are generated from
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from engine_builder.build import (
     build_engine,
     check_source,
 )
-from engine_builder.fetch import DEFAULT_SHA256, fetch_default, is_fetched
+from engine_builder.fetch import (
+    DEFAULT_MODEL,
+    MODELS,
+    PublishedModel,
+    fetch_model,
+    is_fetched,
+    published_model,
+)
 from engine_builder.footprint import footprint, human_bytes
 from engine_builder.gguf_source import load_gguf
 from engine_builder.hf_source import SourceError, load_hf_checkpoint
@@ -73,7 +80,8 @@ def _add_build_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("build", help="build an engine from a GGUF file or HF checkpoint")
     p.add_argument("--backend", choices=["cpu", *GPU_BUILDERS], default="cpu")
     p.add_argument("--model", required=True,
-                   help="'default', a .gguf file, or a Hugging Face checkpoint directory")
+                   help=f"'default', a published model ({', '.join(sorted(MODELS))}), a .gguf "
+                   "file, or a Hugging Face checkpoint directory")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--name", help="engine name in the manifest (default: from the model)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
@@ -106,9 +114,12 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
 
 
 def open_model(model: str, flag: str = "--model") -> SourceModel:
-    """'default', a GGUF file or a Hugging Face directory; UsageError naming ``flag`` if not."""
-    if model == "default":
-        return load_gguf(fetch_default(), sha256=DEFAULT_SHA256)
+    """'default', a published model, a GGUF file or a Hugging Face directory; UsageError
+    naming ``flag`` if not."""
+    if model == "default" or model in MODELS:
+        published = published_model(model)
+        source = load_gguf(_fetch(published), sha256=published.sha256)
+        return replace(source, name=published.name)
     path = Path(model)
     try:
         if path.is_dir():
@@ -121,7 +132,8 @@ def open_model(model: str, flag: str = "--model") -> SourceModel:
     except SourceError as exc:
         raise UsageError(flag, str(exc)) from exc
     raise UsageError(flag, f"{path}: no such file or directory (expected 'default', a "
-                     ".gguf file or a Hugging Face checkpoint directory)")
+                     f"published model ({', '.join(sorted(MODELS))}), a .gguf file or a Hugging "
+                     "Face checkpoint directory)")
 
 
 def draft_build(args: argparse.Namespace) -> DraftBuild | None:
@@ -197,17 +209,32 @@ def run_gpu_build(args: argparse.Namespace) -> int:
     return int(module.main_build(args))
 
 
-def _add_fetch_parser(subparsers: Any) -> None:
+def _add_fetch_parsers(subparsers: Any) -> None:
+    home_help = "cache directory (default: $BACKFILL_HOME or ~/.cache/backfill)"
     p = subparsers.add_parser("fetch-default", help="download the default model (SmolLM2-135M)")
-    p.add_argument("--home", type=Path, default=None,
-                   help="cache directory (default: $BACKFILL_HOME or ~/.cache/backfill)")
+    p.add_argument("--home", type=Path, default=None, help=home_help)
+    p.set_defaults(handler=run_fetch, model="default")
+    p = subparsers.add_parser("fetch-model", help="download a published model: "
+                              + ", ".join(f"{m.name} ({m.terms.split(' (')[0]})"
+                                          for m in MODELS.values()))
+    p.add_argument("model", choices=sorted(MODELS))
+    p.add_argument("--home", type=Path, default=None, help=home_help)
     p.set_defaults(handler=run_fetch)
 
 
+def _fetch(model: PublishedModel, home: Path | None = None) -> Path:
+    """The model's file, fetched when missing, with its terms said when it is not the default
+    (whose Apache-2.0 asks nothing of a user)."""
+    if model is not DEFAULT_MODEL:
+        print(f"{model.name}: {model.terms}", file=sys.stderr)
+    return fetch_model(model, home)
+
+
 def run_fetch(args: argparse.Namespace) -> int:
-    present = is_fetched(args.home)
-    path = fetch_default(args.home)
-    print(f"{path} ({'already present' if present else 'fetched'}, sha256 {DEFAULT_SHA256})")
+    model = published_model(args.model)
+    present = is_fetched(args.home, model)
+    path = _fetch(model, args.home)
+    print(f"{path} ({'already present' if present else 'fetched'}, sha256 {model.sha256})")
     return 0
 
 
@@ -215,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Fetch, build, inspect, run and "
                                      "profile Backfill engines.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_fetch_parser(subparsers)
+    _add_fetch_parsers(subparsers)
     _add_build_parser(subparsers)
     inspect_cmd.add_parser(subparsers)
     run_cmd.add_parser(subparsers)

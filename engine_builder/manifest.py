@@ -1,4 +1,4 @@
-"""The engine manifest (docs/engine-format.md, schema version 2): the one reader and writer.
+"""The engine manifest (docs/engine-format.md, schema version 3): the one reader and writer.
 
 Every section is a frozen, slotted dataclass validated at construction, so a ``Manifest`` that
 exists is a valid one. ``Manifest.load`` turns any problem with ``DIR/manifest.json`` into a
@@ -19,11 +19,12 @@ from typing import Any
 
 from engine_builder.manifest_json import FieldError, is_int, parse_section
 
-# Written by this build. Version 1 manifests (no "source" weights) still load; an older reader
-# refuses version 2 instead of misreading source blocks as some other layout.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
+# Written by this build. Older manifests still load (version 1: no "source" weights; version
+# 2: no gemma3 family); an older reader refuses a newer version instead of misreading it.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3})
 SOURCE_BLOCKS_SCHEMA_VERSION = 2  # the first version with quantization.weights = "source"
+GEMMA3_SCHEMA_VERSION = 3  # the first version with architecture.family = "gemma3"
 MANIFEST_FILE = "manifest.json"
 # For "source" weights: the weights file's metadata key holding JSON {"<name>.blocks": GGML type}.
 BLOCK_TYPES_KEY = "backfill.block_types"
@@ -56,6 +57,15 @@ def _positive(obj: object, *names: str) -> None:
 
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
+# "llama": pre-norm blocks, SiLU-gated MLP, one RoPE base (Mistral / Qwen2 layouts map onto
+# it). "gemma3": pre- and post-norms around attention and MLP, RMS-normed queries and keys,
+# GELU(tanh)-gated MLP, embeddings scaled by sqrt(hidden_size), and sliding-window layers
+# with a RoPE base of their own (the fields below marked gemma3).
+FAMILIES = ("llama", "gemma3")
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
+_GEMMA3_FIELDS = ("sliding_window", "layer_types", "rope_local_theta", "query_pre_attn_scalar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +104,10 @@ class RopeScaling:
 
 @dataclass(frozen=True, slots=True)
 class Architecture:
-    """Shapes of a Llama-family decoder. Invariant: heads divide evenly into KV groups."""
+    """Shapes of a decoder of one of ``FAMILIES``. Invariant: heads divide evenly into KV
+    groups; the gemma3 fields are set exactly for gemma3."""
 
-    family: str  # "llama" (Mistral / Qwen2-style checkpoints map onto it)
+    family: str  # one of FAMILIES
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -104,15 +115,21 @@ class Architecture:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rope_theta: float
+    rope_theta: float  # the RoPE base (gemma3: of the full-attention layers)
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool
     max_position_embeddings: int
     rope_scaling: RopeScaling | None = None
+    # gemma3: a query at position p of a sliding layer attends to keys at p - window < k <= p
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # gemma3: one of LAYER_TYPES per layer
+    rope_local_theta: float | None = None  # gemma3: the RoPE base of the sliding layers
+    query_pre_attn_scalar: float | None = None  # gemma3: scores are scaled by its -1/2 power
 
     def __post_init__(self) -> None:
-        _require(self.family == "llama", "family", f"unsupported family {self.family!r}")
+        _require(self.family in FAMILIES, "family", f"unsupported family {self.family!r} "
+                 f"(supported: {', '.join(FAMILIES)})")
         _positive(self, "num_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                   "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings")
         _require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads",
@@ -121,6 +138,28 @@ class Architecture:
         _require(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
         _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.family == "gemma3":
+            self._check_gemma3()
+        else:
+            for name in _GEMMA3_FIELDS:
+                _require(getattr(self, name) is None, name, "only the gemma3 family takes it")
+
+    def _check_gemma3(self) -> None:
+        for name in _GEMMA3_FIELDS:
+            _require(getattr(self, name) is not None, name, "gemma3 needs it")
+        assert self.layer_types is not None and self.sliding_window is not None
+        _require(len(self.layer_types) == self.num_layers, "layer_types",
+                 f"has {len(self.layer_types)} entries for {self.num_layers} layers")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        _require(not unknown, "layer_types", f"unknown layer type {unknown[:1]} (known: "
+                 f"{', '.join(LAYER_TYPES)})")
+        _require(self.sliding_window >= 1, "sliding_window",
+                 f"must be >= 1, got {self.sliding_window}")
+        for name in ("rope_local_theta", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            _require(value > 0, name, f"must be > 0, got {value}")
 
     @property
     def q_size(self) -> int:
@@ -129,6 +168,10 @@ class Architecture:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends over a sliding window (gemma3's local layers)."""
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING_ATTENTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +360,9 @@ class Manifest:
         _require(self.quantization.weights != "source"
                  or self.schema_version >= SOURCE_BLOCKS_SCHEMA_VERSION, "schema_version",
                  f"source weights need schema version >= {SOURCE_BLOCKS_SCHEMA_VERSION}")
+        _require(self.architecture.family != "gemma3"
+                 or self.schema_version >= GEMMA3_SCHEMA_VERSION, "schema_version",
+                 f"the gemma3 family needs schema version >= {GEMMA3_SCHEMA_VERSION}")
         _require(bool(self.name), "name", "must not be empty")
         _require(self.backend in BACKENDS, "backend", f"unknown backend {self.backend!r}")
         needs = {"cpu": ("weights", CPU_WEIGHT_QUANTS, CPU_KV_DTYPES),

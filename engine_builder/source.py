@@ -1,9 +1,10 @@
 """A model read from a checkpoint, in the engine's vocabulary, before it is written out.
 
 Both readers (GGUF and Hugging Face) produce a ``SourceModel``: the architecture, the weights
-under Hugging Face Llama names in float32 with Q/K in the half-split rotary layout, and the
-tokenizer. The builder then only quantizes and writes. A GGUF reader also offers the file's own
-quantized blocks (``SourceModel.blocks``), for engines that keep them as they are.
+under the family's Hugging Face names in float32 with Q/K in the half-split rotary layout (norm
+weights as the multipliers they apply), and the tokenizer. The builder then only quantizes and
+writes. A GGUF reader also offers the file's own quantized blocks (``SourceModel.blocks``), for
+engines that keep them as they are.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if arch.family == "gemma3":
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "self_attn.q_norm.weight"] = (arch.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (arch.head_dim,)
         shapes[p + "self_attn.q_proj.weight"] = (q, h)
         shapes[p + "self_attn.k_proj.weight"] = (kv, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv, h)

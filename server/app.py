@@ -1,5 +1,7 @@
-"""Wiring: engine → executor → scheduler → the API surfaces (the gRPC servicer with health and
-reflection, and the OpenAI-compatible HTTP app), /metrics, plus a graceful drain.
+"""Wiring: engines → executors → schedulers → the API surfaces (the gRPC servicer with health
+and reflection, and the OpenAI-compatible HTTP app), /metrics, plus a graceful drain. Each
+engine is served with an executor, KV pool, scheduler (step-cost model, SLOs) and figures of its
+own; with several, ``model=auto`` goes through the router (server/routing/).
 ``BackfillServer`` runs on the caller's event loop; ``serve_in_thread`` gives sync code (tests,
 CLIs, benchmarks) a server on its own loop in a daemon thread."""
 
@@ -11,7 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,20 +25,21 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from engine_builder.manifest import Manifest
 from engine_builder.step_cost import OnlineStepCost
 from engine_builder.tokenizer import EngineTokenizer
-from server.api.convert import ModelRegistry, ModelSpec, ServedModel
 from server.api.grpc.guard import add_reflection
 from server.api.grpc.service import InferenceServicer
 from server.api.http.app import HttpServer, build_app
 from server.api.http.files import FileStore
+from server.api.models import ModelRegistry, ModelSpec, ServedModel
 from server.config import ServerConfig
 from server.executor.base import Executor
 from server.jobs import JobRunner, Jobs, files_path, open_store
-from server.metrics import MetricsEndpoint, RequestMetrics, StateCollector
+from server.metrics import MetricsEndpoint, ModelState, RequestMetrics, StateCollector
 from server.quotas import TenantQuotas
+from server.routing.router import Router, RouterMetrics
 from server.scheduler import BackfillScheduler
 from server.security.setup import Security, load_security
 from server.slo_defaults import Slos, engine_step_cost, resolve_slos
-from server.stats import ServerStatsCollector
+from server.stats import BusyShares, ServerStatsCollector
 from server.step_metrics import StepMetrics
 from server.tenant_metrics import TenantMetrics
 
@@ -69,21 +71,22 @@ class DrainReport:
 
 
 def _make_scheduler(
-    config: ServerConfig, manifest: Manifest, executor: Executor
+    config: ServerConfig, manifest: Manifest, executor: Executor, name: str
 ) -> BackfillScheduler:
     """The scheduler with the engine's step-cost model and the SLOs resolved for it."""
     prior = engine_step_cost(manifest)
     slos = resolve_slos(config.tpot_slo_ms, config.ttft_slo_ms, prior, executor.capacity)
     sched_config = config.scheduler_config(slos.tpot_ms, slos.ttft_ms)
     scheduler = BackfillScheduler(executor, sched_config, step_cost=OnlineStepCost(prior))
-    _log_slos(scheduler, slos)
+    _log_slos(scheduler, slos, name)
     return scheduler
 
 
-def _log_slos(scheduler: BackfillScheduler, slos: Slos) -> None:
+def _log_slos(scheduler: BackfillScheduler, slos: Slos, name: str) -> None:
     config = scheduler.config
     log.info(
-        "online SLOs: TPOT %s, TTFT %s (%s)",
+        "%s: online SLOs: TPOT %s, TTFT %s (%s)",
+        name,
         "none" if config.tpot_slo_ms is None else f"{config.tpot_slo_ms:g} ms",
         "none" if config.ttft_slo_ms is None else f"{config.ttft_slo_ms:g} ms",
         slos.how,
@@ -103,13 +106,10 @@ def _log_slos(scheduler: BackfillScheduler, slos: Slos) -> None:
     )
 
 
-def resolve_engine_dir(engine: str) -> Path:
-    """``default`` fetches and builds the default CPU engine on first use (minutes, once)."""
-    if engine == "default":
-        from engine_builder.default import ensure_default_engine
-
-        return ensure_default_engine()
-    return Path(engine)
+def split_engine(entry: str) -> tuple[str | None, str]:
+    """``[NAME=]SOURCE`` -> (NAME or None, SOURCE)."""
+    name, sep, source = entry.partition("=")
+    return (name, source) if sep and name and "/" not in name else (None, entry)
 
 
 class BackfillServer:
@@ -120,12 +120,12 @@ class BackfillServer:
         *,
         config: ServerConfig,
         grpc_server: grpc.aio.Server,
-        scheduler: BackfillScheduler,
+        models: ModelRegistry,
         servicer: InferenceServicer,
         jobs: Jobs,
         runner: JobRunner,
         health: HealthServicer,
-        stats: ServerStatsCollector,
+        stats: dict[str, ServerStatsCollector],
         port: int,
         metrics: MetricsEndpoint | None,
         http: HttpServer | None = None,
@@ -133,8 +133,10 @@ class BackfillServer:
         security: Security | None = None,
     ) -> None:
         self.config = config
-        self.scheduler = scheduler
-        self.stats = stats
+        self.models = models
+        self.scheduler = models.default.scheduler  # the default model's
+        self.model_stats = stats  # by model name
+        self.stats = stats[models.default.name]  # the default model's
         self._grpc = grpc_server
         self._servicer = servicer
         self._jobs = jobs
@@ -158,53 +160,35 @@ class BackfillServer:
     async def start(
         cls, config: ServerConfig, *, executor: Executor | None = None
     ) -> BackfillServer:
-        """Loads the engine named by config.engine (its manifest and tokenizer; the executor too
-        unless one is given, which tests do) and starts serving."""
-        engine_dir = await asyncio.to_thread(resolve_engine_dir, config.engine)
-        manifest = Manifest.load(engine_dir)
-        tokenizer = EngineTokenizer.load(engine_dir, manifest)
-        if executor is None:
-            from server.executor.factory import load_executor
-
-            executor = await asyncio.to_thread(
-                load_executor, engine_dir, speculation=config.speculation_config()
-            )
-        scheduler = _make_scheduler(config, manifest, executor)
-        scheduler.start()
+        """Loads the engines config.engine names (manifests and tokenizers; the executors too,
+        except the first engine's when one is given, which tests do) and starts serving."""
+        models: list[ServedModel] = []
         try:
-            return await cls._serve(config, manifest, tokenizer, scheduler)
+            for index, entry in enumerate(config.engine):
+                given = executor if index == 0 else None
+                models.append(await _start_model(config, entry, given))
+            names = [m.name for m in models]
+            if len(set(names)) != len(names):
+                raise ValueError(f"two engines are called the same in {names}: name them "
+                                 "with --engine NAME=SOURCE")
+            return await cls._serve(config, models)
         except BaseException:
-            await asyncio.to_thread(scheduler.stop, 0.0)
+            await asyncio.gather(*(asyncio.to_thread(m.scheduler.stop, 0.0) for m in models))
             raise
 
     @classmethod
-    async def _serve(
-        cls,
-        config: ServerConfig,
-        manifest: Manifest,
-        tokenizer: EngineTokenizer,
-        scheduler: BackfillScheduler,
-    ) -> BackfillServer:
-        spec = ModelSpec(manifest.name, manifest, tokenizer, scheduler.capacity)
-        models = ModelRegistry([ServedModel(spec, scheduler)])
+    async def _serve(cls, config: ServerConfig, served: list[ServedModel]) -> BackfillServer:
         registry = CollectorRegistry()
+        router = None
+        if len(served) > 1:
+            router = Router(served, config.router_config(), RouterMetrics(registry))
+            log.info("model auto: %s policy, small %s, large %s", config.route_policy,
+                     router.small.name, router.large.name)
+        models = ModelRegistry(served, router)
         request_metrics = RequestMetrics(registry)
         tenants = TenantMetrics(registry, config.metrics_max_tenants)
         security = await asyncio.to_thread(load_security, config, tenants)
-        scheduler.set_step_observer(StepMetrics(registry).observe)
-        profile = manifest.profile
-        stats = ServerStatsCollector(
-            scheduler.snapshot,
-            scheduler.executor_stats,
-            peak_tokens_per_s=profile.peak_tokens_per_s if profile is not None else None,
-            price_per_hour=config.price_per_hour,
-        )
-        stats.sample()  # the baseline of the first window
-        registry.register(
-            StateCollector(
-                stats.stats, model=spec.name, tokens_per_block=spec.capacity.tokens_per_block
-            )
-        )
+        stats = _model_stats(config, served, registry)
         jobs_config = config.jobs_config()
         store = await asyncio.to_thread(open_store, jobs_config)
         auth = security.auth
@@ -213,7 +197,8 @@ class BackfillServer:
                            weight=lambda tenant: auth.limits(tenant).weight)
         quotas = TenantQuotas(runner.pending)
         jobs = Jobs(store, runner, models, jobs_config, quotas)
-        servicer = InferenceServicer(models, jobs, request_metrics, stats.stats, auth=auth,
+        servicer = InferenceServicer(models, jobs, request_metrics,
+                                     {name: c.stats for name, c in stats.items()}, auth=auth,
                                      quotas=quotas, tenants=tenants)
         metrics = None
         http = files = None
@@ -240,8 +225,7 @@ class BackfillServer:
             raise
         return cls(
             config=config,
-            grpc_server=grpc_server,
-            scheduler=scheduler,
+            models=models,
             servicer=servicer,
             jobs=jobs,
             runner=runner,
@@ -249,6 +233,7 @@ class BackfillServer:
             stats=stats,
             port=port,
             metrics=metrics,
+            grpc_server=grpc_server,
             http=http,
             files=files,
             security=security,
@@ -257,7 +242,8 @@ class BackfillServer:
     async def _sample_forever(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
-            await asyncio.to_thread(self.stats.sample)
+            for collector in self.model_stats.values():
+                await asyncio.to_thread(collector.sample)
 
     async def stop(self, grace_s: float | None = None) -> DrainReport:
         """Graceful drain: refuse new work (UNAVAILABLE, health NOT_SERVING), give running
@@ -272,14 +258,17 @@ class BackfillServer:
         started = time.monotonic()
         self._servicer.draining = True
         self._runner.stop_feeding()
-        self.scheduler.begin_drain()
+        for model in self.models:
+            model.scheduler.begin_drain()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.security is not None:
             for watcher in self.security.watchers:
                 await watcher.close()
         log.info("draining: waiting up to %.1fs for running online requests", grace)
-        unfinished = await asyncio.to_thread(self.scheduler.stop, grace)
+        stopped = await asyncio.gather(
+            *(asyncio.to_thread(m.scheduler.stop, grace) for m in self.models))
+        unfinished = [rid for ids in stopped for rid in ids]
         await self._runner.flush()  # job reads keep working until the gRPC server stops
         left = await self._jobs.unfinished()
         await self._grpc.stop(FLUSH_GRACE_S)
@@ -304,6 +293,51 @@ class BackfillServer:
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
+
+
+async def _start_model(config: ServerConfig, entry: str,
+                       executor: Executor | None) -> ServedModel:
+    """One engine of config.engine, its executor and scheduler started."""
+    name, source = split_engine(entry)
+    from engine_builder.default import resolve_engine
+
+    engine_dir = await asyncio.to_thread(resolve_engine, source)
+    manifest = Manifest.load(engine_dir)
+    tokenizer = EngineTokenizer.load(engine_dir, manifest)
+    if executor is None:
+        from server.executor.factory import load_executor
+
+        executor = await asyncio.to_thread(
+            load_executor, engine_dir, speculation=config.speculation_config()
+        )
+    name = name or manifest.name
+    scheduler = _make_scheduler(config, manifest, executor, name)
+    scheduler.start()
+    return ServedModel(ModelSpec(name, manifest, tokenizer, scheduler.capacity), scheduler)
+
+
+def _model_stats(config: ServerConfig, models: list[ServedModel],
+                 registry: CollectorRegistry) -> dict[str, ServerStatsCollector]:
+    """Each model's figures (the price split by busy time), exported with a model label."""
+    step_metrics = StepMetrics(registry)
+    shares = BusyShares() if len(models) > 1 else None
+    stats: dict[str, ServerStatsCollector] = {}
+    for m in models:
+        m.scheduler.set_step_observer(step_metrics.observer(m.name))
+        profile = m.spec.manifest.profile
+        stats[m.name] = ServerStatsCollector(
+            m.scheduler.snapshot,
+            m.scheduler.executor_stats,
+            peak_tokens_per_s=profile.peak_tokens_per_s if profile is not None else None,
+            price_per_hour=config.price_per_hour,
+            model=m.name,
+            shares=shares,
+        )
+        stats[m.name].sample()  # the baseline of the first window
+    registry.register(StateCollector([
+        ModelState(m.name, stats[m.name].stats, m.spec.capacity.tokens_per_block)
+        for m in models]))
+    return stats
 
 
 async def _start_grpc(

@@ -13,6 +13,8 @@ from typing import Any
 from backfill.transport import DEFAULT_MAX_MESSAGE_MB, check_max_message_mb
 from server.executor.cpu.speculation import DRAFTER_CHOICES, SpeculationConfig
 from server.jobs.config import JobsConfig
+from server.routing.config import CONFIDENCE_MEASURES, RouterConfig
+from server.routing.config import POLICIES as ROUTE_POLICIES
 from server.scheduler.config import (
     POLICIES,
     PREEMPTION_MODES,
@@ -26,6 +28,7 @@ from server.tenant_metrics import DEFAULT_MAX_TENANTS
 # and validation come from their own configs, so they exist once.
 _SCHED = SchedulerConfig()
 _JOBS = JobsConfig()
+_ROUTER = RouterConfig()
 _SPEC = SpeculationConfig()
 
 
@@ -33,8 +36,10 @@ _SPEC = SpeculationConfig()
 class ServerConfig:
     """Everything ``python -m server`` can be told. Validated at construction (ValueError)."""
 
-    # Engine directory, or "default": fetch and build the default CPU engine on first use.
-    engine: str = "default"
+    # The engines to serve, each "[NAME=]SOURCE": SOURCE an engine directory, "default" or a
+    # published model's name (fetched and built on first use); NAME, the model name requests
+    # use (default: the manifest's). The first is the default model. A str is one engine.
+    engine: tuple[str, ...] = ("default",)
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
     metrics_port: int = 9400  # 0 = any free port; -1 = no metrics endpoint
@@ -72,10 +77,22 @@ class ServerConfig:
     auth_keys: str = ""
     reload_s: float = 2.0  # how often the keys and certificate files are checked for changes
     metrics_max_tenants: int = DEFAULT_MAX_TENANTS  # tenants with a metrics label of their own
+    # model=auto (server/routing/), with two or more engines
+    route_policy: str = _ROUTER.policy
+    route_small: str = _ROUTER.small
+    route_large: str = _ROUTER.large
+    route_max_prompt_tokens: int = _ROUTER.max_prompt_tokens
+    route_max_new_tokens: int = _ROUTER.max_new_tokens
+    cascade_threshold: float = _ROUTER.cascade_threshold
+    cascade_confidence: str = _ROUTER.cascade_confidence
 
     def __post_init__(self) -> None:
-        if not self.engine:
-            raise ValueError("engine must name an engine directory or 'default'")
+        if isinstance(self.engine, str):
+            object.__setattr__(self, "engine", (self.engine,))
+        if not self.engine or not all(self.engine):
+            raise ValueError("engine must name an engine directory, 'default' or a published "
+                             "model")
+        self.router_config()  # validates the router's fields
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
@@ -123,6 +140,18 @@ class ServerConfig:
             speculation=self.speculation,
         )
 
+    def router_config(self) -> RouterConfig:
+        """The router's part of this config (ValueError when out of range)."""
+        return RouterConfig(
+            policy=self.route_policy,
+            small=self.route_small,
+            large=self.route_large,
+            max_prompt_tokens=self.route_max_prompt_tokens,
+            max_new_tokens=self.route_max_new_tokens,
+            cascade_threshold=self.cascade_threshold,
+            cascade_confidence=self.cascade_confidence,
+        )
+
     def speculation_config(self) -> SpeculationConfig:
         """The CPU engine's drafter (ValueError when out of range)."""
         return SpeculationConfig(drafter=self.drafter, max_draft_len=self.max_draft_len)
@@ -157,7 +186,10 @@ class ServerConfig:
 
 
 _HELP: dict[str, str] = {
-    "engine": "engine directory, or 'default' to fetch and build the default CPU engine",
+    "engine": "an engine to serve, [NAME=]SOURCE: an engine directory, 'default' or a "
+    "published model (gemma3-270m, smollm2-135m-instruct: fetched and built on first use); "
+    "repeat it to serve several (the first is the default model, model=auto routes among "
+    "them); NAME is what requests call it (default: the manifest's name)",
     "host": "address to bind (gRPC, HTTP and metrics)",
     "port": "gRPC port; 0 picks a free one (printed as 'listening on HOST:PORT')",
     "metrics_port": "Prometheus /metrics port; 0 picks a free one, -1 turns it off",
@@ -204,6 +236,17 @@ _HELP: dict[str, str] = {
     "reload_s": "seconds between checks of the keys and certificate files for changes",
     "metrics_max_tenants": "tenants that get a metrics label of their own; the rest are "
     "counted as '(other)'",
+    "route_policy": "how model=auto picks an engine: 'rule' (hints, prompt length, max "
+    "tokens) or 'cascade' (the small model answers; when unsure, the large one instead)",
+    "route_small": "the router's small model ('' = the served model with the fewest parameters)",
+    "route_large": "the router's large model ('' = the one with the most parameters)",
+    "route_max_prompt_tokens": "rule: prompts longer than this go to the large model",
+    "route_max_new_tokens": "rule: requests that may generate more tokens than this go to the "
+    "large model",
+    "cascade_threshold": "cascade: the confidence (a probability) below which the large model "
+    "answers instead of the small one",
+    "cascade_confidence": "cascade: 'mean' (geometric mean token probability of the answer) or "
+    "'min' (its least likely token)",
 }
 # Choices of the string fields that take one of a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -211,6 +254,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "policy": POLICIES,
     "speculation": SPECULATION_MODES,
     "drafter": DRAFTER_CHOICES,
+    "route_policy": ROUTE_POLICIES,
+    "cascade_confidence": CONFIDENCE_MEASURES,
 }
 
 
@@ -219,6 +264,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        if kind is tuple:  # a repeatable flag; its default applies when it is never given
+            parser.add_argument(flag, dest=f.name, action=_Repeated, default=f.default,
+                                help=f"{_HELP[f.name]} (default: {' '.join(f.default)})")  # type: ignore[arg-type]
+            continue
         parser.add_argument(
             flag,
             dest=f.name,
@@ -233,3 +282,13 @@ def from_namespace(ns: argparse.Namespace) -> ServerConfig:
     """The config a parsed command line describes (ValueError when a value is out of range)."""
     values: dict[str, Any] = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerConfig)}
     return ServerConfig(**values)
+
+
+class _Repeated(argparse.Action):
+    """A flag given once per value, collected into a tuple that replaces the default."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest)
+        given = () if given is self.default else given
+        setattr(namespace, self.dest, (*given, values))

@@ -2,6 +2,9 @@
 process (a test) can run several servers.
 
 Two kinds of figures:
+Every family carries a ``model`` label: each served model has its own engine, scheduler and
+figures (a request routed with ``model=auto`` counts for the model that served it).
+
 - per request (counters and latency histograms), recorded by a ``RequestMeter`` that sees every
   event of its request on the scheduler's thread (prometheus_client is thread-safe); the two
   figures updated once per token (generated tokens, inter-token gaps) are kept as plain numbers
@@ -20,8 +23,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import HTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import (
@@ -44,15 +48,22 @@ log = logging.getLogger(__name__)
 REJECTED = "rejected"  # the outcome label of a request refused at submit (queue full, draining)
 
 
+class Named(Protocol):
+    """Whatever names the model a request runs on (a route: its name may settle late)."""
+
+    @property
+    def name(self) -> str: ...
+
+
 class RequestMetrics:
     """The per-request families; one instance per server."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        tier = ["tier"]
+        tier = ["model", "tier"]
         self.requests = Counter(
             "backfill_requests",
             "Requests by final outcome.",
-            ["tier", "outcome"],
+            ["model", "tier", "outcome"],
             registry=registry,
         )
         self.prompt_tokens = Counter(
@@ -100,42 +111,57 @@ class RequestMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-
-        self.tokens = {tier: TokenFigures() for tier in Tier}
+        self.tokens: dict[tuple[str, Tier], TokenFigures] = {}
         registry.register(_TokenCollector(self.tokens))
-        # Labelled children looked up once per tier: a labels() call per event cost more than
-        # the observation itself on the streaming hot path.
-        self._children = {tier: _TierChildren(self, tier.value) for tier in Tier}
+        # Labelled children looked up once per (model, tier): a labels() call per event cost
+        # more than the observation itself on the streaming hot path.
+        self._children: dict[tuple[str, Tier], _TierChildren] = {}
+        self._lock = threading.Lock()
 
-    def meter(self, tier: Tier) -> RequestMeter:
-        return RequestMeter(self._children[tier])
+    def children(self, model: str, tier: Tier) -> _TierChildren:
+        found = self._children.get((model, tier))
+        if found is None:
+            with self._lock:
+                found = self._children.get((model, tier))
+                if found is None:
+                    figures = self.tokens.setdefault((model, tier), TokenFigures())
+                    found = self._children[model, tier] = _TierChildren(self, model, tier,
+                                                                         figures)
+        return found
 
-    def rejected(self, tier: Tier) -> None:
-        self.requests.labels(tier.value, REJECTED).inc()
+    def meter(self, tier: Tier, model: Named) -> RequestMeter:
+        """A meter for one request, counted for ``model.name`` as it is at the first event."""
+        return RequestMeter(self, tier, model)
+
+    def rejected(self, tier: Tier, model: str) -> None:
+        self.requests.labels(model, tier.value, REJECTED).inc()
 
 
 class _TierChildren:
-    """One tier's labelled children of the request families."""
+    """One model's and tier's labelled children of the request families."""
 
     __slots__ = (
         "cached_tokens", "draft_accepted", "draft_proposed", "e2e", "prompt_tokens", "queue",
         "requests", "tokens", "ttft",
     )
 
-    def __init__(self, m: RequestMetrics, tier: str) -> None:
-        self.requests = {o: m.requests.labels(tier, o.value) for o in Outcome}
-        self.prompt_tokens = m.prompt_tokens.labels(tier)
-        self.cached_tokens = m.cached_tokens.labels(tier)
-        self.draft_proposed = m.draft_proposed.labels(tier)
-        self.draft_accepted = m.draft_accepted.labels(tier)
-        self.ttft = m.ttft.labels(tier)
-        self.queue = m.queue.labels(tier)
-        self.e2e = m.e2e.labels(tier)
-        self.tokens = m.tokens[Tier(tier)]
+    def __init__(self, m: RequestMetrics, model: str, tier: Tier,
+                 tokens: TokenFigures) -> None:
+        labels = (model, tier.value)
+        self.requests = {o: m.requests.labels(*labels, o.value) for o in Outcome}
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.cached_tokens = m.cached_tokens.labels(*labels)
+        self.draft_proposed = m.draft_proposed.labels(*labels)
+        self.draft_accepted = m.draft_accepted.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.queue = m.queue.labels(*labels)
+        self.e2e = m.e2e.labels(*labels)
+        self.tokens = tokens
 
 
 class TokenFigures:
-    """One tier's generated-token count and inter-token histogram (``_TOKEN_BUCKETS``).
+    """One model's and tier's generated-token count and inter-token histogram
+    (``_TOKEN_BUCKETS``).
 
     Updated once per event with any number of tokens: one lock, one bisect. ``observe(n, gap)``
     counts n tokens and, when ``gap`` is given, n inter-token gaps of ``gap`` seconds each.
@@ -163,27 +189,29 @@ class TokenFigures:
 
 
 class _TokenCollector(Collector):
-    """Exports the tiers' TokenFigures as ``backfill_generated_tokens_total`` and the
+    """Exports the TokenFigures as ``backfill_generated_tokens_total`` and the
     ``backfill_inter_token_seconds`` histogram."""
 
-    def __init__(self, tokens: dict[Tier, TokenFigures]) -> None:
+    def __init__(self, tokens: dict[tuple[str, Tier], TokenFigures]) -> None:
         self._tokens = tokens
 
     def collect(self) -> Iterator[Metric]:
         generated = CounterMetricFamily(
-            "backfill_generated_tokens", "Tokens generated.", labels=["tier"]
+            "backfill_generated_tokens", "Tokens generated.", labels=["model", "tier"]
         )
         gaps = HistogramMetricFamily(
             "backfill_inter_token_seconds",
             "Time between consecutive tokens of a request.",
-            labels=["tier"],
+            labels=["model", "tier"],
         )
         bounds = [*map(str, map(float, _TOKEN_BUCKETS)), "+Inf"]
-        for tier, figures in self._tokens.items():
+        for (model, tier), figures in sorted(self._tokens.items(), key=lambda kv: (
+                kv[0][0], kv[0][1].value)):
             count, counts, total = figures.snapshot()
-            generated.add_metric([tier.value], count)
+            generated.add_metric([model, tier.value], count)
             cumulative = itertools.accumulate(counts)
-            gaps.add_metric([tier.value], list(zip(bounds, cumulative, strict=True)), total)
+            gaps.add_metric([model, tier.value], list(zip(bounds, cumulative, strict=True)),
+                            total)
         yield generated
         yield gaps
 
@@ -192,23 +220,29 @@ class RequestMeter:
     """Records one request's events; ``observe`` is called with each event before it is
     handed on. Generated tokens are counted as they come, so the counter moves mid-stream."""
 
-    __slots__ = ("_c", "_last")
+    __slots__ = ("_c", "_last", "_metrics", "_model", "_tier")
 
-    def __init__(self, children: _TierChildren) -> None:
-        self._c = children
+    def __init__(self, metrics: RequestMetrics, tier: Tier, model: Named) -> None:
+        self._metrics = metrics
+        self._tier = tier
+        self._model = model
+        self._c: _TierChildren | None = None
         self._last: float | None = None  # when the previous token arrived
 
     def observe(self, event: SchedEvent) -> None:
+        c = self._c
+        if c is None:  # the first event: the model that serves the request is settled
+            c = self._c = self._metrics.children(self._model.name, self._tier)
         n = len(event.token_ids)
         if n:
             now = time.monotonic()
             last, self._last = self._last, now
-            self._c.tokens.observe(n, None if last is None else (now - last) / n)
+            c.tokens.observe(n, None if last is None else (now - last) / n)
         if event.outcome is not None:
-            self._finish(event, event.outcome)
+            self._finish(c, event, event.outcome)
 
-    def _finish(self, event: SchedEvent, outcome: Outcome) -> None:
-        c = self._c
+    @staticmethod
+    def _finish(c: _TierChildren, event: SchedEvent, outcome: Outcome) -> None:
         c.requests[outcome].inc()
         if event.usage is not None:
             c.prompt_tokens.inc(event.usage.prompt_tokens)
@@ -223,118 +257,122 @@ class RequestMeter:
             c.e2e.observe(t.total_seconds)
 
 
-class StateCollector(Collector):
-    """State families, computed at scrape time from one ServerStats snapshot."""
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """One served model's figures source for the state families."""
 
-    def __init__(self, stats: Callable[[], ServerStats], *, model: str, tokens_per_block: int):
-        self._stats = stats
-        self._model = model
-        self._tokens_per_block = tokens_per_block
+    model: str
+    stats: Callable[[], ServerStats]
+    tokens_per_block: int
+
+
+class StateCollector(Collector):
+    """State families, computed at scrape time from one ServerStats snapshot per model."""
+
+    def __init__(self, models: list[ModelState]) -> None:
+        self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
-        yield from _backfill_families(s)
-        yield from step_budget_families(s.scheduler)
-        yield from drafter_families(s.executor)
-        yield from _triton_families(s, self._model, self._tokens_per_block)
+        snapshots = [(m, m.stats()) for m in self._models]
+        yield from _backfill_families([(m.model, s) for m, s in snapshots])
+        yield from step_budget_families([(m.model, s.scheduler) for m, s in snapshots])
+        yield from drafter_families([(m.model, s.executor) for m, s in snapshots])
+        yield from _triton_families(snapshots)
         yield from _nvml_families()
 
 
-def _gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=list(labels))
-    family.add_metric(list(labels.values()), value)
+def _gauges(name: str, doc: str, values: list[tuple[str, float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["model"])
+    for model, value in values:
+        family.add_metric([model], value)
     return family
 
 
-def _backfill_families(s: ServerStats) -> Iterator[Metric]:
-    sched, ex = s.scheduler, s.executor
-    slots = GaugeMetricFamily("backfill_slots", "Batch slots by state.", labels=["state"])
-    slots.add_metric(["online"], sched.online.running)
-    slots.add_metric(["offline"], sched.offline.running)
-    slots.add_metric(["free"], s.slots_free)
-    yield slots
-    queue = GaugeMetricFamily("backfill_queue_depth", "Requests waiting.", labels=["tier"])
+def _backfill_families(models: list[tuple[str, ServerStats]]) -> Iterator[Metric]:
+    slots = GaugeMetricFamily("backfill_slots", "Batch slots by state.", labels=["model", "state"])
+    queue = GaugeMetricFamily("backfill_queue_depth", "Requests waiting.", labels=["model", "tier"])
     preempt = CounterMetricFamily(
-        "backfill_preemptions", "Sequences preempted (by recompute).", labels=["tier"]
+        "backfill_preemptions", "Sequences preempted (by recompute).", labels=["model", "tier"]
     )
     rate = GaugeMetricFamily(
-        "backfill_tier_tokens_per_second", "Generated tokens/s by tier.", labels=["tier"]
+        "backfill_tier_tokens_per_second", "Generated tokens/s by tier.", labels=["model", "tier"]
     )
-    for tier, t, tps in (
-        ("online", sched.online, s.online_tokens_per_second),
-        ("offline", sched.offline, s.offline_tokens_per_second),
-    ):
-        queue.add_metric([tier], t.queued)
-        preempt.add_metric([tier], t.preemptions)
-        rate.add_metric([tier], tps)
-    yield from (queue, preempt, rate)
-    kv = GaugeMetricFamily("backfill_kv_blocks", "KV-cache blocks by state.", labels=["state"])
-    kv.add_metric(["used"], ex.kv_blocks_used)
-    kv.add_metric(["cached"], ex.kv_blocks_cached)
-    kv.add_metric(["free"], ex.kv_blocks_free)
-    yield kv
-    yield _gauge(
-        "backfill_prefix_cache_hit_ratio",
-        "Cached / prompt tokens since start.",
-        s.prefix_cache_hit_ratio,
-    )
-    yield _gauge(
-        "backfill_tokens_per_second", "Generated tokens/s, all tiers.", s.tokens_per_second
-    )
-    yield _gauge(
-        "backfill_utilization_ratio", "Tokens/s over the engine's profiled peak.", s.utilization
-    )
-    yield _gauge(
-        "backfill_cost_per_million_tokens",
-        "Price per hour / tokens per hour × 1e6.",
-        s.cost_per_million_tokens,
-    )
-    yield _gauge("backfill_slot_occupancy_ratio", "Mean occupied slots / slots.", s.slot_occupancy)
-    yield _gauge("backfill_draining", "1 while shutting down.", float(sched.draining))
-    yield _gauge("backfill_uptime_seconds", "Since the server started.", s.uptime_seconds)
-    yield CounterMetricFamily("backfill_steps", "Executor iterations.", value=ex.steps)
-    yield _gauge(
-        "backfill_step_tokens", "Tokens computed in the last iteration.", ex.last_step_tokens
-    )
-    yield _gauge(
-        "backfill_step_latency_seconds", "Duration of the last iteration.", ex.last_step_latency_s
-    )
+    kv = GaugeMetricFamily("backfill_kv_blocks", "KV-cache blocks by state.",
+                           labels=["model", "state"])
+    steps = CounterMetricFamily("backfill_steps", "Executor iterations.", labels=["model"])
+    for model, s in models:
+        sched, ex = s.scheduler, s.executor
+        slots.add_metric([model, "online"], sched.online.running)
+        slots.add_metric([model, "offline"], sched.offline.running)
+        slots.add_metric([model, "free"], s.slots_free)
+        for tier, t, tps in (
+            ("online", sched.online, s.online_tokens_per_second),
+            ("offline", sched.offline, s.offline_tokens_per_second),
+        ):
+            queue.add_metric([model, tier], t.queued)
+            preempt.add_metric([model, tier], t.preemptions)
+            rate.add_metric([model, tier], tps)
+        kv.add_metric([model, "used"], ex.kv_blocks_used)
+        kv.add_metric([model, "cached"], ex.kv_blocks_cached)
+        kv.add_metric([model, "free"], ex.kv_blocks_free)
+        steps.add_metric([model], ex.steps)
+    yield from (slots, queue, preempt, rate, kv, steps)
+    for name, doc, value in _MODEL_GAUGES:
+        yield _gauges(name, doc, [(model, value(s)) for model, s in models])
 
 
-def _triton_families(s: ServerStats, model: str, tokens_per_block: int) -> Iterator[Metric]:
+_MODEL_GAUGES: tuple[tuple[str, str, Callable[[ServerStats], float]], ...] = (
+    ("backfill_prefix_cache_hit_ratio", "Cached / prompt tokens since start.",
+     lambda s: s.prefix_cache_hit_ratio),
+    ("backfill_tokens_per_second", "Generated tokens/s, all tiers.", lambda s: s.tokens_per_second),
+    ("backfill_utilization_ratio", "Tokens/s over the engine's profiled peak.",
+     lambda s: s.utilization),
+    ("backfill_cost_per_million_tokens",
+     "The price per hour, in the model's share of the busy time, per million of its tokens.",
+     lambda s: s.cost_per_million_tokens),
+    ("backfill_slot_occupancy_ratio", "Mean occupied slots / slots.", lambda s: s.slot_occupancy),
+    ("backfill_draining", "1 while shutting down.", lambda s: float(s.scheduler.draining)),
+    ("backfill_uptime_seconds", "Since the server started.", lambda s: s.uptime_seconds),
+    ("backfill_step_tokens", "Tokens computed in the last iteration.",
+     lambda s: s.executor.last_step_tokens),
+    ("backfill_step_latency_seconds", "Duration of the last iteration.",
+     lambda s: s.executor.last_step_latency_s),
+)
+
+
+def _triton_families(models: list[tuple[ModelState, ServerStats]]) -> Iterator[Metric]:
     """Triton's TRT-LLM backend families, with its semantics, so that routers that read Triton
     (the Gateway API Inference Extension's endpoint picker: queue = waiting, running =
     scheduled, KV usage = fraction) read a Backfill server the same way."""
-    sched, ex = s.scheduler, s.executor
     labels = ["model", "request_type", "version"]
-    running = sched.online.running + sched.offline.running
-    waiting = sched.online.queued + sched.offline.queued + ex.queued
     req = GaugeMetricFamily("nv_trt_llm_request_metrics", "TRT-LLM request metrics", labels=labels)
-    for kind, value in (
-        ("active", running + waiting),
-        ("max", s.slots_total),
-        ("scheduled", running),
-        ("context", getattr(ex, "context_requests", 0)),
-        ("waiting", waiting),
-    ):
-        req.add_metric([model, kind, "1"], value)
+    kv = GaugeMetricFamily("nv_trt_llm_kv_cache_block_metrics", "TRT-LLM KV cache block metrics",
+                           labels=["kv_cache_block_type", "model", "version"])
+    for m, s in models:
+        sched, ex, model, tokens_per_block = s.scheduler, s.executor, m.model, m.tokens_per_block
+        running = sched.online.running + sched.offline.running
+        waiting = sched.online.queued + sched.offline.queued + ex.queued
+        for kind, value in (
+            ("active", running + waiting),
+            ("max", s.slots_total),
+            ("scheduled", running),
+            ("context", getattr(ex, "context_requests", 0)),
+            ("waiting", waiting),
+        ):
+            req.add_metric([model, kind, "1"], value)
+        total = ex.kv_blocks_total
+        # TensorRT-LLM counts reusable (cached, unreferenced) blocks as free.
+        for kind, value in (
+            ("max", total),
+            ("free", ex.kv_blocks_free + ex.kv_blocks_cached),
+            ("used", ex.kv_blocks_used),
+            ("tokens_per", tokens_per_block),
+            # Cumulative blocks served from the prefix cache, as TensorRT-LLM's reusedBlocks.
+            ("reused", ex.cached_prompt_tokens // max(tokens_per_block, 1)),
+            ("fraction", ex.kv_blocks_used / total if total else 0.0),
+        ):
+            kv.add_metric([kind, model, "1"], value)
     yield req
-    labels = ["kv_cache_block_type", "model", "version"]
-    kv = GaugeMetricFamily(
-        "nv_trt_llm_kv_cache_block_metrics", "TRT-LLM KV cache block metrics", labels=labels
-    )
-    total = ex.kv_blocks_total
-    # TensorRT-LLM counts reusable (cached, unreferenced) blocks as free.
-    for kind, value in (
-        ("max", total),
-        ("free", ex.kv_blocks_free + ex.kv_blocks_cached),
-        ("used", ex.kv_blocks_used),
-        ("tokens_per", tokens_per_block),
-        # Cumulative blocks served from the prefix cache, as TensorRT-LLM's reusedBlocks.
-        ("reused", ex.cached_prompt_tokens // max(tokens_per_block, 1)),
-        ("fraction", ex.kv_blocks_used / total if total else 0.0),
-    ):
-        kv.add_metric([kind, model, "1"], value)
     yield kv
 
 

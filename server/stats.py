@@ -30,6 +30,7 @@ class Sample:
     generated_online: int
     generated_offline: int
     active_slots: int
+    busy_seconds: float = 0.0  # the executor's time inside steps
 
     @property
     def generated(self) -> int:
@@ -52,7 +53,7 @@ class RollingWindow:
         while len(self._samples) > 2 and self._samples[1].t <= horizon:
             self._samples.popleft()
 
-    def rate(self, counter: Callable[[Sample], int]) -> float:
+    def rate(self, counter: Callable[[Sample], float]) -> float:
         """Growth per second of a cumulative counter across the window; 0 before two samples."""
         if len(self._samples) < 2:
             return 0.0
@@ -82,7 +83,9 @@ class ServerStats:
     offline_tokens_per_second: float
     slot_occupancy: float  # mean occupied slots / slots over the window, in [0, 1]
     utilization: float  # tokens_per_second / profiled peak; 0 without a profile
-    cost_per_million_tokens: float  # 0 when no price is set or nothing was generated
+    # The price in this model's share of the busy time (BusyShares) per million of its tokens;
+    # 0 when no price is set or nothing was generated
+    cost_per_million_tokens: float
     prefix_cache_hit_ratio: float  # cached prompt tokens / prompt tokens since start
     uptime_seconds: float
 
@@ -94,6 +97,24 @@ class ServerStats:
     def slots_free(self) -> int:
         running = self.scheduler.online.running + self.scheduler.offline.running
         return max(self.slots_total - running, 0)
+
+
+class BusyShares:
+    """Splits one price per hour among the models of a server by their engines' busy time
+    over the window (the accelerator is shared: one model's idle time is the other's to use),
+    so the models' costs add up to the price and a model running alone bears all of it.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: dict[str, float] = {}
+
+    def share(self, model: str, busy_per_second: float) -> float:
+        """Records the model's busy time per second and returns its share of the price."""
+        with self._lock:
+            self._busy[model] = busy_per_second
+            total = sum(self._busy.values())
+        return busy_per_second / total if total > 0 else 1.0
 
 
 def cost_per_million_tokens(price_per_hour: float, tokens_per_second: float) -> float:
@@ -117,7 +138,11 @@ class ServerStatsCollector:
         price_per_hour: float,
         window_s: float = DEFAULT_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
+        model: str = "",
+        shares: BusyShares | None = None,
     ) -> None:
+        """``shares``: the server's split of the price among its models (None: this model
+        bears all of it)."""
         self._snapshot = snapshot
         self._executor_stats = executor_stats
         self._peak = peak_tokens_per_s if peak_tokens_per_s and peak_tokens_per_s > 0 else None
@@ -126,6 +151,8 @@ class ServerStatsCollector:
         self._started = clock()
         self._window = RollingWindow(window_s)
         self._lock = threading.Lock()
+        self._model = model
+        self._shares = shares
 
     def sample(self) -> tuple[SchedulerSnapshot, ExecutorStats]:
         sched, ex = self._snapshot(), self._executor_stats()
@@ -134,6 +161,7 @@ class ServerStatsCollector:
             generated_online=sched.online.generated_tokens,
             generated_offline=sched.offline.generated_tokens,
             active_slots=sched.online.running + sched.offline.running,
+            busy_seconds=ex.busy_seconds,
         )
         with self._lock:
             self._window.add(sample)
@@ -147,6 +175,8 @@ class ServerStatsCollector:
             online = self._window.rate(lambda s: s.generated_online)
             offline = self._window.rate(lambda s: s.generated_offline)
             active = self._window.mean_active()
+            busy = self._window.rate(lambda s: s.busy_seconds)
+        share = 1.0 if self._shares is None else self._shares.share(self._model, busy)
         slots = max(sched.slots_total, 1)
         return ServerStats(
             scheduler=sched,
@@ -156,7 +186,7 @@ class ServerStatsCollector:
             offline_tokens_per_second=offline,
             slot_occupancy=min(active / slots, 1.0),
             utilization=tps / self._peak if self._peak else 0.0,
-            cost_per_million_tokens=cost_per_million_tokens(self._price, tps),
+            cost_per_million_tokens=cost_per_million_tokens(self._price * share, tps),
             prefix_cache_hit_ratio=(
                 ex.cached_prompt_tokens / ex.prompt_tokens if ex.prompt_tokens else 0.0
             ),

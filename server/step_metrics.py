@@ -4,7 +4,7 @@ step-cost model's predictions, offline work held back, and per-tier SLO attainme
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,71 +16,87 @@ _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 
 
 
 class StepMetrics:
-    """Per-step histograms; ``observe`` is the scheduler's step observer (its thread)."""
+    """Per-step histograms; ``observer(model)`` is that model's scheduler's step observer (its
+    thread)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.observed = Histogram(
             "backfill_step_seconds",
             "Duration of executor steps.",
+            ["model"],
             buckets=_STEP_BUCKETS,
             registry=registry,
         )
         self.predicted = Histogram(
             "backfill_step_predicted_seconds",
             "The step-cost model's prediction for each step, made before the step ran.",
+            ["model"],
             buckets=_STEP_BUCKETS,
             registry=registry,
         )
 
-    def observe(self, sample: StepSample, predicted: float | None) -> None:
-        self.observed.observe(sample.seconds)
-        if predicted is not None:
-            self.predicted.observe(predicted)
+    def observer(self, model: str) -> Callable[[StepSample, float | None], None]:
+        observed, predicted = self.observed.labels(model), self.predicted.labels(model)
+
+        def observe(sample: StepSample, prediction: float | None) -> None:
+            observed.observe(sample.seconds)
+            if prediction is not None:
+                predicted.observe(prediction)
+
+        return observe
 
 
-def step_budget_families(sched: SchedulerSnapshot) -> Iterator[Metric]:
-    budget = sched.step_budget
-    if budget is None:
+def step_budget_families(models: list[tuple[str, SchedulerSnapshot]]) -> Iterator[Metric]:
+    """The step budget's families, one series per model that has a budget."""
+    budgets = [(model, sched, sched.step_budget) for model, sched in models
+               if sched.step_budget is not None]
+    if not budgets:
         return
     slo = GaugeMetricFamily(
-        "backfill_slo_seconds", "The online SLOs the server runs with.", labels=["slo"]
+        "backfill_slo_seconds", "The online SLOs the server runs with.", labels=["model", "slo"]
     )
-    for name, ms in (("tpot", budget.tpot_slo_ms), ("ttft", budget.ttft_slo_ms)):
-        if ms is not None:
-            slo.add_metric([name], ms / 1000.0)
-    yield slo
-    yield GaugeMetricFamily(
+    held = GaugeMetricFamily(
         "backfill_offline_held_back",
         "Offline sequences the last step plan paused or capped to keep the TPOT SLO.",
-        value=budget.offline_held_back,
+        labels=["model"],
     )
-    if budget.step_budget_ms is not None:
-        yield GaugeMetricFamily(
-            "backfill_step_budget_seconds",
-            "What steps with online work are planned to: the TPOT SLO times a margin.",
-            value=budget.step_budget_ms / 1000.0,
-        )
-    yield GaugeMetricFamily(
+    budget_s = GaugeMetricFamily(
+        "backfill_step_budget_seconds",
+        "What steps with online work are planned to: the TPOT SLO times a margin.",
+        labels=["model"],
+    )
+    planned = GaugeMetricFamily(
         "backfill_step_planned_seconds",
         "The predicted time of the last planned step (0 with no online work).",
-        value=budget.predicted_step_ms / 1000.0,
+        labels=["model"],
     )
-    error = budget.prediction_error
-    yield GaugeMetricFamily(
+    error = GaugeMetricFamily(
         "backfill_step_prediction_error_ratio",
         "Median relative error of recent step-time predictions.",
-        value=0.0 if math.isnan(error) else error,
+        labels=["model"],
     )
     judged = CounterMetricFamily(
         "backfill_slo_judged_requests", "Completed requests judged against the SLOs.",
-        labels=["tier"],
+        labels=["model", "tier"],
     )
     met = CounterMetricFamily(
-        "backfill_slo_met_requests", "Completed requests that met an SLO.", labels=["tier", "slo"]
+        "backfill_slo_met_requests", "Completed requests that met an SLO.",
+        labels=["model", "tier", "slo"],
     )
-    for tier, t in (("online", sched.online), ("offline", sched.offline)):
-        judged.add_metric([tier], t.slo_judged)
-        for name, value in (("ttft", t.ttft_met), ("tpot", t.tpot_met), ("both", t.both_met)):
-            met.add_metric([tier, name], value)
-    yield judged
-    yield met
+    for model, sched, budget in budgets:
+        assert budget is not None
+        for name, ms in (("tpot", budget.tpot_slo_ms), ("ttft", budget.ttft_slo_ms)):
+            if ms is not None:
+                slo.add_metric([model, name], ms / 1000.0)
+        held.add_metric([model], budget.offline_held_back)
+        if budget.step_budget_ms is not None:
+            budget_s.add_metric([model], budget.step_budget_ms / 1000.0)
+        planned.add_metric([model], budget.predicted_step_ms / 1000.0)
+        e = budget.prediction_error
+        error.add_metric([model], 0.0 if math.isnan(e) else e)
+        for tier, t in (("online", sched.online), ("offline", sched.offline)):
+            judged.add_metric([model, tier], t.slo_judged)
+            for name, value in (("ttft", t.ttft_met), ("tpot", t.tpot_met),
+                                ("both", t.both_met)):
+                met.add_metric([model, tier, name], value)
+    yield from (slo, held, budget_s, planned, error, judged, met)

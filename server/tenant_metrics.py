@@ -3,10 +3,12 @@
 other tenant is counted as ``(other)``, so a stream of made-up tenant names cannot grow the
 metrics without bound. A request without a tenant is ``(none)``.
 
-Families: ``backfill_tenant_requests_total{tenant,tier,outcome}`` (outcome ``rejected`` for a
-request refused at submit), ``backfill_tenant_tokens_total{tenant,tier,kind=prompt|generated}``,
-``backfill_tenant_quota_rejections_total{tenant,quota}``, and
-``backfill_auth_failures_total{surface,reason}``. Counts are plain numbers under one lock,
+Families: ``backfill_tenant_requests_total{tenant,model,tier,outcome}`` (outcome ``rejected``
+for a request refused at submit),
+``backfill_tenant_tokens_total{tenant,model,tier,kind=prompt|generated}``,
+``backfill_tenant_quota_rejections_total{tenant,model,quota}``, and
+``backfill_auth_failures_total{surface,reason}`` (no model: credentials are checked before a
+request names one). Counts are plain numbers under one lock,
 exported at scrape time (one lock per finished request on the scheduler's thread).
 """
 
@@ -35,9 +37,9 @@ class TenantMetrics(Collector):
         self._lock = threading.Lock()
         self._max = max_tenants
         self._labels: dict[str, str] = {}
-        self._requests: Counter[tuple[str, str, str]] = Counter()
-        self._tokens: Counter[tuple[str, str, str]] = Counter()
-        self._quota: Counter[tuple[str, str]] = Counter()
+        self._requests: Counter[tuple[str, str, str, str]] = Counter()
+        self._tokens: Counter[tuple[str, str, str, str]] = Counter()
+        self._quota: Counter[tuple[str, str, str]] = Counter()
         self._auth: Counter[tuple[str, str]] = Counter()
         if registry is not None:
             registry.register(self)
@@ -52,21 +54,21 @@ class TenantMetrics(Collector):
         with self._lock:
             return self._label(tenant)
 
-    def finished(self, tenant: str, tier: Tier, outcome: Outcome, prompt: int,
+    def finished(self, tenant: str, model: str, tier: Tier, outcome: Outcome, prompt: int,
                  generated: int) -> None:
         with self._lock:
             label = self._label(tenant)
-            self._requests[label, tier.value, outcome.value] += 1
-            self._tokens[label, tier.value, "prompt"] += prompt
-            self._tokens[label, tier.value, "generated"] += generated
+            self._requests[label, model, tier.value, outcome.value] += 1
+            self._tokens[label, model, tier.value, "prompt"] += prompt
+            self._tokens[label, model, tier.value, "generated"] += generated
 
-    def rejected(self, tenant: str, tier: Tier, quota: str | None = None) -> None:
+    def rejected(self, tenant: str, model: str, tier: Tier, quota: str | None = None) -> None:
         """A request refused at submit; ``quota``: the tenant quota that refused it."""
         with self._lock:
             label = self._label(tenant)
-            self._requests[label, tier.value, REJECTED] += 1
+            self._requests[label, model, tier.value, REJECTED] += 1
             if quota is not None:
-                self._quota[label, quota] += 1
+                self._quota[label, model, quota] += 1
 
     def auth_failure(self, surface: str, reason: str) -> None:
         with self._lock:
@@ -85,11 +87,11 @@ class TenantMetrics(Collector):
             requests, tokens = dict(self._requests), dict(self._tokens)
             quota, auth = dict(self._quota), dict(self._auth)
         yield _family("backfill_tenant_requests", "Requests by tenant and final outcome.",
-                      ["tenant", "tier", "outcome"], requests)
+                      ["tenant", "model", "tier", "outcome"], requests)
         yield _family("backfill_tenant_tokens", "Prompt and generated tokens by tenant.",
-                      ["tenant", "tier", "kind"], tokens)
+                      ["tenant", "model", "tier", "kind"], tokens)
         yield _family("backfill_tenant_quota_rejections", "Requests refused by a tenant quota.",
-                      ["tenant", "quota"], quota)
+                      ["tenant", "model", "quota"], quota)
         yield _family("backfill_auth_failures", "Calls refused for missing or bad credentials.",
                       ["surface", "reason"], auth)
 

@@ -5,6 +5,8 @@
   "int8"``, limits such as ``max_batch_size=4``), each built once per distinct kwargs.
 - ``default_engine``: the real SmolLM2-135M-Instruct cpu engine (fetched and built once into
   ``$BACKFILL_HOME``); only for tests marked ``model``.
+- ``gemma_engine``: the real Gemma 3 270M cpu engine, likewise (its ``source`` build), when
+  its model is fetched already or BACKFILL_TEST_GEMMA=1 (its terms: see the fixture).
 """
 
 from __future__ import annotations
@@ -53,3 +55,28 @@ def default_engine() -> Path:
     from engine_builder.default import ensure_default_engine
 
     return ensure_default_engine()
+
+
+@pytest.fixture(scope="session")
+def gemma_engine() -> Path:
+    """Skipped unless the model is fetched already (``python -m engine_builder fetch-model
+    gemma3-270m``) or BACKFILL_TEST_GEMMA=1: fetching it accepts the Gemma Terms of Use, which
+    a test run must not do on its user's behalf."""
+    import os
+
+    from engine_builder.default import ensure_engine
+    from engine_builder.fetch import GEMMA3_270M
+
+    if not GEMMA3_270M.path().is_file() and os.environ.get("BACKFILL_TEST_GEMMA") != "1":
+        pytest.skip("Gemma 3 270M not fetched (fetch-model gemma3-270m accepts its terms; or "
+                    "set BACKFILL_TEST_GEMMA=1)")
+    return ensure_engine(GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Gemma 3 (engine_builder/tiny_gemma.py): a second family, no chat
+    template, no download."""
+    from engine_builder.tiny_gemma import build_tiny_gemma_engine
+
+    return build_tiny_gemma_engine(tmp_path_factory.mktemp("tiny-gemma") / "engine")

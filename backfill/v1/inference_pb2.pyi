@@ -467,8 +467,12 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
+    ROUTE_HINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model to use, as ListModels names it; "" or "auto" lets the server choose."""
+    """Model to use, as ListModels names it; "" for the server's default model; "auto" lets the
+    server's router choose (server/routing/: by rules on the request, or a cascade of a small
+    then, when it is unsure, a large model). The response's model names the one that served.
+    """
     text: _builtins.str
     """Raw text, tokenized as is (no chat template)."""
     tier: Global___Tier.ValueType
@@ -488,6 +492,10 @@ class GenerateRequest(_message.Message):
     sequence sharing the prompt's KV-cache blocks; chunks name their choice by ``index``, each
     choice ends with its own last chunk (finish reason, usage of that choice, timing), and the
     request ends when all have. With a seed, choice i samples with seed + i.
+    """
+    route_hint: _builtins.str
+    """With model "auto": "small" or "large" sends the request to that model of the router;
+    "" (default) leaves it to the router's policy. Ignored with a named model.
     """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
@@ -520,10 +528,11 @@ class GenerateRequest(_message.Message):
         tenant: _builtins.str = ...,
         client_request_id: _builtins.str = ...,
         n: _builtins.int = ...,
+        route_hint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "prompt", b"prompt", "sampling", b"sampling", "text", b"text", "token_ids", b"token_ids", "ttft_deadline", b"ttft_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "client_request_id", b"client_request_id", "model", b"model", "n", b"n", "prompt", b"prompt", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "tier", b"tier", "token_ids", b"token_ids", "ttft_deadline", b"ttft_deadline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "client_request_id", b"client_request_id", "model", b"model", "n", b"n", "prompt", b"prompt", "route_hint", b"route_hint", "sampling", b"sampling", "tenant", b"tenant", "text", b"text", "tier", b"tier", "token_ids", b"token_ids", "ttft_deadline", b"ttft_deadline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "chat", "token_ids"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
@@ -1438,16 +1447,48 @@ Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 class GetStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model the response's top-level figures describe; "" for the default model. Every
+    model's figures are in GetStatsResponse.models either way.
+    """
     def __init__(
         self,
+        *,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    """One model's figures (a GetStatsResponse of its own, with no models list)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    @_builtins.property
+    def stats(self) -> Global___GetStatsResponse: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        stats: Global___GetStatsResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
 
 @_typing.final
 class TierStats(_message.Message):
@@ -1629,6 +1670,8 @@ class GetStatsResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     STEP_BUDGET_FIELD_NUMBER: _builtins.int
     DRAFTERS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     slots_total: _builtins.int
     """Batch slots of the engine."""
     slots_free: _builtins.int
@@ -1650,6 +1693,10 @@ class GetStatsResponse(_message.Message):
     """Executor iterations since start."""
     draining: _builtins.bool
     """Shutting down, refusing new work."""
+    model: _builtins.str
+    """The model the figures above describe (each served model has its own engine, slots, KV
+    pool, scheduler and step budget; the price per hour is shared by busy time).
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     @_builtins.property
@@ -1659,6 +1706,10 @@ class GetStatsResponse(_message.Message):
     @_builtins.property
     def drafters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrafterStats]:
         """Speculative decoding, per drafter."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]:
+        """Every served model's figures."""
 
     def __init__(
         self,
@@ -1679,10 +1730,12 @@ class GetStatsResponse(_message.Message):
         draining: _builtins.bool = ...,
         step_budget: Global___StepBudget | None = ...,
         drafters: _abc.Iterable[Global___DrafterStats] | None = ...,
+        model: _builtins.str = ...,
+        models: _abc.Iterable[Global___ModelStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step_budget", b"step_budget", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "drafters", b"drafters", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "step_budget", b"step_budget", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_million_tokens", b"cost_per_million_tokens", "drafters", b"drafters", "draining", b"draining", "kv_blocks_cached", b"kv_blocks_cached", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "model", b"model", "models", b"models", "prefix_cache_hit_ratio", b"prefix_cache_hit_ratio", "slot_occupancy", b"slot_occupancy", "slots_free", b"slots_free", "slots_total", b"slots_total", "step_budget", b"step_budget", "steps", b"steps", "tiers", b"tiers", "tokens_per_second", b"tokens_per_second", "uptime", b"uptime", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,8 +14,8 @@ import asyncio
 import dataclasses
 from collections import deque
 
+from server.api.models import Route
 from server.api.streams import Admission, RequestStream, submit_to_stream
-from server.scheduler import BackfillScheduler
 from server.scheduler.types import SchedEvent, SchedRequest, Usage
 
 SEED_MODULUS = 2**64
@@ -55,8 +55,9 @@ class Choices:
     """The streams of one request's choices. Invariant: ``next()`` returns every event of
     every choice once, each choice's in order, and None after the last choice's final event."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Route) -> None:
         self._loop = loop
+        self.route = route  # the model serving the choices (its name settles before output)
         self.streams: list[RequestStream] = []
         self._index: dict[int, int] = {}  # id(stream) -> choice index
         self._ready: deque[int] = deque()
@@ -66,23 +67,23 @@ class Choices:
     @classmethod
     def submit(
         cls,
-        scheduler: BackfillScheduler,
+        route: Route,
         request: SchedRequest,
         n: int,
         admission: Admission,
     ) -> Choices:
         """Submits every choice; when one is refused (queue full, draining), the ones already
         submitted are cancelled and the error raised."""
-        choices = cls(asyncio.get_running_loop())
+        choices = cls(asyncio.get_running_loop(), route)
         try:
             for index, choice in enumerate(choice_requests(request, n)):
                 stream = RequestStream(choices._loop, choices._on_ready)
                 choices._index[id(stream)] = index
                 choices.streams.append(stream)
-                submit_to_stream(scheduler, choice, stream, admission)
+                submit_to_stream(route, choice, stream, admission)
                 choices._open += 1
         except BaseException:
-            choices.cancel(scheduler)
+            choices.cancel()
             raise
         return choices
 
@@ -121,8 +122,8 @@ class Choices:
     def finished(self) -> bool:
         return self._open == 0
 
-    def cancel(self, scheduler: BackfillScheduler) -> None:
+    def cancel(self) -> None:
         """Cancels every choice that has not ended (the client went away, or one failed)."""
         for stream in self.streams:
             if stream.request_id is not None and not stream.finished:
-                scheduler.cancel(stream.request_id)
+                self.route.scheduler.cancel(stream.request_id)

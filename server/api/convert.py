@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
-from engine_builder.manifest import Manifest
 from engine_builder.tokenizer import EngineTokenizer
 from server.api.validation import (
     InvalidArgumentError,
     check_duration,
-    check_label,
     validate_generate,
     validate_prompt_length,
 )
@@ -33,7 +29,7 @@ from server.scheduler.types import (
 )
 
 if TYPE_CHECKING:
-    from server.scheduler import BackfillScheduler
+    from server.api.models import ModelSpec
 
 DEFAULT_MAX_TOKENS = 256
 # Prompts with more text than this are tokenized on the tokenizer pool, not on the event loop
@@ -56,94 +52,6 @@ _FINISH = {
     Outcome.SHUTDOWN: pb.FINISH_REASON_CANCELLED,
 }
 TIER_TO_PB = {Tier.ONLINE: pb.TIER_ONLINE, Tier.OFFLINE: pb.TIER_OFFLINE}
-
-
-# ---- models ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """What converting a request for one model needs: its name, tokenizer and limits."""
-
-    name: str
-    manifest: Manifest
-    tokenizer: EngineTokenizer
-    capacity: Capacity  # the running executor's, which may differ from the manifest's limits
-
-
-@dataclass(frozen=True, slots=True)
-class ServedModel:
-    """One engine this server runs: how to convert its requests and where to submit them."""
-
-    spec: ModelSpec
-    scheduler: BackfillScheduler
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-class ModelRegistry:
-    """The models a request may name. One engine per server for now; routing among several
-    (``auto`` picking a right-sized model) grows here without touching the servicer."""
-
-    AUTO = ("", "auto")
-
-    def __init__(self, models: list[ServedModel]) -> None:
-        if not models:
-            raise ValueError("a server needs at least one model")
-        self._models = {m.name: m for m in models}
-        self._default = models[0]
-
-    def resolve(self, name: str, prefix: str = "") -> ServedModel:
-        check_label(name, prefix + "model")  # before it is echoed in an error
-        if name in self.AUTO:
-            return self._default
-        model = self._models.get(name)
-        if model is None:
-            available = ", ".join(sorted(self._models))
-            raise InvalidArgumentError(
-                f"{prefix}model: unknown model {name!r} (available: {available})"
-            )
-        return model
-
-    def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self._models.values())
-
-
-def model_info(model: ServedModel) -> pb.ModelInfo:
-    spec, config = model.spec, model.scheduler.config
-    m = spec.manifest
-    return pb.ModelInfo(
-        name=spec.name,
-        backend=m.backend,
-        architecture=m.architecture.family,
-        weight_quant=m.quantization.quant_algo or m.quantization.weights,
-        kv_cache_dtype=m.quantization.kv_cache_dtype,
-        max_batch_size=spec.capacity.max_slots,
-        max_seq_len=spec.capacity.max_seq_len,
-        vocab_size=spec.capacity.vocab_size,
-        has_draft=m.draft is not None,
-        parameter_count=parameter_count(m),
-        tpot_slo_ms=config.tpot_slo_ms or 0.0,
-        ttft_slo_ms=config.ttft_slo_ms or 0.0,
-        has_chat_template=spec.tokenizer.has_chat_template,
-        drafter=spec.capacity.drafter or "",
-        max_draft_len=spec.capacity.max_draft_len,
-    )
-
-
-def parameter_count(m: Manifest) -> int:
-    """Parameters of a Llama-family model from its shapes (norms and biases included)."""
-    a = m.architecture
-    q, kv = a.num_attention_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    attn = a.hidden_size * (q + 2 * kv) + q * a.hidden_size
-    if a.attention_bias:
-        attn += q + 2 * kv
-    layer = attn + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
-    embed = a.vocab_size * a.hidden_size
-    head = 0 if a.tie_word_embeddings else embed
-    return embed + a.num_layers * layer + a.hidden_size + head
 
 
 # ---- requests ----------------------------------------------------------------------------------

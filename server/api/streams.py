@@ -17,14 +17,16 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from server.metrics import RequestMetrics
 from server.quotas import QuotaExceededError, TenantQuotas
-from server.scheduler import BackfillScheduler
 from server.scheduler.types import DrainingError, QueueFullError, SchedEvent, SchedRequest
 from server.security.keys import UNLIMITED, TenantLimits
 from server.tenant_metrics import TenantMetrics
+
+if TYPE_CHECKING:
+    from server.api.models import Route
 
 T = TypeVar("T")
 
@@ -185,40 +187,42 @@ class Admission:
 
 
 def submit_to_stream(
-    scheduler: BackfillScheduler,
+    route: Route,
     request: SchedRequest,
     stream: RequestStream,
     admission: Admission,
 ) -> int:
-    """Submits request, held against its tenant's quotas until its final event, with a sink
-    that meters each event, then hands it to stream. Refusals (QuotaExceededError,
-    QueueFullError, DrainingError) are counted as rejected and re-raised."""
+    """Submits request to the route's scheduler, held against its tenant's quotas until its
+    final event, with a sink that meters each event (for the model that serves it), then hands
+    it to stream. Refusals (QuotaExceededError, QueueFullError, DrainingError) are counted as
+    rejected and re-raised."""
     tier, tenant, tenants = request.tier, request.tenant, admission.tenants
     try:
         ticket = admission.quotas.admit(request, admission.limits)
     except QuotaExceededError as exc:
-        admission.metrics.rejected(tier)
-        tenants.rejected(tenant, tier, exc.quota)
+        admission.metrics.rejected(tier, route.name)
+        tenants.rejected(tenant, route.name, tier, exc.quota)
         raise
-    observe, post, quotas = admission.metrics.meter(tier).observe, stream.sink, admission.quotas
+    observe = admission.metrics.meter(tier, route).observe
+    post, quotas = stream.sink, admission.quotas
     prompt = len(request.prompt_token_ids)
 
     def sink(event: SchedEvent) -> None:  # the scheduler's thread, once per event
         observe(event)
         if event.outcome is not None:
             generated = 0 if event.usage is None else event.usage.completion_tokens
-            tenants.finished(tenant, tier, event.outcome, prompt, generated)
+            tenants.finished(tenant, route.name, tier, event.outcome, prompt, generated)
             if ticket is not None:
                 quotas.release(ticket, generated)
         post(event)
 
     try:
-        stream.request_id = scheduler.submit(request, sink)
+        stream.request_id = route.scheduler.submit(request, sink)
     except BaseException as exc:
         if ticket is not None:
             quotas.release(ticket, 0)
         if isinstance(exc, (QueueFullError, DrainingError)):
-            admission.metrics.rejected(tier)
-            tenants.rejected(tenant, tier)
+            admission.metrics.rejected(tier, route.name)
+            tenants.rejected(tenant, route.name, tier)
         raise
     return stream.request_id

@@ -17,8 +17,8 @@ from typing import TypeVar
 from google.protobuf.duration_pb2 import Duration
 
 from backfill.v1 import inference_pb2 as pb
-from server.api.convert import ModelRegistry
 from server.api.errors import AlreadyExistsError, NotFoundError
+from server.api.models import ModelRegistry
 from server.api.validation import (
     SURFACE_LABELS,
     InvalidArgumentError,
@@ -65,8 +65,11 @@ class Jobs:
         """A whole job in one message for ``tenant`` (the caller's, resolved by the surface);
         an invalid request rejects the whole job, and so does one that would take the tenant
         past its ``max_queued_offline`` quota (``limits``)."""
-        cap = self._models.resolve("").spec.capacity
-        validate_batch(req, vocab_size=cap.vocab_size, max_seq_len=cap.max_seq_len)
+        # The job's own checks, within the largest model's bounds; each request is checked
+        # against its own model's as it is stored.
+        caps = [m.spec.capacity for m in self._models]
+        validate_batch(req, vocab_size=max(c.vocab_size for c in caps),
+                       max_seq_len=max(c.max_seq_len for c in caps))
         window = self._window(req.completion_window if req.HasField("completion_window")
                               else None)
         digest = _digest(req)

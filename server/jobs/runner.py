@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from backfill.v1 import inference_pb2 as pb
-from server.api.convert import ModelRegistry, ServedModel, to_sched_request
+from server.api.models import ModelRegistry, Route
 from server.jobs.config import JobsConfig
 from server.jobs.convert import failed_result, request_result
 from server.jobs.store import ItemResult, JobRecord, JobState, JobStore, Outcome, PendingItem
@@ -53,7 +53,7 @@ class _Loaded:
     """A pending request read from the store and converted (or why it cannot run)."""
 
     item: PendingItem
-    model: ServedModel | None
+    model: Route | None  # where it runs (a cascade's model settles before its result)
     request: SchedRequest | None
     error: str = ""
 
@@ -74,7 +74,7 @@ class _Job:
         self.buffer: deque[_Loaded] = deque()
         self.exhausted = False  # nothing pending at or past the cursor
         # index -> (model, scheduler request id); no id for a failure on its way to the store
-        self.in_flight: dict[int, tuple[ServedModel | None, int | None]] = {}
+        self.in_flight: dict[int, tuple[Route | None, int | None]] = {}
         self.stopping: Outcome | None = None  # CANCELLED or EXPIRED once it is being stopped
         self.ending = False  # its end is being recorded (finalize or close_pending)
         self.changed = asyncio.Event()
@@ -98,7 +98,8 @@ class _Flight:
         self.job = job
         self.loaded = loaded
         self.writer = writer
-        self.observe = metrics.meter(Tier.OFFLINE).observe
+        assert loaded.model is not None
+        self.observe = metrics.meter(Tier.OFFLINE, loaded.model).observe
         self.tenants = tenants
         self.token_ids: list[int] = []
         self.text: list[str] = []
@@ -110,7 +111,8 @@ class _Flight:
             self.text.append(event.text)
         if event.outcome is not None:
             prompt = 0 if event.usage is None else event.usage.prompt_tokens
-            self.tenants.finished(self.job.tenant, Tier.OFFLINE, event.outcome, prompt,
+            model = self.loaded.model.name if self.loaded.model is not None else ""
+            self.tenants.finished(self.job.tenant, model, Tier.OFFLINE, event.outcome, prompt,
                                   len(self.token_ids))
             make = functools.partial(self._result, event)
             self.writer.put(Finish(self.job.id, self.loaded.item.index, make))
@@ -277,11 +279,11 @@ class JobRunner:
         out = []
         for item in self._store.pending_items(job_id, start, limit):
             try:
-                model = self._models.resolve(item.model)
+                target = self._models.resolve(item.model)
                 request = pb.GenerateRequest.FromString(item.request)
-                out.append(_Loaded(item, model, to_sched_request(
-                    request, model.spec, force_offline=True, tenant=tenant,
-                    weight=self._weight(tenant))))
+                prepared = target.prepare(request, force_offline=True, tenant=tenant,
+                                          weight=self._weight(tenant))
+                out.append(_Loaded(item, prepared.route, prepared.request))
             except ValueError as exc:
                 out.append(_Loaded(item, None, None, str(exc)))
         return out

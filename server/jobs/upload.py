@@ -17,7 +17,7 @@ import grpc
 
 from backfill.batch_format import LineError, custom_id_of, is_request_line, parse_line
 from backfill.v1 import inference_pb2 as pb
-from server.api.convert import ModelRegistry, ServedModel, to_sched_request
+from server.api.models import ModelRegistry, ServedModel, Target
 from server.jobs.convert import failed_result
 from server.jobs.store import JobStore, NewItem
 
@@ -92,9 +92,9 @@ class Upload:
             items = []
             for req in requests[start:start + ITEMS_PER_WRITE]:
                 prefix = f"requests[{self.num_requests}]."
-                model = self._models.resolve(req.model, prefix)
-                items.append(NewItem(self.num_requests, req.client_request_id, "", model.name,
-                                     _tokenized(req, model, prefix)))
+                model, stored = _stored(req, self._models.resolve(req.model, prefix), prefix)
+                items.append(NewItem(self.num_requests, req.client_request_id, "", model,
+                                     stored))
                 self.num_requests += 1
             self._store.add_items(self._job_id, items)
 
@@ -130,11 +130,10 @@ class Upload:
         if self._forced_model:
             request.model = self._forced_model
         try:
-            model = self._models.resolve(request.model, where)
-            stored = _tokenized(request, model, where)
+            model, stored = _stored(request, self._models.resolve(request.model, where), where)
         except ValueError as exc:
             return self._failed(index, str(exc), parsed.custom_id, parsed.url, request.model)
-        return NewItem(index, parsed.custom_id, parsed.url, model.name, stored)
+        return NewItem(index, parsed.custom_id, parsed.url, model, stored)
 
     def _failed(
         self, index: int, message: str, custom_id: str = "", url: str = "", model: str = ""
@@ -164,13 +163,17 @@ class Upload:
         return out
 
 
-def _tokenized(request: pb.GenerateRequest, model: ServedModel, prefix: str) -> bytes:
-    """Validates and tokenizes a request (ValueError naming the field), and returns it as the
-    store keeps it: its prompt as token ids, so it is tokenized (chat template included) once,
-    not again each time it is fed."""
-    sched = to_sched_request(request, model.spec, force_offline=True, prefix=prefix)
-    request.token_ids.ids[:] = sched.prompt_token_ids  # replaces the text or chat prompt
-    return request.SerializeToString()
+def _stored(request: pb.GenerateRequest, target: Target, prefix: str) -> tuple[str, bytes]:
+    """Validates a request (ValueError naming the field) and returns the model it is stored
+    for and the request as the store keeps it. For a served model, its prompt as token ids, so
+    it is tokenized (chat template included) once, not again each time it is fed; for the
+    router (``auto``), as it came: the model is chosen when it runs, in that model's tokens."""
+    prepared = target.prepare(request, force_offline=True, prefix=prefix)
+    if not isinstance(target, ServedModel):
+        request.model = ModelRegistry.AUTO
+        return request.model, request.SerializeToString()
+    request.token_ids.ids[:] = prepared.request.prompt_token_ids  # replaces the text or chat
+    return target.name, request.SerializeToString()
 
 
 def _url_of(obj: Any) -> str:

@@ -21,7 +21,8 @@ EXECUTORS = ("auto", "admission", "plans")
 class PlanConfig:
     """Everything the planner's commands share. Validated at construction (ValueError)."""
 
-    engine: str = ""  # a profiled engine directory, or "default"; "" = the GPU preset
+    # a profiled engine directory, "default" or a published model's name; "" = the GPU preset
+    engine: str = ""
     accelerator: str = "H100-SXM"
     model: str = "Llama-3-70B"
     weights: str = "fp16"
@@ -76,7 +77,8 @@ class PlanConfig:
 
 
 _HELP: dict[str, str] = {
-    "engine": "a profiled engine directory (or 'default') to simulate instead of a GPU preset",
+    "engine": "a profiled engine directory (or 'default', or a published model: "
+    "gemma3-270m) to simulate instead of a GPU preset",
     "accelerator": "GPU preset",
     "model": "model preset",
     "weights": "weight format: fp16, weight-only int8/int4, w8a8 (INT8 math), fp8 (Hopper)",

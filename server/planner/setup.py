@@ -67,12 +67,11 @@ def build_engine(cfg: PlanConfig) -> Engine:
 
 
 def engine_path(name: str) -> Path:
-    """An engine directory, or the default engine (fetched and built on first use)."""
-    if name == "default":
-        from engine_builder.default import ensure_default_engine
+    """An engine directory, or ``default`` / a published model's name, as ``--engine`` takes
+    them (fetched and built on first use)."""
+    from engine_builder.default import resolve_engine
 
-        return ensure_default_engine()
-    return Path(name)
+    return resolve_engine(name)
 
 
 def scheduler(cfg: PlanConfig, engine: Engine) -> SchedulerConfig:

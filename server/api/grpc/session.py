@@ -40,19 +40,13 @@ import grpc
 
 from backfill.v1 import inference_pb2 as pb
 from server.api.choices import choice_requests
-from server.api.convert import (
-    ModelRegistry,
-    ServedModel,
-    fill_generate_response,
-    needs_tokenizer_pool,
-    to_sched_request,
-    to_sched_request_async,
-)
+from server.api.convert import fill_generate_response, needs_tokenizer_pool
 from server.api.errors import Status, status_for_exception, status_for_outcome
 from server.api.identity import tenant_for
+from server.api.models import ModelRegistry, Prepared, Route, Target
 from server.api.streams import Admission, RequestStream, submit_to_stream
 from server.api.validation import InvalidArgumentError
-from server.scheduler.types import SchedEvent, SchedRequest
+from server.scheduler.types import SchedEvent
 from server.security.auth import Authenticator, Caller
 
 log = logging.getLogger(__name__)
@@ -66,8 +60,9 @@ class _Open:
     """A request of this stream that has not ended yet."""
 
     client_request_id: str
-    model: ServedModel
+    target: Target  # what the request named
     streams: list[RequestStream]  # one per choice
+    route: Route | None = None  # where it runs, once prepared
     open_choices: int = 0  # choices submitted whose final event has not gone out
     sent_first: bool = False
     preparing: asyncio.Task[None] | None = None  # tokenizing on the pool, not submitted yet
@@ -159,17 +154,17 @@ class SessionHandler:
                     "requests need distinct ids, and both requests end here"
                 )
             self._check_credentials()
-            model = self._models.resolve(req.model, prefix)
+            target = self._models.resolve(req.model, prefix)
             tenant = tenant_for(self._caller, req.tenant, prefix + "tenant")
-            entry = _Open(cid, model, [])
+            entry = _Open(cid, target, [])
             if needs_tokenizer_pool(req):
                 self._open[cid] = entry
                 entry.preparing = asyncio.ensure_future(self._prepare(entry, req, prefix, tenant))
                 return
-            request = to_sched_request(req, model.spec, prefix=prefix, tenant=tenant,
-                                       weight=self._admission.limits.weight)
+            prepared = target.prepare(req, prefix=prefix, tenant=tenant,
+                                      weight=self._admission.limits.weight)
             self._open[cid] = entry
-            self._submit(entry, request, req.n)
+            self._submit(entry, prepared, req.n)
         except Exception as exc:
             self._fail(cid, status_for_exception(exc))
 
@@ -187,9 +182,8 @@ class SessionHandler:
         """Converts a long prompt off the loop, then submits it (unless it ended meanwhile)."""
         cid = entry.client_request_id
         try:
-            request = await to_sched_request_async(
-                req, entry.model.spec, prefix=prefix, tenant=tenant,
-                weight=self._admission.limits.weight,
+            prepared = await entry.target.prepare_async(
+                req, prefix=prefix, tenant=tenant, weight=self._admission.limits.weight,
             )
         except Exception as exc:
             if self._open.get(cid) is entry:
@@ -199,19 +193,20 @@ class SessionHandler:
         if self._open.get(cid) is entry:
             entry.preparing = None
             try:
-                self._submit(entry, request, req.n)
+                self._submit(entry, prepared, req.n)
             except Exception as exc:
                 self._fail(cid, status_for_exception(exc))
 
-    def _submit(self, entry: _Open, request: SchedRequest, n: int) -> None:
+    def _submit(self, entry: _Open, prepared: Prepared, n: int) -> None:
         """Submits every choice of an entry already in ``_open``; on a refusal, cancels what
         was submitted, forgets the entry and raises."""
+        entry.route = prepared.route
         try:
-            for index, choice in enumerate(choice_requests(request, n)):
+            for index, choice in enumerate(choice_requests(prepared.request, n)):
                 stream = RequestStream(self._loop, self._on_ready)
                 self._by_stream[id(stream)] = (entry.client_request_id, index)
                 entry.streams.append(stream)
-                submit_to_stream(entry.model.scheduler, choice, stream, self._admission)
+                submit_to_stream(prepared.route, choice, stream, self._admission)
                 entry.open_choices += 1
         except BaseException:
             self._close(entry)
@@ -224,8 +219,7 @@ class SessionHandler:
             entry.preparing.cancel()
         for stream in entry.streams:
             del self._by_stream[id(stream)]
-            if stream.request_id is not None and not stream.finished:
-                entry.model.scheduler.cancel(stream.request_id)
+        self._cancel_streams(entry)
 
     def _cancel(self, cid: str) -> None:
         """Cancels an open request; its final response (CANCELLED) follows. Unknown ids are a
@@ -237,17 +231,19 @@ class SessionHandler:
             self._close(entry)
             self._fail(cid, (grpc.StatusCode.CANCELLED, "cancelled"))
             return
-        for stream in entry.streams:
-            if stream.request_id is not None and not stream.finished:
-                entry.model.scheduler.cancel(stream.request_id)
+        self._cancel_streams(entry)
 
     def _cancel_all(self) -> None:
         for entry in self._open.values():
             if entry.preparing is not None:
                 entry.preparing.cancel()
-            for stream in entry.streams:
-                if stream.request_id is not None and not stream.finished:
-                    entry.model.scheduler.cancel(stream.request_id)
+            self._cancel_streams(entry)
+
+    @staticmethod
+    def _cancel_streams(entry: _Open) -> None:
+        for stream in entry.streams:
+            if stream.request_id is not None and not stream.finished and entry.route:
+                entry.route.scheduler.cancel(stream.request_id)
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -321,7 +317,8 @@ class SessionHandler:
         self, response: pb.SessionResponse, entry: _Open, index: int, event: SchedEvent
     ) -> None:
         cid = entry.client_request_id
-        model = "" if entry.sent_first else entry.model.name
+        # The first chunk names the model that served (settled before the route's first event).
+        model = "" if entry.sent_first or entry.route is None else entry.route.name
         entry.sent_first = True
         response.client_request_id = cid
         # Filled in place: building a GenerateResponse and passing it as chunk= copies it.

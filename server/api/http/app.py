@@ -24,12 +24,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server.api.convert import ModelRegistry, ServedModel
 from server.api.http.auth import AuthGate
 from server.api.http.batches import Batches
 from server.api.http.completions import Generation
 from server.api.http.errors import not_found
 from server.api.http.files import FileStore
+from server.api.models import ModelRegistry, ServedModel
 from server.jobs import Jobs
 from server.metrics import RequestMetrics
 from server.quotas import TenantQuotas
@@ -61,7 +61,11 @@ def build_app(
         return Response(status_code=200 if serving() else 503)
 
     async def list_models(request: Request) -> Response:
-        return _json({"object": "list", "data": [_model_json(m) for m in models]})
+        data = [_model_json(m) for m in models]
+        if models.router is not None:  # what "model": "auto" routes among
+            data.append({"id": models.AUTO, "object": "model", "created": 0,
+                         "owned_by": "backfill"})
+        return _json({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]

@@ -27,7 +27,6 @@ from backfill.openai_output import (
     usage_json,
 )
 from server.api.choices import Choices, combined_usage
-from server.api.convert import ModelRegistry, ServedModel, to_sched_request_async
 from server.api.errors import Status, http_status, status_for_outcome
 from server.api.http.auth import caller_of
 from server.api.http.body import BodyTooLargeError, read_json
@@ -40,6 +39,7 @@ from server.api.http.format import (
     usage_counts,
 )
 from server.api.identity import http_tenant
+from server.api.models import ModelRegistry, Route
 from server.api.streams import Admission
 from server.executor.base import TokenLogprob
 from server.metrics import RequestMetrics
@@ -66,10 +66,9 @@ class _Choice:
 @dataclass(slots=True)
 class _Call:
     body: OpenAIBody
-    model: ServedModel
+    model: Route  # the model serving it (settled before its first event)
     request: SchedRequest
     choices: Choices
-    texts: TokenTexts
     id: str
     created: int
     state: list[_Choice]
@@ -107,8 +106,7 @@ class Generation:
         except Exception as exc:
             return exception_response(exc)
         if call.body.stream:
-            cancel = call.choices.cancel
-            return EventStream(self._stream(call), lambda: cancel(call.model.scheduler))
+            return EventStream(self._stream(call), call.choices.cancel)
         return await self._whole(call, request)
 
     async def _start(self, request: Request, url: str) -> _Call:
@@ -124,22 +122,24 @@ class Generation:
         if "priority" not in body and PRIORITY_HEADER in request.headers:
             header_body = {"priority": _header_priority(request.headers[PRIORITY_HEADER])}
             req.tier = parse_body(url, {**body, **header_body}).request.tier
-        model = self._models.resolve(req.model)
-        sched = await to_sched_request_async(req, model.spec, tenant=tenant,
-                                             weight=caller.limits.weight)
+        target = self._models.resolve(req.model)
+        prepared = await target.prepare_async(req, tenant=tenant, weight=caller.limits.weight)
         admission = Admission(self._metrics, self._tenants, self._quotas, caller.limits)
-        choices = Choices.submit(model.scheduler, sched, req.n, admission)
+        choices = Choices.submit(prepared.route, prepared.request, req.n, admission)
         prefix = "chatcmpl" if url == CHAT_URL else "cmpl"
-        return _Call(parsed, model, sched, choices, self._texts[model.name],
+        return _Call(parsed, prepared.route, prepared.request, choices,
                      f"{prefix}-{uuid.uuid4().hex}", int(time.time()),
                      [_Choice() for _ in range(max(1, req.n))])
+
+    def _texts_of(self, call: _Call) -> TokenTexts:
+        """Token texts in the vocabulary of the model serving the call."""
+        return self._texts[call.model.name]
 
     # ---- a whole response -------------------------------------------------------------------
 
     async def _whole(self, call: _Call, request: Request) -> Response:
         # A client that goes away before its whole response is ready frees what it held.
-        watcher = asyncio.ensure_future(_watch_disconnect(
-            request.receive, lambda: call.choices.cancel(call.model.scheduler)))
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, call.choices.cancel))
         try:
             while (ready := await call.choices.next()) is not None:
                 for index, event in ready:
@@ -150,7 +150,7 @@ class Generation:
         finally:
             watcher.cancel()
             if not call.choices.finished:
-                call.choices.cancel(call.model.scheduler)
+                call.choices.cancel()
         return _json(self._whole_body(call))
 
     def _whole_body(self, call: _Call) -> dict[str, Any]:
@@ -158,7 +158,7 @@ class Generation:
         for index, c in enumerate(call.state):
             text = "".join(c.text)
             if call.chat:
-                lp = chat_logprobs(call.texts, c.logprobs) if call.body.logprobs else None
+                lp = chat_logprobs(self._texts_of(call), c.logprobs) if call.body.logprobs else None
                 choices.append(chat_choice(index, text, c.finish, lp))
                 continue
             logprobs = c.logprobs
@@ -167,7 +167,7 @@ class Generation:
                 logprobs = [*self._prompt_logprobs(call), *logprobs]
             lp = None
             if call.body.logprobs:
-                lp = completion_logprobs(call.texts, logprobs, self._first_token(call))
+                lp = completion_logprobs(self._texts_of(call), logprobs, self._first_token(call))
             choices.append(text_choice(index, text, c.finish, lp))
         usage = combined_usage([c.usage for c in call.state if c.usage is not None])
         return completion_body(chat=call.chat, id=call.id, created=call.created,
@@ -193,7 +193,7 @@ class Generation:
             yield _DONE
         finally:
             if not call.choices.finished:
-                call.choices.cancel(call.model.scheduler)
+                call.choices.cancel()
 
     def _chunk(self, call: _Call, index: int, event: SchedEvent) -> dict[str, Any]:
         state = call.state[index]
@@ -206,7 +206,9 @@ class Generation:
             delta: dict[str, Any] = {"content": event.text}
             if first:
                 delta = {"role": "assistant", **delta}
-            lp = chat_logprobs(call.texts, event.logprobs or []) if call.body.logprobs else None
+            lp = None
+            if call.body.logprobs:
+                lp = chat_logprobs(self._texts_of(call), event.logprobs or [])
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             text, logprobs = event.text, event.logprobs or []
@@ -217,7 +219,7 @@ class Generation:
                 first_token = self._first_token(call)
             lp = None
             if call.body.logprobs:
-                lp = completion_logprobs(call.texts, logprobs, first_token)
+                lp = completion_logprobs(self._texts_of(call), logprobs, first_token)
             choice = text_choice(index, text, finish, lp)
         return self._envelope(call, [choice])
 

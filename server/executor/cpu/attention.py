@@ -1,5 +1,10 @@
 """Attention over the paged KV cache: causal prefill chunks one sequence at a time, and all
-single-token decodes of a step in one vectorized pass (block tables padded to the longest)."""
+single-token decodes of a step in one vectorized pass (block tables padded to the longest).
+
+With a sliding ``window`` (Gemma 3's local layers) a query at position p attends only to keys
+at positions p - window < k <= p: older keys are masked, and blocks that hold only such keys
+are not read at all. The cache keeps every position either way (the layer's global neighbours
+need them, and the block tables are shared by all layers)."""
 
 from __future__ import annotations
 
@@ -39,35 +44,59 @@ def softmax_(scores: np.ndarray) -> np.ndarray:
 
 
 def prefill_attention(
-    q: np.ndarray, cache: PagedKvCache, layer: int, seg: PrefillSegment, scale: float
+    q: np.ndarray,
+    cache: PagedKvCache,
+    layer: int,
+    seg: PrefillSegment,
+    scale: float,
+    window: int | None = None,
 ) -> np.ndarray:
     """q `[n, heads, head_dim]` -> `[n, heads * head_dim]`, causal over the cached context."""
     n, num_heads, head_dim = q.shape
     context = seg.start + n
-    k, v = cache.gather(layer, seg.blocks)
-    k, v = k[:context], v[:context]  # [context, kv_heads, head_dim]
+    skip = 0 if window is None else max(seg.start - window + 1, 0) // cache.tokens_per_block
+    offset = skip * cache.tokens_per_block  # the position of the first key read
+    k, v = cache.gather(layer, seg.blocks[skip:])
+    k, v = k[: context - offset], v[: context - offset]  # [keys, kv_heads, head_dim]
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     # Query head h reads KV head h // group; fold the group into the query axis.
     qh = q.reshape(n, kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [kvh, g, n, d]
-    scores = (qh * scale) @ k.transpose(1, 2, 0)[:, None]  # [kvh, g, n, context]
-    query_pos = seg.start + np.arange(n)
-    future = np.arange(context)[None, :] > query_pos[:, None]  # [n, context]
-    scores += np.where(future, -np.inf, 0.0).astype(np.float32)
+    scores = (qh * scale) @ k.transpose(1, 2, 0)[:, None]  # [kvh, g, n, keys]
+    query_pos = seg.start + np.arange(n)[:, None]  # [n, 1]
+    key_pos = offset + np.arange(context - offset)[None, :]  # [1, keys]
+    masked = key_pos > query_pos  # [n, keys]
+    if window is not None:
+        masked |= key_pos <= query_pos - window
+    scores += np.where(masked, -np.inf, 0.0).astype(np.float32)
     out = softmax_(scores) @ v.transpose(1, 0, 2)[:, None]  # [kvh, g, n, d]
     return out.transpose(2, 0, 1, 3).reshape(n, num_heads * head_dim)
 
 
 def decode_attention(
-    q: np.ndarray, cache: PagedKvCache, layer: int, group: DecodeGroup, scale: float
+    q: np.ndarray,
+    cache: PagedKvCache,
+    layer: int,
+    group: DecodeGroup,
+    scale: float,
+    window: int | None = None,
 ) -> np.ndarray:
     """q `[B, heads, head_dim]` (one token per sequence) -> `[B, heads * head_dim]`."""
     b, num_heads, head_dim = q.shape
-    k, v = cache.gather(layer, group.blocks)  # [B, max_len, kv_heads, head_dim]
+    blocks, offset = group.blocks, 0
+    first = None  # [B] the oldest position each query attends to
+    if window is not None:
+        first = np.maximum(group.context_lens - window, 0)
+        skip = int(first.min()) // cache.tokens_per_block
+        blocks, offset = blocks[:, skip:], skip * cache.tokens_per_block
+    k, v = cache.gather(layer, blocks)  # [B, keys, kv_heads, head_dim]
     kv_heads = k.shape[2]
     qh = q.reshape(b, kv_heads, num_heads // kv_heads, head_dim)  # [B, kvh, g, d]
-    scores = (qh * scale) @ k.transpose(0, 2, 3, 1)  # [B, kvh, g, max_len]
-    pad = np.arange(k.shape[1])[None, :] >= group.context_lens[:, None]  # [B, max_len]
-    scores += np.where(pad, -np.inf, 0.0).astype(np.float32)[:, None, None, :]
+    scores = (qh * scale) @ k.transpose(0, 2, 3, 1)  # [B, kvh, g, keys]
+    key_pos = offset + np.arange(k.shape[1])[None, :]  # [1, keys]
+    masked = key_pos >= group.context_lens[:, None]  # [B, keys]: padding
+    if first is not None:
+        masked |= key_pos < first[:, None]
+    scores += np.where(masked, -np.inf, 0.0).astype(np.float32)[:, None, None, :]
     out = softmax_(scores) @ v.transpose(0, 2, 1, 3)  # [B, kvh, g, d]
     return out.reshape(b, num_heads * head_dim)

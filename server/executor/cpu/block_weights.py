@@ -9,7 +9,10 @@ A ``BlockLinear`` holds one weight `[out, in]` as its GGUF blocks (docs/engine-f
   of W.T at a time into a cache-sized float32 buffer and hand it to BLAS;
 - the NumPy reference for every other block type, and for all of them when numba is absent:
   row tiles dequantized with the ``gguf`` package's own decoder, then BLAS. Tests compare the
-  kernels against it.
+  kernels against it. An engine does not serve the other types this way (decoding at every
+  product is about 30x slower than BLAS on the result): a type whose values a kernel type
+  holds exactly is re-encoded as that type once at load (``reencode_blocks``: Q5_0 as Q8_0),
+  the rest are widened to float32 once at load (``widen_blocks``, the same decoder).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from server.executor.cpu.blas import set_thread_blas_threads
+from server.executor.cpu.blas import set_thread_blas_threads, thread_blas_threads
 
 # Input rows up to which the kernels multiply straight from the packed bytes: every decode step
 # of a 32-slot engine. At 32 rows they matched dequantize + BLAS (about 30 GMAC/s on one core,
@@ -38,6 +41,9 @@ _KERNEL_LAYOUTS: dict[str, tuple[int, int | None, int]] = {
     "Q4_1": (0, 2, 4),
     "Q8_0": (0, None, 2),
 }
+# Types re-encoded at load as a kernel type that holds their values exactly: a Q5_0 weight is
+# d * (q - 16) with q 5 bits and d float16, so q - 16 is an int8 of a Q8_0 block of the same d.
+_REENCODED = {"Q5_0": "Q8_0"}
 _scratch = threading.local()  # .buf: one float32 tile per calling thread, shared by all layers
 _pools: dict[int, ThreadPoolExecutor] = {}  # helper pools by size (one per thread setting)
 _pool_lock = threading.Lock()
@@ -205,6 +211,34 @@ class BlockLinear:
         return out
 
 
+def reencoded_type(qtype: str) -> str | None:
+    """The kernel type ``reencode_blocks`` turns qtype's blocks into, or None."""
+    return _REENCODED.get(qtype)
+
+
+def reencode_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """[out, row bytes] blocks -> the same weights, exactly, as blocks of
+    ``reencoded_type(qtype)`` ([out, row bytes of that type])."""
+    if qtype != "Q5_0":
+        raise ValueError(f"{qtype} blocks have no exact re-encoding")
+    out = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out, -1, 22)
+    # Q5_0: d (float16), qh (32 high bits, little-endian), 16 bytes of low nibbles: byte k
+    # holds weight k (low nibble) and weight k + 16 (high nibble); bit j of qh, weight j's 5th.
+    qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # [out, blocks, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # [out, blocks, 32]
+    qs = blocks[..., 6:]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [out, blocks, 32]
+    q = ((low | high).astype(np.int16) - 16).astype(np.int8)
+    return np.concatenate([blocks[..., :2], q.view(np.uint8)], axis=-1).reshape(out, -1)
+
+
+def widen_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """[out, row bytes] blocks -> the float32 weight `[out, in]` they encode."""
+    out = raw.shape[0]
+    return _dequantize(np.ascontiguousarray(raw, dtype=np.uint8), qtype).reshape(out, -1)
+
+
 def _dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -234,6 +268,48 @@ def _to_tiles(raw: np.ndarray, qtype: str, tile: int) -> tuple[np.ndarray, np.nd
     if qtype == "Q8_0":
         quants = quants.view(np.int8)
     return quants, half(d_at), None if m_at is None else half(m_at)
+
+
+class WidenedLinear:
+    """A float32 weight widened at load from blocks that have no kernels (``widen_blocks``),
+    in an engine whose other weights run on the kernels. With more than one thread its
+    products are split by output rows among the kernels' helper threads, one BLAS thread each:
+    OpenBLAS's own threads, left spinning after each call, kept the kernels' threads off the
+    cores (a 2-thread decode step of Gemma 3 270M took 240-580 ms instead of about 45)."""
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [out, in]
+        self.out_features, self.in_features = self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.weight[ids]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [n, in]
+        out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
+        threads = min(thread_blas_threads() or 1, self.out_features)
+        if threads == 1:
+            self._part(x, out, 0, self.out_features)
+            return out
+        bounds = np.linspace(0, self.out_features, threads + 1).astype(int)
+        pool = _helpers(threads)
+        jobs = [pool.submit(self._part, x, out, int(a), int(b))
+                for a, b in itertools.pairwise(bounds)]
+        for job in jobs:
+            job.result()
+        return out
+
+    def _part(self, x: np.ndarray, out: np.ndarray, first: int, last: int) -> None:
+        """out[:, first:last] = x @ W[first:last].T"""
+        w = self.weight[first:last]
+        if x.shape[0] <= KERNEL_MAX_ROWS:  # few rows: the weight on the left runs faster
+            out[:, first:last] = (w @ x.T).T
+        else:
+            out[:, first:last] = x @ w.T
 
 
 class StackedLinear:

@@ -24,6 +24,7 @@ import numpy as np
 
 from engine_builder.manifest import Manifest
 from server.executor.cpu.drafter import DRAFT_MODEL, Draft, DraftRequest
+from server.executor.cpu.gemma import load_model
 from server.executor.cpu.model import ForwardPass, LlamaModel
 from server.executor.cpu.model_runner import BatchBuilder
 from server.executor.cpu.sampling import dense, distribution, draw, uniform
@@ -170,7 +171,7 @@ def open_draft_model(draft_dir: Path, target: Manifest, max_seq_len: int,
                          f"the target's {target.architecture.vocab_size}; a draft must share "
                          "the target's tokenizer")
     weights = load_weights(manifest.weights_path(draft_dir), manifest)
-    model = LlamaModel(weights, arch, min(max_seq_len, arch.max_position_embeddings))
+    model = load_model(weights, arch, min(max_seq_len, arch.max_position_embeddings))
     blocks = num_kv_blocks or limits.num_kv_blocks
     cache = PagedKvCache(arch.num_layers, blocks, limits.tokens_per_block, arch.num_kv_heads,
                          arch.head_dim, manifest.quantization.kv_cache_dtype)

@@ -2,7 +2,8 @@
 
 Every layer runs one GEMM per (fused) weight over all tokens of the step; only attention is
 split: per sequence for prefill chunks, one vectorized pass for all single-token decodes. The
-LM head runs only on the rows that sample this step.
+LM head runs only on the rows that sample this step. Other families (server/executor/cpu/
+gemma.py) subclass ``LlamaModel`` and change its layer; ``ForwardPass`` drives any of them.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class LlamaModel:
         """[m, hidden] -> logits [m, vocab]."""
         return self.weights.lm_head(h)
 
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """[n] -> the layers' input [n, hidden]."""
+        return self.weights.embed.rows(token_ids)
+
     def layer(
         self,
         index: int,
@@ -144,20 +149,27 @@ class LlamaModel:
         cache.write(index, batch.slots, k, v)
         attn = self._attention(index, q, batch, cache)  # [n, H * D]
         x = x + layer.o_proj(attn)
-        gate_up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps))  # [n, 2 * inter]
+        gate_up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps))  # [n, 2 * inter]
         x += layer.down(silu_mul(gate_up))
         return x
 
     def _attention(
-        self, index: int, q: np.ndarray, batch: ForwardBatch, cache: PagedKvCache
+        self,
+        index: int,
+        q: np.ndarray,
+        batch: ForwardBatch,
+        cache: PagedKvCache,
+        window: int | None = None,
     ) -> np.ndarray:
+        """q [n, H, D] -> [n, H * D]; ``window``: keys older than that many positions are not
+        attended (sliding-window layers)."""
         out = np.empty((q.shape[0], self.num_heads * self.head_dim), np.float32)
         for seg in batch.prefills:
             rows = slice(seg.row, seg.row + seg.num_tokens)
-            out[rows] = prefill_attention(q[rows], cache, index, seg, self.scale)
+            out[rows] = prefill_attention(q[rows], cache, index, seg, self.scale, window)
         if batch.decode is not None:
             dec = batch.decode.rows
-            out[dec] = decode_attention(q[dec], cache, index, batch.decode, self.scale)
+            out[dec] = decode_attention(q[dec], cache, index, batch.decode, self.scale, window)
         return out
 
 
@@ -171,7 +183,7 @@ class ForwardPass:
         self._model = model
         self._batch = batch
         self._cache = cache
-        self._x = model.weights.embed.rows(batch.token_ids)  # [num_tokens, hidden]
+        self._x = model.embed(batch.token_ids)  # [num_tokens, hidden]
         self._cos, self._sin = model.cos[batch.positions], model.sin[batch.positions]
         self._next_layer = 0
 

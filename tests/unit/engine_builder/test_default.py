@@ -3,6 +3,7 @@ standing in for the real download (monkeypatched fetch and checksum)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     gguf_path = write_tiny_gguf(write_tiny_checkpoint(tmp_path / "hf"), tmp_path / "tiny.gguf")
-    monkeypatch.setattr(default, "fetch_default", lambda home=None: gguf_path)
-    monkeypatch.setattr(default, "DEFAULT_SHA256", sha256_of(gguf_path))
+    monkeypatch.setattr(default, "fetch_model", lambda model, home=None: gguf_path)
+    monkeypatch.setattr(default, "DEFAULT_MODEL", dataclasses.replace(
+        default.DEFAULT_MODEL, sha256=sha256_of(gguf_path)))
     return tmp_path / "home"
 
 
@@ -83,3 +85,20 @@ def test_concurrent_callers_get_one_complete_engine(home: Path) -> None:
 def test_unknown_quant_is_rejected(home: Path) -> None:
     with pytest.raises(ValueError, match="quant"):
         default.ensure_default_engine(home, quant="int3")
+
+
+def test_resolve_engine_builds_published_models_and_passes_directories(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """What --engine (server, planner) resolves: a directory as given; ``default`` or a
+    published model's name to that model's engine, with its terms logged when it has any."""
+    built: list[str] = []
+    monkeypatch.setattr(default, "ensure_engine",
+                        lambda model: built.append(model.name) or Path("/engines") / model.name)
+    assert default.resolve_engine("some/dir") == Path("some/dir")
+    assert built == []
+    with caplog.at_level("INFO", logger=default.__name__):
+        assert default.resolve_engine("gemma3-270m") == Path("/engines/gemma3-270m")
+        assert default.resolve_engine("default") == Path("/engines/smollm2-135m-instruct")
+    assert built == ["gemma3-270m", "smollm2-135m-instruct"]
+    assert [r.getMessage() for r in caplog.records if "Gemma Terms" in r.getMessage()] != []
+    assert not any("Apache" in r.getMessage() for r in caplog.records)

@@ -101,8 +101,10 @@ def test_gguf_tokenizer_control_tokens_are_special_and_others_rejected() -> None
     assert tok["pre_tokenizer"]["pretokenizers"][0] == {"type": "Digits",
                                                          "individual_digits": True}
     assert pre_tokenizer_for("gpt2")["type"] == "ByteLevel"
-    with pytest.raises(ValueError, match="'llama'"):
-        tokenizer_json_from_gguf(tokens, None, [], model="llama", pre=None)
+    with pytest.raises(ValueError, match="'bert'"):
+        tokenizer_json_from_gguf(tokens, None, [], model="bert", pre=None)
+    with pytest.raises(ValueError, match="add_space_prefix"):
+        tokenizer_json_from_gguf(tokens, None, [], model="llama", pre=None, add_space_prefix=True)
     with pytest.raises(ValueError, match="pre-tokenizer 'qwen2'"):
         pre_tokenizer_for("qwen2")
 

@@ -80,7 +80,7 @@ def test_corrupt_json(tmp_path: Path) -> None:
         Manifest.load(tmp_path)
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_wrong_schema_version(tmp_path: Path, version: object) -> None:
     data = _manifest().to_json()
     data["schema_version"] = version

@@ -54,7 +54,7 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
 def test_source_engine_stores_the_files_own_blocks(engines: tuple[Path, Path, Path]) -> None:
     gguf_path, source, _ = engines
     manifest = Manifest.load(source)
-    assert manifest.quantization.weights == "source" and manifest.schema_version == 2
+    assert manifest.quantization.weights == "source" and manifest.schema_version == 3
     reader = GGUFReader(gguf_path)
     file_blocks = {t.name: np.asarray(t.data) for t in reader.tensors}
     with safe_open(str(source / "weights.safetensors"), framework="numpy") as f:

@@ -9,7 +9,16 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from server.executor.cpu import block_weights
-from server.executor.cpu.block_weights import BlockLinear, StackedLinear, block_geometry
+from server.executor.cpu.blas import default_threads, set_thread_blas_threads, thread_blas_threads
+from server.executor.cpu.block_weights import (
+    BlockLinear,
+    StackedLinear,
+    WidenedLinear,
+    block_geometry,
+    reencode_blocks,
+    reencoded_type,
+    widen_blocks,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +33,8 @@ def _blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
 
 
 def _random_blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
-    """Random bytes with finite float16 scales, for types gguf cannot quantize (K-quants)."""
+    """Random bytes with finite float16 scales, for types gguf cannot quantize (K-quants), and
+    for Q5_0 with every high bit pattern (its scale is set by the caller)."""
     block, size = block_geometry(qtype)
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (out, width // block, size), dtype=np.uint8)
@@ -82,6 +92,25 @@ def test_other_block_types_run_on_the_reference(qtype: str) -> None:
     np.testing.assert_allclose(linear(x), expected, atol=1e-5 * np.abs(expected).max())
 
 
+def test_q5_0_is_reencoded_as_q8_0_exactly() -> None:
+    """Every 5-bit value and sign of scale, and a high bit in each position of qh."""
+    raw = _random_blocks("Q5_0", 70, 256, seed=9)
+    raw.reshape(70, -1, 22)[..., :2] = (np.random.default_rng(9).standard_normal(
+        (70, 8, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    assert reencoded_type("Q5_0") == "Q8_0" and reencoded_type("Q4_K") is None
+    q8 = reencode_blocks(raw, "Q5_0")
+    assert q8.shape == (70, 8 * 34)
+    np.testing.assert_array_equal(dequantize(q8, GGMLQuantizationType.Q8_0),
+                                  dequantize(raw, GGMLQuantizationType.Q5_0))
+    with pytest.raises(ValueError, match="no exact re-encoding"):
+        reencode_blocks(raw, "Q4_K")
+    pytest.importorskip("numba")
+    x = np.random.default_rng(10).standard_normal((3, 256)).astype(np.float32)
+    expected = _reference(raw, "Q5_0", x)
+    np.testing.assert_allclose(BlockLinear("Q8_0", q8)(x), expected,
+                               atol=2e-6 * np.abs(expected).max(), rtol=0)
+
+
 def test_stacked_parts_of_different_types() -> None:
     a, b = _blocks("Q8_0", 30, 64, seed=4), _blocks("Q4_0", 20, 64, seed=5)
     parts = [BlockLinear("Q8_0", a), BlockLinear("Q4_0", b)]
@@ -106,3 +135,24 @@ def test_bad_blocks_are_refused() -> None:
     if block_weights.load_kernels() is not None:
         with pytest.raises(ValueError, match="non-finite scale"):
             BlockLinear("Q4_1", raw)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_widened_blocks_compute_what_the_file_means(threads: int, rows: int) -> None:
+    """Types without kernels are widened at load; split among helper threads or not, their
+    products are the reference's."""
+    width = 512
+    raw = _random_blocks("Q4_K", 37, width, seed=7)
+    linear = WidenedLinear(widen_blocks(raw, "Q4_K"))
+    assert linear.nbytes == 37 * width * 4 and linear.out_features == 37
+    x = np.random.default_rng(8).standard_normal((rows, width)).astype(np.float32)
+    expected = _reference(raw, "Q4_K", x)
+    before = thread_blas_threads()
+    set_thread_blas_threads(threads)
+    try:
+        np.testing.assert_allclose(linear(x), expected, atol=1e-5 * np.abs(expected).max())
+    finally:
+        set_thread_blas_threads(before if before is not None else default_threads())
+    ids = np.array([36, 0, 7])
+    np.testing.assert_array_equal(linear.rows(ids), dequantize(raw, GGMLQuantizationType.Q4_K)[ids])

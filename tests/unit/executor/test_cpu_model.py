@@ -13,8 +13,9 @@ from safetensors.numpy import load_file
 
 from engine_builder.manifest import Manifest
 from server.executor.cpu.attention import DecodeGroup, PrefillSegment
+from server.executor.cpu.linears import Int4Linear, Int8Linear
 from server.executor.cpu.model import ForwardBatch, LlamaModel
-from server.executor.cpu.weights import Int4Linear, Int8Linear, load_weights
+from server.executor.cpu.weights import load_weights
 from server.executor.kv import PagedKvCache
 
 pytestmark = pytest.mark.unit
@@ -228,7 +229,7 @@ def test_dense_linear_equals_matmul_at_every_row_count(rows: int, threads: int) 
     """Each row-count path of the dense matmul (matrix-vector, row tiles of the weight with
     one BLAS thread, weight on the left, plain) computes x @ W.T, with a ragged last tile."""
     from server.executor.cpu.blas import set_thread_blas_threads, thread_blas_threads
-    from server.executor.cpu.weights import DenseLinear
+    from server.executor.cpu.linears import DenseLinear
 
     previous = thread_blas_threads()
     set_thread_blas_threads(threads)

@@ -17,6 +17,7 @@ from server.app import BackfillServer
 from tests.fakes import ScriptedExecutor
 from tests.unit.server.conftest import MakeServer, scrape, tiny_capacity, wait_until
 
+M = ("model", "tiny-llama")  # the label every engine figure carries
 pytestmark = pytest.mark.unit
 
 SERVICE = "backfill.v1.InferenceService"
@@ -70,7 +71,7 @@ async def test_metrics_and_get_stats_move_with_traffic(
     server = await make_server(executor, metrics_port=0, price_per_hour=3.6)
     assert server.metrics_url is not None
     before = await scrape(server.metrics_url)
-    assert before["backfill_slots"][(("state", "free"),)] == executor.capacity.max_slots
+    assert before["backfill_slots"][(M, ("state", "free"))] == executor.capacity.max_slots
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         calls = [request([i + 1, 3], 10) for i in range(6)]
@@ -82,15 +83,16 @@ async def test_metrics_and_get_stats_move_with_traffic(
         await asyncio.gather(*(run(r) for r in calls))
         stats = await stub.GetStats(pb.GetStatsRequest())
     m = await scrape(server.metrics_url)
-    assert m["backfill_requests_total"][(("outcome", "length"), ("tier", "online"))] == 6
-    assert m["backfill_requests_total"][(("outcome", "length"), ("tier", "offline"))] == 3
-    assert m["backfill_generated_tokens_total"][(("tier", "online"),)] == 60
-    assert m["backfill_generated_tokens_total"][(("tier", "offline"),)] == 15
-    assert m["backfill_prompt_tokens_total"][(("tier", "online"),)] == 12
-    assert m["backfill_ttft_seconds_count"][(("tier", "online"),)] == 6
-    assert m["backfill_e2e_seconds_count"][(("tier", "offline"),)] == 3
-    assert m["backfill_inter_token_seconds_count"][(("tier", "online"),)] == 6 * 9
-    assert m["backfill_steps_total"][()] > before["backfill_steps_total"][()]
+    assert m["backfill_requests_total"][(M, ("outcome", "length"), ("tier", "online"))] == 6
+    assert m["backfill_requests_total"][(M, ("outcome", "length"), ("tier", "offline"))] == 3
+    assert m["backfill_generated_tokens_total"][(M, ("tier", "online"))] == 60
+    assert m["backfill_generated_tokens_total"][(M, ("tier", "offline"))] == 15
+    assert m["backfill_prompt_tokens_total"][(M, ("tier", "online"))] == 12
+    assert m["backfill_ttft_seconds_count"][(M, ("tier", "online"))] == 6
+    assert m["backfill_e2e_seconds_count"][(M, ("tier", "offline"))] == 3
+    assert m["backfill_inter_token_seconds_count"][(M, ("tier", "online"))] == 6 * 9
+    steps = m["backfill_steps_total"][(M,)]
+    assert steps > before["backfill_steps_total"][(M,)]
     triton = m["nv_trt_llm_request_metrics"]
     kinds = {dict(k)["request_type"]: v for k, v in triton.items()}
     assert set(kinds) == {"active", "max", "scheduled", "context", "waiting"}
@@ -110,6 +112,8 @@ async def test_metrics_and_get_stats_move_with_traffic(
     assert stats.tokens_per_second > 0 and stats.steps > 0 and not stats.draining
     assert stats.cost_per_million_tokens == pytest.approx(1000 / stats.tokens_per_second)
     assert stats.utilization == 0.0  # the tiny engine has no profile
+    assert stats.model == "tiny-llama" and [m.model for m in stats.models] == ["tiny-llama"]
+    assert stats.models[0].stats.slots_total == stats.slots_total
 
 
 async def test_drain_refuses_new_work_and_lets_online_finish(
@@ -157,11 +161,11 @@ def test_token_figures_bucket_like_prometheus() -> None:
 
     ours, reference = CollectorRegistry(), CollectorRegistry()
     metrics = RequestMetrics(ours)
-    hist = Histogram("backfill_inter_token_seconds", "x", ["tier"], buckets=_TOKEN_BUCKETS,
-                     registry=reference).labels("online")
+    hist = Histogram("backfill_inter_token_seconds", "x", ["model", "tier"],
+                     buckets=_TOKEN_BUCKETS, registry=reference).labels("m", "online")
     events = [(1, None), (2, 0.005), (1, 0.0051), (3, 7.0), (1, 0.001)]
     for n, gap in events:
-        metrics.tokens[Tier.ONLINE].observe(n, gap)
+        metrics.children("m", Tier.ONLINE).tokens.observe(n, gap)
         for _ in range(n if gap is not None else 0):
             hist.observe(gap)
 
@@ -173,4 +177,4 @@ def test_token_figures_bucket_like_prometheus() -> None:
 
     assert samples(ours) == samples(reference)
     exposition = generate_latest(ours).decode()
-    assert 'backfill_generated_tokens_total{tier="online"} 8.0' in exposition
+    assert 'backfill_generated_tokens_total{model="m",tier="online"} 8.0' in exposition

@@ -21,6 +21,7 @@ from tests.unit.scheduler.helpers import FakeClock
 from tests.unit.server.conftest import MakeServer, is_idle, scrape, tiny_capacity, wait_until
 from tests.unit.server.tenants import KEY_A, KEY_B, bearer, http_async, request, write_keys
 
+M = ("model", "tiny-llama")  # the label every engine figure carries
 pytestmark = pytest.mark.unit
 
 
@@ -132,9 +133,9 @@ async def test_over_quota_is_resource_exhausted_naming_it_and_others_go_on(
     assert server.metrics_url is not None
     m = await scrape(server.metrics_url)
     rejected = m["backfill_tenant_quota_rejections_total"]
-    assert rejected[(("quota", "max_online_requests"), ("tenant", "a"))] == 1
+    assert rejected[(M, ("quota", "max_online_requests"), ("tenant", "a"))] == 1
     assert m["backfill_tenant_requests_total"][
-        (("outcome", "length"), ("tenant", "b"), ("tier", "online"))] == 1
+        (M, ("outcome", "length"), ("tenant", "b"), ("tier", "online"))] == 1
 
 
 def server_quotas(server) -> TenantQuotas:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from tests.fakes import PlannedScriptedExecutor
 from tests.unit.server.conftest import MakeServer, tiny_capacity
 from tests.unit.server.test_ops import request, scrape
 
+M = ("model", "tiny-llama")  # the label every engine figure carries
 pytestmark = pytest.mark.unit
 
 COST = LinearStepCost(0.010, [0.005 if name == "tokens" else 0.0 for name in FEATURES])
@@ -80,7 +81,7 @@ async def test_list_models_get_stats_and_metrics_show_the_budget(
     online = {t.tier: t for t in stats.tiers}[pb.TIER_ONLINE]
     assert online.slo_judged == 3 and online.ttft_slo_met == 3
     m = await scrape(server.metrics_url)
-    assert m["backfill_slo_seconds"][(("slo", "tpot"),)] == pytest.approx(0.040)
-    assert m["backfill_slo_judged_requests_total"][(("tier", "online"),)] == 3
-    assert m["backfill_step_seconds_count"][()] == budget.steps_observed
+    assert m["backfill_slo_seconds"][(M, ("slo", "tpot"))] == pytest.approx(0.040)
+    assert m["backfill_slo_judged_requests_total"][(M, ("tier", "online"))] == 3
+    assert m["backfill_step_seconds_count"][(M,)] == budget.steps_observed
     assert "backfill_offline_held_back" in m and "backfill_step_prediction_error_ratio" in m

@@ -63,11 +63,13 @@ async def test_a_request_that_asks_speculates_and_reports_it(spec_server: Backfi
     assert drafter.draft_tokens_proposed >= u.draft_tokens_proposed
     assert spec_server.metrics_url is not None
     m = await scrape(spec_server.metrics_url)
-    proposed = m["backfill_draft_tokens_proposed_total"][(("tier", "offline"),)]
-    assert proposed == m["backfill_draft_tokens_accepted_total"][(("tier", "offline"),)] \
+    served = ("model", model.name)  # the label every engine and request figure carries
+    proposed = m["backfill_draft_tokens_proposed_total"][(served, ("tier", "offline"))]
+    assert proposed == m["backfill_draft_tokens_accepted_total"][(served, ("tier", "offline"))] \
         == u.draft_tokens_proposed
-    assert m["backfill_draft_acceptance_ratio"][(("drafter", "draft"),)] == 1.0
-    assert m["backfill_speculative_steps_total"][(("drafter", "draft"),)] >= u.speculative_steps
+    assert m["backfill_draft_acceptance_ratio"][(("drafter", "draft"), served)] == 1.0
+    assert m["backfill_speculative_steps_total"][(("drafter", "draft"), served)] \
+        >= u.speculative_steps
 
 
 @pytest.mark.parametrize("k, needle", [(5, "at most 4 on this model"), (17, "[0, 16]")])

@@ -25,19 +25,21 @@ def test_the_first_tenants_get_labels_and_the_rest_are_other() -> None:
     metrics = TenantMetrics(registry, max_tenants=3)
     metrics.register(["known-a", "known-b"])  # the keys file's tenants come first
     for i in range(1000):  # a flood of made-up tenant names
-        metrics.finished(f"made-up-{i}", Tier.ONLINE, Outcome.LENGTH, prompt=2, generated=3)
-    metrics.finished("known-a", Tier.OFFLINE, Outcome.STOP, prompt=5, generated=7)
-    metrics.rejected("known-b", Tier.ONLINE, "max_online_requests")
-    metrics.finished("", Tier.ONLINE, Outcome.STOP, prompt=1, generated=1)
+        metrics.finished(f"made-up-{i}", "m", Tier.ONLINE, Outcome.LENGTH, prompt=2,
+                         generated=3)
+    metrics.finished("known-a", "m", Tier.OFFLINE, Outcome.STOP, prompt=5, generated=7)
+    metrics.rejected("known-b", "m", Tier.ONLINE, "max_online_requests")
+    metrics.finished("", "m", Tier.ONLINE, Outcome.STOP, prompt=1, generated=1)
     requests = _values(registry, "backfill_tenant_requests_total")
     tenants = {dict(k)["tenant"] for k in requests}
     assert tenants == {"known-a", "known-b", "made-up-0", OTHER}
-    assert requests[(("outcome", "length"), ("tenant", OTHER), ("tier", "online"))] == 999
-    assert requests[(("outcome", "stop"), ("tenant", OTHER), ("tier", "online"))] == 1  # ""
+    m = ("model", "m")
+    assert requests[(m, ("outcome", "length"), ("tenant", OTHER), ("tier", "online"))] == 999
+    assert requests[(m, ("outcome", "stop"), ("tenant", OTHER), ("tier", "online"))] == 1  # ""
     tokens = _values(registry, "backfill_tenant_tokens_total")
-    assert tokens[(("kind", "generated"), ("tenant", "known-a"), ("tier", "offline"))] == 7
+    assert tokens[(("kind", "generated"), m, ("tenant", "known-a"), ("tier", "offline"))] == 7
     quota = _values(registry, "backfill_tenant_quota_rejections_total")
-    assert quota == {(("quota", "max_online_requests"), ("tenant", "known-b")): 1}
+    assert quota == {(m, ("quota", "max_online_requests"), ("tenant", "known-b")): 1}
 
 
 def test_a_request_without_a_tenant_is_labelled_none() -> None:

@@ -81,7 +81,7 @@ CASES: dict[str, tuple[Edit, str]] = {
     "zero deadline": (_set(ttft_deadline=Duration()), "ttft_deadline must be positive"),
     "long tenant": (_set(tenant="t" * 300), "tenant must be at most 256 characters"),
     "long id": (_set(client_request_id="c" * 300), "client_request_id must be at most 256"),
-    "unknown model": (_set(model="x"), "model: unknown model 'x' (available: tiny-llama)"),
+    "unknown model": (_set(model="x"), "model: unknown model 'x' (available: tiny-llama, auto)"),
     "prompt too long": (
         lambda r, v, n: r.token_ids.CopyFrom(pb.TokenIds(ids=[1] * n)),
         "prompt: {n} tokens leave no room to generate within the model's max_seq_len {n}",
