@@ -1,6 +1,7 @@
-"""Overtaking on the CPU executor after the first token: a request whose prefill overtook the
-step in flight gets its next tokens from decode steps nested in that step, as often as the
-plan's ``overtake_interval_s`` asks; nested steps never preempt a sequence of the outer one."""
+"""Overtaking on the CPU executor: a request marked ``overtake`` that arrives during a step has
+its prefill run between two of the step's layers, and then its next tokens from decode steps
+nested in that step, as often as the plan's ``overtake_interval_s`` asks; nested steps never
+preempt a sequence of the outer one. Every output equals its solo run."""
 
 from __future__ import annotations
 
@@ -40,6 +41,94 @@ def _solo(path: Path, request: ExecRequest) -> list[int]:
     return tokens
 
 
+def _arrive_during_decodes(
+    monkeypatch: pytest.MonkeyPatch, executor: CpuExecutor, *requests: ExecRequest
+) -> None:
+    """Enqueues ``requests`` once, after the first layer of the first step in which every
+    running sequence decodes: they arrive while that step is in flight."""
+    from server.executor.cpu.model import ForwardPass
+
+    original = ForwardPass.advance
+    sent: list[bool] = []
+
+    def advance(self: ForwardPass) -> None:
+        original(self)
+        engine = executor._engine
+        if not sent and engine.running and all(not s.prefilling for s in engine.running):
+            sent.append(True)
+            for request in requests:
+                executor.enqueue(request)
+
+    monkeypatch.setattr(ForwardPass, "advance", advance)
+
+
+def _tokens_published_inside(
+    monkeypatch: pytest.MonkeyPatch, method: str, request_id: int
+) -> list[int]:
+    """The tokens of ``request_id`` that ``CpuExecutor.<method>`` publishes (read as they
+    are published, on the worker's thread: the caller's poll drains the outbox
+    concurrently, so the outbox itself cannot tell)."""
+    tokens: list[int] = []
+    inside = [False]
+    original_method = getattr(CpuExecutor, method)
+    original_publish = CpuExecutor._publish
+
+    def wrapped(self: CpuExecutor, run: StepRun) -> None:
+        inside[0] = True
+        try:
+            original_method(self, run)
+        finally:
+            inside[0] = False
+
+    def publish(self: CpuExecutor, deltas: list[TokenDelta]) -> None:
+        if inside[0]:
+            tokens.extend(t for d in deltas if d.request_id == request_id for t in d.token_ids)
+        original_publish(self, deltas)
+
+    monkeypatch.setattr(CpuExecutor, method, wrapped)
+    monkeypatch.setattr(CpuExecutor, "_publish", publish)
+    return tokens
+
+
+def _run_with_background(
+    executor: CpuExecutor, path: Path, urgent: list[ExecRequest], *,
+    interval: float | None = None, draft_len: int = 0,
+) -> None:
+    """Four background requests, then the urgent ones that arrive among them, under a plan of
+    that overtake interval and draft length; checks every output against its solo run, and
+    the executor's books."""
+    background = [_req(rid, tuple(range(rid, rid + 8)), 16, 0.0) for rid in range(1, 5)]
+    drafts = {r.request_id: draft_len for r in [*background, *urgent]} if draft_len else {}
+    executor.set_plan(StepPlan(draft_lens=drafts, overtake_interval_s=interval))
+    results = collect(executor, background)
+    for request in urgent:
+        results.setdefault(request.request_id, Collected())
+    collect(executor, results=results)
+    for request in [*background, *urgent]:
+        assert results[request.request_id].token_ids == _solo(path, request)
+    executor.check_integrity()
+
+
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculating"])
+def test_an_overtaking_prefill_runs_inside_the_step_in_flight(
+    tiny_engine_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, speculate: bool
+) -> None:
+    """Its first token goes out from inside the step; also while that step verifies drafted
+    tokens (the tiny model drafting for itself, so every background step carries drafts)."""
+    tiny_engine = tiny_engine_factory()
+    executor = CpuExecutor.open(tiny_engine_factory(draft_seed=0) if speculate else tiny_engine)
+    urgent = _req(99, tuple(range(10, 50)), 5, 1.0, overtake=True)
+    _arrive_during_decodes(monkeypatch, executor, urgent)
+    first = _tokens_published_inside(monkeypatch, "_overtake", 99)
+    try:
+        _run_with_background(executor, tiny_engine, [urgent], draft_len=3 if speculate else 0)
+        assert len(first) == 1  # its first token, and no other, from the overtaking prefill
+        if speculate:
+            assert executor.stats().draft_tokens_accepted > 0
+    finally:
+        executor.shutdown()
+
+
 @pytest.mark.parametrize(
     ("interval", "speculate"),
     [(0.0, False), (0.0, True), (None, False), (60.0, False)],
@@ -53,56 +142,19 @@ def test_an_overtaking_request_decodes_inside_the_step_it_overtook(
 ) -> None:
     """The background step is in flight when the urgent request arrives: its prefill runs
     after a layer, and with an interval of 0 a decode of it after that layer and the next
-    too, before the background step ends. Every output equals its solo run."""
-    from server.executor.cpu.model import ForwardPass
-
+    too, before the background step ends."""
     tiny_engine = tiny_engine_factory()
     executor = CpuExecutor.open(tiny_engine_factory(draft_seed=0) if speculate else tiny_engine)
-    nested: list[int] = []  # tokens of the urgent request from nested decode steps
-    inside = [False]
-    sent: list[bool] = []
-    original_advance = ForwardPass.advance
-    original_decode = CpuExecutor._decode_overtakers
-    original_publish = CpuExecutor._publish
     urgent = _req(99, tuple(range(10, 50)), 6, 1.0, overtake=True)
-
-    def advance(self: ForwardPass) -> None:
-        original_advance(self)
-        engine = executor._engine
-        decoding = engine.running and all(not s.prefilling for s in engine.running)
-        if not sent and decoding:
-            sent.append(True)
-            executor.enqueue(urgent)  # arrives while a step of decodes is in flight
-
-    def decode(self: CpuExecutor, run: StepRun) -> None:
-        inside[0] = True
-        try:
-            original_decode(self, run)
-        finally:
-            inside[0] = False
-
-    def publish(self: CpuExecutor, deltas: list[TokenDelta]) -> None:
-        if inside[0]:  # the worker's own thread: no race with the poller
-            nested.extend(t for d in deltas if d.request_id == 99 for t in d.token_ids)
-        original_publish(self, deltas)
-
-    monkeypatch.setattr(ForwardPass, "advance", advance)
-    monkeypatch.setattr(CpuExecutor, "_decode_overtakers", decode)
-    monkeypatch.setattr(CpuExecutor, "_publish", publish)
+    _arrive_during_decodes(monkeypatch, executor, urgent)
+    nested = _tokens_published_inside(monkeypatch, "_decode_overtakers", 99)
     try:
-        background = [_req(rid, tuple(range(rid, rid + 8)), 16, 0.0) for rid in range(1, 5)]
-        drafts = {r.request_id: 3 for r in [*background, urgent]} if speculate else {}
-        executor.set_plan(StepPlan(draft_lens=drafts, overtake_interval_s=interval))
-        results = collect(executor, background)
-        results.setdefault(99, Collected())
-        collect(executor, results=results)
+        _run_with_background(executor, tiny_engine, [urgent], interval=interval,
+                             draft_len=3 if speculate else 0)
         if interval == 0.0:
             assert len(nested) >= 2  # after the layer it arrived at, and after the next
         else:
             assert nested == []
-        for request in [*background, urgent]:
-            assert results[request.request_id].token_ids == _solo(tiny_engine, request)
-        executor.check_integrity()
     finally:
         executor.shutdown()
 
@@ -175,15 +227,8 @@ def test_overtakers_decode_together_once_one_is_due(
     monkeypatch.setattr(ForwardPass, "advance", advance)
     monkeypatch.setattr(CpuEngine, "begin_step", begin_step)
     try:
-        executor.set_plan(StepPlan(overtake_interval_s=5.0))
-        background = [_req(rid, tuple(range(rid, rid + 8)), 16, 0.0) for rid in range(1, 5)]
-        results = collect(executor, background)
-        for request in urgent:
-            results.setdefault(request.request_id, Collected())
-        collect(executor, results=results)
+        _run_with_background(executor, tiny_engine, urgent, interval=5.0)
         assert len(outer) == 2
         assert nested_steps == [{98, 99}]  # the second layer was the step's last
-        for request in [*background, *urgent]:
-            assert results[request.request_id].token_ids == _solo(tiny_engine, request)
     finally:
         executor.shutdown()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from engine_builder.manifest import Manifest
-from server.executor.base import ExecRequest, FinishReason, SamplingParams, StepPlan, TokenDelta
+from server.executor.base import ExecRequest, FinishReason, SamplingParams, StepPlan
 from server.executor.cpu import CpuExecutor
 from server.executor.cpu.drive import Collected, collect
-from server.executor.cpu.engine import CpuEngine, StepRun
+from server.executor.cpu.engine import CpuEngine
 from server.executor.cpu.open import build_engine
 
 pytestmark = pytest.mark.unit
@@ -227,65 +227,6 @@ def test_an_overtaking_prefill_runs_between_the_layers_of_a_step(tiny_engine: Pa
         assert tokens[request.request_id] == _solo(tiny_engine, request)
     outer, inner = engine.take_step_samples()[1:3][::-1]
     assert (outer.shape.decode_rows, inner.shape.prefill_tokens) == (3, 30)
-
-
-@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculating"])
-def test_the_executor_runs_overtaking_requests_inside_a_step(
-    tiny_engine_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, speculate: bool
-) -> None:
-    """Also while the step in flight verifies drafted tokens (the tiny model drafting for
-    itself, so every step of the background sequences carries drafts)."""
-    from server.executor.cpu.model import ForwardPass
-
-    tiny_engine = tiny_engine_factory()
-    executor = CpuExecutor.open(tiny_engine_factory(draft_seed=0) if speculate else tiny_engine)
-    during_step: list[int] = []
-    inside_overtake = [False]
-    sent: list[bool] = []
-    original_advance = ForwardPass.advance
-    original_overtake = CpuExecutor._overtake
-    original_publish = CpuExecutor._publish
-    urgent = ExecRequest(99, tuple(range(10, 50)), SamplingParams(max_tokens=5, ignore_eos=True),
-                         priority=1.0, overtake=True)
-
-    def advance(self: ForwardPass) -> None:
-        original_advance(self)
-        engine = executor._engine
-        decoding = engine.running and all(not s.prefilling for s in engine.running)
-        if not sent and decoding:
-            sent.append(True)
-            executor.enqueue(urgent)  # arrives while a step of decodes is in flight
-
-    def overtake(self: CpuExecutor, run: StepRun) -> None:
-        inside_overtake[0] = True
-        try:
-            original_overtake(self, run)
-        finally:
-            inside_overtake[0] = False
-
-    def publish(self: CpuExecutor, deltas: list[TokenDelta]) -> None:
-        if inside_overtake[0]:  # the worker's own thread: no race with the poller
-            during_step.extend(d.request_id for d in deltas if d.token_ids)
-        original_publish(self, deltas)
-
-    monkeypatch.setattr(ForwardPass, "advance", advance)
-    monkeypatch.setattr(CpuExecutor, "_overtake", overtake)
-    monkeypatch.setattr(CpuExecutor, "_publish", publish)
-    try:
-        background = [_req(rid, 8, priority=0.0, max_tokens=12) for rid in range(1, 5)]
-        if speculate:
-            executor.set_plan(StepPlan(draft_lens={r.request_id: 3 for r in background}))
-        results = collect(executor, background)
-        results.setdefault(99, Collected())
-        collect(executor, results=results)
-        assert during_step == [99]  # its first token went out from inside a step
-        for request in [*background, urgent]:
-            assert results[request.request_id].token_ids == _solo(tiny_engine, request)
-        executor.check_integrity()
-        if speculate:
-            assert executor.stats().draft_tokens_accepted > 0
-    finally:
-        executor.shutdown()
 
 
 def test_a_decode_that_preempts_a_sequence_already_packed_drops_its_chunk(
