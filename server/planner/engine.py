@@ -55,6 +55,7 @@ class SimStep:
     seconds: float
     shape: StepShape
     chunks: list[tuple[SimSequence, int]]  # (sequence, tokens computed)
+    overtake_interval_s: float | None = None  # of the plan it started under
 
 
 @dataclass(slots=True)
@@ -101,6 +102,9 @@ class SimEngine:
         self.running: list[SimSequence] = []  # admission order: the last is the newest
         self.live: dict[int, SimSequence] = {}  # every enqueued id without a final delta yet
         self.step: SimStep | None = None
+        # Steps an overtaking prefill interrupted, innermost last: (step, seconds it had left).
+        self.suspended: list[tuple[SimStep, float]] = []
+        self.overtakers: list[SimSequence] = []  # of the outermost step in flight
         self._batch: _StaticBatch | None = None
         # Sequences with output since the last poll, in order; each becomes one delta (a
         # slow poller gets several tokens per delta). Keyed by sequence, not id: an id is
@@ -152,7 +156,7 @@ class SimEngine:
         seconds = self._model.predict(nxt)
         if self._jitter:
             seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
-        self.step = SimStep(step.end + seconds, seconds, nxt, step.chunks)
+        self.step = SimStep(step.end + seconds, seconds, nxt, step.chunks, step.overtake_interval_s)
 
     def take_out(self, seq: SimSequence) -> None:
         """Removes a live sequence from wherever it waits or runs, freeing its blocks."""
@@ -185,7 +189,8 @@ class SimEngine:
         paused, prefilling or about to emit its first or last token), room in the KV pool
         for every sequence's next token, and for a plan follower one tier only (mixed tiers
         are what a plan re-decides as contexts grow)."""
-        if self.inbox or self.waiting or self._static or len(step.chunks) != len(self.running):
+        if (self.inbox or self.waiting or self._static or self.suspended
+                or len(step.chunks) != len(self.running)):
             return False
         max_seq_len, new_blocks = self.capacity.max_seq_len, 0
         tpb = self.kv.tokens_per_block
@@ -213,7 +218,81 @@ class SimEngine:
         seconds = self._model.predict(shape)
         if self._jitter:
             seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        self.step = SimStep(now + seconds, seconds, shape, chunks, self.plan.overtake_interval_s)
+
+    def overtake(self, now: float, request_id: int) -> None:
+        """The CPU executor's overtaking: a request just enqueued while a step is in flight
+        has its prefill run now, as a step nested in that one, which ends that much later
+        (``resume``). It needs a free slot and its blocks now; otherwise it waits for the
+        next step as any other."""
+        seq = next((s for s in self.inbox if s.rid == request_id), None)
+        if self.step is None or seq is None or self._static:
+            return
+        if len(self.running) >= self.capacity.max_slots:
+            return
+        cached = self.kv.admit(seq.tokens, self.kv.blocks_for(len(seq.tokens)))
+        if cached is None:
+            return
+        self.inbox.remove(seq)
+        self._run(seq, cached)
+        chunks = [(seq, min(seq.num_pending, self.capacity.max_tokens_per_step))]
+        shape = self._shape(chunks)
+        seconds = self._model.predict(shape)
+        if self._jitter:
+            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        self.suspended.append((self.step, self.step.end - now))
+        self.overtakers.append(seq)
         self.step = SimStep(now + seconds, seconds, shape, chunks)
+
+    def resume(self, now: float) -> bool:
+        """After a nested step ended at ``now``: the step it interrupted goes on for what it
+        had left, or, under a plan with an overtake interval, for that interval, and then a
+        decode of the overtakers nests in it (never preempting). False when none was
+        interrupted."""
+        if not self.suspended:
+            self.overtakers.clear()
+            return False
+        step, left = self.suspended.pop()
+        interval = self.suspended[0][0].overtake_interval_s if self.suspended else (
+            step.overtake_interval_s)
+        chunks = self._nested_decodes() if interval is not None and left > interval else []
+        if not chunks:
+            step.end = now + left
+            self.step = step
+            return True
+        assert interval is not None
+        shape = self._shape(chunks)
+        seconds = self._model.predict(shape)
+        if self._jitter:
+            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        self.suspended.append((step, left - interval))
+        self.step = SimStep(now + interval + seconds, seconds, shape, chunks)
+        return True
+
+    def _nested_decodes(self) -> list[tuple[SimSequence, int]]:
+        room = self.kv.tokens_per_block
+        chunks: list[tuple[SimSequence, int]] = []
+        for seq in self.overtakers:
+            if seq.finish is not None or seq.blocks == 0 or seq.num_pending != 1:
+                continue
+            if len(seq.tokens) > seq.blocks * room:
+                if not self.kv.take(1):
+                    continue
+                seq.blocks += 1
+            chunks.append((seq, 1))
+        return chunks
+
+    def _run(self, seq: SimSequence, cached: int) -> None:
+        """Moves an admitted sequence (its blocks taken, ``cached`` of them found) into the
+        running set."""
+        seq.blocks = self.kv.blocks_for(len(seq.tokens))
+        seq.num_computed = cached
+        self.running.append(seq)
+        if seq.cached_tokens is None:  # first admission, not a re-admission
+            seq.cached_tokens = cached
+            seq.report_cached = True
+            self.counters.prompt_tokens += len(seq.tokens)
+            self.counters.cached_prompt_tokens += cached
 
     def _admit(self) -> None:
         if self._static and self.running:
@@ -229,15 +308,8 @@ class SimEngine:
                 self.end(seq, FinishReason.ERROR, "prompt does not fit the KV-cache pool")
                 continue
             self.waiting.popleft()
-            seq.blocks = self.kv.blocks_for(len(seq.tokens))
-            seq.num_computed = cached
-            self.running.append(seq)
+            self._run(seq, cached)
             batch.append(seq)
-            if seq.cached_tokens is None:  # first admission, not a re-admission
-                seq.cached_tokens = cached
-                seq.report_cached = True
-                self.counters.prompt_tokens += len(seq.tokens)
-                self.counters.cached_prompt_tokens += cached
         if self._static and batch:
             longest = max(len(s.tokens) for s in batch)
             self._batch = _StaticBatch(len(batch), longest, batch)

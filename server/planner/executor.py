@@ -14,6 +14,10 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   output is ready when it ends, and the next step starts at once with what was enqueued before
   then, as an executor running on its own thread does (work enqueued in answer to a step's
   output joins the step after the next one).
+- ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: a request marked
+  ``overtake`` that arrives during a step has its prefill run at once as a step nested in it
+  (which then ends that much later), and, under a plan with ``overtake_interval_s``, a decode
+  every interval of the step it overtook (never preempting).
 - ``batching="static"`` is the baseline without in-flight batching: a batch is admitted only
   when the previous one has wholly finished; prompts are padded to the batch's longest and
   finished sequences keep their rows (padding) until the batch ends.
@@ -142,6 +146,7 @@ class SimulatedExecutor:
             e.take_out(seq)
             e.end(seq, FinishReason.CANCELLED)
         e.step = None
+        e.suspended.clear()
 
     # -- driving the clock ----------------------------------------------------------------
 
@@ -177,7 +182,8 @@ class SimulatedExecutor:
             raise RuntimeError(f"the clock ({self.clock.now}) is before the step's end")
         e.step = None
         e.commit(step)
-        e.start_step(step.end)
+        if not e.resume(step.end):
+            e.start_step(step.end)
 
     def run_ahead(self, before: float) -> int:
         """Runs steps whose output no scheduler pass needs to see when it comes: while the
@@ -238,9 +244,16 @@ class SimulatedExecutor:
 
 
 class PlanFollowingSimulatedExecutor(SimulatedExecutor):
-    """Also follows the scheduler's step plans (``PlanFollower``), like the CPU executor."""
+    """Also follows the scheduler's step plans (``PlanFollower``) and runs the prefill of a
+    request marked ``overtake`` that arrives during a step nested in it, like the CPU
+    executor."""
 
     _follows_plans = True
 
     def set_plan(self, plan: StepPlan) -> None:
         self._engine.plan = plan
+
+    def enqueue(self, request: ExecRequest) -> None:
+        super().enqueue(request)
+        if request.overtake:
+            self._engine.overtake(self.clock.now, request.request_id)

@@ -3,12 +3,18 @@ blocks with a resume from the prefix cache, steps that run ahead, durations from
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine_builder.step_cost import FEATURES, LinearStepCost
-from server.executor.base import Capacity, ExecRequest, SamplingParams
+from server.executor.base import Capacity, ExecRequest, SamplingParams, StepPlan
 from server.executor.cpu.drive import Collected, collect
-from server.planner.executor import SimClock, SimulatedExecutor
+from server.planner.executor import (
+    PlanFollowingSimulatedExecutor,
+    SimClock,
+    SimulatedExecutor,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +106,53 @@ def test_it_does_not_run_ahead_while_anything_waits() -> None:
     clock.now = ex.step_end or 0.0
     ex.finish_step()
     assert ex.run_ahead(before=1e9) == 0
+
+
+def _drive(ex: PlanFollowingSimulatedExecutor, clock: SimClock,
+           tokens: dict[int, list[float]]) -> None:
+    """Runs every step to its end, recording when each request's tokens come out."""
+    while ex.step_end is not None:
+        clock.now = ex.step_end
+        ex.finish_step()
+        for d in ex.poll(0.0):
+            tokens.setdefault(d.request_id, []).extend([clock.now] * len(d.token_ids))
+
+
+def test_an_overtaking_prefill_nests_in_the_step_in_flight() -> None:
+    """As the CPU executor does: a 40-token prefill step (50 ms) is in flight when a request
+    marked overtake arrives at 20 ms; its 20-token prefill (30 ms) runs at once, and the step
+    it interrupted ends 30 ms later than it would have."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock)
+    ex.enqueue(req(1, 40, 2))
+    ex.wake()
+    clock.now = 0.020
+    ex.enqueue(replace(req(2, 20, 1), overtake=True))
+    assert ex.step_end == pytest.approx(0.050)  # the nested prefill's end
+    clock.now = 0.050
+    ex.finish_step()
+    assert [d.request_id for d in ex.poll(0.0) if d.token_ids] == [2]
+    assert ex.step_end == pytest.approx(0.080)  # 30 ms were left of the outer step
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[1][0] == pytest.approx(0.080)
+    ex.check_integrity()
+
+
+def test_overtakers_decode_inside_a_step_planned_with_an_overtake_interval() -> None:
+    """A 60-token prefill (70 ms) under a plan with a 5 ms interval; an overtaking request
+    arrives at 10 ms: its prefill (20 ms), then a decode (11 ms) every 5 ms of the outer step,
+    until its 4 tokens are out, all before the outer step's first token."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock)
+    ex.set_plan(StepPlan(overtake_interval_s=0.005))
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    clock.now = 0.010
+    ex.enqueue(replace(req(2, 10, 4), overtake=True))
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[2] == pytest.approx([0.030, 0.046, 0.062, 0.078])
+    # The outer step had 60 ms left at 30 ms and ran 5 ms between the three nested decodes.
+    assert tokens[1][0] == pytest.approx(0.078 + 0.060 - 3 * 0.005)
+    ex.check_integrity()
