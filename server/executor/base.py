@@ -310,6 +310,22 @@ class StepPlan:
         return sum(1 for cap in self.token_caps.values() if cap == 0)
 
 
+def check_fits(request: ExecRequest, capacity: Capacity) -> None:
+    """ValueError unless an engine of ``capacity`` can run the request: a prompt, and a
+    context (prompt and resumed tokens) that leaves room to generate and that the KV pool
+    holds."""
+    if not request.prompt_token_ids:
+        raise ValueError("empty prompt")
+    context = len(request.prompt_token_ids) + len(request.resume_token_ids)
+    if context + 1 > capacity.max_seq_len:
+        raise ValueError(
+            f"prompt of {context} tokens leaves no room to generate "
+            f"(max_seq_len {capacity.max_seq_len})"
+        )
+    if capacity.blocks_for(context + 1) > capacity.num_kv_blocks:
+        raise ValueError(f"prompt of {context} tokens exceeds the KV-cache pool")
+
+
 @runtime_checkable
 class PlanFollower(Protocol):
     """An executor that takes step plans (the CPU executor). Others (TensorRT-LLM) plan their

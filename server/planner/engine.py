@@ -153,9 +153,7 @@ class SimEngine:
         nxt = StepShape(decode_rows=rows, samples=rows,
                         decode_context=shape.decode_context + rows,
                         decode_context_max=shape.decode_context_max + 1)
-        seconds = self._model.predict(nxt)
-        if self._jitter:
-            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        seconds = self._seconds(nxt)
         self.step = SimStep(step.end + seconds, seconds, nxt, step.chunks, step.overtake_interval_s)
 
     def take_out(self, seq: SimSequence) -> None:
@@ -215,9 +213,7 @@ class SimEngine:
         if not chunks:
             return
         shape = self._shape(chunks)
-        seconds = self._model.predict(shape)
-        if self._jitter:
-            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        seconds = self._seconds(shape)
         self.step = SimStep(now + seconds, seconds, shape, chunks, self.plan.overtake_interval_s)
 
     def overtake(self, now: float, request_id: int) -> None:
@@ -237,9 +233,7 @@ class SimEngine:
         self._run(seq, cached)
         chunks = [(seq, min(seq.num_pending, self.capacity.max_tokens_per_step))]
         shape = self._shape(chunks)
-        seconds = self._model.predict(shape)
-        if self._jitter:
-            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        seconds = self._seconds(shape)
         self.suspended.append((self.step, self.step.end - now))
         self.overtakers.append(seq)
         self.step = SimStep(now + seconds, seconds, shape, chunks)
@@ -253,8 +247,8 @@ class SimEngine:
             self.overtakers.clear()
             return False
         step, left = self.suspended.pop()
-        interval = self.suspended[0][0].overtake_interval_s if self.suspended else (
-            step.overtake_interval_s)
+        outermost = self.suspended[0][0] if self.suspended else step
+        interval = outermost.overtake_interval_s
         chunks = self._nested_decodes() if interval is not None and left > interval else []
         if not chunks:
             step.end = now + left
@@ -262,25 +256,24 @@ class SimEngine:
             return True
         assert interval is not None
         shape = self._shape(chunks)
-        seconds = self._model.predict(shape)
-        if self._jitter:
-            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        seconds = self._seconds(shape)
         self.suspended.append((step, left - interval))
         self.step = SimStep(now + interval + seconds, seconds, shape, chunks)
         return True
 
     def _nested_decodes(self) -> list[tuple[SimSequence, int]]:
-        room = self.kv.tokens_per_block
-        chunks: list[tuple[SimSequence, int]] = []
-        for seq in self.overtakers:
-            if seq.finish is not None or seq.blocks == 0 or seq.num_pending != 1:
-                continue
-            if len(seq.tokens) > seq.blocks * room:
-                if not self.kv.take(1):
-                    continue
-                seq.blocks += 1
-            chunks.append((seq, 1))
-        return chunks
+        return [
+            (seq, 1) for seq in self.overtakers
+            if seq.finish is None and seq.blocks and seq.num_pending == 1
+            and self._reserve_slot(seq, preempt=False)
+        ]
+
+    def _seconds(self, shape: StepShape) -> float:
+        """How long a step of ``shape`` takes: the model's prediction, jittered."""
+        seconds = self._model.predict(shape)
+        if self._jitter:
+            seconds *= math.exp(self._rng.gauss(0.0, self._jitter))
+        return seconds
 
     def _run(self, seq: SimSequence, cached: int) -> None:
         """Moves an admitted sequence (its blocks taken, ``cached`` of them found) into the
@@ -352,14 +345,16 @@ class SimEngine:
                 budget = max(0, budget - n)
         return chunks
 
-    def _reserve_slot(self, seq: SimSequence) -> bool:
+    def _reserve_slot(self, seq: SimSequence, *, preempt: bool = True) -> bool:
         """A KV block for the last sampled token when its block is full, preempting the
-        newest sequence of the lowest priority while none is left; False when seq itself
-        was preempted."""
+        newest sequence of the lowest priority while none is left (unless not ``preempt``);
+        False when it got none: seq itself was preempted, or none was free."""
         while seq.blocks < self.kv.blocks_for(len(seq.tokens)):
             if self.kv.take(1):
                 seq.blocks += 1
                 return True
+            if not preempt:
+                return False
             lowest = min(s.request.priority for s in self.running)
             victim = next(s for s in reversed(self.running) if s.request.priority == lowest)
             self._release(victim)

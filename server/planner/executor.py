@@ -44,6 +44,7 @@ from server.executor.base import (
     FinishReason,
     StepPlan,
     TokenDelta,
+    check_fits,
 )
 from server.planner.engine import Counters, SimEngine
 
@@ -217,16 +218,7 @@ class SimulatedExecutor:
             raise ValueError("the executor is shut down")
         if request.request_id in self._engine.live:
             raise ValueError(f"request id {request.request_id} is already live")
-        if not request.prompt_token_ids:
-            raise ValueError("empty prompt")
-        context = len(request.prompt_token_ids) + len(request.resume_token_ids)
-        if context + 1 > cap.max_seq_len:
-            raise ValueError(
-                f"prompt of {context} tokens leaves no room to generate "
-                f"(max_seq_len {cap.max_seq_len})"
-            )
-        if cap.blocks_for(context + 1) > cap.num_kv_blocks:
-            raise ValueError(f"prompt of {context} tokens exceeds the KV-cache pool")
+        check_fits(request, cap)
         ids = request.prompt_token_ids
         if min(ids) < 0 or max(ids) >= cap.vocab_size:
             raise ValueError(f"a token id is outside the vocabulary [0, {cap.vocab_size})")

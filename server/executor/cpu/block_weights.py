@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from server.executor.cpu.blas import set_thread_blas_threads, thread_blas_threads
+from server.executor.cpu.linears import DenseLinear
 
 # Input rows up to which the kernels multiply straight from the packed bytes: every decode step
 # of a 32-slot engine. At 32 rows they matched dequantize + BLAS (about 30 GMAC/s on one core,
@@ -270,23 +271,12 @@ def _to_tiles(raw: np.ndarray, qtype: str, tile: int) -> tuple[np.ndarray, np.nd
     return quants, half(d_at), None if m_at is None else half(m_at)
 
 
-class WidenedLinear:
+class WidenedLinear(DenseLinear):
     """A float32 weight widened at load from blocks that have no kernels (``widen_blocks``),
     in an engine whose other weights run on the kernels. With more than one thread its
     products are split by output rows among the kernels' helper threads, one BLAS thread each:
     OpenBLAS's own threads, left spinning after each call, kept the kernels' threads off the
     cores (a 2-thread decode step of Gemma 3 270M took 240-580 ms instead of about 45)."""
-
-    def __init__(self, weight: np.ndarray) -> None:
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [out, in]
-        self.out_features, self.in_features = self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.weight.nbytes)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.weight[ids]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)  # [n, in]

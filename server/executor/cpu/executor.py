@@ -39,6 +39,7 @@ from server.executor.base import (
     FinishReason,
     StepPlan,
     TokenDelta,
+    check_fits,
 )
 from server.executor.cpu.blas import default_threads, set_thread_compute_threads
 from server.executor.cpu.engine import CpuEngine, EngineCounters, StepRun
@@ -189,16 +190,7 @@ class CpuExecutor:
 
     def _validate(self, request: ExecRequest) -> None:
         cap = self._capacity
-        if not request.prompt_token_ids:
-            raise ValueError("empty prompt")
-        context = len(request.prompt_token_ids) + len(request.resume_token_ids)
-        if context + 1 > cap.max_seq_len:
-            raise ValueError(
-                f"prompt of {context} tokens leaves no room to generate "
-                f"(max_seq_len {cap.max_seq_len})"
-            )
-        if cap.blocks_for(context + 1) > cap.num_kv_blocks:
-            raise ValueError(f"prompt of {context} tokens exceeds the KV-cache pool")
+        check_fits(request, cap)
         for token in (*request.prompt_token_ids, *request.resume_token_ids):
             if not 0 <= token < cap.vocab_size:
                 raise ValueError(f"token id {token} outside the vocabulary [0, {cap.vocab_size})")
