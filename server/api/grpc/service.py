@@ -6,6 +6,8 @@ no method runs for a call without valid credentials, and hand it to the method."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
@@ -53,7 +55,18 @@ GrpcUnary: TypeAlias = "Callable[[InferenceServicer, Any, Context], Awaitable[R]
 GrpcStream: TypeAlias = "Callable[[InferenceServicer, Any, Context], AsyncIterator[R]]"
 
 
-def _unary(method: UnaryMethod[R], *, while_draining: bool) -> GrpcUnary[R]:
+# A client-streaming call refused before its client has half-closed: the rest of its input is
+# read and dropped (up to these bounds) before the status goes out. grpcio's asyncio client
+# otherwise reports a write that meets the closed stream as INTERNAL ("Internal error from
+# Core"), overwriting the server's status, whenever the refusal overtakes its writes
+# (grpc/grpc#36066), so a refused upload would look like a server fault instead of, say,
+# UNAVAILABLE while draining, which the client retries elsewhere.
+REFUSED_INPUT_MAX_BYTES = 64 << 20
+REFUSED_INPUT_MAX_S = 5.0
+
+
+def _unary(method: UnaryMethod[R], *, while_draining: bool,
+           request_stream: bool = False) -> GrpcUnary[R]:
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: Context) -> R:
         try:
@@ -64,10 +77,26 @@ def _unary(method: UnaryMethod[R], *, while_draining: bool) -> GrpcUnary[R]:
         except AbortError:
             raise
         except Exception as exc:
+            if request_stream:
+                await _discard_rest(request)
             await context.abort(*status_for_exception(exc))
             raise  # unreachable: abort raises
 
     return wrapper
+
+
+async def _discard_rest(messages: AsyncIterator[Any]) -> None:
+    """Reads a refused call's remaining input, within REFUSED_INPUT_MAX_BYTES/_S."""
+
+    async def drain() -> None:
+        size = 0
+        async for message in messages:
+            size += message.ByteSize()
+            if size > REFUSED_INPUT_MAX_BYTES:
+                return
+
+    with contextlib.suppress(Exception):  # the input broke off or ran past its time: done
+        await asyncio.wait_for(drain(), REFUSED_INPUT_MAX_S)
 
 
 def _stream(method: StreamMethod[R], *, while_draining: bool) -> GrpcStream[R]:
@@ -90,6 +119,11 @@ def _stream(method: StreamMethod[R], *, while_draining: bool) -> GrpcStream[R]:
 def unary_rpc(method: UnaryMethod[R]) -> GrpcUnary[R]:
     """A method that takes new work: refused (UNAVAILABLE) while draining."""
     return _unary(method, while_draining=False)
+
+
+def upload_rpc(method: UnaryMethod[R]) -> GrpcUnary[R]:
+    """A client-streaming method that takes new work (see REFUSED_INPUT_MAX_BYTES)."""
+    return _unary(method, while_draining=False, request_stream=True)
 
 
 def stream_rpc(method: StreamMethod[R]) -> GrpcStream[R]:
@@ -197,7 +231,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         tenant = tenant_for(caller, request.tenant, "tenant")
         return job_to_pb(await self._jobs.submit(request, tenant, caller.limits))
 
-    @unary_rpc
+    @upload_rpc
     async def UploadBatch(
         self, request_iterator: AsyncIterator[pb.UploadBatchRequest], context: Context,
         caller: Caller,

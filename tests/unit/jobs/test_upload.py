@@ -180,3 +180,28 @@ async def test_a_job_larger_than_a_grpc_message_submits(
         tail = [r async for r in client.results(job.id, start_index=2495)]
     assert [r.request_id for r in tail] == [f"r{i}" for i in range(2495, 2500)]
     assert all(r.usage.prompt_tokens == 500 and r.error is None for r in tail)
+
+
+async def test_a_refused_upload_keeps_its_status_while_the_client_still_writes(
+    server: BackfillServer,
+) -> None:
+    """A refusal that overtakes the client's writes reaches the client as the server's status
+    (grpcio's asyncio client reports INTERNAL for a write that meets the closed stream unless
+    the server reads the input first); the SDK's error names the field."""
+    bad_header = pb.UploadBatchHeader(model="nope")
+    pieces = [json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(20)]
+    async with AsyncClient(server.address) as client:
+        for _ in range(30):
+            with pytest.raises(InvalidArgument, match=r"header\.model"):
+                await client.submit_batch([{"prompt": "x"}] * 50, model="nope")
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            for _ in range(30):
+                async def gen() -> AsyncIterator[pb.UploadBatchRequest]:
+                    yield pb.UploadBatchRequest(header=bad_header)
+                    for piece in pieces:
+                        yield pb.UploadBatchRequest(data=piece)
+
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.UploadBatch(gen())
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
