@@ -99,9 +99,11 @@ def _log_slos(scheduler: BackfillScheduler, slos: Slos, name: str) -> None:
         log.info("the step budget starts once the step-cost model has seen a few steps")
         return
     log.info(
-        "offline reserve: %d slots progress in every step, the TPOT SLO notwithstanding "
-        "(it costs up to %.1f ms per step, predicted)",
+        "offline reserve: %d slots; each computes whenever the step budget has room and at "
+        "least every %.0f ms, the TPOT SLO notwithstanding (up to %.1f ms more in such a "
+        "step, predicted)",
         reserve,
+        1000 * planner.reserve_period_s,
         1000 * planner.reserve_cost_s(reserve, 128),
     )
 

@@ -68,7 +68,8 @@ class BackfillScheduler:
         self._reporter = executor if isinstance(executor, StepReporter) else None
         slo = self._config.tpot_slo_s
         self._planner = (
-            None if slo is None else SloPlanner(self._step_cost, slo, executor.capacity)
+            None if slo is None
+            else SloPlanner(self._step_cost, slo, executor.capacity, clock)
         )
         speculation = SpeculationPolicy(
             self._step_cost, executor.capacity, self._config.speculation, slo, self._planner

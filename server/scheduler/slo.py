@@ -5,8 +5,12 @@ carries, so while any online request runs or waits, the offline work in a step i
 that the step-cost model predicts it within the TPOT SLO. Online work itself is never bounded
 (it gets what it would get on an engine of its own); with no online work, offline fills every
 step. The offline reserve is a floor that takes precedence over the SLO: the oldest
-``keep_offline`` offline sequences compute at least one token in every step (more when the
-budget has room), so offline never starves.
+``keep_offline`` offline sequences keep their slots, compute first whenever the budget has
+room, and compute at least one token every ``RESERVE_PERIOD_SLOS`` TPOT SLOs even when that
+takes a step over the budget, so offline never starves. Where a step's cost grows with its
+rows (a CPU: each row costs about what an online row does), a reserve that computed in every
+step would add its rows to every online token's step; one that computes every few SLOs adds
+them to one step in several.
 
 With no online work, offline fills every step, but a step is still kept to several TPOT SLOs
 (``IDLE_STEP_FACTOR``) by capping prefill chunks. An online request that arrives during such a
@@ -24,7 +28,8 @@ that plan their own steps (the scheduler then bounds how many offline requests t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine_builder.step_cost import OnlineStepCost, StepShape
@@ -67,14 +72,25 @@ class SloPlanner:
     MARGIN_MAX = 1.0
     MISS_FACTOR = 0.95  # the margin after a miss, relative
     HIT_STEP = 0.0005  # what a met request gives back (about MISS_FACTOR's share / 99)
+    # A reserved offline sequence that has not computed for this many TPOT SLOs computes in
+    # the next step, within the budget or not.
+    RESERVE_PERIOD_SLOS = 4.0
 
-    def __init__(self, cost: OnlineStepCost, tpot_slo_s: float, capacity: Capacity) -> None:
+    def __init__(self, cost: OnlineStepCost, tpot_slo_s: float, capacity: Capacity,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if tpot_slo_s <= 0:
             raise ValueError(f"tpot_slo_s must be > 0, got {tpot_slo_s}")
         self.cost = cost
         self.tpot_slo_s = tpot_slo_s
         self.margin = self.MARGIN_START
         self._capacity = capacity
+        self._clock = clock
+        self._computed_at: dict[int, float] = {}  # offline id -> when a plan last let it compute
+
+    @property
+    def reserve_period_s(self) -> float:
+        """The longest a reserved offline sequence goes without computing."""
+        return self.RESERVE_PERIOD_SLOS * self.tpot_slo_s
 
     @property
     def budget_s(self) -> float:
@@ -111,14 +127,21 @@ class SloPlanner:
         waiting = list(online_waiting)
         if not self.cost.calibrated:
             return SloDecision(StepPlan(), False, None, 0, 0.0)
+        now = self._clock()
+        offline = [r for r in running if r.tier is Tier.OFFLINE]
+        computed_at = {r.id: self._computed_at.get(r.id, now) for r in offline}
         if not online and not waiting:
-            return self._idle(running)
+            decision = self._idle(offline)
+            self._computed_at = dict.fromkeys(computed_at, now)
+            return decision
         shape = StepShape()
         budget_tokens = self._capacity.max_tokens_per_step
         for r in [*online, *waiting]:
             budget_tokens -= _add_whole(shape, r, budget_tokens)
-        offline = [r for r in running if r.tier is Tier.OFFLINE]
-        floor, rest = offline[:keep_offline], offline[keep_offline:]
+        due = {r.id for r in offline[:keep_offline]
+               if now - computed_at[r.id] >= self.reserve_period_s}
+        floor = [r for r in offline if r.id in due]
+        rest = [r for r in offline if r.id not in due]
         caps: dict[int, int] = {}
         for r in floor:
             if _decoding(r):
@@ -142,7 +165,12 @@ class SloPlanner:
                     _add(shape, r, n)
         held = sum(1 for r in rest if caps[r.id] < _pending(r))
         plan = StepPlan({r.exec_id: caps[r.id] for r in offline if r.exec_id is not None})
-        rows = len(floor) + sum(1 for r in rest if caps[r.id] > 0)
+        self._computed_at = {r.id: now if caps[r.id] > 0 else computed_at[r.id]
+                             for r in offline}
+        # An executor that plans its own steps cannot pause: it runs every offline request
+        # it holds, so the reserve counts in full.
+        rows = min(len(offline), keep_offline) + sum(
+            1 for r in offline[keep_offline:] if caps[r.id] > 0)
         predicted = self.cost.predict(shape)
         context = sum(r.num_context_tokens for r in offline) // len(offline) if offline else 64
         rows += self._more_decodes(shape, context)
@@ -214,8 +242,8 @@ class SloPlanner:
         return lo
 
     def reserve_cost_s(self, keep_offline: int, context: int) -> float:
-        """What the reserve adds to a one-online-decode step, at worst (its sequences all
-        prefilling), for the start-up message."""
+        """What the reserve adds to a one-online-decode step that it takes over the budget,
+        at worst (its sequences all prefilling), for the start-up message."""
         base = StepShape()
         base.add_decode(context)
         with_reserve = base.copy()

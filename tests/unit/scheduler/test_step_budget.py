@@ -106,19 +106,29 @@ def test_paused_offline_streams_continue_exactly() -> None:
     assert sched.snapshot().offline.preemptions == 0  # paused, never recomputed
 
 
-def test_the_reserve_progresses_even_when_online_work_fills_the_budget() -> None:
-    """Online work alone over budget: the reserve's sequences still decode, one row each."""
+def test_the_reserve_progresses_every_few_slos_even_when_online_work_fills_the_budget() -> None:
+    """Online work alone over budget: offline sits steps out, but the reserve's sequences
+    compute a token each once RESERVE_PERIOD_SLOS TPOT SLOs (4 x 20 ms) have passed since
+    they last did, then sit out again."""
     ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
-    sched, rec, _ = scheduler(ex, tpot_ms=20, reserve=0.25)  # 4 of 16 slots
+    sched, rec, clock = scheduler(ex, tpot_ms=20, reserve=0.25)  # 4 of 16 slots
     offline_prompts = {(300 + i, 1) for i in range(10)}
     for prompt in offline_prompts:
         sched.submit(offline(prompt, max_tokens=60), rec)
     for _ in range(3):
         sched.run_pass()
-    sched.submit(online(tuple(range(1, 40)), max_tokens=5), rec)  # a 39-token prefill
-    sched.run_pass()
-    sched.run_pass()
-    assert offline_computing(ex, exec_ids(ex, offline_prompts)) == 4  # the floor, no more
+    offline_ids = exec_ids(ex, offline_prompts)
+    for prompt in ((1, 2), (3, 4)):  # two online decodes: 10 + 2 x 5 ms, the whole budget
+        sched.submit(online(prompt, max_tokens=40), rec)
+    computing = []
+    for _ in range(12):
+        sched.run_pass()
+        computing.append(offline_computing(ex, offline_ids))
+        clock.advance(0.030)
+    # Offline last computed in the first pass's step (no online work yet); the plan a pass
+    # makes reaches the step after it: due at 90 ms (>= 80), computing in the fourth step
+    # after, and every third step from then on.
+    assert computing[1:] == [0, 0, 0, 4, 0, 0, 4, 0, 0, 4, 0], computing
 
 
 def test_offline_prefill_gets_the_largest_chunk_that_fits() -> None:
@@ -256,13 +266,21 @@ def _check_idle(planner: SloPlanner, offline: list[LiveRequest], caps: dict[int,
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(running=entries, slo_ms=st.sampled_from([15.0, 40.0, 100.0, 400.0]),
-       keep=st.integers(0, 4), margin=st.sampled_from([0.5, 0.9, 1.0]))
+       keep=st.integers(0, 4), margin=st.sampled_from([0.5, 0.9, 1.0]),
+       reserve_due=st.booleans())
 def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
-    running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int, margin: float
+    running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int, margin: float,
+    reserve_due: bool,
 ) -> None:
-    planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity())
+    """The floor (the reserve's sequences that have not computed for RESERVE_PERIOD_SLOS)
+    always progresses; a step goes over the budget only when online work and the floor's
+    minimum alone would."""
+    clock = FakeClock()
+    planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity(), clock)
     planner.margin = margin
     seqs = [_live(i, *entry) for i, entry in enumerate(running)]
+    planner.decide(seqs, [], keep)  # when the planner first sees them
+    clock.advance(planner.reserve_period_s if reserve_due else planner.reserve_period_s / 2)
     decision = planner.decide(seqs, [], keep)
     online_seqs = [s for s in seqs if s.tier is Tier.ONLINE]
     offline_seqs = [s for s in seqs if s.tier is Tier.OFFLINE]
@@ -273,9 +291,9 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
     caps = decision.plan.token_caps
     assert all(s.exec_id not in caps for s in online_seqs)  # online work is never bounded
     assert set(caps) == {s.exec_id for s in offline_seqs}
-    floor = offline_seqs[:keep]
+    floor = offline_seqs[:keep] if reserve_due else []
     for s in floor:
-        assert caps[s.exec_id] >= RESERVE_TOKENS  # the reserve always progresses
+        assert caps[s.exec_id] >= RESERVE_TOKENS  # the reserve progresses when due
     # Rebuild the planned step from the caps, independently of the planner; ``base`` is what
     # online work and the floor's minimum alone cost.
     shape, base = StepShape(), StepShape()
@@ -300,7 +318,7 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
         # Over budget only when online work plus the floor alone already is, and then
         # nothing beyond the floor runs.
         assert COST.predict(base) > budget - 1e-12
-        assert all(caps[s.exec_id] == 0 for s in offline_seqs[keep:])
+        assert all(caps[s.exec_id] == 0 for s in offline_seqs if s not in floor)
 
 
 @pytest.mark.parametrize("policy", ["backfill", "fcfs"])
