@@ -58,6 +58,8 @@ class ServerConfig:
     # profile, < 0 none. The TPOT SLO bounds the offline work in each step.
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
+    # A step with ONLINE work costs at most this many times its ONLINE work alone; 0: no bound
+    max_online_slowdown: float = 0.0
     speculation: str = _SCHED.speculation  # auto | off: speculative decoding by policy
     drafter: str = _SPEC.drafter  # the CPU engine's drafter: auto | ngram | draft | none
     max_draft_len: int = _SPEC.max_draft_len  # 0: the drafter's default
@@ -137,6 +139,7 @@ class ServerConfig:
             max_offline_queue=self.max_offline_queue,
             tpot_slo_ms=tpot_slo_ms,
             ttft_slo_ms=ttft_slo_ms,
+            max_online_slowdown=self.max_online_slowdown or None,
             speculation=self.speculation,
         )
 
@@ -208,6 +211,9 @@ _HELP: dict[str, str] = {
     "0 derives it from the engine's profile, < 0 turns the bound off",
     "ttft_slo_ms": "ONLINE time to first token (attainment metrics); 0 derives it from the "
     "engine's profile, < 0 none",
+    "max_online_slowdown": "with the TPOT SLO: a step that carries ONLINE work is planned to "
+    "cost at most this many times what its ONLINE work alone would (predicted), e.g. 1.2; 0: "
+    "the TPOT SLO alone bounds it",
     "speculation": "speculative decoding for requests that do not set num_speculative_tokens: "
     "'auto' for ONLINE requests when the step-cost model predicts a gain at the current batch "
     "(never OFFLINE), 'off' only where a request asks",

@@ -38,6 +38,7 @@ class PlanConfig:
     price_per_gpu_hour: float = 2.0
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
+    max_online_slowdown: float = 0.0  # 0: the TPOT SLO alone bounds a step with online work
     offline_reserve: float = _SCHED.offline_reserve
     window_ms: float = _SCHED.window_ms
     rate: float = 0.0  # online requests/s; 0: the trace's own rate
@@ -73,6 +74,7 @@ class PlanConfig:
             max_offline_queue=10**8,
             tpot_slo_ms=tpot_ms,
             ttft_slo_ms=ttft_ms,
+            max_online_slowdown=self.max_online_slowdown or None,
         )
 
 
@@ -97,6 +99,8 @@ _HELP: dict[str, str] = {
     "tpot_slo_ms": "online TPOT SLO that bounds offline work per step; 0 derives it like the "
                    "server (3x a lone decode step), < 0 none",
     "ttft_slo_ms": "online TTFT SLO (judged only); 0 derives it like the server, < 0 none",
+    "max_online_slowdown": "a step that carries online work costs at most this many times "
+                           "its online work alone (predicted); 0: the TPOT SLO alone",
     "offline_reserve": "fraction of slots kept for offline work",
     "window_ms": "the scheduler's collection window",
     "rate": "online requests/s (the trace sped up or slowed down); 0: the trace's own rate",

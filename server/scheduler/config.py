@@ -32,6 +32,10 @@ class SchedulerConfig:
     tpot_slo_ms: float | None = None
     # Online time to first token that attainment is judged by; None: not judged.
     ttft_slo_ms: float | None = None
+    # With the TPOT SLO set: a step that carries online work is planned to cost at most this
+    # many times what its online work alone would (predicted), so offline work slows each
+    # online token by at most this factor, not merely up to the SLO; None: the SLO alone.
+    max_online_slowdown: float | None = None
     # Speculative decoding for requests that leave it to the server (speculation.py):
     # "auto" speculates for online requests when the step-cost model predicts a gain at the
     # current batch, never for offline ones; "off" only where a request asks.
@@ -60,6 +64,9 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be > 0 (or None for none), got {value}")
+        slowdown = self.max_online_slowdown
+        if slowdown is not None and not (math.isfinite(slowdown) and slowdown >= 1.0):
+            raise ValueError(f"max_online_slowdown must be >= 1 (or None for none), got {slowdown}")
 
     @property
     def window_s(self) -> float:

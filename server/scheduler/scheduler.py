@@ -69,7 +69,8 @@ class BackfillScheduler:
         slo = self._config.tpot_slo_s
         self._planner = (
             None if slo is None
-            else SloPlanner(self._step_cost, slo, executor.capacity, clock)
+            else SloPlanner(self._step_cost, slo, executor.capacity, clock,
+                            self._config.max_online_slowdown)
         )
         speculation = SpeculationPolicy(
             self._step_cost, executor.capacity, self._config.speculation, slo, self._planner

@@ -77,7 +77,8 @@ class SloPlanner:
     RESERVE_PERIOD_SLOS = 4.0
 
     def __init__(self, cost: OnlineStepCost, tpot_slo_s: float, capacity: Capacity,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_online_slowdown: float | None = None) -> None:
         if tpot_slo_s <= 0:
             raise ValueError(f"tpot_slo_s must be > 0, got {tpot_slo_s}")
         self.cost = cost
@@ -85,6 +86,7 @@ class SloPlanner:
         self.margin = self.MARGIN_START
         self._capacity = capacity
         self._clock = clock
+        self.max_online_slowdown = max_online_slowdown
         self._computed_at: dict[int, float] = {}  # offline id -> when a plan last let it compute
 
     @property
@@ -138,6 +140,9 @@ class SloPlanner:
         budget_tokens = self._capacity.max_tokens_per_step
         for r in [*online, *waiting]:
             budget_tokens -= _add_whole(shape, r, budget_tokens)
+        limit = self.budget_s
+        if self.max_online_slowdown is not None:
+            limit = min(limit, self.max_online_slowdown * self.cost.predict(shape))
         due = {r.id for r in offline[:keep_offline]
                if now - computed_at[r.id] >= self.reserve_period_s}
         floor = [r for r in offline if r.id in due]
@@ -147,19 +152,19 @@ class SloPlanner:
             if _decoding(r):
                 caps[r.id] = 1
                 _add(shape, r, 1)
-        self._progressing_prefills(shape, [r for r in floor if not _decoding(r)], caps)
+        self._progressing_prefills(shape, [r for r in floor if not _decoding(r)], caps, limit)
         decoding = [r for r in rest if _decoding(r)]
         for r in decoding:
             trial = shape.copy()
             trial.add_decode(r.num_context_tokens)
-            if self.cost.predict(trial) <= self.budget_s:
+            if self.cost.predict(trial) <= limit:
                 shape = trial
                 caps[r.id] = 1
             else:
                 caps[r.id] = 0
         for r in rest:
             if not _decoding(r):
-                n = self._largest_chunk(shape, r)
+                n = self._largest_chunk(shape, r, limit)
                 caps[r.id] = n
                 if n:
                     _add(shape, r, n)
@@ -173,7 +178,7 @@ class SloPlanner:
             1 for r in offline[keep_offline:] if caps[r.id] > 0)
         predicted = self.cost.predict(shape)
         context = sum(r.num_context_tokens for r in offline) // len(offline) if offline else 64
-        rows += self._more_decodes(shape, context)
+        rows += self._more_decodes(shape, context, limit)
         return SloDecision(plan, True, rows, held, predicted, caps)
 
     def _idle(self, offline: list[LiveRequest]) -> SloDecision:
@@ -210,7 +215,7 @@ class SloPlanner:
             caps[r.id] = max(RESERVE_TOKENS, self._largest_chunk(others, r, limit))
             _add(shape, r, caps[r.id])
 
-    def _more_decodes(self, shape: StepShape, context: int) -> int:
+    def _more_decodes(self, shape: StepShape, context: int, limit: float) -> int:
         """How many more offline decodes of ``context`` tokens would still fit: the room an
         executor that plans its own steps may fill with new offline requests. A binary
         search (a step's predicted cost never falls as it carries more): this runs every pass
@@ -220,7 +225,7 @@ class SloPlanner:
             mid = (lo + hi + 1) // 2
             trial = shape.copy()
             trial.add_decodes(context, mid)
-            if self.cost.predict(trial) <= self.budget_s:
+            if self.cost.predict(trial) <= limit:
                 lo = mid
             else:
                 hi = mid - 1

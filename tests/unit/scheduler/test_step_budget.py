@@ -85,6 +85,30 @@ def test_an_online_request_bounds_the_offline_rows_of_each_step() -> None:
     assert len(rec.tokens(rid)) == 20
 
 
+@pytest.mark.parametrize(("slowdown", "rows"), [(None, 7), (1.7, 2), (1.5, 1), (1.0, 0)])
+def test_the_slowdown_bound_keeps_a_step_near_its_online_work_alone(
+    slowdown: float | None, rows: int
+) -> None:
+    """An online decode alone: 10 + 5 ms. Within a 50 ms SLO 7 offline rows fit; at most
+    1.7x its cost (25.5 ms) 2 fit, at 1.5x (22.5 ms) 1, at 1x none."""
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50, reserve=0.0, max_online_slowdown=slowdown)
+    offline_prompts = {(100 + i, 1) for i in range(12)}
+    for prompt in offline_prompts:
+        sched.submit(offline(prompt, max_tokens=60), rec)
+    for _ in range(4):
+        sched.run_pass()
+    sched.submit(online((7, 7), max_tokens=20), rec)
+    for _ in range(6):
+        sched.run_pass()
+    assert offline_computing(ex, exec_ids(ex, offline_prompts)) == rows
+
+
+def test_the_slowdown_bound_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_online_slowdown"):
+        SchedulerConfig(tpot_slo_ms=50, max_online_slowdown=0.9)
+
+
 def test_paused_offline_streams_continue_exactly() -> None:
     ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
     sched, rec, _ = scheduler(ex, tpot_ms=30)
@@ -267,16 +291,17 @@ def _check_idle(planner: SloPlanner, offline: list[LiveRequest], caps: dict[int,
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(running=entries, slo_ms=st.sampled_from([15.0, 40.0, 100.0, 400.0]),
        keep=st.integers(0, 4), margin=st.sampled_from([0.5, 0.9, 1.0]),
-       reserve_due=st.booleans())
+       reserve_due=st.booleans(), slowdown=st.sampled_from([None, 1.0, 1.3]))
 def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
     running: list[tuple[Tier, int, bool]], slo_ms: float, keep: int, margin: float,
-    reserve_due: bool,
+    reserve_due: bool, slowdown: float | None,
 ) -> None:
     """The floor (the reserve's sequences that have not computed for RESERVE_PERIOD_SLOS)
     always progresses; a step goes over the budget only when online work and the floor's
     minimum alone would."""
     clock = FakeClock()
-    planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity(), clock)
+    planner = SloPlanner(OnlineStepCost(COST), slo_ms / 1000, SHAPE.capacity(), clock,
+                         slowdown)
     planner.margin = margin
     seqs = [_live(i, *entry) for i, entry in enumerate(running)]
     planner.decide(seqs, [], keep)  # when the planner first sees them
@@ -296,12 +321,12 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
         assert caps[s.exec_id] >= RESERVE_TOKENS  # the reserve progresses when due
     # Rebuild the planned step from the caps, independently of the planner; ``base`` is what
     # online work and the floor's minimum alone cost.
-    shape, base = StepShape(), StepShape()
+    shape, base, alone = StepShape(), StepShape(), StepShape()
     budget = SHAPE.max_tokens_per_step
     for s in online_seqs:
         n = 1 if s.run_tokens else min(s.num_context_tokens, max(1, budget))
         budget -= n
-        for target in (shape, base):
+        for target in (shape, base, alone):
             target.add(0, n, True) if n > 1 else target.add_decode(s.num_context_tokens)
     for s in offline_seqs:
         n = caps[s.exec_id]
@@ -314,6 +339,8 @@ def test_every_planned_step_respects_the_budget_or_only_the_floor_exceeds_it(
                 target.add_prefill(0, tokens, tokens >= s.num_context_tokens)
     budget = planner.budget_s
     assert budget <= slo_ms / 1000
+    if slowdown is not None:
+        budget = min(budget, slowdown * COST.predict(alone))
     if COST.predict(shape) > budget + 1e-12:
         # Over budget only when online work plus the floor alone already is, and then
         # nothing beyond the floor runs.
