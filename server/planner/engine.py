@@ -102,9 +102,12 @@ class SimEngine:
         self.running: list[SimSequence] = []  # admission order: the last is the newest
         self.live: dict[int, SimSequence] = {}  # every enqueued id without a final delta yet
         self.step: SimStep | None = None
-        # Steps an overtaking prefill interrupted, innermost last: (step, seconds it had left).
-        self.suspended: list[tuple[SimStep, float]] = []
-        self.overtakers: list[SimSequence] = []  # of the outermost step in flight
+        # The step that nested steps interrupted and the seconds it had left; nested steps
+        # are never interrupted themselves (the CPU executor looks between an outer step's
+        # layers only).
+        self.suspended: tuple[SimStep, float] | None = None
+        self.overtakers: list[SimSequence] = []  # of the outer step in flight
+        self.pending: list[int] = []  # ids marked overtake, enqueued since the last look
         self._batch: _StaticBatch | None = None
         # Sequences with output since the last poll, in order; each becomes one delta (a
         # slow poller gets several tokens per delta). Keyed by sequence, not id: an id is
@@ -187,7 +190,7 @@ class SimEngine:
         paused, prefilling or about to emit its first or last token), room in the KV pool
         for every sequence's next token, and for a plan follower one tier only (mixed tiers
         are what a plan re-decides as contexts grow)."""
-        if (self.inbox or self.waiting or self._static or self.suspended
+        if (self.inbox or self.waiting or self._static or self.suspended is not None
                 or len(step.chunks) != len(self.running)):
             return False
         max_seq_len, new_blocks = self.capacity.max_seq_len, 0
@@ -208,6 +211,7 @@ class SimEngine:
         for seq in self.inbox:
             self._queue(seq, front=False)
         self.inbox.clear()
+        self.pending.clear()  # a step of their own now
         self._admit()
         chunks = self._schedule()
         if not chunks:
@@ -216,39 +220,65 @@ class SimEngine:
         seconds = self._seconds(shape)
         self.step = SimStep(now + seconds, seconds, shape, chunks, self.plan.overtake_interval_s)
 
-    def overtake(self, now: float, request_id: int) -> None:
-        """The CPU executor's overtaking: a request just enqueued while a step is in flight
-        has its prefill run now, as a step nested in that one, which ends that much later
-        (``resume``). It needs a free slot and its blocks now; otherwise it waits for the
-        next step as any other."""
-        seq = next((s for s in self.inbox if s.rid == request_id), None)
-        if self.step is None or seq is None or self._static:
+    def overtake(self, now: float) -> None:
+        """The CPU executor's overtaking, as it looks between two layers of the step in
+        flight: every request marked overtake that came since it last looked has its prefill
+        run now, all of them in one step nested in that one, which ends that much later
+        (``resume``). Overtakers that come while a nested step runs wait for it to end, then
+        nest together. A request without a free slot and its blocks now waits for the next
+        step as any other."""
+        if self.step is None or self._static or not self.pending:
             return
-        if len(self.running) >= self.capacity.max_slots:
+        if self.suspended is None:
+            self._nest_prefills(now, self.step, self.step.end - now)
             return
-        cached = self.kv.admit(seq.tokens, self.kv.blocks_for(len(seq.tokens)))
-        if cached is None:
-            return
-        self.inbox.remove(seq)
-        self._run(seq, cached)
-        chunks = [(seq, min(seq.num_pending, self.capacity.max_tokens_per_step))]
+        outer, left = self.suspended
+        start = self.step.end - self.step.seconds
+        if now < start:  # a nested decode planned, not begun: the outer step runs until now
+            self._nest_prefills(now, outer, left + start - now)
+
+    def _nest_prefills(self, now: float, outer: SimStep, left: float) -> bool:
+        """One step of the pending overtakers' prefills (in the order they came, within the
+        slots, blocks and token budget) nested in ``outer``, which has ``left`` seconds to
+        go; False when none could run."""
+        pending, self.pending = set(self.pending), []
+        chunks: list[tuple[SimSequence, int]] = []
+        budget = self.capacity.max_tokens_per_step
+        for seq in [s for s in self.inbox if s.rid in pending]:
+            if len(self.running) >= self.capacity.max_slots:
+                break
+            cached = self.kv.admit(seq.tokens, self.kv.blocks_for(len(seq.tokens)))
+            if cached is None:
+                break
+            self.inbox.remove(seq)
+            self._run(seq, cached)
+            n = min(seq.num_pending, budget)
+            if n:  # admitted without room in this step: the next one prefills it
+                chunks.append((seq, n))
+                self.overtakers.append(seq)
+                budget -= n
+        if not chunks:
+            return False
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.suspended.append((self.step, self.step.end - now))
-        self.overtakers.append(seq)
+        self.suspended = (outer, left)
         self.step = SimStep(now + seconds, seconds, shape, chunks)
+        return True
 
     def resume(self, now: float) -> bool:
-        """After a nested step ended at ``now``: the step it interrupted goes on for what it
-        had left, or, under a plan with an overtake interval, for that interval, and then a
-        decode of the overtakers nests in it (never preempting). False when none was
-        interrupted."""
-        if not self.suspended:
+        """After a nested step ended at ``now``: the prefills of overtakers that came
+        meanwhile nest next; otherwise the step it interrupted goes on for what it had left,
+        or, under a plan with an overtake interval, for that interval, and then a decode of
+        the overtakers nests in it (never preempting). False when none was interrupted."""
+        if self.suspended is None:
             self.overtakers.clear()
+            self.pending.clear()
             return False
-        step, left = self.suspended.pop()
-        outermost = self.suspended[0][0] if self.suspended else step
-        interval = outermost.overtake_interval_s
+        step, left = self.suspended
+        self.suspended = None
+        if self.pending and self._nest_prefills(now, step, left):
+            return True
+        interval = step.overtake_interval_s
         chunks = self._nested_decodes() if interval is not None and left > interval else []
         if not chunks:
             step.end = now + left
@@ -257,7 +287,7 @@ class SimEngine:
         assert interval is not None
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.suspended.append((step, left - interval))
+        self.suspended = (step, left - interval)
         self.step = SimStep(now + interval + seconds, seconds, shape, chunks)
         return True
 

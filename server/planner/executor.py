@@ -14,10 +14,14 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   output is ready when it ends, and the next step starts at once with what was enqueued before
   then, as an executor running on its own thread does (work enqueued in answer to a step's
   output joins the step after the next one).
-- ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: a request marked
-  ``overtake`` that arrives during a step has its prefill run at once as a step nested in it
-  (which then ends that much later), and, under a plan with ``overtake_interval_s``, a decode
-  every interval of the step it overtook (never preempting).
+- ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: requests marked
+  ``overtake`` that arrive during a step have their prefills run at once, together, as one step
+  nested in it (which then ends that much later); those that arrive while a nested step runs
+  wait for it and then nest together (a nested step is never itself interrupted: the CPU
+  executor looks for overtakers between the outer step's layers only); and, under a plan with
+  ``overtake_interval_s``, a decode every interval of the step they overtook (never
+  preempting). The executor looks when ``wake`` is called (after each scheduler pass), so the
+  overtakers of one pass share a step.
 - ``batching="static"`` is the baseline without in-flight batching: a batch is admitted only
   when the previous one has wholly finished; prompts are padded to the batch's longest and
   finished sequences keep their rows (padding) until the batch ends.
@@ -147,7 +151,8 @@ class SimulatedExecutor:
             e.take_out(seq)
             e.end(seq, FinishReason.CANCELLED)
         e.step = None
-        e.suspended.clear()
+        e.suspended = None
+        e.pending.clear()
 
     # -- driving the clock ----------------------------------------------------------------
 
@@ -236,8 +241,8 @@ class SimulatedExecutor:
 
 
 class PlanFollowingSimulatedExecutor(SimulatedExecutor):
-    """Also follows the scheduler's step plans (``PlanFollower``) and runs the prefill of a
-    request marked ``overtake`` that arrives during a step nested in it, like the CPU
+    """Also follows the scheduler's step plans (``PlanFollower``) and runs the prefills of
+    requests marked ``overtake`` that arrive during a step nested in it, like the CPU
     executor."""
 
     _follows_plans = True
@@ -248,4 +253,12 @@ class PlanFollowingSimulatedExecutor(SimulatedExecutor):
     def enqueue(self, request: ExecRequest) -> None:
         super().enqueue(request)
         if request.overtake:
-            self._engine.overtake(self.clock.now, request.request_id)
+            self._engine.pending.append(request.request_id)
+
+    def wake(self) -> None:
+        """Also runs the prefills of the overtakers enqueued since the last look in a step
+        nested in the one in flight (all of them in one step, as the CPU executor's worker
+        finds them together between two layers)."""
+        super().wake()
+        if not self._shut:
+            self._engine.overtake(self.clock.now)

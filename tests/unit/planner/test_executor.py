@@ -128,6 +128,8 @@ def test_an_overtaking_prefill_nests_in_the_step_in_flight() -> None:
     ex.wake()
     clock.now = 0.020
     ex.enqueue(replace(req(2, 20, 1), overtake=True))
+    assert ex.step_end == pytest.approx(0.050)  # not yet: the worker has not looked
+    ex.wake()
     assert ex.step_end == pytest.approx(0.050)  # the nested prefill's end
     clock.now = 0.050
     ex.finish_step()
@@ -150,9 +152,53 @@ def test_overtakers_decode_inside_a_step_planned_with_an_overtake_interval() -> 
     ex.wake()
     clock.now = 0.010
     ex.enqueue(replace(req(2, 10, 4), overtake=True))
+    ex.wake()
     tokens: dict[int, list[float]] = {}
     _drive(ex, clock, tokens)
     assert tokens[2] == pytest.approx([0.030, 0.046, 0.062, 0.078])
     # The outer step had 60 ms left at 30 ms and ran 5 ms between the three nested decodes.
     assert tokens[1][0] == pytest.approx(0.078 + 0.060 - 3 * 0.005)
     ex.check_integrity()
+
+
+def test_overtakers_that_come_during_a_nested_step_wait_for_it_then_nest_together() -> None:
+    """As the CPU executor looks for overtakers only between the layers of the outer step: a
+    60-token prefill (70 ms) is in flight; request 2 overtakes it at 10 ms (20 tokens, 30 ms);
+    requests 3 and 4 come at 20 and 30 ms, while that nested step runs, and nest after it in
+    one step of both prefills (10 + 20 ms, not two steps of 20 ms each nesting the other).
+    The outer step had 60 ms left and gives its first token after both."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock)
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    for rid, n, t in ((2, 20, 0.010), (3, 10, 0.020), (4, 10, 0.030)):
+        clock.now = t
+        ex.enqueue(replace(req(rid, n, 1), overtake=True))
+        ex.wake()
+        assert ex.step_end == pytest.approx(0.040)  # request 2's nested prefill
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[2] == pytest.approx([0.040])
+    assert tokens[3] == tokens[4] == pytest.approx([0.070])
+    assert tokens[1][0] == pytest.approx(0.070 + 0.060)
+    samples = ex.take_step_samples()
+    assert [s.shape.prefill_segments for s in samples[:2]] == [1, 2]
+    ex.check_integrity()
+
+
+def test_overtakers_enqueued_in_one_pass_share_one_nested_step() -> None:
+    """Two overtakers enqueued before the executor next looks (one scheduler pass) prefill
+    in one nested step: one intercept, not two."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock)
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    clock.now = 0.010
+    ex.enqueue(replace(req(2, 5, 1), overtake=True))
+    ex.enqueue(replace(req(3, 5, 1), overtake=True))
+    ex.wake()
+    assert ex.step_end == pytest.approx(0.010 + 0.010 + 0.010)
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[2] == tokens[3] == pytest.approx([0.030])
+    assert tokens[1][0] == pytest.approx(0.030 + 0.060)
