@@ -48,6 +48,7 @@ class _Usage:
     offline: int = 0
     bucket: float = math.nan  # tokens available; NaN until the tenant's first request
     refilled_at: float = 0.0
+    tokens_per_minute: int = 0  # the bucket's size and refill rate, as last charged
 
 
 @dataclass(slots=True)
@@ -64,6 +65,8 @@ class Ticket:
 class TenantQuotas:
     """Quota use per tenant. ``job_pending(tenant)``: the tenant's unfinished batch job
     requests (the job runner's count)."""
+
+    MAX_IDLE_TENANTS = 1024
 
     def __init__(self, job_pending: Callable[[str], int] = lambda tenant: 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -85,7 +88,7 @@ class TenantQuotas:
         with self._lock:
             usage = self._usage.get(tenant)
             if usage is None:
-                usage = self._usage[tenant] = _Usage()
+                usage = self._new_usage(tenant)
             held = usage.online if online else usage.offline
             if not online:
                 held += self._job_pending(tenant)
@@ -125,14 +128,22 @@ class TenantQuotas:
                 usage.offline -= 1
             if ticket.tokens:
                 usage.bucket += max(0, ticket.max_tokens - generated)
-            if usage.online == usage.offline == 0 and not ticket.tokens:
-                del self._usage[ticket.tenant]
 
     def in_flight(self, tenant: str) -> tuple[int, int]:
         """(online, offline) requests of the tenant held against its quotas now."""
         with self._lock:
             usage = self._usage.get(tenant)
             return (0, 0) if usage is None else (usage.online, usage.offline)
+
+    def _new_usage(self, tenant: str) -> _Usage:
+        """A tenant's entry, kept while it is used (so that a tenant whose requests come
+        one at a time does not make and drop it on every request); idle ones are dropped
+        once there are MAX_IDLE_TENANTS of them."""
+        if len(self._usage) >= self.MAX_IDLE_TENANTS:
+            now = self._clock()
+            self._usage = {t: u for t, u in self._usage.items() if not _idle(u, now)}
+        usage = self._usage[tenant] = _Usage()
+        return usage
 
     def _take_tokens(self, usage: _Usage, tenant: str, tpm: int, cost: int) -> None:
         now = self._clock()
@@ -142,7 +153,19 @@ class TenantQuotas:
             rate = tpm / 60.0
             usage.bucket = min(float(tpm), usage.bucket + (now - usage.refilled_at) * rate)
         usage.refilled_at = now
+        usage.tokens_per_minute = tpm
         if usage.bucket <= 0:
             wait = (1.0 - usage.bucket) / (tpm / 60.0)
             raise QuotaExceededError(tenant, TOKENS_QUOTA, tpm, retry_after_s=wait)
         usage.bucket -= cost
+
+
+def _idle(usage: _Usage, now: float) -> bool:
+    """Holds nothing, and its token bucket (if any) has refilled: dropping it forgives
+    nothing."""
+    if usage.online or usage.offline:
+        return False
+    if math.isnan(usage.bucket):
+        return True
+    tpm = usage.tokens_per_minute
+    return usage.bucket + (now - usage.refilled_at) * tpm / 60.0 >= tpm

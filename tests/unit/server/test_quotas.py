@@ -81,6 +81,30 @@ def test_tokens_per_minute_is_a_refilling_bucket_with_refunds() -> None:
         quotas.admit(sched("a", prompt=1, max_tokens=1), limits)
 
 
+def test_idle_tenants_are_forgotten_but_not_their_debts() -> None:
+    """Entries of tenants that hold nothing stay (no churn per request) until there are
+    MAX_IDLE_TENANTS of them; then the idle ones go, except a bucket still refilling."""
+    clock = FakeClock(100.0)
+    quotas = TenantQuotas(clock=clock)
+    quotas.MAX_IDLE_TENANTS = 4
+    counted = TenantLimits(max_online_requests=5)
+    metered = TenantLimits(tokens_per_minute=60)
+    ticket = quotas.admit(sched("debtor", prompt=100, max_tokens=20), metered)  # 60 - 120
+    assert ticket is not None
+    quotas.release(ticket, 20)  # -60: two minutes to refill
+    for tenant in ("b", "c", "d"):
+        done = quotas.admit(sched(tenant), counted)
+        assert done is not None
+        quotas.release(done, 1)
+    assert set(quotas._usage) == {"debtor", "b", "c", "d"}  # kept while there is room
+    clock.advance(50.0)
+    kept = quotas.admit(sched("e"), counted)  # the fifth: the idle ones are dropped
+    assert kept is not None
+    assert set(quotas._usage) == {"debtor", "e"}
+    with pytest.raises(QuotaExceededError):  # -60 + 50: still in debt, not forgiven
+        quotas.admit(sched("debtor", prompt=1, max_tokens=1), metered)
+
+
 def test_no_quotas_no_bookkeeping() -> None:
     quotas = TenantQuotas()
     assert quotas.admit(sched("a"), TenantLimits(weight=3.0)) is None
