@@ -59,7 +59,7 @@ class ServerConfig:
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
     # A step with ONLINE work costs at most this many times its ONLINE work alone; 0: no bound
-    max_online_slowdown: float = 0.0
+    max_online_slowdown: float = _SCHED.max_online_slowdown or 0.0
     speculation: str = _SCHED.speculation  # auto | off: speculative decoding by policy
     drafter: str = _SPEC.drafter  # the CPU engine's drafter: auto | ngram | draft | none
     max_draft_len: int = _SPEC.max_draft_len  # 0: the drafter's default

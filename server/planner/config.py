@@ -38,7 +38,8 @@ class PlanConfig:
     price_per_gpu_hour: float = 2.0
     tpot_slo_ms: float = 0.0
     ttft_slo_ms: float = 0.0
-    max_online_slowdown: float = 0.0  # 0: the TPOT SLO alone bounds a step with online work
+    # 0: the TPOT SLO alone bounds a step with online work
+    max_online_slowdown: float = _SCHED.max_online_slowdown or 0.0
     offline_reserve: float = _SCHED.offline_reserve
     window_ms: float = _SCHED.window_ms
     rate: float = 0.0  # online requests/s; 0: the trace's own rate

@@ -34,8 +34,9 @@ class SchedulerConfig:
     ttft_slo_ms: float | None = None
     # With the TPOT SLO set: a step that carries online work is planned to cost at most this
     # many times what its online work alone would (predicted), so offline work slows each
-    # online token by at most this factor, not merely up to the SLO; None: the SLO alone.
-    max_online_slowdown: float | None = None
+    # online token by about this factor at most, not merely up to the SLO (which online
+    # tokens would otherwise drift towards); None: the SLO alone.
+    max_online_slowdown: float | None = 1.2
     # Speculative decoding for requests that leave it to the server (speculation.py):
     # "auto" speculates for online requests when the step-cost model predicts a gain at the
     # current batch, never for offline ones; "off" only where a request asks.

@@ -38,5 +38,5 @@ def test_the_search_finds_what_adding_one_at_a_time_finds(seed: int) -> None:
     for _ in range(rng.randint(0, 8)):
         shape.add_decode(rng.randint(1, 4000))
     context = rng.randint(1, 4000)
-    assert planner._more_decodes(shape, context) == one_at_a_time(planner, shape, context,
-                                                                  slots)
+    assert planner._more_decodes(shape, context, planner.budget_s) == one_at_a_time(
+        planner, shape, context, slots)

@@ -27,6 +27,7 @@ def scheduler(
     executor: ScriptedExecutor, tpot_ms: float, reserve: float = 0.1, **config: object
 ) -> tuple[BackfillScheduler, Recorder, FakeClock]:
     clock = FakeClock()
+    config.setdefault("max_online_slowdown", None)  # the SLO's arithmetic alone, unless given
     sched = BackfillScheduler(
         executor,
         SchedulerConfig(offline_reserve=reserve, tpot_slo_ms=tpot_ms, **config),  # type: ignore[arg-type]
