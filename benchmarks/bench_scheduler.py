@@ -82,13 +82,16 @@ def resolve_engine(engine: str) -> Path:
 
 
 def slo_args(base: Run | None, multiplier: float | None) -> tuple[str, ...]:
-    """Server flags for a TPOT SLO at ``multiplier`` x online-only's TPOT p99 (and a TTFT SLO
-    at 1.25x its TTFT p99, judged only); no budget at all without a multiplier."""
+    """Server flags for a TPOT SLO at ``multiplier`` x online-only's TPOT p99 and the same
+    per-step slowdown bound (what the multiplier asks of online tokens, step by step), and a
+    TTFT SLO at 1.25x online-only's TTFT p99 (judged only); no budget at all without a
+    multiplier."""
     if multiplier is None or base is None:
         return ("--tpot-slo-ms", "-1", "--ttft-slo-ms", "-1")
     online = base.summary.tier(Tier.ONLINE)
     tpot, ttft = online.tpot_ms[2] or 1.0, online.ttft_ms[2] or 1.0
     return ("--tpot-slo-ms", f"{multiplier * tpot:.1f}",
+            "--max-online-slowdown", f"{max(1.0, multiplier):g}",
             "--ttft-slo-ms", f"{GOAL_MULTIPLIER * ttft:.1f}")
 
 

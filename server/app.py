@@ -84,12 +84,16 @@ def _make_scheduler(
 
 def _log_slos(scheduler: BackfillScheduler, slos: Slos, name: str) -> None:
     config = scheduler.config
+    slowdown = config.max_online_slowdown
     log.info(
-        "%s: online SLOs: TPOT %s, TTFT %s (%s)",
+        "%s: online SLOs: TPOT %s, TTFT %s (%s); offline work may slow a step with online "
+        "work %s",
         name,
         "none" if config.tpot_slo_ms is None else f"{config.tpot_slo_ms:g} ms",
         "none" if config.ttft_slo_ms is None else f"{config.ttft_slo_ms:g} ms",
         slos.how,
+        "without bound" if config.tpot_slo_ms is None else "up to the TPOT SLO"
+        if slowdown is None else f"to {slowdown:g}x, within the TPOT SLO",
     )
     planner = scheduler.planner
     reserve = config.reserve_slots(scheduler.capacity.max_slots)
