@@ -28,15 +28,18 @@ def _req(tier: Tier, first: int, max_tokens: int) -> SchedRequest:
     return SchedRequest(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), tier)
 
 
+@pytest.mark.parametrize(("slowdown", "rows"), [(None, 5), (1.7, 2)])
 def test_offline_admission_is_bounded_while_online_work_runs(
-    bindings: Any, tmp_path: Path
+    bindings: Any, tmp_path: Path, slowdown: float | None, rows: int
 ) -> None:
+    """The budget's rows: 10 + 5 x (1 + 5) ms within the 40 ms SLO; at most 1.7x the online
+    decode alone (25.5 ms), 10 + 5 x (1 + 2)."""
     root = make_engine_dir(tmp_path / "e", max_batch_size=12, max_seq_len=2048,
                            fake={"num_blocks": 1024})
     ex, _ = open_plain(bindings, root)
     assert not isinstance(ex, PlanFollower) and isinstance(ex, StepReporter)
     ex.take_step_samples = list  # type: ignore[method-assign]  # the fake's steps take ~1 ms
-    config = SchedulerConfig(offline_reserve=0.1, tpot_slo_ms=40.0)  # 10 + 5 x (1 + 5)
+    config = SchedulerConfig(offline_reserve=0.1, tpot_slo_ms=40.0, max_online_slowdown=slowdown)
     sched = BackfillScheduler(ex, config, step_cost=OnlineStepCost(COST))
     assert sched.planner is not None
     sched.planner.margin = 1.0  # plan to the SLO itself: round numbers below
@@ -53,7 +56,7 @@ def test_offline_admission_is_bounded_while_online_work_runs(
         for _ in range(30):
             sched.run_pass(0.01)
             held.append(sched.snapshot().offline.running)
-        assert max(held) == 5  # the budget's rows, never more, while the online one runs
+        assert max(held) == rows  # the budget's rows, never more, while the online one runs
         sched.cancel(online)
         deadline = time.monotonic() + 10
         while sched.snapshot().offline.running < 10:
