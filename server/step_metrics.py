@@ -62,7 +62,8 @@ def step_budget_families(models: list[tuple[str, SchedulerSnapshot]]) -> Iterato
     )
     budget_s = GaugeMetricFamily(
         "backfill_step_budget_seconds",
-        "What steps with online work are planned to: the TPOT SLO times a margin.",
+        "The TPOT SLO times a margin: the most a step with online work is planned to (less "
+        "where max_online_slowdown binds).",
         labels=["model"],
     )
     planned = GaugeMetricFamily(

@@ -201,11 +201,11 @@ class SloPlanner:
         shape: StepShape,
         prefills: list[LiveRequest],
         caps: dict[int, int],
-        limit: float | None = None,
+        limit: float,
     ) -> None:
         """Caps for prefills that must progress: a token each at the least, and, oldest
-        first, the largest chunk that keeps the step within ``limit`` (default: the budget)
-        while leaving each later one its token. Adds them to ``shape`` and ``caps``."""
+        first, the largest chunk that keeps the step within ``limit`` seconds while leaving
+        each later one its token. Adds them to ``shape`` and ``caps``."""
         undecided = list(prefills)
         while undecided:
             r = undecided.pop(0)
@@ -231,10 +231,9 @@ class SloPlanner:
                 hi = mid - 1
         return lo
 
-    def _largest_chunk(self, shape: StepShape, r: LiveRequest, limit: float | None = None) -> int:
-        """The most prompt tokens of r that keep the step within ``limit`` (default: the
-        budget); 0 if none."""
-        limit = self.budget_s if limit is None else limit
+    def _largest_chunk(self, shape: StepShape, r: LiveRequest, limit: float) -> int:
+        """The most prompt tokens of r that keep the step within ``limit`` seconds; 0 if
+        none."""
         lo, hi = 0, min(_pending(r), self._capacity.max_tokens_per_step)
         while lo < hi:
             mid = (lo + hi + 1) // 2
