@@ -102,12 +102,18 @@ class SloPlanner:
     @property
     def overtake_interval_s(self) -> float:
         """How old the last token of an online request that overtook a step may get before the
-        executor nests a decode of it in that step (StepPlan.overtake_interval_s): the budget
-        less what the nested decode itself is predicted to take. Rounded to a millisecond, so
-        that the plan changes only when this does."""
+        executor nests a decode of it in that step (StepPlan.overtake_interval_s): what the
+        slowdown bound lets offline work add to a lone decode, so that an overtaker's token
+        costs about what a budgeted step's would; without that bound, the budget less the
+        nested decode's own predicted time. Rounded to a millisecond, so that the plan changes
+        only when this does."""
         lone = StepShape()
         lone.add_decode(self.OVERTAKE_CONTEXT)
-        return round(max(0.0, self.budget_s - self.cost.predict(lone)), 3)
+        decode_s = self.cost.predict(lone)
+        interval = self.budget_s - decode_s
+        if self.max_online_slowdown is not None:
+            interval = min(interval, (self.max_online_slowdown - 1.0) * decode_s)
+        return round(max(0.0, interval), 3)
 
     def observe_tpot(self, met: bool) -> None:
         """One online request's TPOT attainment (called as each completes)."""

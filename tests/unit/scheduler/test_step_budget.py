@@ -382,6 +382,24 @@ def test_the_plan_tells_how_often_an_overtaking_request_gets_a_token(policy: str
         assert intervals == [None] * len(ex.plans)
 
 
+def test_with_a_slowdown_bound_an_overtaker_gets_a_token_about_as_often_as_in_a_budgeted_step(
+) -> None:
+    """With max_online_slowdown 1.2, an overtaker's decode (15 ms predicted: 10 ms a step, 5 a
+    token) waits at most 0.2 x 15 = 3 ms of the step it overtook, not the budget's 35 ms: the
+    same bound a step with online work is planned to, whatever the step in flight costs. The
+    budget still caps it: at 1.2 with a 16 ms SLO, 1 ms."""
+    ex = PlannedScriptedExecutor(SHAPE.capacity(), step_cost=COST)
+    sched, rec, _ = scheduler(ex, tpot_ms=50, max_online_slowdown=1.2)
+    sched.submit(offline((5, 6), max_tokens=40), rec)
+    sched.run_pass()
+    assert ex.plans[-1].overtake_interval_s == 0.003
+    assert sched.planner is not None
+    sched.planner.max_online_slowdown = 3.0  # 30 ms, under the budget's 35
+    assert sched.planner.overtake_interval_s == 0.030
+    sched.planner.tpot_slo_s = 0.016
+    assert sched.planner.overtake_interval_s == 0.001
+
+
 def test_the_margin_follows_tpot_attainment() -> None:
     planner = SloPlanner(OnlineStepCost(COST), 0.100, SHAPE.capacity())
     assert planner.budget_s == pytest.approx(0.090)  # planned below the SLO from the start
