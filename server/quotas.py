@@ -136,10 +136,6 @@ class TenantQuotas:
         if held + requests > limit:
             raise QuotaExceededError(tenant, OFFLINE_QUOTA, limit)
 
-    def release(self, ticket: Ticket, generated: int) -> None:
-        """``ticket.release(generated)``: see Ticket."""
-        ticket.release(generated)
-
     def in_flight(self, tenant: str) -> tuple[int, int]:
         """(online, offline) requests of the tenant held against its quotas now."""
         usage = self._usage.get(tenant)

@@ -41,8 +41,8 @@ def test_online_requests_in_flight_are_bounded_per_tenant() -> None:
     assert quotas.admit(sched("a", Tier.OFFLINE), limits) is None  # offline: not this quota
     ticket = held[0]
     assert ticket is not None
-    quotas.release(ticket, 5)
-    quotas.release(ticket, 5)  # idempotent
+    ticket.release(5)
+    ticket.release(5)  # idempotent
     assert quotas.in_flight("a") == (1, 0)
     assert quotas.admit(sched("a"), limits) is not None
 
@@ -72,7 +72,7 @@ def test_tokens_per_minute_is_a_refilling_bucket_with_refunds() -> None:
         quotas.admit(sched("a", prompt=1, max_tokens=1), limits)
     assert info.value.quota == "tokens_per_minute" and info.value.retry_after_s == 41.0
     assert first is not None
-    quotas.release(first, 10)  # 30 of its 40 unused come back: -40 + 30 = -10
+    first.release(10)  # 30 of its 40 unused come back: -40 + 30 = -10
     clock.advance(10.5)
     assert quotas.admit(sched("a", prompt=1, max_tokens=1), limits) is not None
     clock.advance(1000)  # refills to one minute's worth, not more
@@ -91,11 +91,11 @@ def test_idle_tenants_are_forgotten_but_not_their_debts() -> None:
     metered = TenantLimits(tokens_per_minute=60)
     ticket = quotas.admit(sched("debtor", prompt=100, max_tokens=20), metered)  # 60 - 120
     assert ticket is not None
-    quotas.release(ticket, 20)  # -60: two minutes to refill
+    ticket.release(20)  # -60: two minutes to refill
     for tenant in ("b", "c", "d"):
         done = quotas.admit(sched(tenant), counted)
         assert done is not None
-        quotas.release(done, 1)
+        done.release(1)
     assert set(quotas._usage) == {"debtor", "b", "c", "d"}  # kept while there is room
     clock.advance(50.0)
     kept = quotas.admit(sched("e"), counted)  # the fifth: the idle ones are dropped
