@@ -12,18 +12,22 @@
 
 A refusal is RESOURCE_EXHAUSTED (HTTP 429) naming the tenant, the quota and its value. Batch
 jobs are bounded by ``max_queued_offline`` and share the offline tier by weight, not by tokens
-per minute. Thread-safe: tickets are released from the scheduler's thread.
+per minute.
+
+Used from the event loop's thread only, so it takes no lock (it runs for every request of a
+tenant with quotas): requests are admitted there, and a request's ticket is released there
+when its final event reaches the loop (``RequestStream.on_final`` in server/api/streams.py),
+not on the scheduler's thread.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.scheduler.types import SchedRequest, Tier
+from server.scheduler.types import SchedEvent, SchedRequest, Tier
 from server.security.keys import TenantLimits
 
 ONLINE_QUOTA = "max_online_requests"
@@ -55,11 +59,31 @@ class _Usage:
 class Ticket:
     """What an accepted request holds against its tenant's quotas until it ends."""
 
-    tenant: str
-    tier: Tier
+    usage: _Usage  # its tenant's entry (kept while any ticket holds a place in it)
+    online: bool  # holds an online place (else an offline one)
     tokens: int  # charged to the bucket when accepted (0: no token quota)
     max_tokens: int  # of the charge, what generating fewer tokens gives back
     released: bool = False
+
+    def release(self, generated: int) -> None:
+        """The request ended having generated ``generated`` tokens: gives back its place and
+        the tokens it was charged for but did not use. Idempotent."""
+        if self.released:
+            return
+        self.released = True
+        usage = self.usage
+        if self.online:
+            usage.online -= 1
+        else:
+            usage.offline -= 1
+        if self.tokens:
+            unused = self.max_tokens - generated
+            if unused > 0:
+                usage.bucket += unused
+
+    def finish(self, event: SchedEvent) -> None:
+        """Releases the ticket with its request's final event."""
+        self.release(0 if event.usage is None else event.usage.completion_tokens)
 
 
 class TenantQuotas:
@@ -72,7 +96,6 @@ class TenantQuotas:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._job_pending = job_pending
         self._clock = clock
-        self._lock = threading.Lock()
         self._usage: dict[str, _Usage] = {}
 
     def admit(self, request: SchedRequest, limits: TenantLimits) -> Ticket | None:
@@ -84,56 +107,39 @@ class TenantQuotas:
         if count_limit is None and tpm is None:
             return None
         tenant = request.tenant
-        cost = len(request.prompt_token_ids) + request.sampling.max_tokens if tpm else 0
-        with self._lock:
-            usage = self._usage.get(tenant)
-            if usage is None:
-                usage = self._new_usage(tenant)
-            held = usage.online if online else usage.offline
-            if not online:
-                held += self._job_pending(tenant)
-            if count_limit is not None and held >= count_limit:
+        usage = self._usage.get(tenant)
+        if usage is None:
+            usage = self._new_usage(tenant)
+        if count_limit is not None:
+            held = usage.online if online else usage.offline + self._job_pending(tenant)
+            if held >= count_limit:
                 raise QuotaExceededError(tenant, ONLINE_QUOTA if online else OFFLINE_QUOTA,
                                          count_limit)
-            if tpm is not None:
-                self._take_tokens(usage, tenant, tpm, cost)
-            if online:
-                usage.online += 1
-            else:
-                usage.offline += 1
-        return Ticket(tenant, request.tier, cost, request.sampling.max_tokens)
+        max_tokens = request.sampling.max_tokens
+        cost = 0
+        if tpm is not None:
+            cost = len(request.prompt_token_ids) + max_tokens
+            self._take_tokens(usage, tenant, tpm, cost)
+        if online:
+            usage.online += 1
+        else:
+            usage.offline += 1
+        return Ticket(usage, online, cost, max_tokens)
 
     def check_job(self, tenant: str, limits: TenantLimits, requests: int) -> None:
         """Whether a batch job of ``requests`` fits the tenant's offline quota."""
         limit = limits.max_queued_offline
         if limit is None:
             return
-        with self._lock:
-            usage = self._usage.get(tenant)
-            held = (usage.offline if usage is not None else 0) + self._job_pending(tenant)
+        usage = self._usage.get(tenant)
+        held = (usage.offline if usage is not None else 0) + self._job_pending(tenant)
         if held + requests > limit:
             raise QuotaExceededError(tenant, OFFLINE_QUOTA, limit)
 
-    def release(self, ticket: Ticket, generated: int) -> None:
-        """The request ended having generated ``generated`` tokens: gives back its place and
-        the tokens it was charged for but did not use. Idempotent."""
-        with self._lock:
-            if ticket.released:
-                return
-            ticket.released = True
-            usage = self._usage[ticket.tenant]
-            if ticket.tier is Tier.ONLINE:
-                usage.online -= 1
-            else:
-                usage.offline -= 1
-            if ticket.tokens:
-                usage.bucket += max(0, ticket.max_tokens - generated)
-
     def in_flight(self, tenant: str) -> tuple[int, int]:
         """(online, offline) requests of the tenant held against its quotas now."""
-        with self._lock:
-            usage = self._usage.get(tenant)
-            return (0, 0) if usage is None else (usage.online, usage.offline)
+        usage = self._usage.get(tenant)
+        return (0, 0) if usage is None else (usage.online, usage.offline)
 
     def _new_usage(self, tenant: str) -> _Usage:
         """A tenant's entry, kept while it is used (so that a tenant whose requests come
@@ -147,17 +153,17 @@ class TenantQuotas:
 
     def _take_tokens(self, usage: _Usage, tenant: str, tpm: int, cost: int) -> None:
         now = self._clock()
-        if math.isnan(usage.bucket):
-            usage.bucket = float(tpm)
-        else:
-            rate = tpm / 60.0
-            usage.bucket = min(float(tpm), usage.bucket + (now - usage.refilled_at) * rate)
+        # refilled since the last charge, up to one minute's worth (NaN: a new bucket, full)
+        bucket = usage.bucket + (now - usage.refilled_at) * tpm / 60.0
+        if not bucket < tpm:
+            bucket = float(tpm)
         usage.refilled_at = now
         usage.tokens_per_minute = tpm
-        if usage.bucket <= 0:
-            wait = (1.0 - usage.bucket) / (tpm / 60.0)
-            raise QuotaExceededError(tenant, TOKENS_QUOTA, tpm, retry_after_s=wait)
-        usage.bucket -= cost
+        if bucket <= 0:
+            usage.bucket = bucket
+            raise QuotaExceededError(tenant, TOKENS_QUOTA, tpm,
+                                     retry_after_s=(1.0 - bucket) * 60.0 / tpm)
+        usage.bucket = bucket - cost
 
 
 def _idle(usage: _Usage, now: float) -> bool:

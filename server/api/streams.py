@@ -116,7 +116,8 @@ class RequestStream:
     (possibly merged with the tokens before it) last; after that it returns None.
     """
 
-    __slots__ = ("_bridge", "_done", "_on_ready", "_pending", "_waiter", "request_id")
+    __slots__ = ("_bridge", "_done", "_on_ready", "_pending", "_waiter", "on_final",
+                 "request_id")
 
     def __init__(
         self,
@@ -132,6 +133,9 @@ class RequestStream:
         # (Session) learns which streams have output without a task per request.
         self._on_ready = on_ready
         self.request_id: int | None = None  # the scheduler's id, once submitted
+        # Called on the loop with the final event as it arrives, before any consumer takes it,
+        # whether or not one ever does: what the request held is given back there.
+        self.on_final: Callable[[SchedEvent], None] | None = None
 
     def sink(self, event: SchedEvent) -> None:
         """Called from the scheduler's thread; never blocks."""
@@ -139,6 +143,8 @@ class RequestStream:
 
     def push(self, event: SchedEvent) -> None:
         """Called on the event loop's thread."""
+        if self.on_final is not None and event.outcome is not None:
+            self.on_final(event)
         was_empty = not self._pending
         self._pending.append(event)
         waiter = self._waiter
@@ -193,9 +199,9 @@ def submit_to_stream(
     admission: Admission,
 ) -> int:
     """Submits request to the route's scheduler, held against its tenant's quotas until its
-    final event, with a sink that meters each event (for the model that serves it), then hands
-    it to stream. Refusals (QuotaExceededError, QueueFullError, DrainingError) are counted as
-    rejected and re-raised."""
+    final event reaches the loop, with a sink that meters each event (for the model that
+    serves it), then hands it to stream. Refusals (QuotaExceededError, QueueFullError,
+    DrainingError) are counted as rejected and re-raised."""
     tier, tenant, tenants = request.tier, request.tenant, admission.tenants
     try:
         ticket = admission.quotas.admit(request, admission.limits)
@@ -203,8 +209,10 @@ def submit_to_stream(
         admission.metrics.rejected(tier, route.name)
         tenants.rejected(tenant, route.name, tier, exc.quota)
         raise
+    if ticket is not None:
+        stream.on_final = ticket.finish
     observe = admission.metrics.meter(tier, route).observe
-    post, quotas = stream.sink, admission.quotas
+    post = stream.sink
     prompt = len(request.prompt_token_ids)
 
     def sink(event: SchedEvent) -> None:  # the scheduler's thread, once per event
@@ -212,15 +220,13 @@ def submit_to_stream(
         if event.outcome is not None:
             generated = 0 if event.usage is None else event.usage.completion_tokens
             tenants.finished(tenant, route.name, tier, event.outcome, prompt, generated)
-            if ticket is not None:
-                quotas.release(ticket, generated)
         post(event)
 
     try:
         stream.request_id = route.scheduler.submit(request, sink)
     except BaseException as exc:
         if ticket is not None:
-            quotas.release(ticket, 0)
+            ticket.release(0)
         if isinstance(exc, (QueueFullError, DrainingError)):
             admission.metrics.rejected(tier, route.name)
             tenants.rejected(tenant, route.name, tier)

@@ -14,7 +14,7 @@ from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from server.executor.base import SamplingParams
 from server.quotas import QuotaExceededError, TenantQuotas
-from server.scheduler.types import SchedRequest, Tier
+from server.scheduler.types import Outcome, SchedEvent, SchedRequest, Tier, Usage
 from server.security.keys import TenantLimits
 from tests.fakes import ScriptedExecutor
 from tests.unit.scheduler.helpers import FakeClock
@@ -41,8 +41,8 @@ def test_online_requests_in_flight_are_bounded_per_tenant() -> None:
     assert quotas.admit(sched("a", Tier.OFFLINE), limits) is None  # offline: not this quota
     ticket = held[0]
     assert ticket is not None
-    quotas.release(ticket, 5)
-    quotas.release(ticket, 5)  # idempotent
+    ticket.release(5)
+    ticket.release(5)  # idempotent
     assert quotas.in_flight("a") == (1, 0)
     assert quotas.admit(sched("a"), limits) is not None
 
@@ -72,7 +72,7 @@ def test_tokens_per_minute_is_a_refilling_bucket_with_refunds() -> None:
         quotas.admit(sched("a", prompt=1, max_tokens=1), limits)
     assert info.value.quota == "tokens_per_minute" and info.value.retry_after_s == 41.0
     assert first is not None
-    quotas.release(first, 10)  # 30 of its 40 unused come back: -40 + 30 = -10
+    first.release(10)  # 30 of its 40 unused come back: -40 + 30 = -10
     clock.advance(10.5)
     assert quotas.admit(sched("a", prompt=1, max_tokens=1), limits) is not None
     clock.advance(1000)  # refills to one minute's worth, not more
@@ -91,11 +91,11 @@ def test_idle_tenants_are_forgotten_but_not_their_debts() -> None:
     metered = TenantLimits(tokens_per_minute=60)
     ticket = quotas.admit(sched("debtor", prompt=100, max_tokens=20), metered)  # 60 - 120
     assert ticket is not None
-    quotas.release(ticket, 20)  # -60: two minutes to refill
+    ticket.release(20)  # -60: two minutes to refill
     for tenant in ("b", "c", "d"):
         done = quotas.admit(sched(tenant), counted)
         assert done is not None
-        quotas.release(done, 1)
+        done.release(1)
     assert set(quotas._usage) == {"debtor", "b", "c", "d"}  # kept while there is room
     clock.advance(50.0)
     kept = quotas.admit(sched("e"), counted)  # the fifth: the idle ones are dropped
@@ -103,6 +103,25 @@ def test_idle_tenants_are_forgotten_but_not_their_debts() -> None:
     assert set(quotas._usage) == {"debtor", "e"}
     with pytest.raises(QuotaExceededError):  # -60 + 50: still in debt, not forgiven
         quotas.admit(sched("debtor", prompt=1, max_tokens=1), metered)
+
+
+def test_a_final_event_releases_its_ticket_with_the_unused_tokens() -> None:
+    clock = FakeClock(100.0)
+    quotas = TenantQuotas(clock=clock)
+    limits = TenantLimits(max_online_requests=1, tokens_per_minute=60)
+    ticket = quotas.admit(sched("a", prompt=10, max_tokens=40), limits)  # 10 of 60 left
+    assert ticket is not None
+    with pytest.raises(QuotaExceededError, match="max_online_requests"):
+        quotas.admit(sched("a", prompt=1, max_tokens=1), limits)
+    usage = Usage(prompt_tokens=10, completion_tokens=5, cached_prompt_tokens=0)
+    ticket.finish(SchedEvent(request_id=1, token_ids=(), text="", outcome=Outcome.STOP,
+                             usage=usage))
+    ticket.finish(SchedEvent(request_id=1, token_ids=(), text="", outcome=Outcome.STOP))
+    assert quotas.in_flight("a") == (0, 0)  # once, though finished twice
+    # 35 of the 40 come back (10 + 35 = 45 left); no time passes, so nothing else refills
+    assert quotas.admit(sched("a", prompt=5, max_tokens=40), limits) is not None
+    with pytest.raises(QuotaExceededError, match="max_online_requests"):
+        quotas.admit(sched("a", prompt=1, max_tokens=1), limits)
 
 
 def test_no_quotas_no_bookkeeping() -> None:
@@ -160,6 +179,27 @@ async def test_over_quota_is_resource_exhausted_naming_it_and_others_go_on(
     assert rejected[(M, ("quota", "max_online_requests"), ("tenant", "a"))] == 1
     assert m["backfill_tenant_requests_total"][
         (M, ("outcome", "length"), ("tenant", "b"), ("tier", "online"))] == 1
+
+
+async def test_a_session_that_breaks_gives_back_its_requests_places(
+    server_with_quotas,  # type: ignore[no-untyped-def]
+) -> None:
+    """Places are given back when the requests' final events reach the loop, though the
+    Session that opened them is gone and nothing takes those events."""
+    server = server_with_quotas
+    long = pb.SamplingParams(max_tokens=10_000)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        session = stub.Session(metadata=bearer(KEY_A))
+        for cid in ("r1", "r2"):
+            await session.write(pb.SessionRequest(
+                generate=request(client_request_id=cid, sampling=long)))
+        await session.read()
+        await wait_until(lambda: server_quotas(server).in_flight("a") == (2, 0))
+        session.cancel()
+        await wait_until(lambda: server_quotas(server).in_flight("a") == (0, 0))
+        again = [c async for c in stub.Generate(request(), metadata=bearer(KEY_A))]
+        assert again[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def server_quotas(server) -> TenantQuotas:  # type: ignore[no-untyped-def]

@@ -82,6 +82,31 @@ async def test_on_ready_fires_once_per_batch_of_pending_events() -> None:
     assert ready == [stream, stream]
 
 
+async def test_on_final_runs_on_the_loop_as_the_final_event_arrives() -> None:
+    """What a request holds (its quota ticket) is given back on the loop's thread when its
+    final event arrives from the scheduler's thread, whether or not a consumer ever takes it
+    (a Session that closed with output pending)."""
+    loop = asyncio.get_running_loop()
+    stream = RequestStream(loop)
+    seen: list[tuple[Outcome | None, int]] = []
+    stream.on_final = lambda event: seen.append((event.outcome, threading.get_ident()))
+
+    def produce() -> None:
+        stream.sink(token(0))
+        stream.sink(final(1))
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join()
+    assert seen == []  # not on the scheduler's thread
+    for _ in range(10):
+        if seen:
+            break
+        await asyncio.sleep(0)
+    assert seen == [(Outcome.LENGTH, threading.get_ident())]
+    assert not stream.finished  # nobody took the events
+
+
 async def test_one_wakeup_carries_a_whole_pass_of_events_in_order() -> None:
     """The scheduler thread emits a pass's events for many requests; the loop is woken once
     (one call_soon_threadsafe), and each stream gets its events in order."""
