@@ -128,13 +128,15 @@ def predict(engine: Engine, load: BenchLoad, slos: Slos | None = None) -> Predic
 
 
 def _scheduler(v: Variant, base: SimResult | None) -> SchedulerConfig:
-    """The benchmark's server flags for a variant: SLOs from online-only's p99s."""
+    """The benchmark's server flags for a variant (bench_scheduler's ``slo_args``): SLOs from
+    online-only's p99s, and a step slowdown bound of the variant's multiplier."""
     tpot = ttft = None
     if v.multiplier is not None and base is not None:
         tpot = v.multiplier * (base.online.tpot_ms[2] or 1.0)
         ttft = GOAL_MULTIPLIER * (base.online.ttft_ms[2] or 1.0)
+    slowdown = None if v.multiplier is None else max(1.0, v.multiplier)
     return SchedulerConfig(policy=v.policy, max_online_queue=BENCH_MAX_ONLINE_QUEUE,
-                           tpot_slo_ms=tpot, ttft_slo_ms=ttft)
+                           tpot_slo_ms=tpot, ttft_slo_ms=ttft, max_online_slowdown=slowdown)
 
 
 class ScaledStepCost:

@@ -152,3 +152,15 @@ def test_right_size_reports_the_pools_it_tried(capsys: pytest.CaptureFixture[str
     rows = {r["replicas"]: r for r in table["rows"]}
     assert rows and all(r["meets"] in ("yes", "no") for r in rows.values())
     assert any(note.startswith(("smallest pool", "no pool")) for note in table["notes"])
+
+
+def test_calibration_runs_each_variant_with_the_benchmarks_slowdown_bound() -> None:
+    """bench_scheduler starts an SLO variant's server with --max-online-slowdown at the
+    variant's multiplier (slo_args); the simulation of that variant must too, or its 3x
+    variant is planned like the 1.25x one (the server's default, 1.2)."""
+    from server.planner.calibrate import Variant, _scheduler
+
+    assert _scheduler(Variant("backfill-3x", True, True, True, 3.0), None).max_online_slowdown == 3.0
+    assert _scheduler(Variant("backfill-1x", True, True, False, 1.0), None).max_online_slowdown == 1.0
+    assert _scheduler(Variant("backfill-0.5x", True, True, False, 0.5), None).max_online_slowdown == 1.0
+    assert _scheduler(Variant("backfill-no-budget", True, True, False), None).tpot_slo_ms is None
