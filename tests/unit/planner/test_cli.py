@@ -160,7 +160,9 @@ def test_calibration_runs_each_variant_with_the_benchmarks_slowdown_bound() -> N
     variant is planned like the 1.25x one (the server's default, 1.2)."""
     from server.planner.calibrate import Variant, _scheduler
 
-    assert _scheduler(Variant("backfill-3x", True, True, True, 3.0), None).max_online_slowdown == 3.0
-    assert _scheduler(Variant("backfill-1x", True, True, False, 1.0), None).max_online_slowdown == 1.0
-    assert _scheduler(Variant("backfill-0.5x", True, True, False, 0.5), None).max_online_slowdown == 1.0
+    def slowdown(multiplier: float | None) -> float | None:
+        variant = Variant("backfill", True, True, True, multiplier)
+        return _scheduler(variant, None).max_online_slowdown
+
+    assert (slowdown(3.0), slowdown(1.0), slowdown(0.5)) == (3.0, 1.0, 1.0)
     assert _scheduler(Variant("backfill-no-budget", True, True, False), None).tpot_slo_ms is None
