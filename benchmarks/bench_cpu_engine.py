@@ -108,7 +108,7 @@ def decode_rate(runner: CpuEngine, batch: int, steps: int, prompt_len: int = 32)
         prompt = tuple(int(t) for t in rng.integers(100, 40_000, size=prompt_len))
         params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
         runner.add(ExecRequest(base + i, prompt, params), seed=i)
-    while any(s.num_pending > 1 for s in runner.running) or runner.waiting:
+    while any(s.num_pending > 1 for s in runner.running) or runner.batcher.waiting:
         runner.step()
     runner.step()  # one warm decode step
     times, rates = [], []
