@@ -1,10 +1,15 @@
 """Backfill's CPU weight formats against llama.cpp on the same GGUF, in one run.
 
     python -m benchmarks.bench_quant [--threads 2] [--rounds 3] [--steps 8]
-        [--llama-server PATH] [--serving-rounds 2] [--parts speed,quality,serving] [--json FILE]
+        [--formats none,int8,int4,source] [--activations float32,int16,int8]
+        [--llama-server PATH] [--serving-rounds 2]
+        [--parts speed,quality,serving] [--json FILE]
 
 Engine: the default model (SmolLM2-135M-Instruct; its GGUF is Q4_1 blocks with a Q8_0
-embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks).
+embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks),
+the last once per ``--activations`` setting (``source/int16`` and so on: how its kernels treat
+their input rows, see server/executor/cpu/activations.py; settings the host cannot run are
+skipped with a message).
 Tables, each variant measured in the same run, alternating, with ``--threads`` threads each:
 
 1. decode tokens/s at batch 1, 8 and 32 (Backfill: engine steps, sampling included; llama.cpp:
@@ -12,7 +17,8 @@ Tables, each variant measured in the same run, alternating, with ``--threads`` t
    over ``--rounds`` alternating rounds, and the ratio to llama.cpp;
 2. prefill tokens/s of one 512-token prompt;
 3. resident weight bytes, greedy agreement with the fp32 engine (the oracle prompts: 8 chat
-   prompts and the France question, 16 tokens each) and perplexity on a held-out text;
+   prompts and the France question, 16 tokens each) and perplexity on a held-out text, read
+   in chunks of as many tokens as the decode kernels take (so that it measures them);
 4. serving: 256 chat requests of 32 output tokens (EOS ignored), 32 in flight, against
    ``python -m server`` (fp32 and source engines) and llama.cpp's ``llama-server -np 32``
    (``--llama-server`` or ``$BACKFILL_LLAMA_SERVER``; skipped with a message when absent).
@@ -46,8 +52,9 @@ from engine_builder.fetch import fetch_default
 from engine_builder.manifest import Manifest
 from engine_builder.source import expected_shapes
 from server.executor.base import ExecRequest, SamplingParams
+from server.executor.cpu.activations import resolve_activations
 from server.executor.cpu.blas import set_thread_compute_threads
-from server.executor.cpu.block_weights import load_kernels
+from server.executor.cpu.block_weights import KERNEL_MAX_ROWS, load_kernels
 from server.executor.cpu.engine import CpuEngine
 from server.executor.cpu.executor import build_engine
 
@@ -132,10 +139,37 @@ def print_speed(rates: dict[str, dict[str, list[float]]]) -> None:
         print(f"| {v} | " + " | ".join(cells) + " |")
 
 
+def source_modes(requested: str) -> list[str]:
+    """The --activations settings this host runs, in order, each once."""
+    modes: list[str] = []
+    for mode in requested.split(","):
+        try:
+            resolved = resolve_activations(mode)
+        except ValueError as e:
+            print(f"  source/{mode} skipped: {e}")
+            continue
+        if resolved not in modes:
+            modes.append(resolved)
+    return modes
+
+
+def load_runners(formats: list[str], modes: list[str]) -> dict[str, CpuEngine]:
+    """variant -> engine: the formats in order, source once per activation setting. The fp32
+    engine always loads: it is the reference of the quality table."""
+    runners = {}
+    for quant in dict.fromkeys(["none", *formats]):
+        path = engine_dir(quant)
+        manifest = Manifest.load(path)
+        for mode in modes if quant == "source" else [None]:
+            name = quant if mode is None else f"source/{mode}"
+            runners[name] = build_engine(path, manifest, activations=mode)[0]
+    return runners
+
+
 def quality_table(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None,
                   manifests: dict[str, Manifest]) -> dict[str, dict[str, float]]:
     reference = greedy(runners["none"])
-    params = num_weights(manifests["none"])
+    params = num_weights(manifests["none"])  # every variant holds the same weights
     rows: dict[str, dict[str, float]] = {}
     print("| weights | resident weight bytes | bytes per weight | greedy agreement with fp32 "
           "| perplexity |\n|---|---|---|---|---|")
@@ -143,7 +177,7 @@ def quality_table(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None,
         nbytes = runner.model.weights.nbytes
         rows[v] = {"weight_bytes": nbytes, "bytes_per_weight": nbytes / params,
                    "agreement": agreement(reference, greedy(runner)),
-                   "perplexity": perplexity(runner, HELD_OUT)}
+                   "perplexity": perplexity(runner, HELD_OUT, chunk=KERNEL_MAX_ROWS)}
         r = rows[v]
         print(f"| {v} | {nbytes / 1e6:.1f} MB | {r['bytes_per_weight']:.3f} | "
               f"{100 * r['agreement']:.0f}% | {r['perplexity']:.2f} |")
@@ -201,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--rounds", type=int, default=3, help="alternating speed rounds")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="weight formats to compare (fp32, 'none', is always loaded)")
+    parser.add_argument("--activations", default="float32,int16,int8",
+                        help="the source engine's activation settings, one variant each")
     parser.add_argument("--llama-server", default=None, help="llama-server binary")
     parser.add_argument("--serving-rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=256)
@@ -217,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {"threads": args.threads}
     if parts & {"speed", "quality"}:
         manifests = {q: Manifest.load(engine_dir(q)) for q in FORMATS}
-        runners = {q: build_engine(engine_dir(q), m)[0] for q, m in manifests.items()}
+        formats = args.formats.split(",")
+        unknown = set(formats) - set(FORMATS)
+        if unknown:
+            parser.error(f"--formats: unknown {', '.join(sorted(unknown))}")
+        runners = load_runners(formats, source_modes(args.activations))
         missing = llama_cpp_missing()
         peer = None
         if missing:
@@ -226,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             peer = LlamaCppPeer(fetch_default(), args.threads)
         if "speed" in parts:
             print("\n(1, 2) decode and prefill tokens/s (median of rounds; ratio to llama.cpp)")
-            results["speed"] = speed = measure_speed(runners, peer, args.rounds, args.steps)
+            timed = {v: r for v, r in runners.items() if v != "none" or "none" in formats}
+            results["speed"] = speed = measure_speed(timed, peer, args.rounds, args.steps)
             print_speed(speed)
         if "quality" in parts:
             print("\n(3) weights and quality")
