@@ -159,7 +159,9 @@ class BlockLinear:
     def _kernel_matmul(self, x: np.ndarray) -> np.ndarray:
         assert self._kernels is not None
         n = x.shape[0]
-        if self._integer is not None:
+        # A single row of Q8_0 takes the float kernel: regrouping a tile's bytes for the
+        # integer one (and summing them) costs more than one row's product gains.
+        if self._integer is not None and (n > 1 or self.qtype != "Q8_0"):
             return self._integer_matmul(self._integer, x)
         if n > 1 and n % 4:  # the multi-row kernels take rows four at a time
             x = np.concatenate([x, np.zeros((4 - n % 4, x.shape[1]), np.float32)])
