@@ -3,7 +3,7 @@
     python -m benchmarks.bench_quant [--threads 2] [--rounds 3] [--steps 8]
         [--formats none,int8,int4,source] [--activations float32,int16,int8]
         [--llama-server PATH] [--serving-rounds 2]
-        [--parts speed,quality,serving] [--json FILE]
+        [--parts speed,steps,quality,serving] [--step-batch 32] [--step-rounds 40] [--json FILE]
 
 Engine: the default model (SmolLM2-135M-Instruct; its GGUF is Q4_1 blocks with a Q8_0
 embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks),
@@ -15,6 +15,9 @@ Tables, each variant measured in the same run, alternating, with ``--threads`` t
 1. decode tokens/s at batch 1, 8 and 32 (Backfill: engine steps, sampling included; llama.cpp:
    batched ``llama_decode``, one token per sequence, logits for all, sampling excluded), median
    over ``--rounds`` alternating rounds, and the ratio to llama.cpp;
+   (1b) decode at ``--step-batch`` sequences with every variant taking one step in turn, for
+   ``--step-rounds`` rounds: medians, and the median of the paired (same round) ratios; on a
+   shared host this is the steadier comparison;
 2. prefill tokens/s of one 512-token prompt;
 3. resident weight bytes, greedy agreement with the fp32 engine (the oracle prompts: 8 chat
    prompts and the France question, 16 tokens each) and perplexity on a held-out text, read
@@ -122,6 +125,56 @@ def measure_speed(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None, roun
             rates[v].setdefault("prefill", []).append(rate)
         print(f"  round {r + 1}/{rounds} done", flush=True)
     return rates
+
+
+def interleaved_steps(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None, batch: int,
+                      rounds: int) -> dict[str, list[float]]:
+    """variant -> tokens/s of each of its decode steps at ``batch`` sequences, every variant
+    taking one step in turn: a round's steps lie within a second or so, so a burst of load
+    from other processes lands on all of them, and each round gives a paired ratio."""
+    rng = np.random.default_rng(batch)
+    prompts = [tuple(int(t) for t in rng.integers(100, 40_000, 32)) for _ in range(batch)]
+    for runner in runners.values():
+        base = 100_000 * (1 + runner.counters.steps)
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=rounds + 4, ignore_eos=True)
+            runner.add(ExecRequest(base + i, prompt, params), seed=i)
+        while any(s.num_pending > 1 for s in runner.running) or runner.batcher.waiting:
+            runner.step()
+        runner.step()  # one warm decode step
+    if peer is not None:
+        peer.start_decode(batch)
+        peer.decode_step()
+    rates: dict[str, list[float]] = {}
+    variants = [*runners, *([LLAMA] if peer is not None else [])]
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+            t0 = time.perf_counter()
+            if v == LLAMA and peer is not None:
+                peer.decode_step()
+                tokens = batch
+            else:
+                runners[v].step()
+                tokens = runners[v].counters.last_step_tokens
+            rates.setdefault(v, []).append(tokens / (time.perf_counter() - t0))
+    for runner in runners.values():
+        while runner.has_work:
+            runner.step()
+            runner.drain()
+    return rates
+
+
+def print_interleaved(rates: dict[str, list[float]], batch: int) -> None:
+    base = rates.get(LLAMA)
+    print(f"| weights | decode b{batch} tok/s (median step) | vs llama.cpp (medians) | "
+          "vs llama.cpp (median of paired steps) |\n|---|---|---|---|")
+    for v, steps in rates.items():
+        med = float(np.median(steps))
+        ratio = paired = ""
+        if base is not None and v != LLAMA:
+            ratio = f"{med / np.median(base):.2f}x"
+            paired = f"{np.median(np.divide(steps, base)):.2f}x"
+        print(f"| {v} | {med:.1f} | {ratio} | {paired} |")
 
 
 def print_speed(rates: dict[str, dict[str, list[float]]]) -> None:
@@ -244,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--parts", default="speed,quality,serving",
-                        help="comma-separated subset of speed,quality,serving")
+    parser.add_argument("--parts", default="speed,steps,quality,serving",
+                        help="comma-separated subset of speed,steps,quality,serving")
+    parser.add_argument("--step-batch", type=int, default=32, help="batch of the steps part")
+    parser.add_argument("--step-rounds", type=int, default=40,
+                        help="rounds of the steps part (one step per variant each)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
     set_thread_compute_threads(args.threads)
@@ -253,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads}; kernels: {'numba' if load_kernels() else 'NumPy (numba missing)'}")
     parts = set(args.parts.split(","))
     results: dict[str, object] = {"threads": args.threads}
-    if parts & {"speed", "quality"}:
+    if parts & {"speed", "steps", "quality"}:
         manifests = {q: Manifest.load(engine_dir(q)) for q in FORMATS}
         formats = args.formats.split(",")
         unknown = set(formats) - set(FORMATS)
@@ -266,11 +322,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  llama.cpp skipped: {missing}")
         else:
             peer = LlamaCppPeer(fetch_default(), args.threads)
+        timed = {v: r for v, r in runners.items() if v != "none" or "none" in formats}
         if "speed" in parts:
             print("\n(1, 2) decode and prefill tokens/s (median of rounds; ratio to llama.cpp)")
-            timed = {v: r for v, r in runners.items() if v != "none" or "none" in formats}
             results["speed"] = speed = measure_speed(timed, peer, args.rounds, args.steps)
             print_speed(speed)
+        if "steps" in parts:
+            print(f"\n(1b) decode at batch {args.step_batch}, variants stepping in turn, "
+                  f"{args.step_rounds} rounds")
+            results["steps"] = steps = interleaved_steps(timed, peer, args.step_batch,
+                                                         args.step_rounds)
+            print_interleaved(steps, args.step_batch)
         if "quality" in parts:
             print("\n(3) weights and quality")
             results["quality"] = quality_table(runners, peer, manifests)
