@@ -46,9 +46,13 @@ _parallel_kernel = njit(cache=True, fastmath=True, nogil=True, error_model="nump
 
 @functools.cache
 def available() -> bool:
-    """True when this CPU runs 512-bit VNNI (and numba compiles for it: the host CPU)."""
+    """True when this CPU runs 512-bit VNNI and numba compiles for it (the host CPU, not a
+    portable target chosen with NUMBA_CPU_NAME)."""
     from llvmlite import binding
+    from numba.core import config
 
+    if config.CPU_NAME is not None:
+        return False
     features = binding.get_host_cpu_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
