@@ -51,7 +51,7 @@ def available() -> bool:
     from llvmlite import binding
     from numba.core import config
 
-    if config.CPU_NAME is not None:
+    if config.CPU_NAME is not None:  # type: ignore[attr-defined]
         return False
     features = binding.get_host_cpu_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
