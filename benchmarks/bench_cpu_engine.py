@@ -108,7 +108,7 @@ def decode_rate(runner: CpuEngine, batch: int, steps: int, prompt_len: int = 32)
         prompt = tuple(int(t) for t in rng.integers(100, 40_000, size=prompt_len))
         params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
         runner.add(ExecRequest(base + i, prompt, params), seed=i)
-    while any(s.num_pending > 1 for s in runner.running) or runner.waiting:
+    while any(s.num_pending > 1 for s in runner.running) or runner.batcher.waiting:
         runner.step()
     runner.step()  # one warm decode step
     times, rates = [], []
@@ -157,18 +157,25 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(len(ra) for ra in a)
 
 
-def perplexity(runner: CpuEngine, text: str) -> float:
-    """exp(mean NLL) of the text's tokens, one full-sequence forward over a private cache."""
+def perplexity(runner: CpuEngine, text: str, chunk: int | None = None) -> float:
+    """exp(mean NLL) of the text's tokens over a private cache: one full-sequence forward, or
+    forwards of ``chunk`` tokens at a time (products of decode-sized row counts, which run on
+    other kernels than prefill does)."""
     ids = np.asarray(runner.tokenizer.encode(text), dtype=np.int64)
     n, tpb = len(ids), 16
     model = runner.model
     cache = PagedKvCache(len(model.weights.layers), -(-n // tpb), tpb, model.num_kv_heads,
                          model.head_dim, "int8" if runner.runner.cache.quantized else "float32")
     blocks = np.arange(-(-n // tpb))
-    positions = np.arange(n)
-    batch = ForwardBatch(ids, positions, positions, (PrefillSegment(0, n, 0, blocks),), None,
-                         np.arange(n - 1))
-    logits = model.forward(batch, cache).astype(np.float64)  # [n - 1, vocab]
+    parts = []
+    for start in range(0, n - 1, chunk or n):
+        end = min(start + (chunk or n), n)
+        positions = np.arange(start, end)
+        segment = PrefillSegment(0, end - start, start, blocks[: -(-end // tpb)])
+        rows = np.arange(min(end, n - 1) - start)
+        batch = ForwardBatch(ids[start:end], positions, positions, (segment,), None, rows)
+        parts.append(model.forward(batch, cache).astype(np.float64))  # [rows, vocab]
+    logits = np.concatenate(parts)  # [n - 1, vocab]
     logits -= logits.max(axis=1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     return float(np.exp(-logp[np.arange(n - 1), ids[1:]].mean()))

@@ -1,18 +1,27 @@
 """Backfill's CPU weight formats against llama.cpp on the same GGUF, in one run.
 
     python -m benchmarks.bench_quant [--threads 2] [--rounds 3] [--steps 8]
-        [--llama-server PATH] [--serving-rounds 2] [--parts speed,quality,serving] [--json FILE]
+        [--formats none,int8,int4,source] [--activations float32,int16,int8]
+        [--llama-server PATH] [--serving-rounds 2]
+        [--parts speed,steps,quality,serving] [--step-batch 32] [--step-rounds 40] [--json FILE]
 
 Engine: the default model (SmolLM2-135M-Instruct; its GGUF is Q4_1 blocks with a Q8_0
-embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks).
+embedding), built as fp32 (``none``), ``int8``, ``int4`` and ``source`` (the GGUF's own blocks),
+the last once per ``--activations`` setting (``source/int16`` and so on: how its kernels treat
+their input rows, see server/executor/cpu/activations.py; settings the host cannot run are
+skipped with a message).
 Tables, each variant measured in the same run, alternating, with ``--threads`` threads each:
 
 1. decode tokens/s at batch 1, 8 and 32 (Backfill: engine steps, sampling included; llama.cpp:
    batched ``llama_decode``, one token per sequence, logits for all, sampling excluded), median
    over ``--rounds`` alternating rounds, and the ratio to llama.cpp;
+   (1b) decode at ``--step-batch`` sequences with every variant taking one step in turn, for
+   ``--step-rounds`` rounds: medians, and the median of the paired (same round) ratios; on a
+   shared host this is the steadier comparison;
 2. prefill tokens/s of one 512-token prompt;
 3. resident weight bytes, greedy agreement with the fp32 engine (the oracle prompts: 8 chat
-   prompts and the France question, 16 tokens each) and perplexity on a held-out text;
+   prompts and the France question, 16 tokens each) and perplexity on a held-out text, read
+   in chunks of as many tokens as the decode kernels take (so that it measures them);
 4. serving: 256 chat requests of 32 output tokens (EOS ignored), 32 in flight, against
    ``python -m server`` (fp32 and source engines) and llama.cpp's ``llama-server -np 32``
    (``--llama-server`` or ``$BACKFILL_LLAMA_SERVER``; skipped with a message when absent).
@@ -46,8 +55,9 @@ from engine_builder.fetch import fetch_default
 from engine_builder.manifest import Manifest
 from engine_builder.source import expected_shapes
 from server.executor.base import ExecRequest, SamplingParams
+from server.executor.cpu.activations import resolve_activations
 from server.executor.cpu.blas import set_thread_compute_threads
-from server.executor.cpu.block_weights import load_kernels
+from server.executor.cpu.block_weights import KERNEL_MAX_ROWS, load_kernels
 from server.executor.cpu.engine import CpuEngine
 from server.executor.cpu.executor import build_engine
 
@@ -117,6 +127,56 @@ def measure_speed(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None, roun
     return rates
 
 
+def interleaved_steps(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None, batch: int,
+                      rounds: int) -> dict[str, list[float]]:
+    """variant -> tokens/s of each of its decode steps at ``batch`` sequences, every variant
+    taking one step in turn: a round's steps lie within a second or so, so a burst of load
+    from other processes lands on all of them, and each round gives a paired ratio."""
+    rng = np.random.default_rng(batch)
+    prompts = [tuple(int(t) for t in rng.integers(100, 40_000, 32)) for _ in range(batch)]
+    for runner in runners.values():
+        base = 100_000 * (1 + runner.counters.steps)
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=rounds + 4, ignore_eos=True)
+            runner.add(ExecRequest(base + i, prompt, params), seed=i)
+        while any(s.num_pending > 1 for s in runner.running) or runner.batcher.waiting:
+            runner.step()
+        runner.step()  # one warm decode step
+    if peer is not None:
+        peer.start_decode(batch)
+        peer.decode_step()
+    rates: dict[str, list[float]] = {}
+    variants = [*runners, *([LLAMA] if peer is not None else [])]
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+            t0 = time.perf_counter()
+            if v == LLAMA and peer is not None:
+                peer.decode_step()
+                tokens = batch
+            else:
+                runners[v].step()
+                tokens = runners[v].counters.last_step_tokens
+            rates.setdefault(v, []).append(tokens / (time.perf_counter() - t0))
+    for runner in runners.values():
+        while runner.has_work:
+            runner.step()
+            runner.drain()
+    return rates
+
+
+def print_interleaved(rates: dict[str, list[float]], batch: int) -> None:
+    base = rates.get(LLAMA)
+    print(f"| weights | decode b{batch} tok/s (median step) | vs llama.cpp (medians) | "
+          "vs llama.cpp (median of paired steps) |\n|---|---|---|---|")
+    for v, steps in rates.items():
+        med = float(np.median(steps))
+        ratio = paired = ""
+        if base is not None and v != LLAMA:
+            ratio = f"{med / np.median(base):.2f}x"
+            paired = f"{np.median(np.divide(steps, base)):.2f}x"
+        print(f"| {v} | {med:.1f} | {ratio} | {paired} |")
+
+
 def print_speed(rates: dict[str, dict[str, list[float]]]) -> None:
     keys = [f"b{b}" for b in BATCHES] + ["prefill"]
     base = rates.get(LLAMA)
@@ -132,10 +192,37 @@ def print_speed(rates: dict[str, dict[str, list[float]]]) -> None:
         print(f"| {v} | " + " | ".join(cells) + " |")
 
 
+def source_modes(requested: str) -> list[str]:
+    """The --activations settings this host runs, in order, each once."""
+    modes: list[str] = []
+    for mode in requested.split(","):
+        try:
+            resolved = resolve_activations(mode)
+        except ValueError as e:
+            print(f"  source/{mode} skipped: {e}")
+            continue
+        if resolved not in modes:
+            modes.append(resolved)
+    return modes
+
+
+def load_runners(formats: list[str], modes: list[str]) -> dict[str, CpuEngine]:
+    """variant -> engine: the formats in order, source once per activation setting. The fp32
+    engine always loads: it is the reference of the quality table."""
+    runners = {}
+    for quant in dict.fromkeys(["none", *formats]):
+        path = engine_dir(quant)
+        manifest = Manifest.load(path)
+        for mode in modes if quant == "source" else [None]:
+            name = quant if mode is None else f"source/{mode}"
+            runners[name] = build_engine(path, manifest, activations=mode)[0]
+    return runners
+
+
 def quality_table(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None,
                   manifests: dict[str, Manifest]) -> dict[str, dict[str, float]]:
     reference = greedy(runners["none"])
-    params = num_weights(manifests["none"])
+    params = num_weights(manifests["none"])  # every variant holds the same weights
     rows: dict[str, dict[str, float]] = {}
     print("| weights | resident weight bytes | bytes per weight | greedy agreement with fp32 "
           "| perplexity |\n|---|---|---|---|---|")
@@ -143,7 +230,7 @@ def quality_table(runners: dict[str, CpuEngine], peer: LlamaCppPeer | None,
         nbytes = runner.model.weights.nbytes
         rows[v] = {"weight_bytes": nbytes, "bytes_per_weight": nbytes / params,
                    "agreement": agreement(reference, greedy(runner)),
-                   "perplexity": perplexity(runner, HELD_OUT)}
+                   "perplexity": perplexity(runner, HELD_OUT, chunk=KERNEL_MAX_ROWS)}
         r = rows[v]
         print(f"| {v} | {nbytes / 1e6:.1f} MB | {r['bytes_per_weight']:.3f} | "
               f"{100 * r['agreement']:.0f}% | {r['perplexity']:.2f} |")
@@ -201,13 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--rounds", type=int, default=3, help="alternating speed rounds")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per point")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="weight formats to compare (fp32, 'none', is always loaded)")
+    parser.add_argument("--activations", default="float32,int16,int8",
+                        help="the source engine's activation settings, one variant each")
     parser.add_argument("--llama-server", default=None, help="llama-server binary")
     parser.add_argument("--serving-rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--parts", default="speed,quality,serving",
-                        help="comma-separated subset of speed,quality,serving")
+    parser.add_argument("--parts", default="speed,steps,quality,serving",
+                        help="comma-separated subset of speed,steps,quality,serving")
+    parser.add_argument("--step-batch", type=int, default=32, help="batch of the steps part")
+    parser.add_argument("--step-rounds", type=int, default=40,
+                        help="rounds of the steps part (one step per variant each)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
     set_thread_compute_threads(args.threads)
@@ -215,19 +309,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads}; kernels: {'numba' if load_kernels() else 'NumPy (numba missing)'}")
     parts = set(args.parts.split(","))
     results: dict[str, object] = {"threads": args.threads}
-    if parts & {"speed", "quality"}:
+    if parts & {"speed", "steps", "quality"}:
         manifests = {q: Manifest.load(engine_dir(q)) for q in FORMATS}
-        runners = {q: build_engine(engine_dir(q), m)[0] for q, m in manifests.items()}
+        formats = args.formats.split(",")
+        unknown = set(formats) - set(FORMATS)
+        if unknown:
+            parser.error(f"--formats: unknown {', '.join(sorted(unknown))}")
+        runners = load_runners(formats, source_modes(args.activations))
         missing = llama_cpp_missing()
         peer = None
         if missing:
             print(f"  llama.cpp skipped: {missing}")
         else:
             peer = LlamaCppPeer(fetch_default(), args.threads)
+        timed = {v: r for v, r in runners.items() if v != "none" or "none" in formats}
         if "speed" in parts:
             print("\n(1, 2) decode and prefill tokens/s (median of rounds; ratio to llama.cpp)")
-            results["speed"] = speed = measure_speed(runners, peer, args.rounds, args.steps)
+            results["speed"] = speed = measure_speed(timed, peer, args.rounds, args.steps)
             print_speed(speed)
+        if "steps" in parts:
+            print(f"\n(1b) decode at batch {args.step_batch}, variants stepping in turn, "
+                  f"{args.step_rounds} rounds")
+            results["steps"] = steps = interleaved_steps(timed, peer, args.step_batch,
+                                                         args.step_rounds)
+            print_interleaved(steps, args.step_batch)
         if "quality" in parts:
             print("\n(3) weights and quality")
             results["quality"] = quality_table(runners, peer, manifests)

@@ -53,6 +53,7 @@ class LlamaCppPeer:
         self.ctx = lc.llama_init_from_model(self.model, params)
         self.batch = lc.llama_batch_init(512, 0, max_batch)
         self.max_batch = max_batch
+        self._decoding = (0, 0)  # (sequences, next position) of the decode under way
 
     @property
     def weight_bytes(self) -> int:
@@ -81,19 +82,30 @@ class LlamaCppPeer:
 
     def decode_rate(self, batch: int, steps: int, prompt_len: int = 32) -> float:
         """Aggregate decode tokens/s of `batch` sequences, from the median of `steps` steps."""
+        self.start_decode(batch, prompt_len)
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            t0 = time.perf_counter()
+            self.decode_step()
+            times.append(time.perf_counter() - t0)
+        return batch / float(np.median(times[1:]))
+
+    def start_decode(self, batch: int, prompt_len: int = 32) -> None:
+        """Prefills `batch` random prompts (one sequence per call) for ``decode_step``."""
         rng = np.random.default_rng(batch)
         self._reset()
-        for seq in range(batch):  # prefill, one sequence per call
+        for seq in range(batch):
             prompt = [int(t) for t in rng.integers(100, 40_000, prompt_len)]
             self._decode(prompt, list(range(prompt_len)), [seq] * prompt_len,
                          [False] * (prompt_len - 1) + [True])
-        times = []
-        for step in range(steps + 1):  # the first step warms up
-            t0 = time.perf_counter()
-            self._decode([100 + s for s in range(batch)], [prompt_len + step] * batch,
-                         list(range(batch)), [True] * batch)
-            times.append(time.perf_counter() - t0)
-        return batch / float(np.median(times[1:]))
+        self._decoding = (batch, prompt_len)
+
+    def decode_step(self) -> None:
+        """One batched decode step of the sequences ``start_decode`` began."""
+        batch, position = self._decoding
+        self._decode([100 + s for s in range(batch)], [position] * batch, list(range(batch)),
+                     [True] * batch)
+        self._decoding = (batch, position + 1)
 
     def prefill_rate(self, num_tokens: int) -> float:
         """Prompt tokens/s of one `num_tokens` prompt (one llama_decode call)."""

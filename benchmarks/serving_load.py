@@ -49,7 +49,7 @@ def backfill_serving(engine: Path, threads: int, prompts: list[str], max_tokens:
     env_before = os.environ.get("BACKFILL_CPU_THREADS")
     os.environ["BACKFILL_CPU_THREADS"] = str(threads)
     try:
-        with LocalServer(engine) as server:
+        with LocalServer(engine, "--metrics-port", "-1") as server:  # no port to collide on
             return asyncio.run(_sdk_load(AsyncClient, SamplingParams, server.address, prompts,
                                          max_tokens, concurrency))
     finally:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.executor.cpu.compiled import compiled_for
 from server.executor.kv.paged import PagedKvCache
 
 
@@ -82,6 +83,27 @@ def decode_attention(
     window: int | None = None,
 ) -> np.ndarray:
     """q `[B, heads, head_dim]` (one token per sequence) -> `[B, heads * head_dim]`."""
+    kernels = None if cache.quantized else compiled_for(q, cache.k)
+    if kernels is None:
+        return decode_attention_numpy(q, cache, layer, group, scale, window)
+    b, num_heads, head_dim = q.shape
+    lens = group.context_lens.astype(np.int64)
+    first = np.zeros_like(lens) if window is None else np.maximum(lens - window, 0)
+    out = np.empty((b, num_heads * head_dim), np.float32)
+    kernels.decode_attention(np.ascontiguousarray(q), cache.k[layer], cache.v[layer],
+                             group.blocks, lens, first, np.float32(scale), out)
+    return out
+
+
+def decode_attention_numpy(
+    q: np.ndarray,
+    cache: PagedKvCache,
+    layer: int,
+    group: DecodeGroup,
+    scale: float,
+    window: int | None = None,
+) -> np.ndarray:
+    """decode_attention's reference: the pages gathered, padded to the longest, one pass."""
     b, num_heads, head_dim = q.shape
     blocks, offset = group.blocks, 0
     first = None  # [B] the oldest position each query attends to

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from server.executor.cpu.activations import integer_kernels
 from server.executor.cpu.blas import set_thread_blas_threads, thread_blas_threads
 from server.executor.cpu.linears import DenseLinear
 
@@ -88,9 +89,12 @@ def _scratch_buffer(elements: int) -> np.ndarray:
 
 
 class BlockLinear:
-    """`W [out, in]` as GGUF blocks; calling it computes `x @ W.T` with float32 accumulation."""
+    """`W [out, in]` as GGUF blocks; calling it computes `x @ W.T` with float32 accumulation.
+    ``activations`` (activations.py, resolved: float32, int16 or int8) picks the kernels for
+    products of up to ``KERNEL_MAX_ROWS`` rows."""
 
-    def __init__(self, qtype: str, raw: np.ndarray, *, use_kernels: bool = True) -> None:
+    def __init__(self, qtype: str, raw: np.ndarray, *, use_kernels: bool = True,
+                 activations: str = "float32") -> None:
         block, type_size = block_geometry(qtype)
         raw = np.ascontiguousarray(raw, dtype=np.uint8)  # [out, row bytes]
         if raw.ndim != 2 or raw.shape[1] % type_size:
@@ -101,6 +105,11 @@ class BlockLinear:
         self.in_features = raw.shape[1] // type_size * block
         kernels = load_kernels() if use_kernels and qtype in _KERNEL_LAYOUTS else None
         self._kernels = kernels
+        self._integer = integer_kernels() if kernels is not None and activations != "float32" \
+            else None
+        if activations != "float32" and kernels is not None and self._integer is None:
+            raise ValueError(f"{activations} activations need a CPU with AVX-512 VNNI")
+        self.activations = activations if self._integer is not None else "float32"
         self._raw: np.ndarray | None = None
         if kernels is None:
             self._raw = raw
@@ -150,6 +159,10 @@ class BlockLinear:
     def _kernel_matmul(self, x: np.ndarray) -> np.ndarray:
         assert self._kernels is not None
         n = x.shape[0]
+        # A single row of Q8_0 takes the float kernel: regrouping a tile's bytes for the
+        # integer one (and summing them) costs more than one row's product gains.
+        if self._integer is not None and (n > 1 or self.qtype != "Q8_0"):
+            return self._integer_matmul(self._integer, x)
         if n > 1 and n % 4:  # the multi-row kernels take rows four at a time
             x = np.concatenate([x, np.zeros((4 - n % 4, x.shape[1]), np.float32)])
         out = np.empty((x.shape[0], self.out_features), np.float32)  # [n, out]
@@ -164,6 +177,27 @@ class BlockLinear:
                 kernel(quants, d, m if m is not None else d, m is not None, x,
                        self.out_features, out)
         return out[:n]
+
+    def _integer_matmul(self, kernels: ModuleType, x: np.ndarray) -> np.ndarray:
+        """x quantized per block of 32 (int16: two bytes, int8: one), then integer products."""
+        assert self._kernels is not None
+        n, width = x.shape
+        split, unsigned = self.activations == "int16", self.qtype == "Q8_0"
+        high = np.empty((n, width), np.uint8)
+        low = np.empty((n, width), np.uint8)
+        dx = np.empty((n, width // 32), np.float32)  # activation scale per block
+        sx = np.empty((n, width // 32), np.float32)  # activation sum per block
+        kernels.quantize_rows(x, split, unsigned, high, low, dx, sx)
+        high_w, low_w = high.reshape(-1).view(np.int32), low.reshape(-1).view(np.int32)
+        out = np.empty((n, self.out_features), np.float32)  # [n, out]
+        quants, d, m = self._tiles
+        with self._kernels.launch_guard():
+            if unsigned:
+                kernels.matmul_int8(quants, d, high_w, low_w, split, dx, self.out_features, out)
+            else:
+                kernels.matmul_nibbles(quants, d, m if m is not None else d, m is not None,
+                                       high_w, low_w, split, dx, sx, self.out_features, out)
+        return out
 
     def _tiled_matmul(self, x: np.ndarray) -> np.ndarray:
         """Dequantizes W.T a few tiles at a time into an L2-sized buffer for BLAS; with more

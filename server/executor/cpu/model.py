@@ -20,6 +20,7 @@ from server.executor.cpu.attention import (
     decode_attention,
     prefill_attention,
 )
+from server.executor.cpu.compiled import compiled_for
 from server.executor.cpu.weights import LayerWeights, ModelWeights
 from server.executor.kv.paged import PagedKvCache
 
@@ -39,6 +40,16 @@ class ForwardBatch:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [n, hidden] -> [n, hidden]."""
+    kernels = compiled_for(x, weight)
+    if kernels is None:
+        return rms_norm_numpy(x, weight, eps)
+    out = np.empty(x.shape, np.float32)
+    kernels.rms_norm(x, weight, eps, out)
+    return out
+
+
+def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """rms_norm's reference."""
     var = np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1]  # [n, 1] without an x*x temporary
     return x * (1.0 / np.sqrt(var + eps)).astype(np.float32) * weight
 
@@ -73,6 +84,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x [n, heads, head_dim], cos/sin [n, head_dim // 2]: rotates (x[i], x[i + d/2]) pairs."""
+    kernels = compiled_for(x, cos, sin)
+    if kernels is None:
+        return apply_rope_numpy(x, cos, sin)
+    out = np.array(x, dtype=np.float32)  # a contiguous copy, rotated in place
+    kernels.rope_(out, cos, sin)
+    return out
+
+
+def apply_rope_numpy(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """apply_rope's reference."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
@@ -84,6 +105,16 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """[n, 2 * inter] (gate then up) -> silu(gate) * up [n, inter]."""
+    kernels = compiled_for(gate_up)
+    if kernels is None:
+        return silu_mul_numpy(gate_up)
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    kernels.silu_mul(gate_up, out)
+    return out
+
+
+def silu_mul_numpy(gate_up: np.ndarray) -> np.ndarray:
+    """silu_mul's reference."""
     inter = gate_up.shape[1] // 2
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
     # silu(g) = g / (1 + exp(-g)), computed in place on one temporary.

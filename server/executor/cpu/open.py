@@ -19,13 +19,15 @@ from server.executor.kv import BlockManager, PagedKvCache
 
 
 def build_engine(
-    engine_dir: Path, manifest: Manifest, speculation: SpeculationConfig | None = None
+    engine_dir: Path, manifest: Manifest, speculation: SpeculationConfig | None = None,
+    *, activations: str | None = None,
 ) -> tuple[CpuEngine, Capacity]:
     """Loads weights, tokenizer, KV pool and drafter for a cpu engine: the synchronous core
-    that CpuExecutor drives from its thread (benchmarks drive it directly)."""
+    that CpuExecutor drives from its thread (benchmarks drive it directly). ``activations``:
+    see activations.py (None: ``BACKFILL_CPU_ACTIVATIONS``)."""
     arch, limits, quant = manifest.architecture, manifest.limits, manifest.quantization
     max_seq_len = min(limits.max_seq_len, arch.max_position_embeddings)
-    weights = load_weights(manifest.weights_path(engine_dir), manifest)
+    weights = load_weights(manifest.weights_path(engine_dir), manifest, activations)
     model = load_model(weights, arch, max_seq_len)
     cache = PagedKvCache(
         arch.num_layers,

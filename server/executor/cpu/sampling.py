@@ -40,10 +40,13 @@ def distribution(
     """What a request samples its next token from: (candidate ids in draw order, their
     unnormalized probabilities), after penalties, banned ids, temperature, top-k and top-p.
     Greedy (temperature 0) is the argmax alone."""
+    banned_ids = [i for i in banned if 0 <= i < logits.shape[0]]
+    if params.temperature == 0.0 and not params.penalized and not banned_ids:
+        # Widening to float64 keeps the order, so the argmax needs no copy.
+        return np.array([int(np.argmax(logits))]), np.ones(1)
     logits = np.array(logits, dtype=np.float64)  # float64: softmax over 50k ids stays exact
     if params.penalized:
         apply_penalties(logits, params, *context)
-    banned_ids = [i for i in banned if 0 <= i < logits.shape[0]]
     if banned_ids and len(banned_ids) < logits.shape[0]:
         logits[banned_ids] = -np.inf
     if params.temperature == 0.0:

@@ -13,7 +13,9 @@ import numpy as np
 from safetensors import safe_open
 
 from engine_builder.manifest import BLOCK_TYPES_KEY
+from server.executor.cpu.activations import requested_activations, resolve_activations
 from server.executor.cpu.block_weights import (
+    KERNEL_MAX_ROWS,
     BlockLinear,
     StackedLinear,
     WidenedLinear,
@@ -72,8 +74,10 @@ class ModelWeights:
 class _Reader:
     """Builds Linear layers from one safetensors file according to the manifest's quantization."""
 
-    def __init__(self, handle: Any, quant: str, group_size: int | None) -> None:
+    def __init__(self, handle: Any, quant: str, group_size: int | None,
+                 activations: str = "float32") -> None:
         self._f = handle
+        self._activations = activations
         self._quant = quant
         self._group_size = group_size or 32
         self._keys = set(handle.keys())
@@ -125,7 +129,8 @@ class _Reader:
                 parts[-1][1].append(w)
             else:
                 parts.append((kind, [w]))
-        linears: list[Linear] = [_source_part(kind, _cat(ws)) for kind, ws in parts]
+        linears: list[Linear] = [_source_part(kind, _cat(ws), self._activations)
+                                  for kind, ws in parts]
         return linears[0] if len(linears) == 1 else StackedLinear(linears)
 
     def bias(self, *names: str) -> np.ndarray | None:
@@ -134,25 +139,30 @@ class _Reader:
         return _cat([self.tensor(f"{n}.bias").astype(np.float32) for n in names])
 
 
-def _source_part(kind: str, w: np.ndarray) -> Linear:
+def _source_part(kind: str, w: np.ndarray, activations: str) -> Linear:
     if kind == "F32":
         return DenseLinear(w)
     if kind == "widened":
         return WidenedLinear(w)
-    return BlockLinear(kind, w)
+    return BlockLinear(kind, w, activations=activations)
 
 
 def _cat(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
 
-def load_weights(path: Path, manifest: Any) -> ModelWeights:
-    """Reads DIR/weights.safetensors per the manifest; fuses q/k/v and gate/up once at load."""
+def load_weights(path: Path, manifest: Any, activations: str | None = None) -> ModelWeights:
+    """Reads DIR/weights.safetensors per the manifest; fuses q/k/v and gate/up once at load.
+    ``activations`` (activations.py) applies to source blocks; None: as
+    ``BACKFILL_CPU_ACTIVATIONS`` says."""
     arch, quant = manifest.architecture, manifest.quantization
+    mode = "float32"
+    if quant.weights == "source":
+        mode = resolve_activations(activations or requested_activations())
     with safe_open(str(path), framework="numpy") as handle:
-        r = _Reader(handle, quant.weights, quant.group_size)
+        r = _Reader(handle, quant.weights, quant.group_size, mode)
         if quant.weights == "source":
-            _announce_kernels(set(r.block_types.values()))
+            _announce_kernels(set(r.block_types.values()), mode)
         layers = tuple(_load_layer(r, i, arch) for i in range(arch.num_layers))
         embed = r.linear("model.embed_tokens")
         lm_head = embed if arch.tie_word_embeddings else r.linear("lm_head")
@@ -165,10 +175,14 @@ def load_weights(path: Path, manifest: Any) -> ModelWeights:
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
-def _announce_kernels(block_types: set[str]) -> None:
+def _announce_kernels(block_types: set[str], activations: str) -> None:
     """Says at start-up which path source blocks take: the compiled kernels (as they are, or
-    re-encoded at load), NumPy, or float32 (the other types, widened at load)."""
+    re-encoded at load; float or integer), NumPy, or float32 (the other types, widened at
+    load)."""
     kernels = load_kernels()
+    if kernels is not None:
+        log.info("source blocks: %s activations in products of up to %d rows", activations,
+                 KERNEL_MAX_ROWS)
     reencoded = sorted(t for t in block_types if kernels is not None and reencoded_type(t))
     if reencoded:
         log.info("%s blocks are re-encoded at load as the kernels' %s (the same values)",

@@ -19,6 +19,7 @@ from engine_builder.manifest import BLOCK_TYPES_KEY, Manifest, ManifestError
 from engine_builder.tiny import write_tiny_checkpoint
 from server.executor.base import ExecRequest, SamplingParams
 from server.executor.cpu import block_weights
+from server.executor.cpu.activations import integer_kernels
 from server.executor.cpu.attention import PagedKvCache, PrefillSegment
 from server.executor.cpu.drive import collect
 from server.executor.cpu.executor import CpuExecutor
@@ -68,9 +69,9 @@ def test_source_engine_stores_the_files_own_blocks(engines: tuple[Path, Path, Pa
         assert f.get_tensor("model.norm.weight").dtype == np.float32
 
 
-def _logits(engine: Path, tokens: np.ndarray) -> np.ndarray:
+def _logits(engine: Path, tokens: np.ndarray, activations: str = "float32") -> np.ndarray:
     manifest = Manifest.load(engine)
-    model = LlamaModel(load_weights(manifest.weights_path(engine), manifest),
+    model = LlamaModel(load_weights(manifest.weights_path(engine), manifest, activations),
                        manifest.architecture, 64)
     n = len(tokens)
     cache = PagedKvCache(2, 4, 16, 2, 16)
@@ -80,18 +81,26 @@ def _logits(engine: Path, tokens: np.ndarray) -> np.ndarray:
     return model.forward(batch, cache)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize(("kernels", "activations", "tolerance"), [
+    (True, "float32", 1e-4),
+    # inputs quantized to 15 bits per block of 32, integer products
+    (True, "int16", 5e-4),
+    (False, "float32", 1e-4),
+])
 def test_source_engine_computes_what_the_float_engine_does(
-        engines: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, kernels: bool) -> None:
+        engines: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, kernels: bool,
+        activations: str, tolerance: float) -> None:
     _, source, fp32 = engines
     if not kernels:
         monkeypatch.setattr(block_weights, "load_kernels", lambda: None)
     elif block_weights.load_kernels() is None:
         pytest.skip("numba is not installed")
+    if activations != "float32" and integer_kernels() is None:
+        pytest.skip("integer kernels need numba and AVX-512 VNNI")
     tokens = np.random.default_rng(0).integers(3, 280, 20)
     expected = _logits(fp32, tokens)
-    np.testing.assert_allclose(_logits(source, tokens), expected,
-                               atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(_logits(source, tokens, activations), expected,
+                               atol=tolerance * np.abs(expected).max())
 
 
 def test_source_engine_greedy_output_equals_the_float_engine(

@@ -18,6 +18,7 @@ from engine_builder.tiny_gemma import TINY_GEMMA, write_tiny_gemma_gguf
 from engine_builder.tokenizer import EngineTokenizer
 from server.executor.base import ExecRequest, SamplingParams
 from server.executor.cpu import CpuExecutor
+from server.executor.cpu.activations import ACTIVATIONS_ENV, integer_kernels
 from server.executor.cpu.drive import collect
 
 pytestmark = pytest.mark.unit
@@ -117,10 +118,19 @@ def test_sentencepiece_tokenizer_from_gguf(tiny_gemma: tuple[Path, Path]) -> Non
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
 
 
-@pytest.mark.parametrize("quant", ["none", "source"])
+@pytest.mark.parametrize(("quant", "activations", "tolerance"), [
+    ("none", "float32", 1e-4),
+    ("source", "float32", 1e-4),
+    # activations quantized to 15 bits per block: within 3e-5 of each block's largest
+    ("source", "int16", 1e-3),
+])
 def test_logprobs_match_a_textbook_gemma3_across_the_window(
-        tiny_gemma: tuple[Path, Path], tmp_path: Path, quant: str) -> None:
+        tiny_gemma: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        quant: str, activations: str, tolerance: float) -> None:
     path, engine = tiny_gemma
+    if activations != "float32" and integer_kernels() is None:
+        pytest.skip("integer kernels need numba and AVX-512 VNNI")
+    monkeypatch.setenv(ACTIVATIONS_ENV, activations)
     if quant == "source":  # Q8_0 projections on the compiled kernels (or NumPy without numba)
         path = write_tiny_gemma_gguf(tmp_path / "q8.gguf", q8_0=True)
         options = BuildOptions(quant="source", max_num_tokens=8, tokens_per_block=4)
@@ -139,7 +149,7 @@ def test_logprobs_match_a_textbook_gemma3_across_the_window(
     scored = [*out.prompt_logprobs, *out.logprobs]  # position p predicts token p + 1
     assert len(scored) == len(prompt) - 1 + 12
     for p, lp in enumerate(scored):
-        assert lp.logprob == pytest.approx(ref[p, lp.token_id], abs=1e-4)
+        assert lp.logprob == pytest.approx(ref[p, lp.token_id], abs=tolerance)
         assert lp.token_id == [*prompt, *out.token_ids][p + 1]
     for p, lp in enumerate(out.logprobs):  # greedy: the reference's best token each time
         assert lp.token_id == int(np.argmax(ref[len(prompt) - 1 + p]))
