@@ -18,7 +18,10 @@ pytestmark = pytest.mark.unit
 
 OFFLINE = [tuple(range(5 + 7 * i, 17 + 7 * i)) for i in range(4)]
 ONLINE = [tuple(range(100 + 5 * i, 108 + 5 * i)) for i in range(3)]
-LONG = SamplingParams(max_tokens=60, ignore_eos=True)
+# Long enough that the offline runs are still going when the online requests arrive: on this
+# engine a step takes well under a millisecond, and 60 tokens were over before a busy test
+# thread got to submit them.
+LONG = SamplingParams(max_tokens=1000, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, ignore_eos=True)
 
 
