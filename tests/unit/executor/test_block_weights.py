@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from server.executor.cpu import block_weights
 from server.executor.cpu.blas import default_threads, set_thread_blas_threads, thread_blas_threads
@@ -19,17 +19,11 @@ from server.executor.cpu.block_weights import (
     reencoded_type,
     widen_blocks,
 )
+from tests.unit.executor.gguf_blocks import quantized_blocks
 
 pytestmark = pytest.mark.unit
 
 KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0")
-
-
-def _blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
-    """[out, row bytes] blocks of random weights (out not a whole number of kernel tiles)."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((out, width)) * 0.05).astype(np.float32)
-    return np.asarray(quantize(w, GGMLQuantizationType[qtype]))
 
 
 def _random_blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
@@ -56,7 +50,7 @@ def _reference(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("rows", [1, 3, 8, 70])
 def test_kernels_match_the_numpy_reference(qtype: str, rows: int) -> None:
     pytest.importorskip("numba")
-    raw = _blocks(qtype, 100, 96, seed=rows)
+    raw = quantized_blocks(qtype, 100, 96, seed=rows)
     x = np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float32)
     fast, slow = BlockLinear(qtype, raw), BlockLinear(qtype, raw, use_kernels=False)
     assert fast.compiled and not slow.compiled
@@ -73,7 +67,7 @@ def test_kernels_match_the_numpy_reference(qtype: str, rows: int) -> None:
 @pytest.mark.parametrize("qtype", KERNEL_TYPES)
 def test_kernel_layout_keeps_the_source_bytes(qtype: str) -> None:
     pytest.importorskip("numba")
-    raw = _blocks(qtype, 128, 64, seed=1)  # whole tiles: no padding rows
+    raw = quantized_blocks(qtype, 128, 64, seed=1)  # whole tiles: no padding rows
     assert BlockLinear(qtype, raw).nbytes == raw.nbytes
     assert BlockLinear(qtype, raw, use_kernels=False).nbytes == raw.nbytes
     if qtype == "Q4_1":
@@ -84,7 +78,7 @@ def test_kernel_layout_keeps_the_source_bytes(qtype: str) -> None:
 def test_other_block_types_run_on_the_reference(qtype: str) -> None:
     width = 512
     raw = (_random_blocks(qtype, 40, width, seed=2) if qtype.endswith("_K")
-           else _blocks(qtype, 40, width, seed=2))
+           else quantized_blocks(qtype, 40, width, seed=2))
     linear = BlockLinear(qtype, raw)
     assert not linear.compiled and linear.in_features == width
     x = np.random.default_rng(3).standard_normal((5, width)).astype(np.float32)
@@ -112,7 +106,7 @@ def test_q5_0_is_reencoded_as_q8_0_exactly() -> None:
 
 
 def test_stacked_parts_of_different_types() -> None:
-    a, b = _blocks("Q8_0", 30, 64, seed=4), _blocks("Q4_0", 20, 64, seed=5)
+    a, b = quantized_blocks("Q8_0", 30, 64, seed=4), quantized_blocks("Q4_0", 20, 64, seed=5)
     parts = [BlockLinear("Q8_0", a), BlockLinear("Q4_0", b)]
     stacked = StackedLinear(parts)
     assert stacked.out_features == 50 and stacked.nbytes == sum(p.nbytes for p in parts)
@@ -130,7 +124,7 @@ def test_bad_blocks_are_refused() -> None:
         BlockLinear("Q9_9", np.zeros((2, 18), np.uint8))
     with pytest.raises(ValueError, match="do not tile a row"):
         BlockLinear("Q4_0", np.zeros((2, 19), np.uint8))
-    raw = _blocks("Q4_1", 64, 32, seed=7)
+    raw = quantized_blocks("Q4_1", 64, 32, seed=7)
     raw[3, :2] = np.array([np.inf], np.float16).view(np.uint8)
     if block_weights.load_kernels() is not None:
         with pytest.raises(ValueError, match="non-finite scale"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from server.executor.cpu import activations, block_weights
 from server.executor.cpu.activations import (
@@ -16,6 +16,7 @@ from server.executor.cpu.activations import (
     resolve_activations,
 )
 from server.executor.cpu.block_weights import KERNEL_MAX_ROWS, BlockLinear
+from tests.unit.executor.gguf_blocks import quantized_blocks
 
 pytestmark = pytest.mark.unit
 
@@ -29,12 +30,6 @@ TOLERANCE = {"int16": 2e-4, "int8": 3e-2}
 def needs_vnni() -> None:
     if integer_kernels() is None:
         pytest.skip("integer kernels need numba and a CPU with AVX-512 VNNI")
-
-
-def _blocks(qtype: str, out: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((out, width)) * 0.05).astype(np.float32)
-    return np.asarray(quantize(w, GGMLQuantizationType[qtype]))
 
 
 def _inputs(rows: int, width: int, seed: int) -> np.ndarray:
@@ -52,7 +47,7 @@ def _inputs(rows: int, width: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 64])
 def test_integer_kernels_match_the_float_product(qtype: str, mode: str, rows: int) -> None:
-    raw = _blocks(qtype, 100, 96, seed=rows)  # 100 rows: the last tile is partly padding
+    raw = quantized_blocks(qtype, 100, 96, seed=rows)  # 100 rows: the last tile is partly padding
     x = _inputs(rows, 96, seed=rows)
     linear = BlockLinear(qtype, raw, activations=mode)
     assert linear.activations == mode
@@ -70,7 +65,7 @@ def test_integer_kernels_match_the_float_product(qtype: str, mode: str, rows: in
 def test_a_rows_result_does_not_depend_on_its_batch(qtype: str) -> None:
     """Activations are quantized per row, and integer sums are exact: a sequence gets the same
     bits in any batch (of two rows or more for Q8_0, whose single rows take the float kernel)."""
-    linear = BlockLinear(qtype, _blocks(qtype, 130, 64, seed=3), activations="int16")
+    linear = BlockLinear(qtype, quantized_blocks(qtype, 130, 64, seed=3), activations="int16")
     x = _inputs(8, 64, seed=4)
     together = linear(x)
     for i in range(7):
@@ -82,7 +77,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(qtype: str) -> None:
 
 @pytest.mark.usefixtures("needs_vnni")
 def test_prefill_sized_products_stay_float32() -> None:
-    raw = _blocks("Q4_1", 64, 64, seed=5)
+    raw = quantized_blocks("Q4_1", 64, 64, seed=5)
     x = _inputs(KERNEL_MAX_ROWS + 6, 64, seed=6)
     expected = x.astype(np.float64) @ dequantize(raw, GGMLQuantizationType.Q4_1).T
     got = BlockLinear("Q4_1", raw, activations="int8")(x)
@@ -114,7 +109,7 @@ def test_auto_picks_int16_only_where_the_cpu_runs_it(monkeypatch: pytest.MonkeyP
 def test_a_host_without_vnni_refuses_integer_activations(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("numba")
     monkeypatch.setattr(block_weights, "integer_kernels", lambda: None)
-    raw = _blocks("Q4_0", 64, 64, seed=7)
+    raw = quantized_blocks("Q4_0", 64, 64, seed=7)
     with pytest.raises(ValueError, match="AVX-512 VNNI"):
         BlockLinear("Q4_0", raw, activations="int16")
     assert BlockLinear("Q4_0", raw).activations == "float32"
