@@ -121,6 +121,19 @@ class StepShape:
             float(self.prefill_context),
         )
 
+    def without(self, part: StepShape, decode_context_max: int) -> StepShape:
+        """A new shape: this step less ``part``, rows that it holds. The longest decode
+        context left is the caller's to give, since a maximum does not subtract."""
+        return StepShape(
+            self.decode_rows - part.decode_rows,
+            self.prefill_tokens - part.prefill_tokens,
+            self.prefill_segments - part.prefill_segments,
+            self.samples - part.samples,
+            self.decode_context - part.decode_context,
+            decode_context_max,
+            self.prefill_context - part.prefill_context,
+        )
+
     def copy(self) -> StepShape:
         return StepShape(
             self.decode_rows,

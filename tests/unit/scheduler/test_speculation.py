@@ -4,11 +4,12 @@ step-cost model predicts a gain at the current batch, offline ones never; a requ
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
 
-from engine_builder.step_cost import FEATURES, LinearStepCost, OnlineStepCost
+from engine_builder.step_cost import FEATURES, LinearStepCost, OnlineStepCost, StepShape
 from server.executor.base import DrafterStats, SamplingParams
 from server.scheduler import BackfillScheduler, SchedRequest, SchedulerConfig, Tier
 from server.scheduler.live import LiveRequest, Phase
@@ -122,3 +123,118 @@ def test_the_scheduler_hands_draft_lengths_down_in_the_plan() -> None:
     plan = ex.plans[-1]
     assert plan.draft_len(ids[(1, 2, 3)]) == 3 and plan.draft_len(ids[(4, 5, 6)]) == 0
     assert rec.events[on] and rec.events[off]
+
+
+class CountingCost(OnlineStepCost):
+    def __init__(self, prior: LinearStepCost) -> None:
+        super().__init__(prior)
+        self.predictions = 0
+
+    def predict(self, shape: StepShape) -> float:
+        self.predictions += 1
+        return super().predict(shape)
+
+
+def test_a_pass_that_changed_nothing_reuses_the_last_decision() -> None:
+    """The scheduler asks every collection window; only a step changes the answer."""
+    cost = CountingCost(COST)
+    spec = SpeculationPolicy(cost, CAPACITY, "auto", None)
+    running = [live(1, Tier.ONLINE), live(2, Tier.ONLINE)]
+    first = spec.decide(running, {}, None)
+    asked = cost.predictions
+    assert asked > 0
+    assert spec.decide(running, {}, None) == first and cost.predictions == asked
+    running[0].tokens.append(5)  # a step: one more token of context
+    spec.decide(running, {}, None)
+    assert cost.predictions > asked
+    asked = cost.predictions
+    spec.decide(running, {running[1].id: 0}, None)  # the plan paused one
+    assert cost.predictions > asked
+    asked = cost.predictions
+    step = StepShape()
+    step.add_decodes(30, 3)
+    cost.observe(step, 0.05)  # a step observed: the model moved
+    spec.decide(running, {running[1].id: 0}, None)
+    assert cost.predictions > asked
+
+
+def reference_decide(spec: SpeculationPolicy, running: list[LiveRequest],
+                     caps: dict[int, int]) -> dict[int, int]:
+    """The policy's rule written out directly: each candidate in turn is judged against the
+    step rebuilt from every other part, as earlier candidates' choices left it."""
+    limit = CAPACITY.max_draft_len
+    lens: dict[int, int] = {}
+    parts: list[tuple[LiveRequest, bool, int]] = []
+    candidates = []
+    for r in running:
+        cap = caps.get(r.id)
+        if cap == 0:
+            continue
+        if r.run_tokens > 0:
+            part = (r, True, 1)
+        else:
+            pending = min(r.num_context_tokens, CAPACITY.max_tokens_per_step)
+            part = (r, False, pending if cap is None else min(cap, pending))
+        asked = r.request.sampling.num_speculative_tokens
+        if asked is not None:
+            if asked:
+                lens[r.exec_id] = min(asked, limit)
+                if part[1]:
+                    part = (r, True, 1 + lens[r.exec_id])
+        elif r.tier is Tier.ONLINE:
+            candidates.append(len(parts))
+        parts.append(part)
+
+    def shape_of(items: list[tuple[LiveRequest, bool, int]]) -> StepShape:
+        shape = StepShape()
+        for r, decoding, tokens in items:
+            context = r.num_context_tokens
+            if not decoding:
+                shape.add_prefill(0, tokens, tokens >= context)
+            elif tokens == 1:
+                shape.add_decode(context)
+            else:
+                shape.add_verify(context - 1, tokens)
+        return shape
+
+    for i in candidates:
+        r = parts[i][0]
+        others = [p for j, p in enumerate(parts) if j != i]
+        out = 1 + sum(1 for p in others if p[1])
+        context = r.num_context_tokens
+        plain = shape_of(others)
+        plain.add_decode(context)
+        plain_s = spec.cost.predict(plain)
+        best, best_rate = 0, 1.1 * out / plain_s
+        a = min((r.draft_accepted + 4.0 * 0.5) / (r.draft_proposed + 4.0), 0.95)
+        for k in range(1, limit + 1):
+            trial = shape_of(others)
+            trial.add_verify(context - 1, k + 1)
+            rate = (out - 1 + sum(a**n for n in range(k + 1))) / spec.cost.predict(trial)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best:
+            lens[r.exec_id] = best
+            parts[i] = (r, True, 1 + best)
+    return lens
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_incremental_step_decides_as_a_rebuilt_one(seed: int) -> None:
+    """Random running sets: decodes of mixed contexts (ties at the longest included), prefills,
+    requests that ask for drafts, paused ones; a cost with every feature, decode padding too."""
+    rng = random.Random(seed)
+    cost = LinearStepCost(0.020, [0.0005, 0.0004, 0.0003, 0.002, 1e-6, 4e-5, 1e-7])
+    spec = SpeculationPolicy(OnlineStepCost(cost), CAPACITY, "auto", None)
+    running, caps = [], {}
+    for i in range(rng.randint(1, 24)):
+        decoding = rng.random() < 0.8
+        r = live(i, rng.choice((Tier.ONLINE, Tier.OFFLINE)), decoding=decoding,
+                 k=rng.choice((None, None, None, 0, 2)),
+                 proposed=rng.randint(0, 40), accepted=0)
+        r.draft_accepted = rng.randint(0, r.draft_proposed)
+        r.tokens = [7] * rng.choice((1, 5, 5, 40, 200)) if decoding else []
+        if rng.random() < 0.1:
+            caps[r.id] = 0
+        running.append(r)
+    assert spec.decide(running, caps, None) == reference_decide(spec, running, caps)
