@@ -174,12 +174,16 @@ class SpeculationPolicy:
         bound = None if limit is None else max(limit, plain_s)
         per_token = 0.0 if drafter is None else drafter.seconds_per_token
         best, best_rate = 0, MIN_GAIN * out / plain_s
-        for k in range(1, self._capacity.max_draft_len + 1):
+        longest = self._capacity.max_draft_len
+        ceiling = out - 1 + _expected_tokens(acceptance, longest)  # the most any k yields
+        for k in range(1, longest + 1):
             trial = others.copy()
             trial.add_verify(context - 1, k + 1)
             seconds = self.cost.predict(trial) + k * per_token
             if bound is not None and seconds > bound:
                 break
+            if ceiling / seconds <= best_rate:
+                break  # a longer draft costs at least this (the model never falls) for no more
             rate = (out - 1 + _expected_tokens(acceptance, k)) / seconds
             if rate > best_rate:
                 best, best_rate = k, rate

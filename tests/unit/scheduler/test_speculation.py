@@ -238,3 +238,15 @@ def test_the_incremental_step_decides_as_a_rebuilt_one(seed: int) -> None:
             caps[r.id] = 0
         running.append(r)
     assert spec.decide(running, caps, None) == reference_decide(spec, running, caps)
+
+
+def test_a_step_where_no_draft_can_pay_stops_at_the_first_trial() -> None:
+    """Compute-bound: every token costs what the intercept does. Once a one-draft step is so
+    dear that even the longest draft's tokens could not pay for it, longer drafts (which the
+    model never makes cheaper) are not tried: two predictions per candidate, not K + 1."""
+    steep = LinearStepCost(0.002, [0.002 if name == "tokens" else 0.0 for name in FEATURES])
+    cost = CountingCost(steep)
+    spec = SpeculationPolicy(cost, CAPACITY, "auto", None)
+    running = [live(i, Tier.ONLINE) for i in range(32)]
+    assert spec.decide(running, {}, None) == {}
+    assert cost.predictions == 2 * len(running)
