@@ -56,6 +56,7 @@ class SimStep:
     shape: StepShape
     chunks: list[tuple[SimSequence, int]]  # (sequence, tokens computed)
     overtake_interval_s: float | None = None  # of the plan it started under
+    nested_prefills: bool = False  # overtakers' prefills nested in another step
 
 
 @dataclass(slots=True)
@@ -84,13 +85,19 @@ class SimEngine:
     """Waiting and running sequences, the step in flight, and the output not yet polled."""
 
     def __init__(self, capacity: Capacity, model: StepCostModel, *, batching: str,
-                 jitter: float, seed: int, plan_follower: bool) -> None:
+                 jitter: float, seed: int, plan_follower: bool,
+                 layers: int | None = None) -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if not (math.isfinite(jitter) and jitter >= 0):
             raise ValueError(f"jitter must be >= 0, got {jitter}")
+        if layers is not None and layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
         self.capacity = capacity
         self._model = model
+        # Overtakers nest only between two of a step's layers (the CPU executor looks there),
+        # so they wait for the layer in flight; None: at any moment.
+        self._layers = layers
         self._static = batching == "static"
         self._jitter = jitter
         self._rng = random.Random(seed)
@@ -223,10 +230,11 @@ class SimEngine:
     def overtake(self, now: float) -> None:
         """The CPU executor's overtaking, as it looks between two layers of the step in
         flight: every request marked overtake that came since it last looked has its prefill
-        run now, all of them in one step nested in that one, which ends that much later
-        (``resume``). Overtakers that come while a nested step runs wait for it to end, then
-        nest together. A request without a free slot and its blocks now waits for the next
-        step as any other."""
+        run when the layer in flight ends, all of them in one step nested in that one, which
+        ends that much later (``resume``). Those that come before that nested step begins
+        join it; those that come while it runs wait for it to end, then nest together. A
+        request without a free slot and its blocks now waits for the next step as any
+        other."""
         if self.step is None or self._static or not self.pending:
             return
         if self.suspended is None:
@@ -234,16 +242,19 @@ class SimEngine:
             return
         outer, left = self.suspended
         start = self.step.end - self.step.seconds
-        if now < start:  # a nested decode planned, not begun: the outer step runs until now
-            self._nest_prefills(now, outer, left + start - now)
+        if now < start:  # a nested step planned, not begun: the outer step runs until then
+            joined = self.step.chunks if self.step.nested_prefills else []
+            self._nest_prefills(now, outer, left + start - now, joined)
 
-    def _nest_prefills(self, now: float, outer: SimStep, left: float) -> bool:
-        """One step of the pending overtakers' prefills (in the order they came, within the
-        slots, blocks and token budget) nested in ``outer``, which has ``left`` seconds to
-        go; False when none could run."""
+    def _nest_prefills(self, now: float, outer: SimStep, left: float,
+                       joined: list[tuple[SimSequence, int]] | None = None) -> bool:
+        """One step of ``joined`` (prefills already admitted to nest) and the pending
+        overtakers' prefills (in the order they came, within the slots, blocks and token
+        budget) nested in ``outer``, which has ``left`` seconds to go at ``now``, from the
+        end of its layer in flight; False when none could run."""
         pending, self.pending = set(self.pending), []
-        chunks: list[tuple[SimSequence, int]] = []
-        budget = self.capacity.max_tokens_per_step
+        chunks = list(joined or [])
+        budget = self.capacity.max_tokens_per_step - sum(n for _, n in chunks)
         for seq in [s for s in self.inbox if s.rid in pending]:
             if len(self.running) >= self.capacity.max_slots:
                 break
@@ -259,17 +270,29 @@ class SimEngine:
                 budget -= n
         if not chunks:
             return False
+        wait = self._layer_left(outer, left)
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.suspended = (outer, left)
-        self.step = SimStep(now + seconds, seconds, shape, chunks)
+        self.suspended = (outer, left - wait)
+        self.step = SimStep(now + wait + seconds, seconds, shape, chunks, nested_prefills=True)
         return True
+
+    def _layer_left(self, outer: SimStep, left: float) -> float:
+        """Seconds until ``outer``, with ``left`` seconds to go, ends its layer in flight (its
+        layers take equal shares of it). In its last layer: none, so that what nests in it
+        leaves it a remainder to resume (a step that resumed with nothing left would end at
+        the very time the nested one did, an event the simulation cannot tell apart)."""
+        if self._layers is None or left <= 0:
+            return 0.0
+        wait = left % (outer.seconds / self._layers)
+        return wait if wait < left else 0.0
 
     def resume(self, now: float) -> bool:
         """After a nested step ended at ``now``: the prefills of overtakers that came
         meanwhile nest next; otherwise the step it interrupted goes on for what it had left,
-        or, under a plan with an overtake interval, for that interval, and then a decode of
-        the overtakers nests in it (never preempting). False when none was interrupted."""
+        or, under a plan with an overtake interval, for that interval and the layer then in
+        flight, and then a decode of the overtakers nests in it (never preempting). False
+        when none was interrupted."""
         if self.suspended is None:
             self.overtakers.clear()
             self.pending.clear()
@@ -285,10 +308,11 @@ class SimEngine:
             self.step = step
             return True
         assert interval is not None
+        wait = interval + self._layer_left(step, left - interval)
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.suspended = (step, left - interval)
-        self.step = SimStep(now + interval + seconds, seconds, shape, chunks)
+        self.suspended = (step, left - wait)
+        self.step = SimStep(now + wait + seconds, seconds, shape, chunks)
         return True
 
     def _nested_decodes(self) -> list[tuple[SimSequence, int]]:

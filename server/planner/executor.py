@@ -15,10 +15,12 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   then, as an executor running on its own thread does (work enqueued in answer to a step's
   output joins the step after the next one).
 - ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: requests marked
-  ``overtake`` that arrive during a step have their prefills run at once, together, as one step
-  nested in it (which then ends that much later); those that arrive while a nested step runs
-  wait for it and then nest together (a nested step is never itself interrupted: the CPU
-  executor looks for overtakers between the outer step's layers only); and, under a plan with
+  ``overtake`` that arrive during a step have their prefills run when its layer in flight
+  ends (``layers``: the engine's layer count, the step's time split evenly; None: at once),
+  together, as one step nested in it (which then ends that much later); those that arrive
+  while a nested step runs wait for it and then nest together (a nested step is never itself
+  interrupted: the CPU executor looks for overtakers between the outer step's layers only);
+  and, under a plan with
   ``overtake_interval_s``, a decode every interval of the step they overtook (never
   preempting). The executor looks when ``wake`` is called (after each scheduler pass), so the
   overtakers of one pass share a step.
@@ -79,9 +81,10 @@ class SimulatedExecutor:
         batching: str = "inflight",
         jitter: float = 0.0,
         seed: int = 0,
+        layers: int | None = None,
     ) -> None:
         self._engine = SimEngine(capacity, model, batching=batching, jitter=jitter, seed=seed,
-                                 plan_follower=self._follows_plans)
+                                 plan_follower=self._follows_plans, layers=layers)
         self._owns_clock = clock is None
         self.clock = SimClock() if clock is None else clock
         self._shut = False

@@ -47,4 +47,5 @@ def profiled_engine(engine_dir: str | Path, *, jitter: float | None = None) -> E
         follows_plans=manifest.backend == "cpu",
         prior=cost,
         jitter=jitter,
+        layers=arch.num_layers,
     )

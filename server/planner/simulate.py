@@ -48,6 +48,7 @@ class Engine:
     follows_plans: bool = False  # PlanFollower (the CPU executor) or admission-bounded
     prior: StepCostModel | None = None
     jitter: float = 0.0  # log-normal sigma of step durations around the model
+    layers: int | None = None  # a plan follower's overtakers wait for the layer in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ class _Replica:
         self.index = index
         self.clock = clock
         self.executor = kind(engine.capacity, engine.model, clock=clock, batching=pool.batching,
-                             jitter=engine.jitter, seed=index)
+                             jitter=engine.jitter, seed=index, layers=engine.layers)
         prior = engine.prior if engine.prior is not None else engine.model
         self.scheduler = BackfillScheduler(self.executor, pool.scheduler, clock=clock,
                                            step_cost=OnlineStepCost(prior))
@@ -335,6 +336,9 @@ class Simulation:
                     self._push_step(replica)
                     continue
                 replica.executor.finish_step()
+                # This step's event is spent: the next step may end at the same time (a step
+                # that resumes with nothing left after a nested one) and needs its own.
+                replica.pushed_step = None
             elif replica.pass_due != t:
                 continue
             else:

@@ -202,3 +202,50 @@ def test_overtakers_enqueued_in_one_pass_share_one_nested_step() -> None:
     _drive(ex, clock, tokens)
     assert tokens[2] == tokens[3] == pytest.approx([0.030])
     assert tokens[1][0] == pytest.approx(0.030 + 0.060)
+
+
+def test_overtakers_wait_for_the_layer_in_flight() -> None:
+    """The CPU executor looks for overtakers between two layers: with 10 layers, a 60-token
+    prefill (70 ms) ends a layer every 7 ms. Request 2 arrives at 10 ms and nests when the
+    second layer ends, at 14 ms (20 tokens: 30 ms); request 3, arriving at 12 ms, before
+    that step began, joins it (10 + 10 + 20 = 40 ms, one step); the outer step had 56 ms
+    left."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=10)
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    clock.now = 0.010
+    ex.enqueue(replace(req(2, 20, 1), overtake=True))
+    ex.wake()
+    assert ex.step_end == pytest.approx(0.014 + 0.030)
+    clock.now = 0.012
+    ex.enqueue(replace(req(3, 10, 1), overtake=True))
+    ex.wake()
+    assert ex.step_end == pytest.approx(0.014 + 0.040)
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[2] == tokens[3] == pytest.approx([0.054])
+    assert tokens[1][0] == pytest.approx(0.054 + 0.056)
+    assert [s.shape.prefill_segments for s in ex.take_step_samples()[:2]] == [2, 1]
+    ex.check_integrity()
+
+
+def test_overtakers_nested_decodes_wait_for_the_layer_in_flight_too() -> None:
+    """The interval test above with 10 layers of 7 ms: request 2 nests at the 14 ms boundary
+    (prefill to 34 ms; the outer step has 56 ms left); each nested decode (11 ms) waits the
+    5 ms interval and then for the layer in flight: the outer step's remaining time falls to
+    a multiple of 7 ms."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=10)
+    ex.set_plan(StepPlan(overtake_interval_s=0.005))
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    clock.now = 0.010
+    ex.enqueue(replace(req(2, 10, 4), overtake=True))
+    ex.wake()
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    # 56 ms left at 34: 7 ms of layer, a decode to 52; 49 left: 7, decode to 70; 42: 7, to 88.
+    assert tokens[2] == pytest.approx([0.034, 0.052, 0.070, 0.088])
+    assert tokens[1][0] == pytest.approx(0.088 + 0.035)
+    ex.check_integrity()
