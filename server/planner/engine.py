@@ -279,13 +279,10 @@ class SimEngine:
 
     def _layer_left(self, outer: SimStep, left: float) -> float:
         """Seconds until ``outer``, with ``left`` seconds to go, ends its layer in flight (its
-        layers take equal shares of it). In its last layer: none, so that what nests in it
-        leaves it a remainder to resume (a step that resumed with nothing left would end at
-        the very time the nested one did, an event the simulation cannot tell apart)."""
+        layers take equal shares of it; the executor also looks after the last one)."""
         if self._layers is None or left <= 0:
             return 0.0
-        wait = left % (outer.seconds / self._layers)
-        return wait if wait < left else 0.0
+        return left % (outer.seconds / self._layers)
 
     def resume(self, now: float) -> bool:
         """After a nested step ended at ``now``: the prefills of overtakers that came

@@ -20,10 +20,9 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   together, as one step nested in it (which then ends that much later); those that arrive
   while a nested step runs wait for it and then nest together (a nested step is never itself
   interrupted: the CPU executor looks for overtakers between the outer step's layers only);
-  and, under a plan with
-  ``overtake_interval_s``, a decode every interval of the step they overtook (never
-  preempting). The executor looks when ``wake`` is called (after each scheduler pass), so the
-  overtakers of one pass share a step.
+  and, under a plan with ``overtake_interval_s``, a decode every interval of the step they
+  overtook (never preempting). The executor looks when ``wake`` is called (after each
+  scheduler pass), so the overtakers of one pass share a step.
 - ``batching="static"`` is the baseline without in-flight batching: a batch is admitted only
   when the previous one has wholly finished; prompts are padded to the batch's longest and
   finished sequences keep their rows (padding) until the batch ends.

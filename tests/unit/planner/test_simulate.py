@@ -115,3 +115,20 @@ def test_right_sizing_finds_the_smallest_pool_that_meets_the_targets() -> None:
     assert _smallest(meets, 64) == 5 and calls == [1, 2, 4, 8, 6, 5]
     assert _smallest(lambda n: False, 6) is None
     assert _smallest(lambda n: True, 6) == 1
+
+
+def test_an_overtaker_in_the_last_layer_nests_after_it_and_the_step_still_ends() -> None:
+    """A 200-token offline prefill (210 ms, ten layers of 21 ms) is in flight when an online
+    request comes in its last layer: the CPU executor looks after the last layer too, so the
+    online prefill nests there and the outer step resumes with nothing left, ending at the
+    very time the nested step did. The simulation must still end that step (its own event,
+    not the spent one of the nested step) and run both requests to the end."""
+    engine = linear_engine(follows_plans=True, layers=10)
+    online = (TraceRequest(0.195, 20, 3),)
+    offline = (TraceRequest(0.0, 200, 3),)
+    sim = Simulation(engine, Pool(), Workload(online, offline, duration_s=5.0))
+    sim.run()
+    records = {r.tier: r for r in sim.records}
+    assert records[Tier.ONLINE].first_token_s == pytest.approx(0.210 + 0.030)
+    assert records[Tier.OFFLINE].first_token_s == pytest.approx(0.240)
+    assert records[Tier.ONLINE].tokens == 3 and records[Tier.OFFLINE].tokens == 3
