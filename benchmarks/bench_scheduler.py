@@ -48,6 +48,7 @@ from client.bench.local_server import LocalServer
 from client.bench.report import format_table, summarize, write_json
 from client.bench.trace import length_pool, trace_label
 from client.types import ModelInfo, Tier
+from server.executor.cpu.blas import default_threads
 
 PRICE_PER_HOUR = 2.0  # stated, $ per accelerator-hour
 # The load's settings, recorded in --json-out so that a run can be replayed (the capacity
@@ -251,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; engine {engine}; price "
           f"${PRICE_PER_HOUR:.2f}/h; online: {trace_label(args.trace)}, prompt <= "
           f"{args.max_prompt_tokens}, output <= {args.max_output_tokens} tokens; offline "
-          f"output <= {args.offline_output_tokens} tokens; BLAS threads "
-          f"{os.environ.get('BACKFILL_CPU_THREADS', '1')}")
+          f"output <= {args.offline_output_tokens} tokens; CPU threads {default_threads()}")
     results: list[dict[str, object]] = []
     curves: list[tuple[float, list[Run], list[Run]]] = []
     for rate in rates:

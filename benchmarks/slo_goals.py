@@ -33,6 +33,9 @@ class Run:
     attainment: float | None  # online requests meeting both SLOs, as the client saw them
     server_attainment: float | None  # the same, as the server judged completed requests
     prediction_error: float | None  # the server's median step-time prediction error
+    # Each online request as the client saw it, in the order sent (what a per-request
+    # comparison, such as the planner's calibration, needs beyond the percentiles).
+    online_requests: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def of(cls, summary: Summary, records: Sequence[RequestRecord], stats: Stats,
@@ -54,12 +57,28 @@ class Run:
             prediction_error=(
                 budget.step_prediction_error if budget and budget.steps_observed else None
             ),
+            online_requests=online_requests(records),
         )
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["summary"] = asdict(self.summary)
         return out
+
+
+def online_requests(records: Sequence[RequestRecord]) -> tuple[dict[str, Any], ...]:
+    """The online records, in the order sent: send time (s from the run's start), prompt
+    and output tokens, TTFT and TPOT (ms; None where the request got no first or second
+    token) and the error, if any ("cut": ended by the window)."""
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(1000.0 * seconds, 3)
+
+    online = [r for r in records if r.tier is Tier.ONLINE]
+    online.sort(key=lambda r: math.inf if r.sent_s is None else r.sent_s)
+    return tuple({"sent_s": None if r.sent_s is None else round(r.sent_s, 4),
+                  "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+                  "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s), "error": r.error}
+                 for r in online)
 
 
 def _attainment(

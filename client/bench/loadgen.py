@@ -39,6 +39,8 @@ class RequestRecord:
     error: str | None = None  # error class name; "cut" = cancelled at the end of the window
     waited_s: float | None = None  # send to end, for requests that never got a token
     server_ttft_s: float | None = None  # the server's own TTFT (arrival to first token)
+    sent_s: float | None = None  # seconds from the run's start (batch results: unknown)
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,8 @@ class _Run:
         tpot = (end - first) / (tokens - 1) if first is not None and tokens > 1 else None
         waited = end - sent if first is None else None
         self.records.append(
-            RequestRecord(tier, tokens, ttft, tpot, end - self.t0, error, waited, server_ttft)
+            RequestRecord(tier, tokens, ttft, tpot, end - self.t0, error, waited, server_ttft,
+                          sent - self.t0, req.prompt_tokens)
         )
 
     async def open_loop(self) -> None:
@@ -224,7 +227,8 @@ def _batch_records(results: Sequence[BatchResult], t_end: float) -> list[Request
             error = "cut"
         tpot = decode / (n - 1) if decode is not None and n > 1 else None
         ttft = r.timing.ttft_s
-        records.append(RequestRecord(Tier.OFFLINE, n, ttft, tpot, t_end, error, None, ttft))
+        records.append(RequestRecord(Tier.OFFLINE, n, ttft, tpot, t_end, error, None, ttft,
+                                     prompt_tokens=r.usage.prompt_tokens or None))
     return records
 
 

@@ -22,8 +22,9 @@ from typing import Any
 from client.bench.trace import length_pool, load_trace, scale_trace, time_scale_for_rate
 from engine_builder.step_cost import StepCostModel, StepShape
 from server.planner.report import Column, Row, Table
-from server.planner.results import SimResult
+from server.planner.results import RequestRecord, SimResult
 from server.planner.simulate import Engine, Pool, Simulation, Workload, draw_lengths
+from server.scheduler import Tier
 from server.scheduler.config import SchedulerConfig
 
 GOAL_MULTIPLIER = 1.25  # the benchmark's TTFT SLO and goal TPOT SLO over online-only p99
@@ -87,6 +88,7 @@ class Variant:
 class Prediction:
     load: BenchLoad
     runs: dict[str, SimResult] = field(default_factory=dict)
+    online: dict[str, list[RequestRecord]] = field(default_factory=dict)  # in arrival order
 
 
 def variants(load: BenchLoad) -> list[Variant]:
@@ -120,8 +122,10 @@ def predict(engine: Engine, load: BenchLoad, slos: Slos | None = None) -> Predic
             sched = dataclasses.replace(sched, tpot_slo_ms=tpot, ttft_slo_ms=ttft)
         work = Workload(tuple(r for r in online if r.arrival_s < length) if v.online else (),
                         offline if v.offline else (), duration_s=length, seed=load.seed)
-        result = Simulation(engine, Pool(scheduler=sched), work).run()
+        sim = Simulation(engine, Pool(scheduler=sched), work)
+        result = sim.run()
         out.runs[v.name] = result
+        out.online[v.name] = [r for r in sim.records if r.tier is Tier.ONLINE]
         if v.name == "online-only":
             base = result
     return out
@@ -171,12 +175,16 @@ def calibrate(engine: Engine, load: BenchLoad, measured: dict[str, list[dict[str
     slos = measured_slos(measured) if measured else None
     first = predict(engine, load, slos)
     tables = [compare(first, measured)]
+    last, speed = first, ""
     if measured and speed_from:
         factor = _host_speed(first, measured, speed_from)
-        second = compare(predict(at_host_speed(engine, factor), load, slos), measured)
-        tables.append(dataclasses.replace(
-            second, title=f"{second.title}, host speed from {' and '.join(speed_from)} "
-                          f"({factor:.2f}x the profile's step times)"))
+        speed = (f"host speed from {' and '.join(speed_from)} "
+                 f"({factor:.2f}x the profile's step times)")
+        last = predict(at_host_speed(engine, factor), load, slos)
+        second = compare(last, measured)
+        tables.append(dataclasses.replace(second, title=f"{second.title}, {speed}"))
+    if measured and (by_request := per_request(last, measured, speed)) is not None:
+        tables.append(by_request)
     return tables
 
 
@@ -286,6 +294,64 @@ def compare(prediction: Prediction, measured: dict[str, list[dict[str, Any]]] | 
          "(* marks a miss)",),
         label="predicted: simulated" + ("; measured: bench_scheduler" if measured else ""),
     )
+
+
+def per_request(prediction: Prediction, measured: dict[str, list[dict[str, Any]]],
+                speed: str = "") -> Table | None:
+    """Each online request's simulated TTFT and TPOT against its measured one (the measured
+    variant's first round), paired in arrival order: where the percentiles agree by chance
+    or differ, which requests make the difference. None when the measured runs carry no
+    per-request records (a benchmark JSON written before they were kept)."""
+    rows: list[Row] = []
+    for name, simulated in prediction.online.items():
+        runs = measured.get(name)
+        sent = runs[0].get("online_requests") if runs else None
+        if not sent:
+            continue
+        pairs = list(zip(simulated, sent, strict=False))
+        row: Row = {"variant": name, "requests": f"{len(simulated)} / {len(sent)}",
+                    "misaligned": sum(s.prompt_tokens != m["prompt_tokens"] for s, m in pairs),
+                    "send_lag_ms": _median([1000.0 * (m["sent_s"] - s.arrival_s)
+                                            for s, m in pairs if m["sent_s"] is not None])}
+        for key, of in (("ttft", lambda r: r.ttft_s), ("tpot", lambda r: r.tpot_s)):
+            both = [(1000.0 * x, m[f"{key}_ms"]) for s, m in pairs
+                    if m["error"] is None and (x := of(s)) is not None and m[f"{key}_ms"]]
+            ratios = sorted(p / q for p, q in both)
+            row[f"{key}_pairs"] = len(both)
+            row[f"{key}_p50"] = (f"{_median([p for p, _ in both]):.0f} / "
+                                 f"{_median([q for _, q in both]):.0f}" if both else None)
+            row[f"{key}_ratios"] = ("/".join(f"{_quantile(ratios, q):.2f}"
+                                             for q in (0.1, 0.5, 0.9)) if ratios else None)
+            row[f"{key}_within"] = (sum(abs(r - 1.0) <= LATENCY_GOAL for r in ratios)
+                                    / len(ratios) if ratios else None)
+        rows.append(row)
+    if not rows:
+        return None
+    return Table(
+        "Calibration request by request, online "
+        f"{prediction.load.rate:g} req/s" + (f", {speed}" if speed else ""),
+        (Column("variant", "variant"), Column("requests", "requests sim / meas"),
+         Column("misaligned", "prompt differs"), Column("send_lag_ms", "send lag ms", ".0f"),
+         Column("ttft_pairs", "TTFT n"), Column("ttft_p50", "TTFT p50 ms"),
+         Column("ttft_ratios", "TTFT ratio p10/p50/p90"),
+         Column("ttft_within", "TTFT within 25%", "%"),
+         Column("tpot_pairs", "TPOT n"), Column("tpot_p50", "TPOT p50 ms"),
+         Column("tpot_ratios", "TPOT ratio p10/p50/p90"),
+         Column("tpot_within", "TPOT within 25%", "%")),
+        rows,
+        ("requests paired in arrival order (the measured variant's first round); a ratio is "
+         "simulated over measured, per request; p50s over the paired requests only",
+         "send lag: when the client sent a request after its trace arrival (median)"),
+        label="predicted: simulated; measured: bench_scheduler",
+    )
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _cell(key: str, predicted: float | None, measured: float | None, ratio: float | None,

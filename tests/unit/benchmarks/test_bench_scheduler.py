@@ -108,6 +108,25 @@ def test_the_sweep_table_and_plot(tmp_path: Path) -> None:
         assert path.stat().st_size > 1000
 
 
+def test_a_run_keeps_each_online_request_in_the_order_sent() -> None:
+    from benchmarks.slo_goals import online_requests
+
+    records = [
+        RequestRecord(Tier.ONLINE, 5, 0.2, 0.05, 3.0, sent_s=1.5, prompt_tokens=40),
+        RequestRecord(Tier.OFFLINE, 5, 0.1, 0.05, 1.0, sent_s=0.1, prompt_tokens=9),
+        RequestRecord(Tier.ONLINE, 1, 0.1, None, 1.0, sent_s=0.5, prompt_tokens=12),
+        RequestRecord(Tier.ONLINE, 0, None, None, 9.0, "cut", 2.0, sent_s=7.0, prompt_tokens=3),
+    ]
+    assert online_requests(records) == (
+        {"sent_s": 0.5, "prompt_tokens": 12, "output_tokens": 1, "ttft_ms": 100.0,
+         "tpot_ms": None, "error": None},
+        {"sent_s": 1.5, "prompt_tokens": 40, "output_tokens": 5, "ttft_ms": 200.0,
+         "tpot_ms": 50.0, "error": None},
+        {"sent_s": 7.0, "prompt_tokens": 3, "output_tokens": 0, "ttft_ms": None,
+         "tpot_ms": None, "error": "cut"},
+    )
+
+
 def test_the_load_comes_from_the_trace_given(tiny_engine: Path, tmp_path: Path) -> None:
     import asyncio
 
@@ -130,3 +149,31 @@ def test_the_load_comes_from_the_trace_given(tiny_engine: Path, tmp_path: Path) 
     assert spec.online == expected and len(expected) == 20  # 4/s for 5 s
     assert {r.prompt_tokens for r in spec.lengths} <= {round((10 + i) * 64 / 49)
                                                         for i in range(40)}
+
+
+def test_the_load_generator_records_when_and_what_it_sent(tiny_engine: Path) -> None:
+    import asyncio
+
+    from client.aio import AsyncClient
+    from client.bench.loadgen import LoadSpec, run_load
+    from client.bench.trace import TraceRequest
+    from server.app import serve_in_thread
+    from server.config import ServerConfig
+
+    online = tuple(TraceRequest(0.1 + 0.2 * i, 5 + i, 2) for i in range(4))
+
+    async def go(address: str) -> tuple[RequestRecord, ...]:
+        async with AsyncClient(address) as client:
+            spec = LoadSpec(duration_s=1.5, vocab_size=256, online=online, seed=1)
+            return (await run_load(client, spec)).records
+
+    thread = serve_in_thread(ServerConfig(engine=str(tiny_engine), port=0, metrics_port=-1))
+    try:
+        records = asyncio.run(go(thread.address))
+    finally:
+        thread.stop(grace_s=0.5)
+    sent = sorted(records, key=lambda r: r.sent_s or 0.0)
+    assert [r.prompt_tokens for r in sent] == [5, 6, 7, 8]
+    for r, req in zip(sent, online, strict=True):
+        assert r.sent_s is not None and req.arrival_s <= r.sent_s < req.arrival_s + 0.15
+        assert r.ttft_s is not None and r.output_tokens == 2

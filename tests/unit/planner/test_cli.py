@@ -166,3 +166,35 @@ def test_calibration_runs_each_variant_with_the_benchmarks_slowdown_bound() -> N
 
     assert (slowdown(3.0), slowdown(1.0), slowdown(0.5)) == (3.0, 1.0, 1.0)
     assert _scheduler(Variant("backfill-no-budget", True, True, False), None).tpot_slo_ms is None
+
+
+def test_calibration_pairs_each_request_with_its_measured_one(profiled_tiny: Path) -> None:
+    from server.planner.calibrate import per_request
+
+    load = BenchLoad(rate=2.0, duration_s=20.0, short_duration_s=10.0, offline_backlog=100,
+                     sweep=())
+    prediction = predict(profiled_engine(profiled_tiny), load)
+    simulated = [r for r in prediction.online["online-only"] if r.ttft_s is not None]
+    assert len(simulated) == len(prediction.online["online-only"]) >= 30
+
+    def sent(slow: Callable[[int], float]) -> list[dict[str, Any]]:
+        return [{"sent_s": r.arrival_s + 0.002, "prompt_tokens": r.prompt_tokens,
+                 "output_tokens": r.tokens, "ttft_ms": 1000 * (r.ttft_s or 0) * slow(i),
+                 "tpot_ms": None if r.tpot_s is None else 1000 * r.tpot_s, "error": None}
+                for i, r in enumerate(simulated)]
+
+    # Every other request measured twice as slow to its first token: those pairs miss.
+    table = per_request(prediction, {"online-only": [{"online_requests": sent(
+        lambda i: 2.0 if i % 2 else 1.0)}]})
+    assert table is not None and [r["variant"] for r in table.rows] == ["online-only"]
+    row = table.rows[0]
+    assert row["misaligned"] == 0 and row["send_lag_ms"] == pytest.approx(2.0)
+    assert row["ttft_pairs"] == len(simulated)
+    assert row["ttft_within"] == pytest.approx((len(simulated) + 1) // 2 / len(simulated))
+    assert row["tpot_within"] == 1.0 and row["tpot_pairs"] > 0
+    # Pairing is by arrival order: a measured list one request short pairs the wrong ones.
+    shifted = per_request(prediction, {"online-only": [{"online_requests": sent(
+        lambda i: 1.0)[1:]}]})
+    assert shifted is not None and shifted.rows[0]["misaligned"] > 0
+    # A benchmark JSON without per-request records gives no such table.
+    assert per_request(prediction, {"online-only": [{"summary": {}}]}) is None
