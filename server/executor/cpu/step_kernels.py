@@ -13,6 +13,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+# numba picks its threading layer, for the whole process, when the first parallel kernel
+# launches; this makes that TBB wherever the engine's kernels run (block_kernels._load_tbb
+# says why, and what the OpenMP layer costs), even in a process that never loads a
+# quantized engine.
+from server.executor.cpu import block_kernels as _threading_layer  # noqa: F401
+
 F32 = np.float32
 
 _kernel = njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
