@@ -31,6 +31,7 @@ class SimSequence:
     cached_tokens: int | None = None  # set at first admission
     report_cached: bool = False
     fresh: bool = True  # no token emitted in this run yet
+    token_s: float = 0.0  # when its last token was emitted (the end of that step)
     finish: FinishReason | None = None
     error: str | None = None
     out: list[int] = field(default_factory=list)  # tokens since the last delta
@@ -247,11 +248,13 @@ class SimEngine:
             self._nest_prefills(now, outer, left + start - now, joined)
 
     def _nest_prefills(self, now: float, outer: SimStep, left: float,
-                       joined: list[tuple[SimSequence, int]] | None = None) -> bool:
+                       joined: list[tuple[SimSequence, int]] | None = None,
+                       wait: float | None = None) -> bool:
         """One step of ``joined`` (prefills already admitted to nest) and the pending
         overtakers' prefills (in the order they came, within the slots, blocks and token
-        budget) nested in ``outer``, which has ``left`` seconds to go at ``now``, from the
-        end of its layer in flight; False when none could run."""
+        budget) nested in ``outer``, which has ``left`` seconds to go at ``now``, after
+        ``wait`` seconds (default: when its layer in flight ends); False when none could
+        run."""
         pending, self.pending = set(self.pending), []
         chunks = list(joined or [])
         budget = self.capacity.max_tokens_per_step - sum(n for _, n in chunks)
@@ -270,7 +273,8 @@ class SimEngine:
                 budget -= n
         if not chunks:
             return False
-        wait = self._layer_left(outer, left)
+        if wait is None:
+            wait = self._layer_left(outer, left)
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
         self.suspended = (outer, left - wait)
@@ -284,31 +288,60 @@ class SimEngine:
             return 0.0
         return left % (outer.seconds / self._layers)
 
-    def resume(self, now: float) -> bool:
-        """After a nested step ended at ``now``: the prefills of overtakers that came
-        meanwhile nest next; otherwise the step it interrupted goes on for what it had left,
-        or, under a plan with an overtake interval, for that interval and the layer then in
-        flight, and then a decode of the overtakers nests in it (never preempting). False
-        when none was interrupted."""
+    def resume(self, now: float, ended: SimStep) -> bool:
+        """After a nested step ``ended`` at ``now``, what the CPU executor does between two
+        layers of the step it interrupted: after the overtakers' prefills, their decode at
+        once if one's last token is the plan's overtake interval old; otherwise the next
+        layer of the interrupted step, then the prefills of overtakers that came meanwhile,
+        or the overtakers' decode at the first layer's end where one is an interval old
+        (never preempting); otherwise the step goes on for what it had left. False when
+        none was interrupted."""
         if self.suspended is None:
             self.overtakers.clear()
             self.pending.clear()
             return False
         step, left = self.suspended
         self.suspended = None
-        if self.pending and self._nest_prefills(now, step, left):
-            return True
         interval = step.overtake_interval_s
-        chunks = self._nested_decodes() if interval is not None and left > interval else []
-        if not chunks:
-            step.end = now + left
-            self.step = step
+        layer = 0.0 if self._layers is None else step.seconds / self._layers
+        due = interval is not None and ended.nested_prefills and self._decode_due(now, interval)
+        if due and self._nest_decodes(now, step, left, 0.0):
             return True
-        assert interval is not None
-        wait = interval + self._layer_left(step, left - interval)
+        if self.pending and self._nest_prefills(now, step, left, wait=min(layer, left)):
+            return True
+        wait = math.inf if interval is None else self._decode_wait(now, interval, layer)
+        if wait <= left and self._nest_decodes(now, step, left, wait):
+            return True
+        step.end = now + left
+        self.step = step
+        return True
+
+    def _live_overtakers(self) -> list[SimSequence]:
+        return [seq for seq in self.overtakers if seq.finish is None and seq.num_pending == 1]
+
+    def _decode_due(self, now: float, interval: float) -> bool:
+        return any(now - seq.token_s >= interval for seq in self._live_overtakers())
+
+    def _decode_wait(self, now: float, interval: float, layer: float) -> float:
+        """Seconds from ``now`` (a layer's end) to the end of the first later layer where an
+        overtaker's last token is ``interval`` old (inf: none is waiting for one)."""
+        live = self._live_overtakers()
+        if not live:
+            return math.inf
+        due = min(seq.token_s for seq in live) + interval - now
+        if layer <= 0.0:
+            return max(0.0, due)
+        return layer * max(1, math.ceil(due / layer - 1e-9))
+
+    def _nest_decodes(self, now: float, outer: SimStep, left: float, wait: float) -> bool:
+        """A decode of the overtakers nested in ``outer`` (``left`` seconds to go) after
+        ``wait`` seconds; False when none can run."""
+        chunks = self._nested_decodes()
+        if not chunks:
+            return False
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.suspended = (step, left - wait)
+        self.suspended = (outer, left - wait)
         self.step = SimStep(now + wait + seconds, seconds, shape, chunks)
         return True
 
@@ -457,6 +490,7 @@ class SimEngine:
                 continue  # a prefill chunk short of the end samples nothing
             token = (seq.key + 7919 * seq.num_done + 1) % vocab
             seq.fresh = False
+            seq.token_s = step.end
             seq.tokens.append(token)
             seq.num_done += 1
             c.generated_tokens += 1

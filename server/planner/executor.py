@@ -190,7 +190,7 @@ class SimulatedExecutor:
             raise RuntimeError(f"the clock ({self.clock.now}) is before the step's end")
         e.step = None
         e.commit(step)
-        if not e.resume(step.end):
+        if not e.resume(step.end, step):
             e.start_step(step.end)
 
     def run_ahead(self, before: float) -> int:

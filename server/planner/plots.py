@@ -82,6 +82,8 @@ def right_size(table: Table, path: Path) -> bool:
 def calibration(tables: list[Table], path: Path) -> bool:
     panels = []
     for table in tables:
+        if not any(f"{key}_ratio" in r for r in table.rows for key, _, _ in FIGURES):
+            continue  # not a figure-by-figure comparison (the request-by-request table)
         variants = [str(r["variant"]) for r in table.rows]
         series = {title: (variants, [r.get(f"{key}_ratio") for r in table.rows])
                   for key, title, goal in FIGURES if goal is not None}

@@ -249,3 +249,28 @@ def test_overtakers_nested_decodes_wait_for_the_layer_in_flight_too() -> None:
     assert tokens[2] == pytest.approx([0.034, 0.052, 0.070, 0.088])
     assert tokens[1][0] == pytest.approx(0.088 + 0.035)
     ex.check_integrity()
+
+
+def test_between_two_layers_an_overtakers_prefill_comes_before_their_decode() -> None:
+    """The CPU executor's order between two layers of the step in flight: the prefills of
+    the overtakers that came, then, in the same gap, a decode of every overtaker if one's last
+    token is the interval (10 ms) old; then the next layer. 10 layers of 7 ms: request 2 nests
+    at 14 ms (prefill to 34); request 3 comes during it, so it waits for the next layer (41)
+    and prefills to 61; by then request 2's token is 27 ms old, so both decode at once (2 rows,
+    12 ms, to 73); request 2's last token is 10 ms old two layers later (87, to 98). A
+    burst of overtakers therefore cannot hold back the earlier ones' tokens."""
+    clock = SimClock()
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=10)
+    ex.set_plan(StepPlan(overtake_interval_s=0.010))
+    ex.enqueue(req(1, 60, 2))
+    ex.wake()
+    for rid, n, t in ((2, 3, 0.010), (3, 2, 0.020)):
+        clock.now = t
+        ex.enqueue(replace(req(rid, 10, n), overtake=True))
+        ex.wake()
+    tokens: dict[int, list[float]] = {}
+    _drive(ex, clock, tokens)
+    assert tokens[2] == pytest.approx([0.034, 0.073, 0.098])
+    assert tokens[3] == pytest.approx([0.061, 0.073])
+    assert tokens[1][0] == pytest.approx(0.098 + 0.035)  # 70 ms, 63 of nested steps
+    ex.check_integrity()
