@@ -87,8 +87,8 @@ class Variant:
 @dataclass(slots=True)
 class Prediction:
     load: BenchLoad
-    runs: dict[str, SimResult] = field(default_factory=dict)
-    online: dict[str, list[RequestRecord]] = field(default_factory=dict)  # in arrival order
+    runs: dict[str, list[SimResult]] = field(default_factory=dict)  # one per draw
+    online: dict[str, list[RequestRecord]] = field(default_factory=dict)  # first draw's
 
 
 def variants(load: BenchLoad) -> list[Variant]:
@@ -107,37 +107,46 @@ def variants(load: BenchLoad) -> list[Variant]:
 Slos = dict[str, tuple[float | None, float | None]]  # variant -> (TPOT, TTFT) SLO in ms
 
 
-def predict(engine: Engine, load: BenchLoad, slos: Slos | None = None) -> Prediction:
-    """Every variant of one benchmark rate, simulated. A variant's SLOs are ``slos``' when
-    given (the flags the measured server ran with), else derived as the benchmark derives
-    them, from the predicted online-only run."""
+def predict(engine: Engine, load: BenchLoad, slos: Slos | None = None,
+            draws: int = 1) -> Prediction:
+    """Every variant of one benchmark rate, simulated ``draws`` times (the same arrivals and
+    backlog, other step-time jitter: a measured run is one draw too, and TTFT percentiles
+    move by tens of percent from one to another). A variant's SLOs are ``slos``' when given
+    (the flags the measured server ran with), else derived as the benchmark derives them,
+    from the predicted online-only run."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     online, offline = load.online(), load.offline()
     out = Prediction(load)
-    base: SimResult | None = None
+    base: dict[str, float | None] | None = None
     for v in variants(load):
         length = load.duration_s if v.long else load.short_duration_s
         sched = _scheduler(v, base)
         if slos is not None and v.name in slos:
             tpot, ttft = slos[v.name]
             sched = dataclasses.replace(sched, tpot_slo_ms=tpot, ttft_slo_ms=ttft)
-        work = Workload(tuple(r for r in online if r.arrival_s < length) if v.online else (),
-                        offline if v.offline else (), duration_s=length, seed=load.seed)
-        sim = Simulation(engine, Pool(scheduler=sched), work)
-        result = sim.run()
-        out.runs[v.name] = result
-        out.online[v.name] = [r for r in sim.records if r.tier is Tier.ONLINE]
+        runs = out.runs[v.name] = []
+        for draw in range(draws):
+            work = Workload(tuple(r for r in online if r.arrival_s < length) if v.online else (),
+                            offline if v.offline else (), duration_s=length,
+                            seed=load.seed + draw)
+            sim = Simulation(engine, Pool(scheduler=sched), work)
+            runs.append(sim.run())
+            if draw == 0:
+                out.online[v.name] = [r for r in sim.records if r.tier is Tier.ONLINE]
         if v.name == "online-only":
-            base = result
+            base = simulated_figures(runs)
     return out
 
 
-def _scheduler(v: Variant, base: SimResult | None) -> SchedulerConfig:
+def _scheduler(v: Variant, base: dict[str, float | None] | None) -> SchedulerConfig:
     """The benchmark's server flags for a variant (bench_scheduler's ``slo_args``): SLOs from
-    online-only's p99s, and a step slowdown bound of the variant's multiplier."""
+    online-only's p99s (``base``: its figures), and a step slowdown bound of the variant's
+    multiplier."""
     tpot = ttft = None
     if v.multiplier is not None and base is not None:
-        tpot = v.multiplier * (base.online.tpot_ms[2] or 1.0)
-        ttft = GOAL_MULTIPLIER * (base.online.ttft_ms[2] or 1.0)
+        tpot = v.multiplier * (base["tpot_p99"] or 1.0)
+        ttft = GOAL_MULTIPLIER * (base["ttft_p99"] or 1.0)
     slowdown = None if v.multiplier is None else max(1.0, v.multiplier)
     return SchedulerConfig(policy=v.policy, max_online_queue=BENCH_MAX_ONLINE_QUEUE,
                            tpot_slo_ms=tpot, ttft_slo_ms=ttft, max_online_slowdown=slowdown)
@@ -167,20 +176,20 @@ def at_host_speed(engine: Engine, factor: float) -> Engine:
 
 
 def calibrate(engine: Engine, load: BenchLoad, measured: dict[str, list[dict[str, Any]]] | None,
-              speed_from: Sequence[str]) -> list[Table]:
+              speed_from: Sequence[str], draws: int = 1) -> list[Table]:
     """The prediction of one benchmark rate from the profile alone, beside the measured runs
     when given; with ``speed_from`` (variant names), also a second prediction with the host's
     speed taken from those variants' measured tokens/s (the geometric mean of predicted over
     measured: a few measured numbers in, every other figure out)."""
     slos = measured_slos(measured) if measured else None
-    first = predict(engine, load, slos)
+    first = predict(engine, load, slos, draws)
     tables = [compare(first, measured)]
     last, speed = first, ""
     if measured and speed_from:
         factor = _host_speed(first, measured, speed_from)
         speed = (f"host speed from {' and '.join(speed_from)} "
                  f"({factor:.2f}x the profile's step times)")
-        last = predict(at_host_speed(engine, factor), load, slos)
+        last = predict(at_host_speed(engine, factor), load, slos, draws)
         second = compare(last, measured)
         tables.append(dataclasses.replace(second, title=f"{second.title}, {speed}"))
     if measured and (by_request := per_request(last, measured, speed)) is not None:
@@ -193,9 +202,11 @@ def _host_speed(first: Prediction, measured: dict[str, list[dict[str, Any]]],
     logs = []
     for name in names:
         tps = measured_figures(measured[name])["tokens_per_s"] if name in measured else None
-        if not tps or name not in first.runs:
+        predicted = simulated_figures(first.runs[name])["tokens_per_s"] if name in first.runs \
+            else None
+        if not tps or not predicted:
             raise ValueError(f"no measured tokens/s of variant {name!r} to take the speed from")
-        logs.append(math.log(first.runs[name].tokens_per_s / tps))
+        logs.append(math.log(predicted / tps))
     return math.exp(sum(logs) / len(logs))
 
 
@@ -212,11 +223,17 @@ FIGURES = (  # (key, title, goal share or None)
 )
 
 
-def simulated_figures(r: SimResult) -> dict[str, float | None]:
-    return {"tokens_per_s": r.tokens_per_s, "occupancy": r.occupancy,
-            "offline_tokens_per_s": r.offline.tokens_per_s if r.offline.tokens else None,
-            "ttft_p50": r.online.ttft_ms[0], "ttft_p99": r.online.ttft_ms[2],
-            "tpot_p50": r.online.tpot_ms[0], "tpot_p99": r.online.tpot_ms[2]}
+def simulated_figures(runs: Sequence[SimResult]) -> dict[str, float | None]:
+    """One variant's figures from its simulated draws (the median of each)."""
+    def figures(r: SimResult) -> dict[str, float | None]:
+        return {"tokens_per_s": r.tokens_per_s, "occupancy": r.occupancy,
+                "offline_tokens_per_s": r.offline.tokens_per_s if r.offline.tokens else None,
+                "ttft_p50": r.online.ttft_ms[0], "ttft_p99": r.online.ttft_ms[2],
+                "tpot_p50": r.online.tpot_ms[0], "tpot_p99": r.online.tpot_ms[2]}
+
+    each = [figures(r) for r in runs]
+    return {key: _median([v for f in each if (v := f[key]) is not None])
+            for key, _, _ in FIGURES}
 
 
 def measured_figures(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -271,10 +288,10 @@ def compare(prediction: Prediction, measured: dict[str, list[dict[str, Any]]] | 
     measured, and whether the calibration goals hold. Rows carry the numbers as
     ``KEY_predicted``, ``KEY_measured`` and ``KEY_ratio`` for the JSON."""
     rows: list[Row] = []
-    for name, result in prediction.runs.items():
-        sim = simulated_figures(result)
+    for name, results in prediction.runs.items():
+        sim = simulated_figures(results)
         meas = measured_figures(measured[name]) if measured and name in measured else None
-        row: Row = {"variant": name, "simulated_wall_s": result.wall_s}
+        row: Row = {"variant": name, "simulated_wall_s": sum(r.wall_s for r in results)}
         for key, _, goal in FIGURES:
             p, m = sim[key], None if meas is None else meas[key]
             ratio = p / m if p is not None and m else None
@@ -291,7 +308,9 @@ def compare(prediction: Prediction, measured: dict[str, list[dict[str, Any]]] | 
         rows,
         (f"goals: predicted within {THROUGHPUT_GOAL:.0%} of measured for tokens/s, offline "
          f"tokens/s and occupancy, within {LATENCY_GOAL:.0%} for TTFT and TPOT p50 "
-         "(* marks a miss)",),
+         "(* marks a miss)",
+         f"predicted: each figure's median over {_draws(prediction)} simulated draws (other "
+         "step-time jitter)"),
         label="predicted: simulated" + ("; measured: bench_scheduler" if measured else ""),
     )
 
@@ -344,6 +363,10 @@ def per_request(prediction: Prediction, measured: dict[str, list[dict[str, Any]]
          "send lag: when the client sent a request after its trace arrival (median)"),
         label="predicted: simulated; measured: bench_scheduler",
     )
+
+
+def _draws(prediction: Prediction) -> int:
+    return max((len(runs) for runs in prediction.runs.values()), default=0)
 
 
 def _median(values: Sequence[float]) -> float | None:

@@ -110,7 +110,7 @@ def cmd_calibrate(ns: argparse.Namespace, cfg: PlanConfig) -> list[Table]:
     engine = profiled_engine(engine_path(cfg.engine or engine_dir))
     tables = [t for i, load in enumerate(loads)
               for t in calibrate(engine, load, measured[i] if measured else None,
-                                 [v for v in ns.host_speed_from.split(",") if v])]
+                                 [v for v in ns.host_speed_from.split(",") if v], ns.draws)]
     if measured:
         _plot(ns, plots.calibration, tables)
     return tables
@@ -213,6 +213,9 @@ def _extra(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--bench-duration", type=float, default=200.0)
         p.add_argument("--bench-short", type=float, default=60.0)
         p.add_argument("--bench-backlog", type=int, default=3200)
+        p.add_argument("--draws", type=int, default=5,
+                       help="simulate each variant this many times (other step-time jitter) "
+                            "and take each figure's median")
         p.add_argument("--host-speed-from", default="offline-only,offline-only+slo",
                        help="with --measured, also predict with the host's speed taken from "
                             "these variants' measured tokens/s ('' for none)")

@@ -58,6 +58,7 @@ class SimStep:
     chunks: list[tuple[SimSequence, int]]  # (sequence, tokens computed)
     overtake_interval_s: float | None = None  # of the plan it started under
     nested_prefills: bool = False  # overtakers' prefills nested in another step
+    tail: float = 0.0  # seconds after its last layer (LM head, sampling): no overtaking there
 
 
 @dataclass(slots=True)
@@ -87,18 +88,25 @@ class SimEngine:
 
     def __init__(self, capacity: Capacity, model: StepCostModel, *, batching: str,
                  jitter: float, seed: int, plan_follower: bool,
-                 layers: int | None = None) -> None:
+                 layers: int | None = None, head_share: float = 0.0) -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         if not (math.isfinite(jitter) and jitter >= 0):
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         if layers is not None and layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
+        if not 0.0 <= head_share < 1.0:
+            raise ValueError(f"head_share must be in [0, 1), got {head_share}")
         self.capacity = capacity
         self._model = model
         # Overtakers nest only between two of a step's layers (the CPU executor looks there),
         # so they wait for the layer in flight; None: at any moment.
         self._layers = layers
+        # After the last layer a step runs the LM head over its sampled rows in one go, where
+        # no overtaker nests: that share of a decode of those rows (the head's share of the
+        # weights), by sampled rows.
+        self._head_share = head_share if layers is not None else 0.0
+        self._tails: dict[int, float] = {}
         self._static = batching == "static"
         self._jitter = jitter
         self._rng = random.Random(seed)
@@ -165,7 +173,8 @@ class SimEngine:
                         decode_context=shape.decode_context + rows,
                         decode_context_max=shape.decode_context_max + 1)
         seconds = self._seconds(nxt)
-        self.step = SimStep(step.end + seconds, seconds, nxt, step.chunks, step.overtake_interval_s)
+        self.step = SimStep(step.end + seconds, seconds, nxt, step.chunks, step.overtake_interval_s,
+                            tail=self._tail(nxt, seconds))
 
     def take_out(self, seq: SimSequence) -> None:
         """Removes a live sequence from wherever it waits or runs, freeing its blocks."""
@@ -226,7 +235,19 @@ class SimEngine:
             return
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
-        self.step = SimStep(now + seconds, seconds, shape, chunks, self.plan.overtake_interval_s)
+        self.step = SimStep(now + seconds, seconds, shape, chunks, self.plan.overtake_interval_s,
+                            tail=self._tail(shape, seconds))
+
+    def _tail(self, shape: StepShape, seconds: float) -> float:
+        """Seconds of a step after its last layer: the LM head over its sampled rows."""
+        if not self._head_share or not shape.samples:
+            return 0.0
+        tail = self._tails.get(shape.samples)
+        if tail is None:
+            head = StepShape()
+            head.add_decodes(0, shape.samples)
+            tail = self._tails[shape.samples] = self._head_share * self._model.predict(head)
+        return min(tail, seconds)
 
     def overtake(self, now: float) -> None:
         """The CPU executor's overtaking, as it looks between two layers of the step in
@@ -239,22 +260,24 @@ class SimEngine:
         if self.step is None or self._static or not self.pending:
             return
         if self.suspended is None:
-            self._nest_prefills(now, self.step, self.step.end - now)
+            left = self.step.end - now
+            wait = self._look_in(self.step, left)
+            if wait is not None:  # else: they are in the next step
+                self._nest_prefills(now, self.step, left, wait=wait)
             return
         outer, left = self.suspended
         start = self.step.end - self.step.seconds
         if now < start:  # a nested step planned, not begun: the outer step runs until then
             joined = self.step.chunks if self.step.nested_prefills else []
-            self._nest_prefills(now, outer, left + start - now, joined)
+            self._nest_prefills(now, outer, left + start - now, joined, wait=start - now)
 
     def _nest_prefills(self, now: float, outer: SimStep, left: float,
-                       joined: list[tuple[SimSequence, int]] | None = None,
-                       wait: float | None = None) -> bool:
+                       joined: list[tuple[SimSequence, int]] | None = None, *,
+                       wait: float) -> bool:
         """One step of ``joined`` (prefills already admitted to nest) and the pending
         overtakers' prefills (in the order they came, within the slots, blocks and token
         budget) nested in ``outer``, which has ``left`` seconds to go at ``now``, after
-        ``wait`` seconds (default: when its layer in flight ends); False when none could
-        run."""
+        ``wait`` seconds; False when none could run."""
         pending, self.pending = set(self.pending), []
         chunks = list(joined or [])
         budget = self.capacity.max_tokens_per_step - sum(n for _, n in chunks)
@@ -273,20 +296,28 @@ class SimEngine:
                 budget -= n
         if not chunks:
             return False
-        if wait is None:
-            wait = self._layer_left(outer, left)
         shape = self._shape(chunks)
         seconds = self._seconds(shape)
         self.suspended = (outer, left - wait)
         self.step = SimStep(now + wait + seconds, seconds, shape, chunks, nested_prefills=True)
         return True
 
-    def _layer_left(self, outer: SimStep, left: float) -> float:
-        """Seconds until ``outer``, with ``left`` seconds to go, ends its layer in flight (its
-        layers take equal shares of it; the executor also looks after the last one)."""
-        if self._layers is None or left <= 0:
-            return 0.0
-        return left % (outer.seconds / self._layers)
+    def _look_in(self, outer: SimStep, left: float, *, next_layer: bool = False,
+                 not_before: float = 0.0) -> float | None:
+        """Seconds until the executor next looks for overtakers in ``outer``, which has
+        ``left`` seconds to go: the end of its layer in flight (``next_layer``: at a layer's
+        end now, the end of the next one), at least ``not_before`` seconds away; None when
+        it will not look again (its last layer is done, or ends too soon). Its layers take
+        equal shares of what precedes its tail; the executor also looks after the last."""
+        if self._layers is None:
+            return max(0.0, not_before)
+        layer = (outer.seconds - outer.tail) / self._layers
+        if layer <= 0.0:
+            return None
+        elapsed = outer.seconds - left
+        first = round(elapsed / layer) + 1 if next_layer else math.ceil(elapsed / layer - 1e-9)
+        k = max(first, math.ceil((elapsed + not_before) / layer - 1e-9))
+        return None if k > self._layers else max(0.0, k * layer - elapsed)
 
     def resume(self, now: float, ended: SimStep) -> bool:
         """After a nested step ``ended`` at ``now``, what the CPU executor does between two
@@ -303,15 +334,16 @@ class SimEngine:
         step, left = self.suspended
         self.suspended = None
         interval = step.overtake_interval_s
-        layer = 0.0 if self._layers is None else step.seconds / self._layers
         due = interval is not None and ended.nested_prefills and self._decode_due(now, interval)
         if due and self._nest_decodes(now, step, left, 0.0):
             return True
-        if self.pending and self._nest_prefills(now, step, left, wait=min(layer, left)):
+        look = self._look_in(step, left, next_layer=True)
+        if self.pending and look is not None and self._nest_prefills(now, step, left, wait=look):
             return True
-        wait = math.inf if interval is None else self._decode_wait(now, interval, layer)
-        if wait <= left and self._nest_decodes(now, step, left, wait):
-            return True
+        if interval is not None and (oldest := self._oldest_token()) is not None:
+            wait = self._look_in(step, left, next_layer=True, not_before=oldest + interval - now)
+            if wait is not None and self._nest_decodes(now, step, left, wait):
+                return True
         step.end = now + left
         self.step = step
         return True
@@ -322,16 +354,9 @@ class SimEngine:
     def _decode_due(self, now: float, interval: float) -> bool:
         return any(now - seq.token_s >= interval for seq in self._live_overtakers())
 
-    def _decode_wait(self, now: float, interval: float, layer: float) -> float:
-        """Seconds from ``now`` (a layer's end) to the end of the first later layer where an
-        overtaker's last token is ``interval`` old (inf: none is waiting for one)."""
-        live = self._live_overtakers()
-        if not live:
-            return math.inf
-        due = min(seq.token_s for seq in live) + interval - now
-        if layer <= 0.0:
-            return max(0.0, due)
-        return layer * max(1, math.ceil(due / layer - 1e-9))
+    def _oldest_token(self) -> float | None:
+        """When the overtaker waiting longest for its next token got its last one."""
+        return min((seq.token_s for seq in self._live_overtakers()), default=None)
 
     def _nest_decodes(self, now: float, outer: SimStep, left: float, wait: float) -> bool:
         """A decode of the overtakers nested in ``outer`` (``left`` seconds to go) after

@@ -16,7 +16,9 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   output joins the step after the next one).
 - ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: requests marked
   ``overtake`` that arrive during a step have their prefills run when its layer in flight
-  ends (``layers``: the engine's layer count, the step's time split evenly; None: at once),
+  ends (``layers``: the engine's layer count, the step's time split evenly; None: at once;
+  ``head_share``: the LM head's share of the weights, what of a step its last layer leaves
+  for the head over the sampled rows, where none nest: they wait for the next step),
   together, as one step nested in it (which then ends that much later); those that arrive
   while a nested step runs wait for it and then nest together (a nested step is never itself
   interrupted: the CPU executor looks for overtakers between the outer step's layers only);
@@ -81,9 +83,11 @@ class SimulatedExecutor:
         jitter: float = 0.0,
         seed: int = 0,
         layers: int | None = None,
+        head_share: float = 0.0,
     ) -> None:
         self._engine = SimEngine(capacity, model, batching=batching, jitter=jitter, seed=seed,
-                                 plan_follower=self._follows_plans, layers=layers)
+                                 plan_follower=self._follows_plans, layers=layers,
+                                 head_share=head_share)
         self._owns_clock = clock is None
         self.clock = SimClock() if clock is None else clock
         self._shut = False

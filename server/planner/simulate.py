@@ -49,6 +49,7 @@ class Engine:
     prior: StepCostModel | None = None
     jitter: float = 0.0  # log-normal sigma of step durations around the model
     layers: int | None = None  # a plan follower's overtakers wait for the layer in flight
+    head_share: float = 0.0  # the LM head's share of the weights (its steps' last part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class Workload:
     duration_s: float = 60.0
     drain_s: float = 30.0
     offline_until_done: bool = False
-    seed: int = 0
+    seed: int = 0  # the prompts' ids and the engines' step-time jitter
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +126,14 @@ class _Tracked:
 class _Replica:
     """One engine: the real scheduler over a simulated executor."""
 
-    def __init__(self, index: int, engine: Engine, pool: Pool, clock: SimClock) -> None:
+    def __init__(self, index: int, engine: Engine, pool: Pool, clock: SimClock,
+                 seed: int) -> None:
         kind = PlanFollowingSimulatedExecutor if engine.follows_plans else SimulatedExecutor
         self.index = index
         self.clock = clock
         self.executor = kind(engine.capacity, engine.model, clock=clock, batching=pool.batching,
-                             jitter=engine.jitter, seed=index, layers=engine.layers)
+                             jitter=engine.jitter, seed=seed, layers=engine.layers,
+                             head_share=engine.head_share)
         prior = engine.prior if engine.prior is not None else engine.model
         self.scheduler = BackfillScheduler(self.executor, pool.scheduler, clock=clock,
                                            step_cost=OnlineStepCost(prior))
@@ -182,7 +185,9 @@ class Simulation:
         self.engine, self.pool, self.workload = engine, pool, workload
         self._run_ahead = run_ahead
         self.clock = SimClock()
-        self.replicas = [_Replica(i, engine, pool, self.clock) for i in range(pool.replicas)]
+        # Step jitter: one stream per replica, another set for another workload seed.
+        self.replicas = [_Replica(i, engine, pool, self.clock, workload.seed * 1009 + i)
+                         for i in range(pool.replicas)]
         self.records: list[RequestRecord] = []
         window_end = math.inf if workload.offline_until_done else workload.duration_s
         self.tally = _Tally(window_end)

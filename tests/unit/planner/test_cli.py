@@ -117,17 +117,22 @@ def test_calibration_compares_predicted_and_measured(profiled_tiny: Path, tmp_pa
     load = BenchLoad(rate=2.0, duration_s=20.0, short_duration_s=10.0, offline_backlog=100,
                      sweep=(2.0,))
     engine = profiled_engine(profiled_tiny)
-    prediction = predict(engine, load)
+    prediction = predict(engine, load, draws=2)
     assert set(prediction.runs) == {"online-only", "offline-only", "offline-only+slo",
                                     "backfill", "backfill-3x", "backfill-2x",
                                     "backfill-no-budget"}
+    # Two draws: the same arrivals under other step-time jitter.
+    first, second = prediction.runs["backfill"]
+    assert first.online.requests == second.online.requests
+    assert first.online.ttft_ms != second.online.ttft_ms
     from server.planner.calibrate import simulated_figures
 
     figures = {n: simulated_figures(r) for n, r in prediction.runs.items()}
     measured = bench_json(tmp_path / "bench.json", profiled_tiny, load, figures, scale=1.5)
     engine_dir, loads, _ = read_bench_json(measured)
     assert engine_dir == str(profiled_tiny) and loads[0] == load
-    data = run(capsys, tmp_path, "calibrate", "--measured", str(measured))
+    data = run(capsys, tmp_path, "calibrate", "--measured", str(measured), "--draws", "2")
+    assert "median over 2 simulated draws" in data["tables"][0]["notes"][1]
     rows = {r["variant"]: r for r in data["tables"][0]["rows"]}
     # Jitter is seeded: the prediction repeats itself, except TTFT p50 (measured 1.5x).
     assert rows["backfill"]["tokens_per_s_ratio"] == pytest.approx(1.0)

@@ -274,3 +274,40 @@ def test_between_two_layers_an_overtakers_prefill_comes_before_their_decode() ->
     assert tokens[3] == pytest.approx([0.061, 0.073])
     assert tokens[1][0] == pytest.approx(0.098 + 0.035)  # 70 ms, 63 of nested steps
     ex.check_integrity()
+
+
+def test_no_overtaker_nests_in_the_lm_head_after_the_last_layer() -> None:
+    """A step ends with the LM head over its sampled rows, after its last layer, where the
+    CPU executor no longer looks for overtakers. With the head half the weights, a 60-token
+    prefill (70 ms, one sampled row: a head of 5.5 ms) has 10 layers of 6.45 ms. An
+    overtaker at 60 ms nests when the last layer ends (64.5 ms, 20 ms); one at 66 ms, in the
+    head, waits for the step's end and prefills in the next step, with request 1's decode."""
+    for arrival, first, outer in ((0.060, 0.0845, 0.090), (0.066, 0.091, 0.070)):
+        clock = SimClock()
+        ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=10,
+                                            head_share=0.5)
+        ex.enqueue(req(1, 60, 2))
+        ex.wake()
+        clock.now = arrival
+        ex.enqueue(replace(req(2, 10, 1), overtake=True))
+        ex.wake()
+        tokens: dict[int, list[float]] = {}
+        _drive(ex, clock, tokens)
+        assert tokens[2] == pytest.approx([first])
+        assert tokens[1][0] == pytest.approx(outer)
+        ex.check_integrity()
+
+
+def test_the_head_share_of_the_default_models_shape() -> None:
+    """SmolLM2-135M: 30 layers of hidden 576, intermediate 1536, 9 heads and 3 KV heads of
+    64, vocabulary 49152; the head is 28.3M of 134.5M weights (measured after the last
+    layer: 18-24% of a decode step)."""
+    from engine_builder.manifest import Architecture
+    from server.planner.profiled import head_share
+
+    arch = Architecture(family="llama", num_layers=30, hidden_size=576, intermediate_size=1536,
+                        num_attention_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152,
+                        rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                        attention_bias=False, max_position_embeddings=8192)
+    assert head_share(arch) == pytest.approx(49152 * 576 / (49152 * 576 + 30 * 3538944))
+    assert 0.20 < head_share(arch) < 0.22
