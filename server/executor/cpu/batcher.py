@@ -48,6 +48,10 @@ class Batcher:
         self.num_prompt_tokens = 0  # of sequences admitted for the first time
         self.num_cached_prompt_tokens = 0  # of which the prefix cache held
 
+    def reset_counts(self) -> None:
+        """Zeroes the preemption and prompt-token counts (after a warm-up)."""
+        self.num_preemptions = self.num_prompt_tokens = self.num_cached_prompt_tokens = 0
+
     def add(self, seq: Sequence) -> None:
         """Queues a sequence behind every waiting one of its priority or higher."""
         index = next(

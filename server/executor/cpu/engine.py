@@ -26,7 +26,7 @@ import numpy as np
 
 from engine_builder.step_cost import StepSample, StepShape
 from engine_builder.tokenizer import EngineTokenizer
-from server.executor.base import ExecRequest, FinishReason, StepPlan, TokenDelta
+from server.executor.base import ExecRequest, FinishReason, SamplingParams, StepPlan, TokenDelta
 from server.executor.cpu.batcher import Batcher
 from server.executor.cpu.drafter import Draft
 from server.executor.cpu.logprobs import SCORE_ROWS, token_logprobs
@@ -145,6 +145,27 @@ class CpuEngine:
             seq = self.batcher.waiting.popleft()
             seq.end_early(reason, error)
             self._finished.append(seq)
+
+    def warm_up(self) -> None:
+        """Runs two short requests through each kind of step (a prefill of two chunks,
+        decodes of two rows and of one) and forgets them, so that the first real request does
+        not pay for loading the compiled kernels, starting the BLAS threads and faulting in
+        the weights (the default engine's first TTFT over gRPC: 496 ms, against 71 ms for
+        the next). Their tokens stay within one KV block, so nothing enters the prefix cache;
+        the counters and step samples start from zero. Call it with nothing queued."""
+        if self.has_work:
+            raise RuntimeError("warm_up needs an idle engine")
+        prompt = tuple(range(1, 1 + max(1, self.batcher.blocks.tokens_per_block - 4)))
+        for request_id, max_tokens in ((0, 3), (1, 2)):
+            sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                      num_speculative_tokens=0)
+            self.add(ExecRequest(request_id, prompt, sampling), seed=0)
+        while self.step():
+            pass
+        self.drain()
+        self.counters = EngineCounters()
+        self.batcher.reset_counts()
+        self._samples.clear()
 
     # -- the step -------------------------------------------------------------------------
 

@@ -56,9 +56,14 @@ class CpuExecutor:
     Follows step plans (``set_plan``) and reports step samples (``take_step_samples``)."""
 
     def __init__(
-        self, engine: CpuEngine, capacity: Capacity, *, blas_threads: int | None = None
+        self, engine: CpuEngine, capacity: Capacity, *, blas_threads: int | None = None,
+        warm_up: bool = True,
     ) -> None:
+        """``warm_up``: the worker's first act is ``CpuEngine.warm_up`` (a few steps of two
+        short requests), and the constructor returns when it is done."""
         self._engine = engine
+        self._warm_up = warm_up
+        self._warmed = threading.Event()
         self._capacity = capacity
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the worker waits for something to do
@@ -86,6 +91,7 @@ class CpuExecutor:
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="cpu-executor", daemon=True)
         self._thread.start()
+        self._warmed.wait()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -197,6 +203,15 @@ class CpuExecutor:
 
     def _loop(self) -> None:
         set_thread_compute_threads(self._blas_threads)
+        if self._warm_up:
+            with self._step_lock:
+                try:
+                    self._engine.warm_up()
+                except Exception:  # the requests will meet the failure, with its error
+                    log.exception("cpu executor warm-up failed")
+                    self._engine.cancel_all()
+                    self._engine.drain()
+        self._warmed.set()
         while True:
             with self._lock:
                 # With nothing runnable (no work, or every sequence paused) the worker waits

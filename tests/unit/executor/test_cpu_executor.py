@@ -351,3 +351,39 @@ def test_prefix_shared_with_a_running_sequence(
     assert got[2].cached_prompt_tokens == 32
     assert got[2].token_ids == got[1].token_ids
     _assert_idle(ex)
+
+
+def test_the_worker_warms_the_engine_up_and_forgets_it(
+    tiny_engine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps run before the constructor returns (the first request would otherwise pay for
+    loading kernels and faulting in weights), and leave nothing behind: no counts, samples
+    or cached blocks, and the same outputs as an executor that did not warm up."""
+    from engine_builder.manifest import Manifest
+    from server.executor.cpu.model import ForwardPass
+    from server.executor.cpu.open import build_engine
+
+    layers: list[int] = []
+    original = ForwardPass.advance
+
+    def advance(self: ForwardPass) -> None:
+        layers.append(1)
+        original(self)
+
+    monkeypatch.setattr(ForwardPass, "advance", advance)
+    warm = CpuExecutor.open(tiny_engine)
+    cold = CpuExecutor(*build_engine(tiny_engine, Manifest.load(tiny_engine)), warm_up=False)
+    try:
+        assert layers, "no step ran before the first request"
+        stats = warm.stats()
+        assert (stats.steps, stats.prompt_tokens, stats.generated_tokens, stats.busy_seconds,
+                stats.kv_blocks_used, stats.kv_blocks_cached) == (0, 0, 0, 0.0, 0, 0)
+        assert warm.take_step_samples() == []
+        requests = [_req(i, p, max_tokens=6) for i, p in enumerate(_prompts(3, seed=11))]
+        ours, theirs = collect(warm, requests), collect(cold, requests)
+        assert {k: v.token_ids for k, v in ours.items()} == \
+            {k: v.token_ids for k, v in theirs.items()}
+        assert warm.stats().prompt_tokens == sum(len(r.prompt_token_ids) for r in requests)
+    finally:
+        warm.shutdown()
+        cold.shutdown()
