@@ -14,16 +14,9 @@ budget and its KV blocks, and takes as long as a step-cost model says each step 
   output is ready when it ends, and the next step starts at once with what was enqueued before
   then, as an executor running on its own thread does (work enqueued in answer to a step's
   output joins the step after the next one).
-- ``PlanFollowingSimulatedExecutor`` also overtakes as the CPU executor does: requests marked
-  ``overtake`` that arrive during a step have their prefills run when its layer in flight
-  ends (``layers``: the engine's layer count, the step's time split evenly; None: at once;
-  ``head_share``: the LM head's share of the weights, what of a step its last layer leaves
-  for the head over the sampled rows, where none nest: they wait for the next step),
-  together, as one step nested in it (which then ends that much later); those that arrive
-  while a nested step runs wait for it and then nest together (a nested step is never itself
-  interrupted: the CPU executor looks for overtakers between the outer step's layers only);
-  and, under a plan with ``overtake_interval_s``, a decode every interval of the step they
-  overtook (never preempting). The executor looks when ``wake`` is called (after each
+- ``PlanFollowingSimulatedExecutor`` also follows the scheduler's step plans and overtakes
+  as the CPU executor does (server/planner/overtaking.py: online prefills and decodes nested
+  in the step in flight, between its layers). It looks when ``wake`` is called (after each
   scheduler pass), so the overtakers of one pass share a step.
 - ``batching="static"`` is the baseline without in-flight batching: a batch is admitted only
   when the previous one has wholly finished; prompts are padded to the batch's longest and
@@ -54,6 +47,7 @@ from server.executor.base import (
     check_fits,
 )
 from server.planner.engine import Counters, SimEngine
+from server.planner.overtaking import OvertakingSimEngine
 
 
 class SimClock:
@@ -82,12 +76,12 @@ class SimulatedExecutor:
         batching: str = "inflight",
         jitter: float = 0.0,
         seed: int = 0,
-        layers: int | None = None,
-        head_share: float = 0.0,
     ) -> None:
-        self._engine = SimEngine(capacity, model, batching=batching, jitter=jitter, seed=seed,
-                                 plan_follower=self._follows_plans, layers=layers,
-                                 head_share=head_share)
+        self._setup(SimEngine(capacity, model, batching=batching, jitter=jitter, seed=seed,
+                              plan_follower=False), clock)
+
+    def _setup(self, engine: SimEngine, clock: SimClock | None) -> None:
+        self._engine = engine
         self._owns_clock = clock is None
         self.clock = SimClock() if clock is None else clock
         self._shut = False
@@ -156,9 +150,7 @@ class SimulatedExecutor:
         for seq in [*e.running, *e.waiting, *e.inbox]:
             e.take_out(seq)
             e.end(seq, FinishReason.CANCELLED)
-        e.step = None
-        e.suspended = None
-        e.pending.clear()
+        e.stop()
 
     # -- driving the clock ----------------------------------------------------------------
 
@@ -253,13 +245,31 @@ class PlanFollowingSimulatedExecutor(SimulatedExecutor):
 
     _follows_plans = True
 
+    def __init__(
+        self,
+        capacity: Capacity,
+        model: StepCostModel,
+        *,
+        clock: SimClock | None = None,
+        batching: str = "inflight",
+        jitter: float = 0.0,
+        seed: int = 0,
+        layers: int | None = None,
+        head_share: float = 0.0,
+    ) -> None:
+        """``layers`` and ``head_share``: see OvertakingSimEngine."""
+        self._overtaking = OvertakingSimEngine(capacity, model, batching=batching,
+                                               jitter=jitter, seed=seed, layers=layers,
+                                               head_share=head_share)
+        self._setup(self._overtaking, clock)
+
     def set_plan(self, plan: StepPlan) -> None:
         self._engine.plan = plan
 
     def enqueue(self, request: ExecRequest) -> None:
         super().enqueue(request)
         if request.overtake:
-            self._engine.pending.append(request.request_id)
+            self._overtaking.pending.append(request.request_id)
 
     def wake(self) -> None:
         """Also runs the prefills of the overtakers enqueued since the last look in a step
@@ -267,4 +277,4 @@ class PlanFollowingSimulatedExecutor(SimulatedExecutor):
         finds them together between two layers)."""
         super().wake()
         if not self._shut:
-            self._engine.overtake(self.clock.now)
+            self._overtaking.overtake(self.clock.now)

@@ -128,12 +128,18 @@ class _Replica:
 
     def __init__(self, index: int, engine: Engine, pool: Pool, clock: SimClock,
                  seed: int) -> None:
-        kind = PlanFollowingSimulatedExecutor if engine.follows_plans else SimulatedExecutor
         self.index = index
         self.clock = clock
-        self.executor = kind(engine.capacity, engine.model, clock=clock, batching=pool.batching,
-                             jitter=engine.jitter, seed=seed, layers=engine.layers,
-                             head_share=engine.head_share)
+        self.executor: SimulatedExecutor
+        if engine.follows_plans:
+            self.executor = PlanFollowingSimulatedExecutor(
+                engine.capacity, engine.model, clock=clock, batching=pool.batching,
+                jitter=engine.jitter, seed=seed, layers=engine.layers,
+                head_share=engine.head_share)
+        else:
+            self.executor = SimulatedExecutor(engine.capacity, engine.model, clock=clock,
+                                              batching=pool.batching, jitter=engine.jitter,
+                                              seed=seed)
         prior = engine.prior if engine.prior is not None else engine.model
         self.scheduler = BackfillScheduler(self.executor, pool.scheduler, clock=clock,
                                            step_cost=OnlineStepCost(prior))
