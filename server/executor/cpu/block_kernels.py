@@ -20,39 +20,14 @@ Importing this module compiles nothing: each kernel compiles on first use and is
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 import threading
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-
-def _load_tbb() -> bool:
-    """Makes numba's TBB threading layer loadable; True if it is.
-
-    With TBB the calling thread runs whatever part of a kernel a descheduled worker has not
-    taken, so a busy host costs a kernel only the cores it lost; numba's OpenMP layer instead
-    waits at the end of every kernel for each worker to be scheduled again, and with the other
-    cores busy a 2-thread decode step went from 14 ms to 930 ms (TBB: 14 ms). The ``tbb`` wheel
-    (in the ``cpu`` extra) puts libtbb in the environment's lib directory, which the dynamic
-    loader does not search, so it is loaded here first, by path, for numba's TBB pool to find.
-    """
-    lib = Path(sys.prefix) / "lib" / "libtbb.so.12"
-    if lib.exists():
-        with contextlib.suppress(OSError):
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    try:
-        from numba.np.ufunc import tbbpool  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-TBB = _load_tbb()
+from server.executor.cpu.threading_layer import TBB  # noqa: F401  (loaded before any launch)
 
 TILE = 64  # output rows per tile: four 16-lane float32 vectors
 # Tiles a kernel thread takes at a time. Small chunks handed out on demand (not one static

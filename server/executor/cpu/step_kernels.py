@@ -13,11 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# numba picks its threading layer, for the whole process, when the first parallel kernel
-# launches; this makes that TBB wherever the engine's kernels run (block_kernels._load_tbb
-# says why, and what the OpenMP layer costs), even in a process that never loads a
-# quantized engine.
-from server.executor.cpu import block_kernels as _threading_layer  # noqa: F401
+from server.executor.cpu.threading_layer import TBB  # noqa: F401  (loaded before any launch)
 
 F32 = np.float32
 
