@@ -184,8 +184,5 @@ class OvertakingSimEngine(SimEngine):
         return True
 
     def _nested_decodes(self) -> list[tuple[SimSequence, int]]:
-        return [
-            (seq, 1) for seq in self.overtakers
-            if seq.finish is None and seq.blocks and seq.num_pending == 1
-            and self._reserve_slot(seq, preempt=False)
-        ]
+        return [(seq, 1) for seq in self._live_overtakers()
+                if seq.blocks and self._reserve_slot(seq, preempt=False)]
