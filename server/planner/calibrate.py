@@ -41,7 +41,7 @@ class BenchLoad:
 
     rate: float
     duration_s: float  # goal variants
-    short_duration_s: float  # offline-only and sweep variants
+    short_duration_s: float  # offline-only and the sweep's SLO variants
     offline_backlog: int
     trace: str | None = None
     max_prompt_tokens: int = 64
@@ -50,6 +50,7 @@ class BenchLoad:
     seed: int = 0
     sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 5.0)
     fcfs: bool = False
+    no_budget_long: bool = True  # the no-budget variant runs duration_s (else short)
 
     @classmethod
     def from_json(cls, load: dict[str, Any], rate: dict[str, Any]) -> BenchLoad:
@@ -59,7 +60,8 @@ class BenchLoad:
                    max_prompt_tokens=load["max_prompt_tokens"],
                    max_output_tokens=load["max_output_tokens"],
                    offline_output_tokens=load["offline_output_tokens"], seed=load["seed"],
-                   sweep=tuple(load["sweep"]), fcfs=load["fcfs"])
+                   sweep=tuple(load["sweep"]), fcfs=load["fcfs"],
+                   no_budget_long=load.get("no_budget_long", False))
 
     def online(self) -> tuple[Any, ...]:
         trace = load_trace(self.trace)
@@ -98,7 +100,7 @@ def variants(load: BenchLoad) -> list[Variant]:
            Variant("backfill", True, True, True, GOAL_MULTIPLIER),
            Variant("backfill-3x", True, True, True, RELAXED_MULTIPLIER)]
     out += [Variant(f"backfill-{m:g}x", True, True, False, m) for m in load.sweep]
-    out.append(Variant("backfill-no-budget", True, True, False))
+    out.append(Variant("backfill-no-budget", True, True, load.no_budget_long))
     if load.fcfs:
         out.append(Variant("fcfs", True, True, False, policy="fcfs"))
     return out

@@ -65,6 +65,24 @@ def test_goals_are_ratios_against_the_baselines() -> None:
         ">= 99% of online requests meet both SLOs", "offline tok/s >= 50% of unused"))
 
 
+def test_the_offline_shares_show_the_no_budget_ceiling() -> None:
+    ceiling = _run("backfill-no-budget", 10.0, 77.0, 530.0, 400.0)
+    details = {goal: detail for goal, _, detail, _ in check_goals(_round(55.0, 600.0, 120),
+                                                                  ceiling)}
+    assert details["offline tok/s >= 50% of unused"].endswith("; no budget: 77%")
+    assert details["offline tok/s >= 80% of unused, SLO at 3x"].endswith("; no budget: 77%)")
+    alone = check_goals(_round(55.0, 600.0, 120))
+    assert not any("no budget" in detail for _, _, detail, _ in alone)
+
+
+def test_the_no_budget_variant_runs_as_long_as_the_goal_variants() -> None:
+    from benchmarks.bench_scheduler import NO_BUDGET, sweep_variants
+
+    base = _run("online-only", 10.0, 0.0, ttft=500.0, tpot=100.0)
+    long = {v.name: v.long for v in sweep_variants(base, [2.0], fcfs=True)}
+    assert long == {"backfill-2x": False, NO_BUDGET: True, "fcfs": False}
+
+
 def test_median_round_judges_each_goal_by_its_middle_round() -> None:
     rounds = [check_goals(_round(offline, ttft, 110))
               for offline, ttft in [(35.0, 650.0), (70.0, 500.0), (60.0, 600.0)]]

@@ -106,7 +106,8 @@ def bench_json(path: Path, engine: Path, load: BenchLoad, runs: dict[str, dict[s
                      "offline_output_tokens": load.offline_output_tokens,
                      "offline_backlog": 0, "seed": 0, "duration": load.duration_s,
                      "min_online_requests": 0, "short_duration": load.short_duration_s,
-                     "sweep": list(load.sweep), "fcfs": False, "rounds": 1}}
+                     "sweep": list(load.sweep), "fcfs": False, "rounds": 1,
+                     "no_budget_long": load.no_budget_long}}
     path.write_text(json.dumps({"meta": meta, "runs": []}))
     return path
 
@@ -139,6 +140,24 @@ def test_calibration_compares_predicted_and_measured(profiled_tiny: Path, tmp_pa
     assert rows["backfill"]["tokens_per_s_met"] is True
     assert rows["online-only"]["ttft_p50_ratio"] == pytest.approx(1 / 1.5)
     assert rows["online-only"]["ttft_p50_met"] is False
+
+
+def test_the_no_budget_variant_runs_as_long_as_the_benchmark_ran_it() -> None:
+    """bench_scheduler runs backfill-no-budget over the goal variants' window and says so in
+    its JSON; files written before that ran it --short-duration."""
+    from server.planner.calibrate import variants
+
+    meta = {"trace": None, "max_prompt_tokens": 64, "max_output_tokens": 16,
+            "offline_output_tokens": 32, "seed": 0, "short_duration": 60.0, "sweep": [2.0],
+            "fcfs": False}
+    rate = {"rate": 1.5, "duration_s": 200.0, "offline_backlog": 3200}
+
+    def long(load: BenchLoad) -> dict[str, bool]:
+        return {v.name: v.long for v in variants(load)}
+
+    new = long(BenchLoad.from_json(meta | {"no_budget_long": True}, rate))
+    assert new["backfill-no-budget"] and new["backfill"] and not new["backfill-2x"]
+    assert not long(BenchLoad.from_json(meta, rate))["backfill-no-budget"]
 
 
 def test_an_old_benchmark_json_is_refused(tmp_path: Path) -> None:
