@@ -65,8 +65,6 @@ class SimClock:
 class SimulatedExecutor:
     """Plans its own steps, like TensorRT-LLM: the scheduler bounds it by admission."""
 
-    _follows_plans = False
-
     def __init__(
         self,
         capacity: Capacity,
@@ -242,8 +240,6 @@ class PlanFollowingSimulatedExecutor(SimulatedExecutor):
     """Also follows the scheduler's step plans (``PlanFollower``) and runs the prefills of
     requests marked ``overtake`` that arrive during a step nested in it, like the CPU
     executor."""
-
-    _follows_plans = True
 
     def __init__(
         self,

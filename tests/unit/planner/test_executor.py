@@ -141,12 +141,14 @@ def test_an_overtaking_prefill_nests_in_the_step_in_flight() -> None:
     ex.check_integrity()
 
 
-def test_overtakers_decode_inside_a_step_planned_with_an_overtake_interval() -> None:
-    """A 60-token prefill (70 ms) under a plan with a 5 ms interval; an overtaking request
-    arrives at 10 ms: its prefill (20 ms), then a decode (11 ms) every 5 ms of the outer step,
-    until its 4 tokens are out, all before the outer step's first token."""
+def _overtaken_under_an_interval(
+    layers: int | None,
+) -> tuple[PlanFollowingSimulatedExecutor, dict[int, list[float]]]:
+    """A 60-token prefill (request 1, 2 tokens) under a plan with a 5 ms overtake interval,
+    overtaken at 10 ms by request 2 (10 tokens, 4 out); driven to the end: each request's
+    token times."""
     clock = SimClock()
-    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock)
+    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=layers)
     ex.set_plan(StepPlan(overtake_interval_s=0.005))
     ex.enqueue(req(1, 60, 2))
     ex.wake()
@@ -155,6 +157,14 @@ def test_overtakers_decode_inside_a_step_planned_with_an_overtake_interval() -> 
     ex.wake()
     tokens: dict[int, list[float]] = {}
     _drive(ex, clock, tokens)
+    return ex, tokens
+
+
+def test_overtakers_decode_inside_a_step_planned_with_an_overtake_interval() -> None:
+    """A 60-token prefill (70 ms) under a plan with a 5 ms interval; an overtaking request
+    arrives at 10 ms: its prefill (20 ms), then a decode (11 ms) every 5 ms of the outer step,
+    until its 4 tokens are out, all before the outer step's first token."""
+    ex, tokens = _overtaken_under_an_interval(layers=None)
     assert tokens[2] == pytest.approx([0.030, 0.046, 0.062, 0.078])
     # The outer step had 60 ms left at 30 ms and ran 5 ms between the three nested decodes.
     assert tokens[1][0] == pytest.approx(0.078 + 0.060 - 3 * 0.005)
@@ -235,16 +245,7 @@ def test_overtakers_nested_decodes_wait_for_the_layer_in_flight_too() -> None:
     (prefill to 34 ms; the outer step has 56 ms left); each nested decode (11 ms) waits the
     5 ms interval and then for the layer in flight: the outer step's remaining time falls to
     a multiple of 7 ms."""
-    clock = SimClock()
-    ex = PlanFollowingSimulatedExecutor(cap(), MODEL, clock=clock, layers=10)
-    ex.set_plan(StepPlan(overtake_interval_s=0.005))
-    ex.enqueue(req(1, 60, 2))
-    ex.wake()
-    clock.now = 0.010
-    ex.enqueue(replace(req(2, 10, 4), overtake=True))
-    ex.wake()
-    tokens: dict[int, list[float]] = {}
-    _drive(ex, clock, tokens)
+    ex, tokens = _overtaken_under_an_interval(layers=10)
     # 56 ms left at 34: 7 ms of layer, a decode to 52; 49 left: 7, decode to 70; 42: 7, to 88.
     assert tokens[2] == pytest.approx([0.034, 0.052, 0.070, 0.088])
     assert tokens[1][0] == pytest.approx(0.088 + 0.035)
