@@ -172,8 +172,8 @@ class Jobs:
         return await self._call(self._store.list_jobs, tenant, page, after)
 
     async def results(self, tenant: str, job_id: str, start: int) -> AsyncIterator[pb.BatchResult]:
-        """Results from index ``start`` on, in order, as they are committed, until the job's
-        last one."""
+        """Results from index ``start`` on, in order, as they are committed; ends once the job
+        has ended."""
         job = await self.get(tenant, job_id)
         index = start
         while index < job.total:
@@ -189,6 +189,10 @@ class Jobs:
                 await changed.wait()
             else:  # not running here now (e.g. draining): look again later
                 await asyncio.sleep(POLL_S)
+        # The job's end state is recorded just after its last result: the stream ends with the
+        # job, so a read after it sees COMPLETED (or EXPIRED...), never FINALIZING.
+        while (changed := self._runner.tracks(job_id)) is not None:
+            await changed.wait()
 
     # ---- cancelling ---------------------------------------------------------------------------
 

@@ -363,13 +363,19 @@ class JobRunner:
             job.ending = True
             self._spawn(self._close(job, job.stopping))
 
+    # A failed store call is logged by _done and retried at the next start, which finds the job
+    # unfinished; forgetting it here anyway frees whoever waits on the job now.
     async def _close(self, job: _Job, outcome: Outcome) -> None:
-        await asyncio.to_thread(self._store.close_pending, job.id, outcome, time.time())
-        self._forget(job.id)
+        try:
+            await asyncio.to_thread(self._store.close_pending, job.id, outcome, time.time())
+        finally:
+            self._forget(job.id)
 
     async def _finalize(self, job_id: str) -> None:
-        await asyncio.to_thread(self._store.finalize, job_id, time.time())
-        self._forget(job_id)
+        try:
+            await asyncio.to_thread(self._store.finalize, job_id, time.time())
+        finally:
+            self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)

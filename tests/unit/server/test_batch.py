@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
 from server.app import BackfillServer
 from server.executor.base import SamplingParams
+from server.jobs.sqlite_store import SQLiteJobStore
 from tests.fakes import ScriptedExecutor
 from tests.unit.server.conftest import MakeServer, is_idle, tiny_capacity, wait_until
 
@@ -55,6 +57,61 @@ async def test_job_runs_to_completion_with_ordered_results(
     assert done.completion_tokens == sum(12 - i for i in range(10))
     assert done.HasField("finished_at")
     assert len(executor.enqueued) == 10
+
+
+async def test_results_stream_ends_with_the_job(
+    make_server: MakeServer, executor: ScriptedExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job's end is recorded after its last result; a slow store must not let a read that
+    # follows the stream see FINALIZING.
+    finalize = SQLiteJobStore.finalize
+
+    def slow_finalize(store: SQLiteJobStore, job_id: str, at: float) -> None:
+        time.sleep(0.3)
+        finalize(store, job_id, at)
+
+    monkeypatch.setattr(SQLiteJobStore, "finalize", slow_finalize)
+    server = await make_server(executor)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([5], 2), item([6], 3)]))
+        results = [r async for r in stub.StreamBatchResults(
+            pb.StreamBatchResultsRequest(id=job.id))]
+        done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+    assert len(results) == 2 and done.state == pb.BATCH_STATE_COMPLETED
+
+
+async def test_results_stream_ends_when_recording_the_end_fails(
+    make_server: MakeServer, tiny_engine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_finalize(store: SQLiteJobStore, job_id: str, at: float) -> None:
+        raise OSError("disk full")
+
+    store = str(tmp_path / "shared.db")
+    with monkeypatch.context() as patch:
+        patch.setattr(SQLiteJobStore, "finalize", broken_finalize)
+        first = await make_server(ScriptedExecutor(tiny_capacity(tiny_engine)), job_store=store)
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([5], 2)]))
+            results = [r async for r in stub.StreamBatchResults(
+                pb.StreamBatchResultsRequest(id=job.id), timeout=10)]
+            stuck = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+        await first.stop(grace_s=0.0)
+    assert len(results) == 1 and stuck.state == pb.BATCH_STATE_FINALIZING
+
+    second = await make_server(ScriptedExecutor(tiny_capacity(tiny_engine)), job_store=store)
+    async with grpc.aio.insecure_channel(second.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        await wait_until_completed(stub, job.id)  # the next start records the end
+
+
+async def wait_until_completed(stub: pb_grpc.InferenceServiceStub, job_id: str) -> None:
+    for _ in range(100):
+        if (await stub.GetBatch(pb.GetBatchRequest(id=job_id))).state == pb.BATCH_STATE_COMPLETED:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not complete")
 
 
 async def test_items_run_on_the_offline_tier(
