@@ -163,9 +163,12 @@ class JobRunner:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Picks up every unfinished job of the store (after a restart or a crash)."""
+        """Picks up every unfinished job of the store (after a restart or a crash) and deletes
+        the finished ones past their retention."""
         for record in await asyncio.to_thread(self._store.unfinished_jobs):
             self.adopt(record)
+        # Jobs past their retention are never readable again once the server is up.
+        await self._purge(time.time() - self._config.retention_s)
         self._loops = [asyncio.ensure_future(self._feed_forever()),
                        asyncio.ensure_future(self._maintain_forever())]
 
@@ -388,7 +391,7 @@ class JobRunner:
     # ---- expiry and retention -----------------------------------------------------------------
 
     async def _maintain_forever(self) -> None:
-        next_purge = 0.0
+        next_purge = time.time() + PURGE_S  # start() has just purged
         while True:
             await asyncio.sleep(MAINTENANCE_S)
             now = time.time()

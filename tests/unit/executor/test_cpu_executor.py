@@ -218,10 +218,11 @@ def test_cancel_running_and_queued_frees_slots_and_blocks(
     while not got[1].token_ids:
         for delta in ex.poll(0.5):
             got[delta.request_id].add(delta, 0.0)
-    assert ex.stats().active == 1 and ex.stats().queued == 1
-    ex.cancel(2)
-    ex.cancel(1)
-    ex.cancel(12345)  # unknown: a no-op
+    with ex._step_lock:  # request 1 cannot run to its end before the cancels
+        assert ex.stats().active == 1 and ex.stats().queued == 1
+        ex.cancel(2)
+        ex.cancel(1)
+        ex.cancel(12345)  # unknown: a no-op
     collect(ex, results=got)
     assert got[1].finish is FinishReason.CANCELLED and got[2].finish is FinishReason.CANCELLED
     assert got[2].token_ids == [] and len(got[1].token_ids) < 1000
@@ -252,7 +253,7 @@ def test_slow_poller_gets_coalesced_deltas(
     ex = open_executor(tiny_engine)
     ex.enqueue(_req(1, _prompts(1)[0], max_tokens=20))
     deadline = time.monotonic() + 30
-    while ex.stats().active or ex.stats().queued:
+    while (stats := ex.stats()).active or stats.queued:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     deltas = ex.poll(0.0)

@@ -5,6 +5,7 @@ and a tenant's place is given back when its requests end."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -137,8 +138,9 @@ async def server_with_quotas(make_server: MakeServer, tiny_engine: Path, tmp_pat
     limits = {"a": TenantLimits(max_online_requests=2, max_queued_offline=4,
                                 tokens_per_minute=100_000)}
     keys = write_keys(tmp_path / "keys.json", limits)
-    return await make_server(ScriptedExecutor(tiny_capacity(tiny_engine)), auth_keys=str(keys),
-                             http_port=0, metrics_port=0)
+    # 2 ms a step: a request of 10,000 tokens (capped at the context) lives for seconds
+    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.002))
+    return await make_server(executor, auth_keys=str(keys), http_port=0, metrics_port=0)
 
 
 async def test_over_quota_is_resource_exhausted_naming_it_and_others_go_on(
