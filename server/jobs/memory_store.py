@@ -189,6 +189,7 @@ class MemoryJobStore:
 
     def record_results(self, results: Sequence[ItemResult]) -> set[str]:
         counts: dict[str, dict[str, int]] = {}
+        started: dict[str, float] = {}  # job id -> its earliest fresh result's end
         with self._lock:
             for r in results:
                 item = self._jobs[r.job_id].items[r.index]
@@ -199,9 +200,14 @@ class MemoryJobStore:
                 c = counts.setdefault(r.job_id, dict.fromkeys(COUNTERS.values(), 0))
                 c[COUNTERS[r.outcome]] += 1
                 c["completion_tokens"] = c.get("completion_tokens", 0) + r.completion_tokens
+                started[r.job_id] = min(started.get(r.job_id, r.finished_at), r.finished_at)
             done: set[str] = set()
             for job_id, c in counts.items():
                 job = self._jobs[job_id]
+                if c.get("completed") and job.record.state is JobState.QUEUED:
+                    # a request ran even if the runner's own mark is not in yet
+                    self._update(job, state=JobState.RUNNING,
+                                 started_at=job.record.started_at or started[job_id])
                 self._update(job, **{k: getattr(job.record, k) + v for k, v in c.items()})
                 rec = job.record
                 if rec.ended >= rec.total and rec.state in (JobState.QUEUED, JobState.RUNNING):

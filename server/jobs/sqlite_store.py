@@ -292,6 +292,7 @@ class SQLiteJobStore:
         for r in results:
             by_key.setdefault(self._need_no(r.job_id) << INDEX_BITS | r.index, r)
         counts: dict[str, dict[str, int]] = {}
+        started: dict[str, float] = {}  # job id -> its earliest fresh result's end
         with self._tx() as cur:
             fresh = self._pending_keys(cur, list(by_key))
             cur.executemany(
@@ -303,9 +304,16 @@ class SQLiteJobStore:
                 c = counts.setdefault(r.job_id, dict.fromkeys((*COUNTERS.values(), "tokens"), 0))
                 c[COUNTERS[r.outcome]] += 1
                 c["tokens"] += r.completion_tokens
+                started[r.job_id] = min(started.get(r.job_id, r.finished_at), r.finished_at)
             done: set[str] = set()
             for job_id, c in counts.items():
                 no = self._need_no(job_id)
+                if c["completed"]:  # a request ran even if the runner's own mark is not in yet
+                    cur.execute(
+                        "UPDATE jobs SET state=?, started_at=coalesce(started_at, ?) "
+                        "WHERE no=? AND state=?",
+                        (JobState.RUNNING.value, started[job_id], no, JobState.QUEUED.value),
+                    )
                 cur.execute(
                     "UPDATE jobs SET completed=completed+?, failed=failed+?, "
                     "cancelled=cancelled+?, expired=expired+?, "

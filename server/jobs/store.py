@@ -226,9 +226,9 @@ class JobStore(Protocol):
         started_at); False when it was not."""
 
     def record_results(self, results: Sequence[ItemResult]) -> set[str]:
-        """Writes results in one transaction, releasing their requests' inputs; returns the
-        jobs whose every request has now ended (they move from QUEUED or RUNNING to
-        FINALIZING)."""
+        """Writes results in one transaction, releasing their requests' inputs; a QUEUED job
+        with a completed result becomes RUNNING. Returns the jobs whose every request has now
+        ended (they move from QUEUED or RUNNING to FINALIZING)."""
 
     def close_pending(self, job_id: str, outcome: Outcome, at: float) -> None:
         """Ends every pending request with outcome (CANCELLED or EXPIRED), and the job with the

@@ -187,3 +187,18 @@ def test_sqlite_store_serves_one_server_at_a_time(tmp_path: Path) -> None:
     finally:
         store.close()
     SQLiteJobStore(path).close()  # the lock went with the first one
+
+
+def test_a_completed_result_makes_a_queued_job_running(store: JobStore) -> None:
+    """The runner marks a job RUNNING in a call of its own, which may come after the first
+    result is written; a job with a completed result never reads as QUEUED."""
+    new_job(store, "j", 3)
+    store.record_results([fail("j", 1)])
+    assert store.get_job("t", "j").state is JobState.QUEUED  # type: ignore[union-attr]
+    store.record_results([ok("j", 0)])
+    job = store.get_job("t", "j")
+    assert job is not None and (job.state, job.started_at) == (JobState.RUNNING, 3.0)
+    assert not store.transition("j", {JobState.QUEUED}, JobState.RUNNING, 4.0)  # the late mark
+    store.record_results([ok("j", 2)])
+    assert store.get_job("t", "j").state is JobState.FINALIZING  # type: ignore[union-attr]
+    assert store.get_job("t", "j").started_at == 3.0  # type: ignore[union-attr]
