@@ -121,16 +121,19 @@ async def test_metrics_and_get_stats_move_with_traffic(
 async def test_drain_refuses_new_work_and_lets_online_finish(
     make_server: MakeServer, tiny_engine: Path
 ) -> None:
-    # Once each request's first token has gone out (a step ago: it has two), the engine holds
-    # still until the drain's checks are done, so the online request keeps the drain open
-    # meanwhile (had it finished, the server would stop, and a refused call would meet a closed
-    # port instead of the drain).
-    gate = threading.Event()
+    # The engine holds still twice: after its first step until both requests are in (the
+    # online one cannot finish alone meanwhile), and, once each request's first token has
+    # gone out (a step ago: it has two), until the drain's checks are done, so that the online
+    # request keeps the drain open (had it finished, the server would stop, and a refused
+    # call would meet a closed port instead of the drain).
+    both_in, checked = threading.Event(), threading.Event()
 
-    def hold(_: int) -> None:
+    def hold(step: int) -> None:
+        if step == 1:
+            both_in.wait(HOLD_TIMEOUT_S)
         outputs = executor.outputs
         if len(outputs) == 2 and all(len(tokens) >= 2 for tokens in outputs.values()):
-            gate.wait(HOLD_TIMEOUT_S)
+            checked.wait(HOLD_TIMEOUT_S)
 
     executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=hold)
     server = await make_server(executor)
@@ -139,6 +142,8 @@ async def test_drain_refuses_new_work_and_lets_online_finish(
             stub = pb_grpc.InferenceServiceStub(channel)
             online = stub.Generate(request([1, 2], 40))
             offline = stub.Generate(request([3, 4], 100_000, pb.TIER_OFFLINE))
+            await wait_until(lambda: _submitted(server) == (1, 1))
+            both_in.set()
             tokens = list((await online.read()).token_ids)
             await offline.read()
             stopping = asyncio.ensure_future(server.stop(grace_s=10.0))
@@ -150,14 +155,22 @@ async def test_drain_refuses_new_work_and_lets_online_finish(
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert not stopping.done()  # the drain waits for the online request
-            gate.set()
+            assert not executor.finishes  # the online request ran throughout the checks
+            assert not stopping.done()  # and the drain waits for it
+            checked.set()
             await _read_to_the_end(online, offline, tokens)
             report = await stopping
     finally:
-        gate.set()
+        both_in.set()
+        checked.set()
     assert report.unfinished_offline == 1
     assert report.elapsed_seconds < 10.0
+
+
+def _submitted(server: BackfillServer) -> tuple[int, int]:
+    """Online and offline requests the scheduler took and has not finished."""
+    snap = server.scheduler.snapshot()
+    return snap.online.queued + snap.online.running, snap.offline.queued + snap.offline.running
 
 
 async def _read_to_the_end(online: grpc.aio.UnaryStreamCall, offline: grpc.aio.UnaryStreamCall,
