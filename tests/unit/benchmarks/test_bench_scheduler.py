@@ -182,7 +182,9 @@ def test_the_load_generator_records_when_and_what_it_sent(tiny_engine: Path) -> 
 
     async def go(address: str) -> tuple[RequestRecord, ...]:
         async with AsyncClient(address) as client:
-            spec = LoadSpec(duration_s=1.5, vocab_size=256, online=online, seed=1)
+            # The window ends long after the last arrival (the run ends when its requests
+            # do): a send that a busy event loop makes late is still made, not dropped.
+            spec = LoadSpec(duration_s=5.0, vocab_size=256, online=online, seed=1)
             return (await run_load(client, spec)).records
 
     thread = serve_in_thread(ServerConfig(engine=str(tiny_engine), port=0, metrics_port=-1))
@@ -193,5 +195,6 @@ def test_the_load_generator_records_when_and_what_it_sent(tiny_engine: Path) -> 
     sent = sorted(records, key=lambda r: r.sent_s or 0.0)
     assert [r.prompt_tokens for r in sent] == [5, 6, 7, 8]
     for r, req in zip(sent, online, strict=True):
-        assert r.sent_s is not None and req.arrival_s <= r.sent_s < req.arrival_s + 0.15
+        # Never before its arrival; after it by no more than a busy event loop's lateness.
+        assert r.sent_s is not None and req.arrival_s <= r.sent_s < req.arrival_s + 1.0
         assert r.ttft_s is not None and r.output_tokens == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_builder import profile
+from engine_builder import profile, profile_steps
 from engine_builder.cli import main
 from engine_builder.footprint import footprint
 from engine_builder.manifest import Manifest
@@ -29,13 +29,26 @@ pytestmark = pytest.mark.unit
 BASE_S, PER_SEQ_S = 0.02, 0.002  # the fake's step costs BASE_S + PER_SEQ_S * batch
 
 
-class StepCostExecutor:
-    """Every poll with work runs one step: sleeps its cost, then one token per sequence."""
+class FakeClock:
+    """Stands in for the ``time`` module of the profiler: ``perf_counter`` reads a clock that
+    only the fake executor's steps move."""
 
     def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class StepCostExecutor:
+    """Every poll with work runs one step: its cost passes (on ``clock``, or asleep), then one
+    token per sequence."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
         self.capacity = Capacity(8, 1024, 16, 512, 2048, 300)
         self._active: dict[int, tuple[ExecRequest, int]] = {}
         self._lock = threading.Lock()
+        self._clock = clock
         self.steps = 0
 
     def enqueue(self, request: ExecRequest) -> None:
@@ -50,7 +63,11 @@ class StepCostExecutor:
         with self._lock:
             if not self._active:
                 return []
-            time.sleep(BASE_S + PER_SEQ_S * len(self._active))
+            cost = BASE_S + PER_SEQ_S * len(self._active)
+            if self._clock is None:
+                time.sleep(cost)
+            else:
+                self._clock.now += cost
             self.steps += 1
             deltas = []
             for request_id, (request, made) in list(self._active.items()):
@@ -71,15 +88,18 @@ class StepCostExecutor:
         self._active.clear()
 
 
-def test_measured_rates_follow_the_step_cost() -> None:
-    points = profile.measure_curve(StepCostExecutor(), [1, 4], steps=8, vocab_size=300,
+def test_measured_rates_follow_the_step_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(profile, "time", clock)
+    monkeypatch.setattr(profile_steps, "time", clock)
+    points = profile.measure_curve(StepCostExecutor(clock), [1, 4], steps=8, vocab_size=300,
                                    log=lambda _: None)
     b1, b4 = points
-    # Expected: 1 / 22 ms = 45 tokens/s and 4 / 28 ms = 143 tokens/s. Sleeps only overshoot.
-    assert 22 * 0.95 <= b1.step_ms <= 22 * 1.6
-    assert 28 * 0.95 <= b4.step_ms <= 28 * 1.6
-    assert 2.2 < b4.tokens_per_s / b1.tokens_per_s < 4.2
-    assert b4.tokens_per_s == pytest.approx(4 * 1000 / b4.step_ms)
+    # 1 token per 22 ms step = 45.5 tokens/s; 4 per 28 ms step = 142.9 tokens/s.
+    assert (b1.batch_size, b4.batch_size) == (1, 4)
+    assert b1.step_ms == pytest.approx(22) and b4.step_ms == pytest.approx(28)
+    assert b1.tokens_per_s == pytest.approx(1000 / 22)
+    assert b4.tokens_per_s == pytest.approx(4 * 1000 / 28)
 
 
 class CoalescingExecutor(StepCostExecutor):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,8 @@ M = ("model", "tiny-llama")  # the label every engine figure carries
 pytestmark = pytest.mark.unit
 
 SERVICE = "backfill.v1.InferenceService"
+# A held engine goes on by itself after this long, so that a failing test still ends.
+HOLD_TIMEOUT_S = 30.0
 
 
 def request(ids: list[int], max_tokens: int, tier: int = pb.TIER_ONLINE) -> pb.GenerateRequest:
@@ -119,36 +121,71 @@ async def test_metrics_and_get_stats_move_with_traffic(
 async def test_drain_refuses_new_work_and_lets_online_finish(
     make_server: MakeServer, tiny_engine: Path
 ) -> None:
-    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=lambda _: time.sleep(0.01))
+    # The engine holds still twice: after its first step until both requests are in (the
+    # online one cannot finish alone meanwhile), and, once each request's first token has
+    # gone out (a step ago: it has two), until the drain's checks are done, so that the online
+    # request keeps the drain open (had it finished, the server would stop, and a refused
+    # call would meet a closed port instead of the drain).
+    both_in, checked = threading.Event(), threading.Event()
+
+    def hold(step: int) -> None:
+        if step == 1:
+            both_in.wait(HOLD_TIMEOUT_S)
+        outputs = executor.outputs
+        if len(outputs) == 2 and all(len(tokens) >= 2 for tokens in outputs.values()):
+            checked.wait(HOLD_TIMEOUT_S)
+
+    executor = ScriptedExecutor(tiny_capacity(tiny_engine), step_hook=hold)
     server = await make_server(executor)
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        online = stub.Generate(request([1, 2], 40))
-        offline = stub.Generate(request([3, 4], 100_000, pb.TIER_OFFLINE))
-        tokens = list((await online.read()).token_ids)
-        await offline.read()
-        stopping = asyncio.ensure_future(server.stop(grace_s=10.0))
-        await wait_until(lambda: server.scheduler.snapshot().draining)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            _ = [c async for c in stub.Generate(request([5], 2))]
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "draining" in (info.value.details() or "")
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        last = None
-        while (chunk := await online.read()) != grpc.aio.EOF:
-            tokens.extend(chunk.token_ids)
-            last = chunk
-        assert len(tokens) == 40 and last is not None
-        assert last.finish_reason == pb.FINISH_REASON_LENGTH
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            while await offline.read() != grpc.aio.EOF:
-                pass
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        report = await stopping
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            online = stub.Generate(request([1, 2], 40))
+            offline = stub.Generate(request([3, 4], 100_000, pb.TIER_OFFLINE))
+            await wait_until(lambda: _submitted(server) == (1, 1))
+            both_in.set()
+            tokens = list((await online.read()).token_ids)
+            await offline.read()
+            stopping = asyncio.ensure_future(server.stop(grace_s=10.0))
+            await wait_until(lambda: server.scheduler.snapshot().draining)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [c async for c in stub.Generate(request([5], 2))]
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "draining" in (info.value.details() or "")
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not executor.finishes  # the online request ran throughout the checks
+            assert not stopping.done()  # and the drain waits for it
+            checked.set()
+            await _read_to_the_end(online, offline, tokens)
+            report = await stopping
+    finally:
+        both_in.set()
+        checked.set()
     assert report.unfinished_offline == 1
     assert report.elapsed_seconds < 10.0
+
+
+def _submitted(server: BackfillServer) -> tuple[int, int]:
+    """Online and offline requests the scheduler took and has not finished."""
+    snap = server.scheduler.snapshot()
+    return snap.online.queued + snap.online.running, snap.offline.queued + snap.offline.running
+
+
+async def _read_to_the_end(online: grpc.aio.UnaryStreamCall, offline: grpc.aio.UnaryStreamCall,
+                           tokens: list[int]) -> None:
+    """The online stream runs to its end, whole; the drain ends the offline one."""
+    last = None
+    while (chunk := await online.read()) != grpc.aio.EOF:
+        tokens.extend(chunk.token_ids)
+        last = chunk
+    assert len(tokens) == 40 and last is not None
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        while await offline.read() != grpc.aio.EOF:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_token_figures_bucket_like_prometheus() -> None:

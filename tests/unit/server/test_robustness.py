@@ -26,6 +26,8 @@ from tests.unit.server.tenants import http_async, request, status_of
 
 pytestmark = pytest.mark.unit
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# A held tokenizer goes on by itself after this long, so that a failing test still ends.
+HOLD_TIMEOUT_S = 30.0
 
 
 async def _invalid(call: object) -> str:
@@ -69,18 +71,22 @@ async def test_out_of_range_deadlines_are_invalid_not_internal(
 
 
 class _TokenizerSpy:
-    """Records each text encode (and the thread it ran on); ``delay_s`` makes each one slow
-    the way a long prompt is, without holding the GIL (as the real long-text path does)."""
+    """Records each text encode (the thread it ran on, and its return); with ``hold``, each
+    one waits for ``release`` (up to HOLD_TIMEOUT_S), the way a long prompt keeps the
+    tokenizer busy, without holding the GIL (as the real long-text path does)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: bool = False) -> None:
         self.threads: list[str] = []
-        self.started: list[float] = []
+        self.returned = 0
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
         real = EngineTokenizer._encode
 
         def encode(tok: EngineTokenizer, text: str) -> list[int]:
-            self.started.append(time.monotonic())
             self.threads.append(threading.current_thread().name)
-            time.sleep(delay_s)
+            self.release.wait(HOLD_TIMEOUT_S)
+            self.returned += 1
             return real(tok, text)
 
         monkeypatch.setattr(EngineTokenizer, "_encode", encode)
@@ -107,16 +113,21 @@ async def test_long_prompts_are_tokenized_off_the_loop_while_health_answers(
     server: BackfillServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("server.api.convert.POOL_PROMPT_CHARS", len(LONG_TEXT))
-    spy = _TokenizerSpy(monkeypatch, delay_s=1.5)
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
-        long = pb.GenerateRequest(text=LONG_TEXT, sampling=pb.SamplingParams(max_tokens=2))
-        task = asyncio.ensure_future(_generate(stub, long))
-        await wait_until(lambda: bool(spy.started))
-        await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert time.monotonic() - spy.started[0] < 1.0, "health waited for a tokenizer"
-        chunks = await task
+    spy = _TokenizerSpy(monkeypatch, hold=True)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            long = pb.GenerateRequest(text=LONG_TEXT, sampling=pb.SamplingParams(max_tokens=2))
+            task = asyncio.ensure_future(_generate(stub, long))
+            await wait_until(lambda: bool(spy.threads))
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=HOLD_TIMEOUT_S)
+            # On the loop, the encode would have kept health waiting until it gave up.
+            assert spy.returned == 0, "health waited for a tokenizer"
+            spy.release.set()
+            chunks = await task
+    finally:
+        spy.release.set()
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert spy.threads[0].startswith("tokenize")
 
@@ -125,7 +136,7 @@ async def test_a_long_session_prompt_cancelled_while_tokenizing_ends_cancelled(
     server: BackfillServer, executor: ScriptedExecutor, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("server.api.convert.POOL_PROMPT_CHARS", len(LONG_TEXT))
-    spy = _TokenizerSpy(monkeypatch, delay_s=0.5)
+    spy = _TokenizerSpy(monkeypatch, hold=True)  # long tokenizes until its cancel is answered
     long = pb.GenerateRequest(text=LONG_TEXT, client_request_id="long")
     short = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), client_request_id="short",
                                sampling=pb.SamplingParams(max_tokens=3))
@@ -137,13 +148,20 @@ async def test_a_long_session_prompt_cancelled_while_tokenizing_ends_cancelled(
         await gate.wait()
         yield pb.SessionRequest(cancel="long")
 
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        call = pb_grpc.InferenceServiceStub(channel).Session(messages())
-        seen: list[pb.SessionResponse] = []
-        async for response in call:
-            seen.append(response)
-            if response.client_request_id == "short" and response.chunk.finish_reason:
-                gate.set()  # short went on while long was tokenizing; now cancel long
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = pb_grpc.InferenceServiceStub(channel).Session(messages())
+            seen: list[pb.SessionResponse] = []
+            async for response in call:
+                seen.append(response)
+                if response.client_request_id == "short" and response.chunk.finish_reason:
+                    gate.set()  # short went on while long was tokenizing; now cancel long
+                if response.client_request_id == "long":
+                    spy.release.set()
+    finally:
+        spy.release.set()
+    await wait_until(lambda: spy.returned == 1)  # long's tokens came after its cancel...
+    await asyncio.sleep(0.05)  # ...and a submit of them would follow at once, on the loop
     by_id = {r.client_request_id: r for r in seen}
     assert by_id["short"].chunk.finish_reason == pb.FINISH_REASON_LENGTH
     assert by_id["long"].error.code == grpc.StatusCode.CANCELLED.value[0]

@@ -188,7 +188,12 @@ async def test_broken_stream_cancels_everything_it_owns(
         for i in range(8):  # 4 running, 4 queued
             outbox.send(gen(f"r{i}", [i + 1, 9], max_tokens=10_000))
         await call.read()
-        await wait_until(lambda: executor.stats().active == 4)
+
+        def all_in() -> bool:  # the server has read and submitted all eight
+            online = server.scheduler.snapshot().online
+            return (online.running, online.queued, executor.stats().active) == (4, 4, 4)
+
+        await wait_until(all_in)
         call.cancel()  # the client goes away without a word
     await wait_until(lambda: is_idle(server))
     snap = server.scheduler.snapshot()

@@ -127,6 +127,7 @@ class Executor(Stepper):
         self._cached_prefixes: set[tuple[int, ...]] = set()
         self._totals = KvCacheStats()
         self._paused = False
+        self._pause_in: int | None = None  # iterations left before pause_after pauses
         self._shutdown = False
         self._thread = threading.Thread(target=self._loop, name="fake-trtllm", daemon=True)
         self._thread.start()
@@ -229,6 +230,13 @@ class Executor(Stepper):
         with self._lock:
             self._paused = True
 
+    def pause_after(self, iterations: int) -> None:
+        """Pauses once ``iterations`` more iterations have run, so a test can stop the engine
+        with a request certainly mid-run (``pause_after(1)`` before the first enqueue: that
+        request holds still with its first token out)."""
+        with self._lock:
+            self._pause_in = iterations
+
     def resume(self) -> None:
         with self._lock:
             self._paused = False
@@ -256,5 +264,13 @@ class Executor(Stepper):
                 if self._shutdown:
                     return
                 self._step()
+                self._count_down()
                 self._lock.notify_all()
             time.sleep(0.001)  # an "iteration" takes time, so cancels can land in between
+
+    def _count_down(self) -> None:
+        """After an iteration, under the lock: pause_after's countdown."""
+        if self._pause_in is not None:
+            self._pause_in -= 1
+            if self._pause_in <= 0:
+                self._paused, self._pause_in = True, None

@@ -145,14 +145,18 @@ def test_stop_string_ignored_before_min_tokens(plain: Any) -> None:
 
 
 def test_cancel_ends_with_cancelled_once(plain: Any) -> None:
-    ex, _ = plain()
+    ex, engine = plain()
+    engine.pause_after(1)  # request 1 holds still, mid-run, until the cancel is in
     ex.enqueue(ExecRequest(1, PROMPT, greedy(max_tokens=100)))
     ex.enqueue(ExecRequest(2, PROMPT, greedy(max_tokens=5)))
     first: list[TokenDelta] = []
+    deadline = time.monotonic() + 10
     while not first:
+        assert time.monotonic() < deadline, "request 1 got no first token"
         first = [d for d in ex.poll(0.05) if d.request_id == 1]
     ex.cancel(1)
     ex.cancel(99)  # unknown: a no-op
+    engine.resume()
     deltas = collect(ex, [1, 2])
     assert deltas[1][-1].finish is FinishReason.CANCELLED
     assert deltas[2][-1].finish is FinishReason.LENGTH

@@ -40,12 +40,15 @@ def test_cancel_of_a_request_queued_in_the_engine_ends_at_once(bindings: Any,
                                                                 tmp_path: Path) -> None:
     ex, engine = open_plain(bindings, make_engine_dir(tmp_path, max_batch_size=1))
     try:
+        engine.pause_after(1)  # request 1 holds still, mid-run, until the cancel is in
         ex.enqueue(ExecRequest(1, PROMPT, greedy(110)))
         ex.enqueue(ExecRequest(2, PROMPT, greedy(10)))  # waits in the engine behind 1
         deadline = time.monotonic() + 5
-        while len(engine.queued_ids) != 1 and time.monotonic() < deadline:
+        while engine.queued_ids != [2]:  # engine ids count from 1, as the requests came
+            assert time.monotonic() < deadline, f"queued in the engine: {engine.queued_ids}"
             time.sleep(0.001)
         ex.cancel(2)
+        engine.resume()
         order: list[tuple[int, FinishReason]] = []
         deadline = time.monotonic() + 10
         while len(order) < 2 and time.monotonic() < deadline:
