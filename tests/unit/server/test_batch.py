@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from backfill.v1 import inference_pb2 as pb
 from backfill.v1 import inference_pb2_grpc as pb_grpc
+from client import AsyncClient, JobState
 from server.app import BackfillServer
 from server.executor.base import SamplingParams
 from server.jobs.sqlite_store import SQLiteJobStore
@@ -60,7 +60,7 @@ async def test_job_runs_to_completion_with_ordered_results(
 
 
 async def test_results_stream_ends_with_the_job(
-    make_server: MakeServer, executor: ScriptedExecutor, monkeypatch: pytest.MonkeyPatch
+    stub: pb_grpc.InferenceServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The job's end is recorded after its last result; a slow store must not let a read that
     # follows the stream see FINALIZING.
@@ -71,13 +71,9 @@ async def test_results_stream_ends_with_the_job(
         finalize(store, job_id, at)
 
     monkeypatch.setattr(SQLiteJobStore, "finalize", slow_finalize)
-    server = await make_server(executor)
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([5], 2), item([6], 3)]))
-        results = [r async for r in stub.StreamBatchResults(
-            pb.StreamBatchResultsRequest(id=job.id))]
-        done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
+    job = await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[item([5], 2), item([6], 3)]))
+    results = [r async for r in stub.StreamBatchResults(pb.StreamBatchResultsRequest(id=job.id))]
+    done = await stub.GetBatch(pb.GetBatchRequest(id=job.id))
     assert len(results) == 2 and done.state == pb.BATCH_STATE_COMPLETED
 
 
@@ -101,17 +97,9 @@ async def test_results_stream_ends_when_recording_the_end_fails(
     assert len(results) == 1 and stuck.state == pb.BATCH_STATE_FINALIZING
 
     second = await make_server(ScriptedExecutor(tiny_capacity(tiny_engine)), job_store=store)
-    async with grpc.aio.insecure_channel(second.address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        await wait_until_completed(stub, job.id)  # the next start records the end
-
-
-async def wait_until_completed(stub: pb_grpc.InferenceServiceStub, job_id: str) -> None:
-    for _ in range(100):
-        if (await stub.GetBatch(pb.GetBatchRequest(id=job_id))).state == pb.BATCH_STATE_COMPLETED:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not complete")
+    async with AsyncClient(second.address) as client:  # the next start records the end
+        final = [s async for s in client.watch(job.id, interval_s=0.05)][-1]
+    assert final.state is JobState.COMPLETED
 
 
 async def test_items_run_on_the_offline_tier(
