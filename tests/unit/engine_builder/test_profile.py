@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,21 +24,11 @@ from server.executor.base import (
     FinishReason,
     TokenDelta,
 )
+from tests.unit.scheduler.helpers import FakeClock
 
 pytestmark = pytest.mark.unit
 
 BASE_S, PER_SEQ_S = 0.02, 0.002  # the fake's step costs BASE_S + PER_SEQ_S * batch
-
-
-class FakeClock:
-    """Stands in for the ``time`` module of the profiler: ``perf_counter`` reads a clock that
-    only the fake executor's steps move."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
 
 
 class StepCostExecutor:
@@ -67,7 +58,7 @@ class StepCostExecutor:
             if self._clock is None:
                 time.sleep(cost)
             else:
-                self._clock.now += cost
+                self._clock.advance(cost)
             self.steps += 1
             deltas = []
             for request_id, (request, made) in list(self._active.items()):
@@ -89,9 +80,10 @@ class StepCostExecutor:
 
 
 def test_measured_rates_follow_the_step_cost(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr(profile, "time", clock)
-    monkeypatch.setattr(profile_steps, "time", clock)
+    clock = FakeClock(1000.0)  # the profiler's time.perf_counter reads it; only steps move it
+    as_time = types.SimpleNamespace(perf_counter=clock)
+    monkeypatch.setattr(profile, "time", as_time)
+    monkeypatch.setattr(profile_steps, "time", as_time)
     points = profile.measure_curve(StepCostExecutor(clock), [1, 4], steps=8, vocab_size=300,
                                    log=lambda _: None)
     b1, b4 = points
