@@ -109,10 +109,7 @@ class OvertakingSimEngine(SimEngine):
                 budget -= n
         if not chunks:
             return False
-        shape = self._shape(chunks)
-        seconds = self._seconds(shape)
-        self.suspended = (outer, left - wait)
-        self.step = SimStep(now + wait + seconds, seconds, shape, chunks, nested_prefills=True)
+        self._nest(now, outer, left, wait, chunks, prefills=True)
         return True
 
     def _look_in(self, outer: SimStep, left: float, *, next_layer: bool = False,
@@ -177,12 +174,18 @@ class OvertakingSimEngine(SimEngine):
         chunks = self._nested_decodes()
         if not chunks:
             return False
-        shape = self._shape(chunks)
-        seconds = self._seconds(shape)
-        self.suspended = (outer, left - wait)
-        self.step = SimStep(now + wait + seconds, seconds, shape, chunks)
+        self._nest(now, outer, left, wait, chunks, prefills=False)
         return True
 
     def _nested_decodes(self) -> list[tuple[SimSequence, int]]:
         return [(seq, 1) for seq in self._live_overtakers()
                 if seq.blocks and self._reserve_slot(seq, preempt=False)]
+
+    def _nest(self, now: float, outer: SimStep, left: float, wait: float,
+              chunks: list[tuple[SimSequence, int]], *, prefills: bool) -> None:
+        """Suspends ``outer`` (``left`` seconds to go at ``now``) for a step of ``chunks``
+        that begins ``wait`` seconds from now."""
+        shape = self._shape(chunks)
+        seconds = self._seconds(shape)
+        self.suspended = (outer, left - wait)
+        self.step = SimStep(now + wait + seconds, seconds, shape, chunks, nested_prefills=prefills)
